@@ -1,0 +1,210 @@
+//! Every setting of the service, as a command-line flag and an `OFFLOAD_*` environment variable.
+//!
+//! `offload --help` lists them all with their defaults. Limits are configuration with safe
+//! defaults; nothing here is read from anywhere else.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Readable lines for a terminal.
+    Text,
+    /// One JSON object a line, for log collectors.
+    Json,
+}
+
+/// All settings. Field docs double as `--help` text.
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "offload",
+    version,
+    about = "Take heavy work off the request path: PDF and image jobs behind an HTTP API"
+)]
+pub struct Settings {
+    /// Address to listen on; port 0 picks a free port (the bound address is logged).
+    #[arg(long, env = "OFFLOAD_BIND", default_value = "127.0.0.1:8080")]
+    pub bind: SocketAddr,
+
+    /// HTTP worker threads (default: number of cores).
+    #[arg(long, env = "OFFLOAD_HTTP_WORKERS")]
+    pub http_workers: Option<usize>,
+
+    /// PDF worker threads in the PDF pool (default: number of cores).
+    #[arg(long, env = "OFFLOAD_PDF_WORKERS")]
+    pub pdf_workers: Option<usize>,
+
+    /// Most jobs a pool holds at once, queued plus running; beyond it submissions get 503.
+    #[arg(long, env = "OFFLOAD_MAX_PENDING", default_value_t = 1024)]
+    pub max_pending: usize,
+
+    /// Most request bytes held by queued jobs across all pools; beyond it submissions get 503.
+    #[arg(long, env = "OFFLOAD_MAX_QUEUED_BYTES", default_value = "256MiB")]
+    pub max_queued_bytes: ByteSize,
+
+    /// A job still running after this long fails with code `timeout` (e.g. 90s, 5m).
+    #[arg(long, env = "OFFLOAD_JOB_TIMEOUT", default_value = "5m")]
+    pub job_timeout: humantime::Duration,
+
+    /// Finished jobs and their results are forgotten this long after they finish.
+    #[arg(long, env = "OFFLOAD_RESULT_TTL", default_value = "1h")]
+    pub result_ttl: humantime::Duration,
+
+    /// Most result bytes kept in memory; past it the oldest finished jobs expire early.
+    #[arg(long, env = "OFFLOAD_RESULT_MEMORY", default_value = "256MiB")]
+    pub result_memory: ByteSize,
+
+    /// Most finished jobs remembered; past it the oldest expire early.
+    #[arg(long, env = "OFFLOAD_MAX_FINISHED_JOBS", default_value_t = 100_000)]
+    pub max_finished_jobs: usize,
+
+    /// On SIGTERM/SIGINT, how long running and queued jobs get to finish before they are stopped.
+    #[arg(long, env = "OFFLOAD_SHUTDOWN_GRACE", default_value = "30s")]
+    pub shutdown_grace: humantime::Duration,
+
+    /// Largest JSON request body (counted after decompression).
+    #[arg(long, env = "OFFLOAD_MAX_JSON_BODY", default_value = "8MiB")]
+    pub max_json_body: ByteSize,
+
+    /// Most table rows in one PDF document.
+    #[arg(long, env = "OFFLOAD_MAX_ROWS", default_value_t = 100_000)]
+    pub max_rows: usize,
+
+    /// Most table columns in one PDF document.
+    #[arg(long, env = "OFFLOAD_MAX_COLUMNS", default_value_t = 50)]
+    pub max_columns: usize,
+
+    /// Most characters in one table cell (also the limit for a column header).
+    #[arg(long, env = "OFFLOAD_MAX_CELL_CHARS", default_value_t = 1000)]
+    pub max_cell_chars: usize,
+
+    /// Directory with the browser page served at `/`.
+    #[arg(long, env = "OFFLOAD_STATIC_DIR", default_value = "static")]
+    pub static_dir: PathBuf,
+
+    /// Log format.
+    #[arg(long, env = "OFFLOAD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Settings {
+    /// Defaults as if started with no flags and no environment, for tests and embedding.
+    pub fn defaults() -> Self {
+        Settings::parse_from(["offload"])
+    }
+
+    pub fn pdf_workers(&self) -> usize {
+        self.pdf_workers.unwrap_or_else(cores).max(1)
+    }
+
+    pub fn http_workers(&self) -> usize {
+        self.http_workers.unwrap_or_else(cores).max(1)
+    }
+
+    pub fn job_timeout(&self) -> Duration {
+        self.job_timeout.into()
+    }
+
+    pub fn result_ttl(&self) -> Duration {
+        self.result_ttl.into()
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        self.shutdown_grace.into()
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// A number of bytes, written as `1048576`, `512KiB`, `8MiB` or `1GiB` (`K`, `M`, `G`, `KB`…
+/// are read as binary units too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn bytes(self) -> usize {
+        usize::try_from(self.0).unwrap_or(usize::MAX)
+    }
+}
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let n: u64 = digits.parse().map_err(|_| format!("`{s}` is not a size such as 8MiB"))?;
+        let shift = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 0,
+            "k" | "kb" | "kib" => 10,
+            "m" | "mb" | "mib" => 20,
+            "g" | "gb" | "gib" => 30,
+            other => return Err(format!("unknown size unit `{other}` (use KiB, MiB or GiB)")),
+        };
+        n.checked_mul(1u64 << shift).map(ByteSize).ok_or_else(|| format!("`{s}` is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+        for (size, unit) in UNITS {
+            if self.0 >= size && self.0.is_multiple_of(size) {
+                return write!(f, "{}{unit}", self.0 / size);
+            }
+        }
+        write!(f, "{}B", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes_parse_with_binary_units() {
+        let cases = [
+            ("0", 0),
+            ("1048576", 1 << 20),
+            ("512KiB", 512 << 10),
+            ("8MiB", 8 << 20),
+            ("8M", 8 << 20),
+            ("8mb", 8 << 20),
+            ("1GiB", 1 << 30),
+            (" 2 KiB ", 2 << 10),
+        ];
+        for (text, want) in cases {
+            assert_eq!(text.parse::<ByteSize>(), Ok(ByteSize(want)), "{text}");
+        }
+    }
+
+    #[test]
+    fn bad_byte_sizes_are_refused() {
+        for text in ["", "MiB", "8 parsecs", "-1", "99999999999999999999GiB", "1.5MiB"] {
+            assert!(text.parse::<ByteSize>().is_err(), "{text} should not parse");
+        }
+    }
+
+    #[test]
+    fn byte_sizes_print_in_the_largest_exact_unit() {
+        assert_eq!(ByteSize(8 << 20).to_string(), "8MiB");
+        assert_eq!(ByteSize(1500).to_string(), "1500B");
+    }
+
+    #[test]
+    fn defaults_parse() {
+        let s = Settings::defaults();
+        assert_eq!(s.bind.port(), 8080);
+        assert_eq!(s.max_json_body.bytes(), 8 << 20);
+        assert!(s.pdf_workers() >= 1);
+    }
+}

@@ -1,0 +1,393 @@
+//! The Dispatcher: the single owner of job state.
+//!
+//! Handlers send it messages and get answers; workers send it events with `do_send`. It never
+//! awaits a worker or a client. It keeps each pool's own mailbox at most one job per thread
+//! deep (a `SyncArbiter` mailbox is unbounded) and holds the rest in the store's queue, bounded
+//! by [`Admission`].
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use actix::prelude::*;
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use super::job::{Job, JobId, JobKind, ResultMeta};
+use super::store::{JobStore, ListFilter, StoreError, Transition};
+use crate::domain::JobPayload;
+use crate::error::ErrorBody;
+use crate::workers::{Execute, Interrupt, JobControl, JobFailure, WorkerEvent};
+
+/// How much work is accepted.
+#[derive(Clone, Copy, Debug)]
+pub struct Admission {
+    /// Most jobs per pool, queued plus running.
+    pub max_pending: usize,
+    /// Most payload bytes held by queued jobs, all pools together.
+    pub max_queued_bytes: usize,
+    /// Running time after which a job fails with `timeout`.
+    pub job_timeout: Duration,
+}
+
+/// A worker pool as the Dispatcher sees it.
+pub struct Pool {
+    /// The pool's `SyncArbiter` address.
+    pub recipient: Recipient<Execute>,
+    /// Threads in the pool: how many jobs may be handed to it at once.
+    pub workers: usize,
+    /// Jobs handed to the pool whose `Finished` event has not arrived yet.
+    in_flight: usize,
+    /// Recent job run time, seconds (exponentially weighted), for `Retry-After`.
+    mean_secs: f64,
+}
+
+impl Pool {
+    pub fn new(recipient: Recipient<Execute>, workers: usize) -> Self {
+        Pool { recipient, workers, in_flight: 0, mean_secs: 0.05 }
+    }
+}
+
+/// A job handed to a worker.
+struct Running {
+    kind: JobKind,
+    control: JobControl,
+    /// The timeout timer, cancelled when the job finishes.
+    timer: SpawnHandle,
+}
+
+pub struct Dispatcher {
+    store: Box<dyn JobStore>,
+    pools: HashMap<JobKind, Pool>,
+    running: HashMap<JobId, Running>,
+    admission: Admission,
+    /// How often finished jobs are checked for expiry.
+    sweep_every: Duration,
+    /// Set once a drain starts: the callers waiting for the last job to end.
+    draining: Option<Vec<oneshot::Sender<()>>>,
+}
+
+impl Dispatcher {
+    pub fn new(store: Box<dyn JobStore>, pools: HashMap<JobKind, Pool>, admission: Admission, ttl: Duration) -> Self {
+        let sweep_every = (ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(10));
+        Dispatcher { store, pools, running: HashMap::new(), admission, sweep_every, draining: None }
+    }
+
+    /// Hands queued jobs of `kind` to its pool while it has idle threads.
+    fn pump(&mut self, kind: JobKind, ctx: &mut Context<Self>) {
+        let Some(pool) = self.pools.get_mut(&kind) else { return };
+        while pool.in_flight < pool.workers {
+            let Some((id, payload)) = self.store.next_queued(kind) else { break };
+            let control = JobControl::default();
+            let deadline = Instant::now() + self.admission.job_timeout;
+            let msg = Execute { id, payload, control: control.clone(), deadline, events: ctx.address().recipient() };
+            if let Err(err) = pool.recipient.try_send(msg) {
+                tracing::error!(job = %id, kind = kind.as_str(), "worker pool unavailable: {err}");
+                let error = ErrorBody::new("pool_unavailable", "the worker pool is not running");
+                let _ = self.store.apply(id, Transition::Fail(error), SystemTime::now());
+                continue;
+            }
+            pool.in_flight += 1;
+            let timer = ctx.run_later(self.admission.job_timeout, move |this, ctx| this.time_out(id, ctx));
+            self.running.insert(id, Running { kind, control, timer });
+        }
+    }
+
+    fn time_out(&mut self, id: JobId, _ctx: &mut Context<Self>) {
+        if let Some(running) = self.running.get(&id) {
+            running.control.interrupt(Interrupt::TimedOut);
+            let secs = self.admission.job_timeout.as_secs_f64();
+            let error = ErrorBody::new("timeout", format!("the job ran longer than the {secs} s limit"));
+            if self.store.apply(id, Transition::Fail(error), SystemTime::now()).ok().flatten().is_some() {
+                tracing::warn!(job = %id, "job timed out");
+            }
+        }
+    }
+
+    fn on_finished(&mut self, id: JobId, outcome: crate::workers::Outcome, elapsed: Duration, ctx: &mut Context<Self>) {
+        let Some(running) = self.running.remove(&id) else { return };
+        ctx.cancel_future(running.timer);
+        if let Some(pool) = self.pools.get_mut(&running.kind) {
+            pool.in_flight -= 1;
+            pool.mean_secs = 0.8 * pool.mean_secs + 0.2 * elapsed.as_secs_f64();
+        }
+        let now = SystemTime::now();
+        let change = match outcome {
+            Ok(out) => {
+                let meta = ResultMeta {
+                    content_type: out.content_type,
+                    bytes: out.bytes.len(),
+                    filename: out.filename,
+                    dimensions: out.dimensions,
+                };
+                Transition::Succeed { meta, bytes: out.bytes }
+            }
+            Err(JobFailure::Error(error)) => Transition::Fail(error),
+            Err(JobFailure::Interrupted(Interrupt::TimedOut)) => {
+                let secs = self.admission.job_timeout.as_secs_f64();
+                Transition::Fail(ErrorBody::new("timeout", format!("the job ran longer than the {secs} s limit")))
+            }
+            Err(JobFailure::Interrupted(Interrupt::Cancelled)) => Transition::Cancel { reason: None },
+            Err(JobFailure::Interrupted(Interrupt::Shutdown)) => Transition::Fail(shutdown_error()),
+        };
+        match self.store.apply(id, change, now) {
+            Ok(Some(job)) => {
+                tracing::info!(job = %id, kind = job.kind.as_str(), status = job.status.as_str(), elapsed_ms = elapsed.as_millis() as u64, "job finished")
+            }
+            Ok(None) => {}
+            Err(StoreError::ResultTooLarge { bytes, budget }) => {
+                let error = ErrorBody::new(
+                    "result_too_large",
+                    format!("the result has {bytes} bytes, more than the {budget} bytes kept for results"),
+                );
+                let _ = self.store.apply(id, Transition::Fail(error), now);
+            }
+        }
+        self.pump(running.kind, ctx);
+        self.check_drained();
+    }
+
+    fn pending(&self) -> usize {
+        self.pools.values().map(|p| p.in_flight).sum::<usize>() + self.store.queued_ids().len()
+    }
+
+    fn check_drained(&mut self) {
+        if self.draining.as_ref().is_some_and(|w| !w.is_empty()) && self.pending() == 0 {
+            for waiter in self.draining.as_mut().map(std::mem::take).unwrap_or_default() {
+                let _ = waiter.send(());
+            }
+        }
+    }
+
+    /// The grace period is over: everything still queued or running fails with `shutdown`.
+    fn stop_everything(&mut self) {
+        let now = SystemTime::now();
+        for id in self.store.queued_ids() {
+            let _ = self.store.apply(id, Transition::Fail(shutdown_error()), now);
+        }
+        for (id, running) in &self.running {
+            running.control.interrupt(Interrupt::Shutdown);
+            let _ = self.store.apply(*id, Transition::Fail(shutdown_error()), now);
+        }
+        for waiter in self.draining.as_mut().map(std::mem::take).unwrap_or_default() {
+            let _ = waiter.send(());
+        }
+    }
+
+    fn retry_after(&self, kind: JobKind) -> u64 {
+        let Some(pool) = self.pools.get(&kind) else { return 1 };
+        let backlog = (self.store.queued(kind) + pool.in_flight) as f64;
+        let secs = backlog * pool.mean_secs / pool.workers.max(1) as f64;
+        secs.ceil().clamp(1.0, 60.0) as u64
+    }
+}
+
+fn shutdown_error() -> ErrorBody {
+    ErrorBody::new("shutdown", "the service shut down before the job could finish; submit it again")
+}
+
+impl Actor for Dispatcher {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Handlers wait when the mailbox is full; keep it deep enough for bursts.
+        ctx.set_mailbox_capacity(1024);
+        ctx.run_interval(self.sweep_every, |this, _| {
+            let expired = this.store.expire(SystemTime::now());
+            if expired > 0 {
+                tracing::debug!(expired, "finished jobs expired");
+            }
+        });
+    }
+}
+
+/// Accept a new job.
+#[derive(Message)]
+#[rtype(result = "Result<Job, SubmitError>")]
+pub struct Submit {
+    pub payload: JobPayload,
+    /// Approximate bytes the payload holds while queued.
+    pub weight: usize,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    /// Too much work pending; try again after this many seconds.
+    Overloaded { retry_after: u64, reason: String },
+    /// Draining for shutdown.
+    ShuttingDown,
+    /// No pool runs this kind of job.
+    NoPool(JobKind),
+}
+
+impl Handler<Submit> for Dispatcher {
+    type Result = Result<Job, SubmitError>;
+
+    fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) -> Self::Result {
+        if self.draining.is_some() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let kind = msg.payload.kind();
+        let Some(pool) = self.pools.get(&kind) else { return Err(SubmitError::NoPool(kind)) };
+        let pending = self.store.queued(kind) + pool.in_flight;
+        if pending >= self.admission.max_pending {
+            let reason =
+                format!("{pending} {} jobs are pending, the limit is {}", kind.as_str(), self.admission.max_pending);
+            return Err(SubmitError::Overloaded { retry_after: self.retry_after(kind), reason });
+        }
+        if self.store.queued_bytes() + msg.weight > self.admission.max_queued_bytes {
+            let reason = "queued jobs hold as much memory as allowed".to_string();
+            return Err(SubmitError::Overloaded { retry_after: self.retry_after(kind), reason });
+        }
+        let job = Job::new(JobId::random(), kind, SystemTime::now());
+        self.store.insert(job.clone(), msg.payload, msg.weight);
+        self.pump(kind, ctx);
+        Ok(job)
+    }
+}
+
+impl Handler<WorkerEvent> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, event: WorkerEvent, ctx: &mut Context<Self>) {
+        let now = SystemTime::now();
+        match event {
+            WorkerEvent::Started { id } => {
+                let _ = self.store.apply(id, Transition::Start, now);
+            }
+            WorkerEvent::Progress { id, fraction, stage } => {
+                let _ = self.store.apply(id, Transition::Progress { fraction, stage: Some(stage) }, now);
+            }
+            WorkerEvent::Finished { id, outcome, elapsed } => self.on_finished(id, outcome, elapsed, ctx),
+        }
+    }
+}
+
+/// One job's current state.
+#[derive(Message)]
+#[rtype(result = "Option<Job>")]
+pub struct GetJob(pub JobId);
+
+impl Handler<GetJob> for Dispatcher {
+    type Result = Option<Job>;
+    fn handle(&mut self, msg: GetJob, _: &mut Context<Self>) -> Option<Job> {
+        self.store.get(msg.0)
+    }
+}
+
+/// A succeeded job's result bytes.
+#[derive(Message)]
+#[rtype(result = "Result<(ResultMeta, Bytes), ResultError>")]
+pub struct GetResult(pub JobId);
+
+#[derive(Debug)]
+pub enum ResultError {
+    NotFound,
+    NotReady(Box<Job>),
+}
+
+impl Handler<GetResult> for Dispatcher {
+    type Result = Result<(ResultMeta, Bytes), ResultError>;
+    fn handle(&mut self, msg: GetResult, _: &mut Context<Self>) -> Self::Result {
+        match self.store.result(msg.0) {
+            Some(found) => Ok(found),
+            None => {
+                Err(self.store.get(msg.0).map_or(ResultError::NotFound, |job| ResultError::NotReady(Box::new(job))))
+            }
+        }
+    }
+}
+
+/// Cancel a job: a queued job never starts; a running one stops at its next checkpoint.
+#[derive(Message)]
+#[rtype(result = "Result<Job, CancelError>")]
+pub struct CancelJob(pub JobId);
+
+#[derive(Debug)]
+pub enum CancelError {
+    NotFound,
+    AlreadyFinished(Box<Job>),
+}
+
+impl Handler<CancelJob> for Dispatcher {
+    type Result = Result<Job, CancelError>;
+    fn handle(&mut self, msg: CancelJob, _: &mut Context<Self>) -> Self::Result {
+        let id = msg.0;
+        let job = self.store.get(id).ok_or(CancelError::NotFound)?;
+        if job.status.is_terminal() {
+            return Err(CancelError::AlreadyFinished(Box::new(job)));
+        }
+        if let Some(running) = self.running.get(&id) {
+            running.control.interrupt(Interrupt::Cancelled);
+        }
+        let reason = ErrorBody::new("cancelled", "cancelled by a client request");
+        let _ = self.store.apply(id, Transition::Cancel { reason: Some(reason) }, SystemTime::now());
+        let job = self.store.get(id).ok_or(CancelError::NotFound)?;
+        tracing::info!(job = %id, "job cancelled");
+        self.check_drained();
+        Ok(job)
+    }
+}
+
+/// Jobs, newest first.
+#[derive(Message)]
+#[rtype(result = "Vec<Job>")]
+pub struct ListJobs(pub ListFilter);
+
+impl Handler<ListJobs> for Dispatcher {
+    type Result = Vec<Job>;
+    fn handle(&mut self, msg: ListJobs, _: &mut Context<Self>) -> Vec<Job> {
+        self.store.list(&msg.0)
+    }
+}
+
+/// Whether new work can be taken.
+#[derive(Message)]
+#[rtype(result = "ReadyState")]
+pub struct Readiness;
+
+#[derive(Debug, Clone, PartialEq, Eq, MessageResponse)]
+pub struct ReadyState {
+    pub draining: bool,
+    /// Pools whose threads are gone.
+    pub pools_down: Vec<JobKind>,
+}
+
+impl Handler<Readiness> for Dispatcher {
+    type Result = ReadyState;
+    fn handle(&mut self, _: Readiness, _: &mut Context<Self>) -> ReadyState {
+        let mut pools_down: Vec<JobKind> =
+            self.pools.iter().filter(|(_, p)| !p.recipient.connected()).map(|(k, _)| *k).collect();
+        pools_down.sort_by_key(|k| k.as_str());
+        ReadyState { draining: self.draining.is_some(), pools_down }
+    }
+}
+
+/// Stop taking jobs; resolve when every accepted job has ended, or when `grace` is over (then
+/// whatever is left fails with `shutdown`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Drain {
+    pub grace: Duration,
+}
+
+impl Handler<Drain> for Dispatcher {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, msg: Drain, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        if self.draining.is_none() {
+            tracing::info!(pending = self.pending(), grace_secs = msg.grace.as_secs_f64(), "draining");
+            ctx.run_later(msg.grace, |this, _| {
+                if this.pending() > 0 {
+                    tracing::warn!(pending = this.pending(), "grace period over; stopping the remaining jobs");
+                }
+                this.stop_everything();
+            });
+        }
+        self.draining.get_or_insert_with(Vec::new).push(tx);
+        self.check_drained();
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+}

@@ -1,0 +1,357 @@
+//! The PDF document spec of `POST /generate-pdf`: the raw request as sent, and the
+//! [`DocumentSpec`] it parses into once every field and limit has been checked.
+
+use serde::Deserialize;
+
+/// Limits on a document, from configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct SpecLimits {
+    pub max_rows: usize,
+    pub max_columns: usize,
+    pub max_cell_chars: usize,
+}
+
+/// Characters allowed in the title.
+pub const MAX_TITLE_CHARS: usize = 500;
+/// Characters allowed in the subtitle.
+pub const MAX_SUBTITLE_CHARS: usize = 2_000;
+/// Paragraphs allowed in one document.
+pub const MAX_PARAGRAPHS: usize = 10_000;
+/// Characters allowed in one paragraph.
+pub const MAX_PARAGRAPH_CHARS: usize = 100_000;
+
+/// The JSON body as clients send it. Unknown fields are refused so typos do not go unnoticed.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PdfRequest {
+    pub title: String,
+    #[serde(default)]
+    pub subtitle: Option<String>,
+    #[serde(default)]
+    pub paragraphs: Option<Vec<String>>,
+    #[serde(default)]
+    pub table: Option<TableRequest>,
+    #[serde(default)]
+    pub page_size: Option<String>,
+    #[serde(default)]
+    pub callback_url: Option<String>,
+    /// Test-only: makes the job panic, hang or run slowly (not in release builds).
+    #[cfg(feature = "test-hooks")]
+    #[serde(default)]
+    pub test_hook: Option<TestHook>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableRequest {
+    pub columns: Vec<Cell>,
+    #[serde(default)]
+    pub rows: Vec<Vec<Cell>>,
+}
+
+/// A table cell: text, or a number, boolean or null written as text.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Cell {
+    Text(String),
+    Number(serde_json::Number),
+    Bool(bool),
+    Null,
+}
+
+impl Cell {
+    fn into_text(self) -> String {
+        match self {
+            Cell::Text(s) => s,
+            Cell::Number(n) => n.to_string(),
+            Cell::Bool(b) => b.to_string(),
+            Cell::Null => String::new(),
+        }
+    }
+}
+
+/// Test-only ways to misbehave, for the reliability tests.
+#[cfg(feature = "test-hooks")]
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum TestHook {
+    /// Panic inside the worker.
+    Panic,
+    /// Never finish on its own (checks for cancel and timeout every few milliseconds).
+    Hang,
+    /// Spend this many milliseconds on every page.
+    SlowPages { millis: u64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageSize {
+    A4,
+    Letter,
+}
+
+impl PageSize {
+    /// Width and height in PDF points (1/72 inch).
+    pub fn points(self) -> (f32, f32) {
+        match self {
+            PageSize::A4 => (595.28, 841.89),
+            PageSize::Letter => (612.0, 792.0),
+        }
+    }
+}
+
+/// A document that is valid by construction: every limit checked, text cleaned of control
+/// characters, every row as wide as the header.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DocumentSpec {
+    pub title: String,
+    pub subtitle: Option<String>,
+    pub paragraphs: Vec<String>,
+    pub table: Option<Table>,
+    pub page_size: PageSize,
+    #[cfg(feature = "test-hooks")]
+    pub test_hook: Option<TestHook>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Table {
+    pub columns: Vec<String>,
+    /// Each row has exactly `columns.len()` cells.
+    pub rows: Vec<Vec<String>>,
+}
+
+/// Why a document was refused: the field it names, and a stable code.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct SpecError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+fn invalid(code: &'static str, message: String) -> SpecError {
+    SpecError { code, message }
+}
+
+impl DocumentSpec {
+    /// A document with only a title (handy for tests and benchmarks).
+    pub fn titled(title: &str) -> Self {
+        DocumentSpec {
+            title: title.to_string(),
+            subtitle: None,
+            paragraphs: Vec::new(),
+            table: None,
+            page_size: PageSize::A4,
+            #[cfg(feature = "test-hooks")]
+            test_hook: None,
+        }
+    }
+
+    pub fn parse(req: PdfRequest, limits: &SpecLimits) -> Result<Self, SpecError> {
+        let title = clean_line(&req.title);
+        if title.trim().is_empty() {
+            return Err(invalid("invalid_field", "title: must not be empty".into()));
+        }
+        check_len("title", &title, MAX_TITLE_CHARS, "text_too_long")?;
+        let subtitle = req.subtitle.map(|s| clean_line(&s)).filter(|s| !s.trim().is_empty());
+        if let Some(s) = &subtitle {
+            check_len("subtitle", s, MAX_SUBTITLE_CHARS, "text_too_long")?;
+        }
+        let paragraphs = req.paragraphs.unwrap_or_default();
+        if paragraphs.len() > MAX_PARAGRAPHS {
+            return Err(invalid(
+                "too_many_paragraphs",
+                format!("paragraphs: {} paragraphs, the limit is {MAX_PARAGRAPHS}", paragraphs.len()),
+            ));
+        }
+        let paragraphs = paragraphs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                check_len(&format!("paragraphs[{i}]"), p, MAX_PARAGRAPH_CHARS, "text_too_long")?;
+                Ok(clean_paragraph(p))
+            })
+            .collect::<Result<Vec<_>, SpecError>>()?;
+        let table = req.table.map(|t| parse_table(t, limits)).transpose()?;
+        let page_size = match req.page_size.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None | Some("a4") => PageSize::A4,
+            Some("letter") => PageSize::Letter,
+            Some(_) => {
+                return Err(invalid("invalid_field", "page_size: must be \"A4\" or \"Letter\"".into()));
+            }
+        };
+        if req.callback_url.is_some() {
+            return Err(invalid(
+                "unsupported_field",
+                "callback_url: webhooks are not available in this version of offload; poll GET /jobs/{id}".into(),
+            ));
+        }
+        Ok(DocumentSpec {
+            title,
+            subtitle,
+            paragraphs,
+            table,
+            page_size,
+            #[cfg(feature = "test-hooks")]
+            test_hook: req.test_hook,
+        })
+    }
+
+    /// Approximate heap bytes this spec holds, counted against the queued-bytes budget.
+    pub fn approx_bytes(&self) -> usize {
+        const STRING: usize = std::mem::size_of::<String>();
+        let text = |s: &String| s.len() + STRING;
+        let mut total = text(&self.title) + self.subtitle.as_ref().map_or(0, text);
+        total += self.paragraphs.iter().map(text).sum::<usize>();
+        if let Some(t) = &self.table {
+            total += t.columns.iter().map(text).sum::<usize>();
+            total += t.rows.iter().map(|r| r.iter().map(text).sum::<usize>() + 24).sum::<usize>();
+        }
+        total
+    }
+}
+
+fn parse_table(t: TableRequest, limits: &SpecLimits) -> Result<Table, SpecError> {
+    if t.columns.is_empty() {
+        return Err(invalid("invalid_field", "table.columns: a table needs at least one column".into()));
+    }
+    if t.columns.len() > limits.max_columns {
+        return Err(invalid(
+            "too_many_columns",
+            format!("table.columns: {} columns, the limit is {}", t.columns.len(), limits.max_columns),
+        ));
+    }
+    if t.rows.len() > limits.max_rows {
+        return Err(invalid(
+            "too_many_rows",
+            format!("table.rows: {} rows, the limit is {}", t.rows.len(), limits.max_rows),
+        ));
+    }
+    let width = t.columns.len();
+    let cell = |field: String, c: Cell| -> Result<String, SpecError> {
+        let text = c.into_text();
+        check_len(&field, &text, limits.max_cell_chars, "cell_too_long")?;
+        Ok(clean_line(&text))
+    };
+    let columns = t
+        .columns
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| cell(format!("table.columns[{i}]"), c))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut rows = Vec::with_capacity(t.rows.len());
+    for (r, row) in t.rows.into_iter().enumerate() {
+        if row.len() > width {
+            return Err(invalid(
+                "invalid_field",
+                format!("table.rows[{r}]: {} cells, but the table has {width} columns", row.len()),
+            ));
+        }
+        let mut cells = Vec::with_capacity(width);
+        for (c, value) in row.into_iter().enumerate() {
+            cells.push(cell(format!("table.rows[{r}][{c}]"), value)?);
+        }
+        cells.resize(width, String::new());
+        rows.push(cells);
+    }
+    Ok(Table { columns, rows })
+}
+
+fn check_len(field: &str, text: &str, limit: usize, code: &'static str) -> Result<(), SpecError> {
+    // Bytes bound chars from above: only count chars when the byte length is over the limit.
+    if text.len() > limit {
+        let chars = text.chars().count();
+        if chars > limit {
+            return Err(invalid(code, format!("{field}: {chars} characters, the limit is {limit}")));
+        }
+    }
+    Ok(())
+}
+
+/// One line of text: control characters (newlines, tabs…) become spaces.
+fn clean_line(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
+/// A paragraph keeps its line breaks; other control characters become spaces.
+fn clean_paragraph(s: &str) -> String {
+    s.replace("\r\n", "\n").chars().map(|c| if c.is_control() && c != '\n' { ' ' } else { c }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: SpecLimits = SpecLimits { max_rows: 3, max_columns: 2, max_cell_chars: 5 };
+
+    fn parse(json: serde_json::Value) -> Result<DocumentSpec, SpecError> {
+        let req: PdfRequest = serde_json::from_value(json).expect("well-formed request");
+        DocumentSpec::parse(req, &LIMITS)
+    }
+
+    #[test]
+    fn a_full_spec_parses() {
+        let spec = parse(serde_json::json!({
+            "title": "Report\n", "subtitle": "Q3", "paragraphs": ["a\r\nb\tc"],
+            "table": {"columns": ["Item", "Qty"], "rows": [["W", 3], [true], [null, 1.5]]},
+            "page_size": "letter"
+        }))
+        .unwrap();
+        assert_eq!(spec.title, "Report ");
+        assert_eq!(spec.paragraphs, vec!["a\nb c"]);
+        assert_eq!(spec.page_size, PageSize::Letter);
+        let table = spec.table.unwrap();
+        assert_eq!(table.rows, vec![vec!["W", "3"], vec!["true", ""], vec!["", "1.5"]]);
+    }
+
+    #[test]
+    fn bad_specs_name_the_field() {
+        let cases = [
+            (serde_json::json!({"title": "  "}), "invalid_field", "title"),
+            (serde_json::json!({"title": "x".repeat(501)}), "text_too_long", "title"),
+            (serde_json::json!({"title": "t", "page_size": "A3"}), "invalid_field", "page_size"),
+            (serde_json::json!({"title": "t", "table": {"columns": []}}), "invalid_field", "table.columns"),
+            (
+                serde_json::json!({"title": "t", "table": {"columns": ["a", "b", "c"]}}),
+                "too_many_columns",
+                "table.columns",
+            ),
+            (
+                serde_json::json!({"title": "t", "table": {"columns": ["a"], "rows": [[1], [2], [3], [4]]}}),
+                "too_many_rows",
+                "table.rows",
+            ),
+            (
+                serde_json::json!({"title": "t", "table": {"columns": ["a"], "rows": [["123456"]]}}),
+                "cell_too_long",
+                "table.rows[0][0]",
+            ),
+            (serde_json::json!({"title": "t", "table": {"columns": ["abcdef"]}}), "cell_too_long", "table.columns[0]"),
+            (
+                serde_json::json!({"title": "t", "table": {"columns": ["a"], "rows": [[1, 2]]}}),
+                "invalid_field",
+                "table.rows[0]",
+            ),
+            (
+                serde_json::json!({"title": "t", "callback_url": "https://example.com/"}),
+                "unsupported_field",
+                "callback_url",
+            ),
+        ];
+        for (json, code, field) in cases {
+            let err = parse(json.clone()).expect_err(&json.to_string());
+            assert_eq!(err.code, code, "{json}");
+            assert!(err.message.starts_with(field), "{json}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn cell_limits_count_characters_not_bytes() {
+        let ok = parse(serde_json::json!({"title": "t", "table": {"columns": ["ü€ü€ü"]}}));
+        assert!(ok.is_ok(), "5 characters in 11 bytes is within a 5-character limit");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = serde_json::from_value::<PdfRequest>(serde_json::json!({"title": "t", "paragrahs": []}));
+        assert!(err.unwrap_err().to_string().contains("paragrahs"));
+    }
+}

@@ -1,0 +1,29 @@
+//! offload: take heavy work off the request path.
+//!
+//! An HTTP service (actix-web 4) whose handlers only validate and hand a job to the
+//! [`dispatch::Dispatcher`] actor, answering `202 Accepted` at once. The Dispatcher owns all job
+//! state (behind the narrow [`dispatch::JobStore`] interface), bounds how much work is accepted,
+//! and feeds CPU-bound jobs to `SyncArbiter`-hosted worker pools, one pool per job kind.
+//!
+//! Data flows one way: handler → Dispatcher → worker → Dispatcher → readers (polling clients).
+//!
+//! Crate map:
+//! - [`configuration`]: every setting, as a flag and an `OFFLOAD_*` environment variable.
+//! - [`telemetry`]: `tracing` subscriber (human-readable or JSON) and the panic hook.
+//! - [`startup`]: builds the whole application on any `TcpListener` (tests bind port 0).
+//! - [`shutdown`]: SIGTERM/SIGINT handling: drain, grace period, stop.
+//! - [`routes`]: thin HTTP handlers and the JSON error format for everything actix answers.
+//! - [`domain`]: "parse, don't validate" request types (the PDF document spec).
+//! - [`dispatch`]: the Dispatcher actor, the job model, the job store.
+//! - [`workers`]: the worker actor, the panic boundary and the PDF renderer.
+//! - [`error`]: the JSON error body shared by every error type.
+
+pub mod configuration;
+pub mod dispatch;
+pub mod domain;
+pub mod error;
+pub mod routes;
+pub mod shutdown;
+pub mod startup;
+pub mod telemetry;
+pub mod workers;

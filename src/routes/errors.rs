@@ -1,0 +1,84 @@
+//! The HTTP layer's error type: every way a handler can fail, each with its status and a
+//! stable machine-readable code.
+
+use actix::MailboxError;
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+
+use crate::dispatch::{Job, SubmitError};
+use crate::domain::pdf::SpecError;
+use crate::error::ErrorBody;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidSpec(#[from] SpecError),
+    #[error("job not found")]
+    JobNotFound,
+    #[error("job {} is {}", .0.id, .0.status.as_str())]
+    ResultNotReady(Box<Job>),
+    #[error("job {} already ended", .0.id)]
+    AlreadyFinished(Box<Job>),
+    #[error("{field}: {message}")]
+    InvalidQuery { field: &'static str, message: String },
+    #[error("{0:?}")]
+    Submit(SubmitError),
+    #[error("the dispatcher is not running: {0}")]
+    Dispatcher(#[from] MailboxError),
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        ApiError::Submit(e)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidSpec(_) | ApiError::InvalidQuery { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::JobNotFound => StatusCode::NOT_FOUND,
+            ApiError::ResultNotReady(_) | ApiError::AlreadyFinished(_) => StatusCode::CONFLICT,
+            ApiError::Submit(_) | ApiError::Dispatcher(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let status = self.status_code();
+        match self {
+            ApiError::InvalidSpec(e) => ErrorBody::new(e.code, &e.message).response(status),
+            ApiError::JobNotFound => {
+                ErrorBody::new("job_not_found", "no such job (it may have expired)").response(status)
+            }
+            ApiError::ResultNotReady(job) => {
+                let message = match &job.error {
+                    Some(e) => format!("the job is {} ({}): there is no result", job.status.as_str(), e.code),
+                    None => format!("the job is {}: there is no result yet", job.status.as_str()),
+                };
+                ErrorBody::new("result_not_ready", message).response(status)
+            }
+            ApiError::AlreadyFinished(job) => {
+                ErrorBody::new("job_finished", format!("the job already ended as {}", job.status.as_str()))
+                    .response(status)
+            }
+            ApiError::InvalidQuery { field, message } => {
+                ErrorBody::new("invalid_query", format!("{field}: {message}")).response(status)
+            }
+            ApiError::Submit(SubmitError::Overloaded { retry_after, reason }) => {
+                ErrorBody::new("overloaded", format!("too much work pending ({reason}); retry later"))
+                    .response_retry_after(status, *retry_after)
+            }
+            ApiError::Submit(SubmitError::ShuttingDown) => {
+                ErrorBody::new("shutting_down", "the service is shutting down and takes no new jobs")
+                    .response_retry_after(status, 5)
+            }
+            ApiError::Submit(SubmitError::NoPool(kind)) => {
+                ErrorBody::new("pool_unavailable", format!("no worker pool runs {} jobs", kind.as_str()))
+                    .response_retry_after(status, 5)
+            }
+            ApiError::Dispatcher(_) => {
+                ErrorBody::new("unavailable", "the job dispatcher is not running").response_retry_after(status, 5)
+            }
+        }
+    }
+}

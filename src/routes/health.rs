@@ -1,0 +1,29 @@
+//! Liveness and readiness.
+
+use actix::Addr;
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpResponse};
+
+use super::ApiError;
+use crate::dispatch::{Dispatcher, Readiness};
+use crate::error::ErrorBody;
+
+/// Alive: answers without touching any actor.
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+/// Ready for new work: not draining, and every worker pool running.
+pub async fn readyz(dispatcher: web::Data<Addr<Dispatcher>>) -> Result<HttpResponse, ApiError> {
+    let state = dispatcher.send(Readiness).await?;
+    if state.draining {
+        let body = ErrorBody::new("draining", "the service is shutting down");
+        return Ok(body.response_retry_after(StatusCode::SERVICE_UNAVAILABLE, 5));
+    }
+    if !state.pools_down.is_empty() {
+        let down: Vec<&str> = state.pools_down.iter().map(|k| k.as_str()).collect();
+        let body = ErrorBody::new("pool_down", format!("worker pools down: {}", down.join(", ")));
+        return Ok(body.response_retry_after(StatusCode::SERVICE_UNAVAILABLE, 5));
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready"})))
+}

@@ -1,0 +1,103 @@
+//! `GET /jobs`, `GET /jobs/{id}`, `GET /jobs/{id}/result`, `DELETE /jobs/{id}`.
+
+use actix::Addr;
+use actix_web::http::header::{self, ContentDisposition, DispositionParam, DispositionType};
+use actix_web::{web, HttpResponse};
+use serde::{Deserialize, Serialize};
+
+use super::ApiError;
+use crate::dispatch::job::JobView;
+use crate::dispatch::{
+    CancelError, CancelJob, Dispatcher, GetJob, GetResult, JobId, ListFilter, ListJobs, ResultError,
+};
+
+/// Most jobs one `GET /jobs` returns.
+const MAX_LIST: usize = 1000;
+const DEFAULT_LIST: usize = 100;
+
+/// An id that cannot be one of ours is simply an unknown job.
+fn job_id(raw: &str) -> Result<JobId, ApiError> {
+    raw.parse().map_err(|_| ApiError::JobNotFound)
+}
+
+pub async fn get_job(
+    path: web::Path<String>,
+    dispatcher: web::Data<Addr<Dispatcher>>,
+) -> Result<HttpResponse, ApiError> {
+    let id = job_id(&path)?;
+    let job = dispatcher.send(GetJob(id)).await?.ok_or(ApiError::JobNotFound)?;
+    Ok(HttpResponse::Ok().insert_header((header::CACHE_CONTROL, "no-store")).json(job.view()))
+}
+
+pub async fn get_result(
+    path: web::Path<String>,
+    dispatcher: web::Data<Addr<Dispatcher>>,
+) -> Result<HttpResponse, ApiError> {
+    let id = job_id(&path)?;
+    let (meta, bytes) = dispatcher.send(GetResult(id)).await?.map_err(|e| match e {
+        ResultError::NotFound => ApiError::JobNotFound,
+        ResultError::NotReady(job) => ApiError::ResultNotReady(job),
+    })?;
+    let disposition = ContentDisposition {
+        disposition: DispositionType::Attachment,
+        parameters: vec![DispositionParam::Filename(meta.filename.clone())],
+    };
+    Ok(HttpResponse::Ok()
+        .content_type(meta.content_type)
+        .insert_header(disposition)
+        .insert_header((header::CACHE_CONTROL, "private, max-age=3600, immutable"))
+        .body(bytes))
+}
+
+pub async fn cancel_job(
+    path: web::Path<String>,
+    dispatcher: web::Data<Addr<Dispatcher>>,
+) -> Result<HttpResponse, ApiError> {
+    let id = job_id(&path)?;
+    let job = dispatcher.send(CancelJob(id)).await?.map_err(|e| match e {
+        CancelError::NotFound => ApiError::JobNotFound,
+        CancelError::AlreadyFinished(job) => ApiError::AlreadyFinished(job),
+    })?;
+    Ok(HttpResponse::Ok().json(job.view()))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    status: Option<String>,
+    kind: Option<String>,
+    limit: Option<String>,
+}
+
+#[derive(Serialize)]
+struct JobList<'a> {
+    jobs: Vec<JobView<'a>>,
+}
+
+pub async fn list_jobs(
+    query: web::Query<ListQuery>,
+    dispatcher: web::Data<Addr<Dispatcher>>,
+) -> Result<HttpResponse, ApiError> {
+    let filter = parse_filter(&query)?;
+    let jobs = dispatcher.send(ListJobs(filter)).await?;
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(JobList { jobs: jobs.iter().map(|j| j.view()).collect() }))
+}
+
+fn parse_filter(q: &ListQuery) -> Result<ListFilter, ApiError> {
+    let invalid = |field, message: &str| ApiError::InvalidQuery { field, message: message.to_string() };
+    let status = q
+        .status
+        .as_deref()
+        .map(|s| s.parse().map_err(|_| invalid("status", "must be queued, running, succeeded, failed or cancelled")))
+        .transpose()?;
+    let kind = q.kind.as_deref().map(|k| k.parse().map_err(|_| invalid("kind", "must be pdf or image"))).transpose()?;
+    let limit = match q.limit.as_deref() {
+        None => DEFAULT_LIST,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIST).contains(&n) => n,
+            _ => return Err(invalid("limit", "must be a whole number from 1 to 1000")),
+        },
+    };
+    Ok(ListFilter { status, kind, limit })
+}

@@ -1,0 +1,138 @@
+//! Thin HTTP handlers: parse the request, send one message to the Dispatcher, answer.
+//!
+//! Also where every error actix itself produces (bad JSON, wrong content type, body too large,
+//! unknown route, wrong method) is turned into the API's JSON error format.
+
+mod errors;
+mod health;
+mod jobs;
+mod pdf;
+
+use std::path::Path;
+
+use actix_web::dev::ServiceResponse;
+use actix_web::error::{InternalError, JsonPayloadError, QueryPayloadError};
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::StatusCode;
+use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
+use actix_web::{guard, web, HttpRequest, HttpResponse};
+
+pub use errors::ApiError;
+
+use crate::error::{code_for_status, ErrorBody};
+
+/// Registers every route. `json_limit` bounds JSON bodies; `static_dir` holds the browser page.
+pub fn configure(cfg: &mut web::ServiceConfig, json_limit: usize, static_dir: &Path) {
+    cfg.app_data(json_config(json_limit))
+        .app_data(web::QueryConfig::default().error_handler(query_error))
+        .service(
+            web::resource("/generate-pdf")
+                .route(web::post().to(pdf::generate_pdf))
+                .default_service(web::to(|| not_allowed("POST"))),
+        )
+        .service(
+            web::resource("/jobs")
+                .route(web::get().to(jobs::list_jobs))
+                .default_service(web::to(|| not_allowed("GET"))),
+        )
+        .service(
+            web::resource("/jobs/{id}")
+                .route(web::get().to(jobs::get_job))
+                .route(web::delete().to(jobs::cancel_job))
+                .default_service(web::to(|| not_allowed("GET, DELETE"))),
+        )
+        .service(
+            web::resource("/jobs/{id}/result")
+                .route(web::get().to(jobs::get_result))
+                .default_service(web::to(|| not_allowed("GET"))),
+        )
+        .service(
+            web::resource("/healthz")
+                .route(web::get().to(health::healthz))
+                .default_service(web::to(|| not_allowed("GET"))),
+        )
+        .service(
+            web::resource("/readyz")
+                .route(web::get().to(health::readyz))
+                .default_service(web::to(|| not_allowed("GET"))),
+        )
+        .service(
+            actix_files::Files::new("/", static_dir)
+                .index_file("index.html")
+                .guard(guard::Any(guard::Get()).or(guard::Head()))
+                .default_handler(web::to(not_found)),
+        )
+        .default_service(web::to(not_found));
+}
+
+/// Rewrites any error response that is not already JSON (actix's own 400s, 404s from
+/// extractors, …) into the API's error format, keeping its status and headers.
+pub fn json_errors<B: 'static>() -> ErrorHandlers<B> {
+    ErrorHandlers::new().default_handler(|res: ServiceResponse<B>| {
+        let is_json = res
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        if is_json {
+            return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
+        }
+        let status = res.status();
+        let message = res
+            .response()
+            .error()
+            .map(|e| e.to_string())
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_string());
+        let (req, old) = res.into_parts();
+        let mut new = ErrorBody::new(code_for_status(status), message).response(status);
+        for (name, value) in old.headers() {
+            if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+                new.headers_mut().insert(name.clone(), value.clone());
+            }
+        }
+        Ok(ErrorHandlerResponse::Response(ServiceResponse::new(req, new).map_into_right_body::<B>()))
+    })
+}
+
+fn json_config(limit: usize) -> web::JsonConfig {
+    web::JsonConfig::default().limit(limit).error_handler(move |err, _req| {
+        let (status, body) = match &err {
+            JsonPayloadError::Overflow { .. } | JsonPayloadError::OverflowKnownLength { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorBody::new("payload_too_large", format!("the request body is larger than the {limit} byte limit")),
+            ),
+            JsonPayloadError::ContentType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ErrorBody::new(
+                    "unsupported_media_type",
+                    "the body must be JSON, sent with Content-Type: application/json",
+                ),
+            ),
+            JsonPayloadError::Deserialize(e) if e.is_data() => {
+                (StatusCode::UNPROCESSABLE_ENTITY, ErrorBody::new("invalid_field", e.to_string()))
+            }
+            JsonPayloadError::Deserialize(e) => {
+                (StatusCode::BAD_REQUEST, ErrorBody::new("malformed_json", format!("the body is not valid JSON: {e}")))
+            }
+            other => (StatusCode::BAD_REQUEST, ErrorBody::new("bad_request", other.to_string())),
+        };
+        InternalError::from_response(err, body.response(status)).into()
+    })
+}
+
+fn query_error(err: QueryPayloadError, _req: &HttpRequest) -> actix_web::Error {
+    let body = ErrorBody::new("invalid_query", format!("the query string is not valid: {err}"));
+    InternalError::from_response(err, body.response(StatusCode::BAD_REQUEST)).into()
+}
+
+async fn not_found(req: HttpRequest) -> HttpResponse {
+    ErrorBody::new("not_found", format!("no route for {} {}", req.method(), req.path())).response(StatusCode::NOT_FOUND)
+}
+
+async fn not_allowed(allow: &'static str) -> HttpResponse {
+    let mut res = ErrorBody::new("method_not_allowed", format!("this resource allows only {allow}"))
+        .response(StatusCode::METHOD_NOT_ALLOWED);
+    res.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    res
+}

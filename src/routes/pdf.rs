@@ -1,0 +1,21 @@
+//! `POST /generate-pdf`.
+
+use actix::Addr;
+use actix_web::http::header;
+use actix_web::{web, HttpResponse};
+
+use super::ApiError;
+use crate::dispatch::{Dispatcher, Submit};
+use crate::domain::pdf::{DocumentSpec, PdfRequest, SpecLimits};
+use crate::domain::JobPayload;
+
+pub async fn generate_pdf(
+    body: web::Json<PdfRequest>,
+    limits: web::Data<SpecLimits>,
+    dispatcher: web::Data<Addr<Dispatcher>>,
+) -> Result<HttpResponse, ApiError> {
+    let spec = DocumentSpec::parse(body.into_inner(), &limits)?;
+    let weight = spec.approx_bytes();
+    let job = dispatcher.send(Submit { payload: JobPayload::Pdf(spec), weight }).await??;
+    Ok(HttpResponse::Accepted().insert_header((header::LOCATION, format!("/jobs/{}", job.id))).json(job.view()))
+}

@@ -1,0 +1,99 @@
+//! Builds the application on any `TcpListener`: worker pools, the Dispatcher on its own arbiter,
+//! and the HTTP server. Tests bind `127.0.0.1:0` and read the port back.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::time::Duration;
+
+use actix::prelude::*;
+use actix_web::dev::Server;
+use actix_web::{middleware, web, App, HttpServer};
+
+use crate::configuration::Settings;
+use crate::dispatch::{Admission, Dispatcher, JobKind, MemoryStore, Pool, Retention};
+use crate::domain::pdf::SpecLimits;
+use crate::routes;
+use crate::shutdown;
+use crate::workers::JobWorker;
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    dispatcher: Addr<Dispatcher>,
+    /// How long accepted jobs get to finish after a shutdown signal.
+    grace: Duration,
+}
+
+impl Application {
+    /// Binds `settings.bind` and builds everything.
+    pub async fn build(settings: Settings) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(settings.bind)?;
+        Self::with_listener(settings, listener)
+    }
+
+    /// Builds everything on an already bound listener. Needs a running actix `System`.
+    pub fn with_listener(settings: Settings, listener: TcpListener) -> std::io::Result<Self> {
+        let address = listener.local_addr()?;
+        let dispatcher = start_dispatcher(&settings);
+        let limits = SpecLimits {
+            max_rows: settings.max_rows,
+            max_columns: settings.max_columns,
+            max_cell_chars: settings.max_cell_chars,
+        };
+        let json_limit = settings.max_json_body.bytes();
+        let static_dir = settings.static_dir.clone();
+        let app_dispatcher = dispatcher.clone();
+        let server = HttpServer::new(move || {
+            App::new()
+                .wrap(routes::json_errors())
+                .wrap(middleware::Logger::new("%r %s %b %Dms").log_target("offload::http"))
+                .app_data(web::Data::new(app_dispatcher.clone()))
+                .app_data(web::Data::new(limits))
+                .configure(|cfg| routes::configure(cfg, json_limit, &static_dir))
+        })
+        .workers(settings.http_workers())
+        .tcp_nodelay(true)
+        .disable_signals()
+        .shutdown_timeout(10)
+        .listen(listener)?
+        .run();
+        tracing::info!(
+            pdf_workers = settings.pdf_workers(),
+            http_workers = settings.http_workers(),
+            "listening on http://{address}"
+        );
+        Ok(Application { port: address.port(), server, dispatcher, grace: settings.shutdown_grace() })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Serves until SIGTERM/SIGINT, then drains (see [`shutdown`]) and returns.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        actix_rt::spawn(shutdown::on_signal(self.dispatcher, self.server.handle(), self.grace));
+        self.server.await
+    }
+}
+
+fn start_dispatcher(settings: &Settings) -> Addr<Dispatcher> {
+    let pdf_workers = settings.pdf_workers();
+    let pdf = SyncArbiter::start(pdf_workers, || JobWorker);
+    let mut pools = HashMap::new();
+    pools.insert(JobKind::Pdf, Pool::new(pdf.recipient(), pdf_workers));
+    let retention = Retention {
+        ttl: settings.result_ttl(),
+        result_bytes: settings.result_memory.bytes(),
+        finished_jobs: settings.max_finished_jobs,
+    };
+    let admission = Admission {
+        max_pending: settings.max_pending,
+        max_queued_bytes: settings.max_queued_bytes.bytes(),
+        job_timeout: settings.job_timeout(),
+    };
+    let store = Box::new(MemoryStore::new(retention));
+    let ttl = retention.ttl;
+    // Its own thread and event loop: job bookkeeping never competes with HTTP workers.
+    let arbiter = Arbiter::new();
+    Dispatcher::start_in_arbiter(&arbiter.handle(), move |_| Dispatcher::new(store, pools, admission, ttl))
+}

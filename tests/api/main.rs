@@ -1,0 +1,8 @@
+//! End-to-end tests: the real server over real HTTP on 127.0.0.1:0.
+
+mod errors;
+mod helpers;
+mod jobs;
+mod pdf;
+mod reliability;
+mod shutdown;

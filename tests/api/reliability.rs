@@ -1,0 +1,173 @@
+//! Backpressure, panic isolation, timeouts, cancellation and expiry.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::helpers::{duration, id_of, settings, spawn_app_with};
+
+fn one_worker() -> offload::configuration::Settings {
+    let mut s = settings();
+    s.pdf_workers = Some(1);
+    s
+}
+
+#[actix_web::test]
+async fn beyond_the_pending_limit_submissions_get_503_and_nothing_accepted_is_lost() {
+    let mut s = one_worker();
+    s.max_pending = 3;
+    let app = spawn_app_with(s).await;
+    let blocker = app.submit_pdf(&json!({"title": "blocker", "test_hook": "hang"})).await;
+    app.wait_for(id_of(&blocker), Duration::from_secs(10), |j| j["status"] == "running").await;
+    let queued = [app.submit_pdf(&json!({"title": "q1"})).await, app.submit_pdf(&json!({"title": "q2"})).await];
+
+    for _ in 0..5 {
+        let reply = app.post_json("/generate-pdf", &json!({"title": "one too many"})).await;
+        reply.assert_error(503, "overloaded");
+        let retry: u64 = reply.header("retry-after").expect("Retry-After").parse().expect("whole seconds");
+        assert!(retry >= 1);
+    }
+
+    app.delete(&format!("/jobs/{}", id_of(&blocker))).await;
+    for job in &queued {
+        assert_eq!(app.wait_finished(id_of(job)).await["status"], "succeeded");
+    }
+    // Room again once the backlog is gone.
+    let after = app.submit_pdf(&json!({"title": "after"})).await;
+    assert_eq!(app.wait_finished(id_of(&after)).await["status"], "succeeded");
+}
+
+#[actix_web::test]
+async fn the_queued_bytes_budget_is_enforced() {
+    let mut s = one_worker();
+    s.max_queued_bytes = "4KiB".parse().unwrap();
+    let app = spawn_app_with(s).await;
+    let blocker = app.submit_pdf(&json!({"title": "blocker", "test_hook": "hang"})).await;
+    app.wait_for(id_of(&blocker), Duration::from_secs(10), |j| j["status"] == "running").await;
+    let big = json!({"title": "big", "paragraphs": ["x".repeat(3000)]});
+    let first = app.submit_pdf(&big).await;
+    app.post_json("/generate-pdf", &big).await.assert_error(503, "overloaded");
+    app.delete(&format!("/jobs/{}", id_of(&blocker))).await;
+    assert_eq!(app.wait_finished(id_of(&first)).await["status"], "succeeded");
+}
+
+#[actix_web::test]
+async fn a_panicking_job_fails_alone_and_the_pool_keeps_its_strength() {
+    let app = spawn_app_with(one_worker()).await;
+    for _ in 0..3 {
+        let bad = app.submit_pdf(&json!({"title": "boom", "test_hook": "panic"})).await;
+        let failed = app.wait_finished(id_of(&bad)).await;
+        assert_eq!(failed["status"], "failed");
+        assert_eq!(failed["error"]["code"], "worker_panic");
+        assert!(failed.get("result").is_none());
+    }
+    // The single worker thread survived all three panics.
+    let good = app.submit_pdf(&json!({"title": "fine"})).await;
+    assert_eq!(app.wait_finished(id_of(&good)).await["status"], "succeeded");
+    assert_eq!(app.get("/readyz").await.status.as_u16(), 200);
+}
+
+#[actix_web::test]
+async fn a_job_past_its_deadline_fails_with_timeout_and_frees_its_worker() {
+    let mut s = one_worker();
+    s.job_timeout = duration(Duration::from_millis(300));
+    let app = spawn_app_with(s).await;
+    let stuck = app.submit_pdf(&json!({"title": "stuck", "test_hook": "hang"})).await;
+    let failed = app.wait_finished(id_of(&stuck)).await;
+    assert_eq!(failed["status"], "failed");
+    assert_eq!(failed["error"]["code"], "timeout");
+    let next = app.submit_pdf(&json!({"title": "next"})).await;
+    assert_eq!(app.wait_finished(id_of(&next)).await["status"], "succeeded");
+}
+
+#[actix_web::test]
+async fn a_cancelled_queued_job_never_starts() {
+    let app = spawn_app_with(one_worker()).await;
+    let blocker = app.submit_pdf(&json!({"title": "blocker", "test_hook": "hang"})).await;
+    app.wait_for(id_of(&blocker), Duration::from_secs(10), |j| j["status"] == "running").await;
+    let waiting = app.submit_pdf(&json!({"title": "waiting"})).await;
+    let cancelled = app.delete(&format!("/jobs/{}", id_of(&waiting))).await;
+    assert_eq!(cancelled.status.as_u16(), 200);
+    assert_eq!(cancelled.json()["status"], "cancelled");
+
+    app.delete(&format!("/jobs/{}", id_of(&blocker))).await;
+    let later = app.submit_pdf(&json!({"title": "later"})).await;
+    assert_eq!(app.wait_finished(id_of(&later)).await["status"], "succeeded");
+    // The worker ran `later` after the blocker stopped; `waiting` was skipped, never started.
+    let waiting = app.job(id_of(&waiting)).await;
+    assert_eq!(waiting["status"], "cancelled");
+    assert!(waiting["started_at"].is_null(), "{waiting}");
+    app.delete(&format!("/jobs/{}", id_of(&waiting))).await.assert_error(409, "job_finished");
+}
+
+#[actix_web::test]
+async fn a_cancelled_running_job_stops_at_its_next_page() {
+    let app = spawn_app_with(one_worker()).await;
+    // About 100 pages at 100 ms each: ten seconds if it were not stopped.
+    let mut spec = crate::helpers::report(4000);
+    spec["test_hook"] = json!({"slow_pages": {"millis": 100}});
+    let long = app.submit_pdf(&spec).await;
+    app.wait_for(id_of(&long), Duration::from_secs(10), |j| j["progress"].as_f64().unwrap() > 0.05).await;
+    let reply = app.delete(&format!("/jobs/{}", id_of(&long))).await;
+    assert_eq!(reply.json()["status"], "cancelled");
+    let progress_at_cancel = reply.json()["progress"].as_f64().unwrap();
+    assert!(progress_at_cancel > 0.0 && progress_at_cancel < 1.0);
+    // With one worker, this only runs once the cancelled job has let go of it.
+    let next = app.submit_pdf(&json!({"title": "next"})).await;
+    app.wait_for(id_of(&next), Duration::from_secs(3), |j| j["status"] == "succeeded").await;
+    let long = app.job(id_of(&long)).await;
+    assert_eq!(long["status"], "cancelled");
+    assert_eq!(long["progress"].as_f64().unwrap(), progress_at_cancel, "a cancelled job keeps its last progress");
+}
+
+#[actix_web::test]
+async fn finished_jobs_expire_after_the_ttl() {
+    let mut s = settings();
+    s.result_ttl = duration(Duration::from_millis(300));
+    let app = spawn_app_with(s).await;
+    let job = app.submit_pdf(&json!({"title": "short-lived"})).await;
+    assert_eq!(app.wait_finished(id_of(&job)).await["status"], "succeeded");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let reply = app.get(&format!("/jobs/{}", id_of(&job))).await;
+        if reply.status.as_u16() == 404 {
+            reply.assert_error(404, "job_not_found");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "job still there after its TTL");
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.get(&format!("/jobs/{}/result", id_of(&job))).await.assert_error(404, "job_not_found");
+}
+
+#[actix_web::test]
+async fn result_memory_is_bounded_by_evicting_the_oldest_results() {
+    let mut s = one_worker();
+    s.result_memory = "8KiB".parse().unwrap();
+    let app = spawn_app_with(s).await;
+    let mut jobs = Vec::new();
+    for n in 0..12 {
+        let job = app.submit_pdf(&json!({"title": format!("doc {n}")})).await;
+        let done = app.wait_finished(id_of(&job)).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        jobs.push(id_of(&job).to_string());
+    }
+    let mut kept = 0;
+    for id in &jobs {
+        let reply = app.get(&format!("/jobs/{id}/result")).await;
+        if reply.status.as_u16() == 200 {
+            kept += reply.body.len();
+        }
+    }
+    assert!(kept <= 8 * 1024, "{kept} result bytes kept");
+    assert_eq!(app.get(&format!("/jobs/{}/result", jobs[11])).await.status.as_u16(), 200, "the newest result is kept");
+    assert_eq!(app.get(&format!("/jobs/{}", jobs[0])).await.status.as_u16(), 404, "the oldest was evicted");
+
+    let mut tiny = one_worker();
+    tiny.result_memory = "100B".parse().unwrap();
+    let app = spawn_app_with(tiny).await;
+    let job = app.submit_pdf(&json!({"title": "too big to keep"})).await;
+    let failed = app.wait_finished(id_of(&job)).await;
+    assert_eq!(failed["status"], "failed");
+    assert_eq!(failed["error"]["code"], "result_too_large");
+}
