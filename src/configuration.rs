@@ -88,6 +88,10 @@ pub struct Settings {
     #[arg(long, env = "OFFLOAD_STATIC_DIR", default_value = "static")]
     pub static_dir: PathBuf,
 
+    /// Probe `GET /healthz` on the bind address and exit 0 if healthy, 1 if not (for containers).
+    #[arg(long)]
+    pub healthcheck: bool,
+
     /// Log format.
     #[arg(long, env = "OFFLOAD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

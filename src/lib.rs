@@ -17,11 +17,13 @@
 //! - [`dispatch`]: the Dispatcher actor, the job model, the job store.
 //! - [`workers`]: the worker actor, the panic boundary and the PDF renderer.
 //! - [`error`]: the JSON error body shared by every error type.
+//! - [`healthcheck`]: `offload --healthcheck`, the container health probe.
 
 pub mod configuration;
 pub mod dispatch;
 pub mod domain;
 pub mod error;
+pub mod healthcheck;
 pub mod routes;
 pub mod shutdown;
 pub mod startup;

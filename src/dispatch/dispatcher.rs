@@ -13,7 +13,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::job::{Job, JobId, JobKind, ResultMeta};
-use super::store::{JobStore, ListFilter, StoreError, Transition};
+use super::store::{JobStore, ListFilter, StatusCounts, StoreError, Transition};
 use crate::domain::JobPayload;
 use crate::error::ErrorBody;
 use crate::workers::{Execute, Interrupt, JobControl, JobFailure, WorkerEvent};
@@ -328,15 +328,15 @@ impl Handler<CancelJob> for Dispatcher {
     }
 }
 
-/// Jobs, newest first.
+/// Jobs, newest first, with how many jobs are held in each status.
 #[derive(Message)]
-#[rtype(result = "Vec<Job>")]
+#[rtype(result = "(Vec<Job>, StatusCounts)")]
 pub struct ListJobs(pub ListFilter);
 
 impl Handler<ListJobs> for Dispatcher {
-    type Result = Vec<Job>;
-    fn handle(&mut self, msg: ListJobs, _: &mut Context<Self>) -> Vec<Job> {
-        self.store.list(&msg.0)
+    type Result = MessageResult<ListJobs>;
+    fn handle(&mut self, msg: ListJobs, _: &mut Context<Self>) -> Self::Result {
+        MessageResult((self.store.list(&msg.0), self.store.stats().by_status))
     }
 }
 

@@ -80,9 +80,38 @@ pub trait JobStore: Send + 'static {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StoreStats {
     pub jobs: usize,
+    /// Jobs held now, by status.
+    pub by_status: StatusCounts,
     pub finished: usize,
     pub result_bytes: usize,
     pub queued_bytes: usize,
+}
+
+/// How many jobs are in each status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StatusCounts {
+    pub queued: usize,
+    pub running: usize,
+    pub succeeded: usize,
+    pub failed: usize,
+    pub cancelled: usize,
+}
+
+impl StatusCounts {
+    fn slot(&mut self, status: JobStatus) -> &mut usize {
+        match status {
+            JobStatus::Queued => &mut self.queued,
+            JobStatus::Running => &mut self.running,
+            JobStatus::Succeeded => &mut self.succeeded,
+            JobStatus::Failed => &mut self.failed,
+            JobStatus::Cancelled => &mut self.cancelled,
+        }
+    }
+
+    fn moved(&mut self, from: JobStatus, to: JobStatus) {
+        *self.slot(from) -= 1;
+        *self.slot(to) += 1;
+    }
 }
 
 /// Everything in process memory, bounded by [`Retention`] and the Dispatcher's admission limits.
@@ -101,6 +130,8 @@ pub struct MemoryStore {
     result_bytes: usize,
     /// Sum of queued payload weights.
     queued_bytes: usize,
+    /// Jobs held, by status.
+    counts: StatusCounts,
     /// Jobs per kind still holding their payload (accepted, not yet handed to a worker).
     waiting: HashMap<JobKind, usize>,
     retention: Retention,
@@ -126,6 +157,7 @@ impl MemoryStore {
             result_bytes: 0,
             queued_bytes: 0,
             waiting: HashMap::new(),
+            counts: StatusCounts::default(),
             retention,
         }
     }
@@ -141,6 +173,7 @@ impl MemoryStore {
     fn remove(&mut self, id: JobId) {
         self.drop_payload(id);
         if let Some(entry) = self.entries.remove(&id) {
+            *self.counts.slot(entry.job.status) -= 1;
             self.by_creation.remove(&entry.seq);
             if let Some(result) = entry.result {
                 self.result_bytes -= result.len();
@@ -168,6 +201,7 @@ impl JobStore for MemoryStore {
         self.by_creation.insert(seq, id);
         self.queued_bytes += weight;
         *self.waiting.entry(job.kind).or_default() += 1;
+        self.counts.queued += 1;
         self.entries.insert(id, Entry { job, seq, payload: Some((payload, weight)), result: None });
     }
 
@@ -177,7 +211,8 @@ impl JobStore for MemoryStore {
 
     fn apply(&mut self, id: JobId, change: Transition, now: SystemTime) -> Result<Option<Job>, StoreError> {
         let Some(entry) = self.entries.get_mut(&id) else { return Ok(None) };
-        let was_terminal = entry.job.status.is_terminal();
+        let before = entry.job.status;
+        let was_terminal = before.is_terminal();
         let changed = match change {
             Transition::Start => entry.job.start(now),
             Transition::Progress { fraction, stage } => entry.job.advance(fraction, stage),
@@ -208,6 +243,9 @@ impl JobStore for MemoryStore {
             return Ok(None);
         }
         let job = self.entries[&id].job.clone();
+        if job.status != before {
+            self.counts.moved(before, job.status);
+        }
         if job.status.is_terminal() && !was_terminal {
             self.drop_payload(id);
             self.finished.push_back(id);
@@ -285,6 +323,7 @@ impl JobStore for MemoryStore {
     fn stats(&self) -> StoreStats {
         StoreStats {
             jobs: self.entries.len(),
+            by_status: self.counts,
             finished: self.finished.len(),
             result_bytes: self.result_bytes,
             queued_bytes: self.queued_bytes,
@@ -391,6 +430,10 @@ mod tests {
         assert_eq!(all.iter().map(|j| j.id).collect::<Vec<_>>(), vec![c, b, a]);
         let done = s.list(&ListFilter { status: Some(JobStatus::Succeeded), limit: 10, ..Default::default() });
         assert_eq!(done.len(), 1);
+        let counts = s.stats().by_status;
+        assert_eq!((counts.queued, counts.succeeded), (2, 1));
+        s.expire(now + Duration::from_secs(61));
+        assert_eq!(s.stats().by_status.succeeded, 0, "expired jobs leave the counts");
         assert_eq!(s.list(&ListFilter { limit: 1, ..Default::default() })[0].id, c);
     }
 }

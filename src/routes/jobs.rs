@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ApiError;
 use crate::dispatch::job::JobView;
+use crate::dispatch::store::StatusCounts;
 use crate::dispatch::{
     CancelError, CancelJob, Dispatcher, GetJob, GetResult, JobId, ListFilter, ListJobs, ResultError,
 };
@@ -71,6 +72,8 @@ pub struct ListQuery {
 #[derive(Serialize)]
 struct JobList<'a> {
     jobs: Vec<JobView<'a>>,
+    /// All jobs held now (not only the listed ones), by status.
+    counts: StatusCounts,
 }
 
 pub async fn list_jobs(
@@ -78,10 +81,10 @@ pub async fn list_jobs(
     dispatcher: web::Data<Addr<Dispatcher>>,
 ) -> Result<HttpResponse, ApiError> {
     let filter = parse_filter(&query)?;
-    let jobs = dispatcher.send(ListJobs(filter)).await?;
+    let (jobs, counts) = dispatcher.send(ListJobs(filter)).await?;
     Ok(HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
-        .json(JobList { jobs: jobs.iter().map(|j| j.view()).collect() }))
+        .json(JobList { jobs: jobs.iter().map(|j| j.view()).collect(), counts }))
 }
 
 fn parse_filter(q: &ListQuery) -> Result<ListFilter, ApiError> {
