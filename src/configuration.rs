@@ -40,6 +40,10 @@ pub struct Settings {
     #[arg(long, env = "OFFLOAD_PDF_WORKERS")]
     pub pdf_workers: Option<usize>,
 
+    /// Image worker threads in the image pool (default: number of cores).
+    #[arg(long, env = "OFFLOAD_IMAGE_WORKERS")]
+    pub image_workers: Option<usize>,
+
     /// Most jobs a pool holds at once, queued plus running; beyond it submissions get 503.
     #[arg(long, env = "OFFLOAD_MAX_PENDING", default_value_t = 1024)]
     pub max_pending: usize,
@@ -84,6 +88,22 @@ pub struct Settings {
     #[arg(long, env = "OFFLOAD_MAX_CELL_CHARS", default_value_t = 1000)]
     pub max_cell_chars: usize,
 
+    /// Largest `POST /images` body, enforced while it streams in.
+    #[arg(long, env = "OFFLOAD_MAX_UPLOAD", default_value = "64MiB")]
+    pub max_upload: ByteSize,
+
+    /// An upload body that takes longer than this to arrive is refused with 408.
+    #[arg(long, env = "OFFLOAD_UPLOAD_TIMEOUT", default_value = "60s")]
+    pub upload_timeout: humantime::Duration,
+
+    /// Most files in one upload.
+    #[arg(long, env = "OFFLOAD_MAX_FILES", default_value_t = 100)]
+    pub max_files: usize,
+
+    /// Most pixels of an image: input, output and every step between.
+    #[arg(long, env = "OFFLOAD_MAX_PIXELS", default_value_t = 50_000_000)]
+    pub max_pixels: u64,
+
     /// Directory with the browser page served at `/`.
     #[arg(long, env = "OFFLOAD_STATIC_DIR", default_value = "static")]
     pub static_dir: PathBuf,
@@ -105,6 +125,14 @@ impl Settings {
 
     pub fn pdf_workers(&self) -> usize {
         self.pdf_workers.unwrap_or_else(cores).max(1)
+    }
+
+    pub fn image_workers(&self) -> usize {
+        self.image_workers.unwrap_or_else(cores).max(1)
+    }
+
+    pub fn upload_timeout(&self) -> Duration {
+        self.upload_timeout.into()
     }
 
     pub fn http_workers(&self) -> usize {

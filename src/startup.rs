@@ -11,6 +11,7 @@ use actix_web::{middleware, web, App, HttpServer};
 
 use crate::configuration::Settings;
 use crate::dispatch::{Admission, Dispatcher, JobKind, MemoryStore, Pool, Retention};
+use crate::domain::image::ImageLimits;
 use crate::domain::pdf::SpecLimits;
 use crate::routes;
 use crate::shutdown;
@@ -40,6 +41,12 @@ impl Application {
             max_columns: settings.max_columns,
             max_cell_chars: settings.max_cell_chars,
         };
+        let uploads = routes::UploadLimits {
+            max_bytes: settings.max_upload.bytes(),
+            timeout: settings.upload_timeout(),
+            max_files: settings.max_files,
+            image: ImageLimits { max_pixels: settings.max_pixels },
+        };
         let json_limit = settings.max_json_body.bytes();
         let static_dir = settings.static_dir.clone();
         let app_dispatcher = dispatcher.clone();
@@ -49,6 +56,7 @@ impl Application {
                 .wrap(middleware::Logger::new("%r %s %b %Dms").log_target("offload::http"))
                 .app_data(web::Data::new(app_dispatcher.clone()))
                 .app_data(web::Data::new(limits))
+                .app_data(web::Data::new(uploads))
                 .configure(|cfg| routes::configure(cfg, json_limit, &static_dir))
         })
         .workers(settings.http_workers())
@@ -59,6 +67,7 @@ impl Application {
         .run();
         tracing::info!(
             pdf_workers = settings.pdf_workers(),
+            image_workers = settings.image_workers(),
             http_workers = settings.http_workers(),
             "listening on http://{address}"
         );
@@ -79,8 +88,11 @@ impl Application {
 fn start_dispatcher(settings: &Settings) -> Addr<Dispatcher> {
     let pdf_workers = settings.pdf_workers();
     let pdf = SyncArbiter::start(pdf_workers, || JobWorker);
+    let image_workers = settings.image_workers();
+    let image = SyncArbiter::start(image_workers, || JobWorker);
     let mut pools = HashMap::new();
     pools.insert(JobKind::Pdf, Pool::new(pdf.recipient(), pdf_workers));
+    pools.insert(JobKind::Image, Pool::new(image.recipient(), image_workers));
     let retention = Retention {
         ttl: settings.result_ttl(),
         result_bytes: settings.result_memory.bytes(),

@@ -200,13 +200,17 @@ impl Actor for Dispatcher {
     }
 }
 
-/// Accept a new job.
+/// Accept new jobs, all or none (one upload may carry several images).
 #[derive(Message)]
-#[rtype(result = "Result<Job, SubmitError>")]
+#[rtype(result = "Result<Vec<Job>, SubmitError>")]
 pub struct Submit {
-    pub payload: JobPayload,
-    /// Approximate bytes the payload holds while queued.
-    pub weight: usize,
+    pub jobs: Vec<JobPayload>,
+}
+
+impl Submit {
+    pub fn one(payload: JobPayload) -> Self {
+        Submit { jobs: vec![payload] }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -220,28 +224,43 @@ pub enum SubmitError {
 }
 
 impl Handler<Submit> for Dispatcher {
-    type Result = Result<Job, SubmitError>;
+    type Result = Result<Vec<Job>, SubmitError>;
 
     fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) -> Self::Result {
         if self.draining.is_some() {
             return Err(SubmitError::ShuttingDown);
         }
-        let kind = msg.payload.kind();
-        let Some(pool) = self.pools.get(&kind) else { return Err(SubmitError::NoPool(kind)) };
-        let pending = self.store.queued(kind) + pool.in_flight;
-        if pending >= self.admission.max_pending {
-            let reason =
-                format!("{pending} {} jobs are pending, the limit is {}", kind.as_str(), self.admission.max_pending);
-            return Err(SubmitError::Overloaded { retry_after: self.retry_after(kind), reason });
+        let mut wanted: HashMap<JobKind, usize> = HashMap::new();
+        for payload in &msg.jobs {
+            *wanted.entry(payload.kind()).or_default() += 1;
         }
-        if self.store.queued_bytes() + msg.weight > self.admission.max_queued_bytes {
+        for (&kind, &count) in &wanted {
+            let Some(pool) = self.pools.get(&kind) else { return Err(SubmitError::NoPool(kind)) };
+            let pending = self.store.queued(kind) + pool.in_flight;
+            if pending + count > self.admission.max_pending {
+                let limit = self.admission.max_pending;
+                let reason = format!("{pending} {} jobs are pending, the limit is {limit}", kind.as_str());
+                return Err(SubmitError::Overloaded { retry_after: self.retry_after(kind), reason });
+            }
+        }
+        let weight: usize = msg.jobs.iter().map(JobPayload::approx_bytes).sum();
+        if self.store.queued_bytes() + weight > self.admission.max_queued_bytes {
+            let kind = msg.jobs.first().map_or(JobKind::Pdf, JobPayload::kind);
             let reason = "queued jobs hold as much memory as allowed".to_string();
             return Err(SubmitError::Overloaded { retry_after: self.retry_after(kind), reason });
         }
-        let job = Job::new(JobId::random(), kind, SystemTime::now());
-        self.store.insert(job.clone(), msg.payload, msg.weight);
-        self.pump(kind, ctx);
-        Ok(job)
+        let now = SystemTime::now();
+        let mut accepted = Vec::with_capacity(msg.jobs.len());
+        for payload in msg.jobs {
+            let job = Job::new(JobId::random(), payload.kind(), now);
+            let weight = payload.approx_bytes();
+            self.store.insert(job.clone(), payload, weight);
+            accepted.push(job);
+        }
+        for kind in wanted.keys() {
+            self.pump(*kind, ctx);
+        }
+        Ok(accepted)
     }
 }
 

@@ -6,6 +6,7 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 
 use crate::dispatch::{Job, SubmitError};
+use crate::domain::image::ImageError;
 use crate::domain::pdf::SpecError;
 use crate::error::ErrorBody;
 
@@ -13,6 +14,8 @@ use crate::error::ErrorBody;
 pub enum ApiError {
     #[error("{0}")]
     InvalidSpec(#[from] SpecError),
+    #[error("{0}")]
+    InvalidUpload(#[from] ImageError),
     #[error("job not found")]
     JobNotFound,
     #[error("job {} is {}", .0.id, .0.status.as_str())]
@@ -37,6 +40,7 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             ApiError::InvalidSpec(_) | ApiError::InvalidQuery { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::InvalidUpload(e) => StatusCode::from_u16(e.status).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY),
             ApiError::JobNotFound => StatusCode::NOT_FOUND,
             ApiError::ResultNotReady(_) | ApiError::AlreadyFinished(_) => StatusCode::CONFLICT,
             ApiError::Submit(_) | ApiError::Dispatcher(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -47,6 +51,7 @@ impl ResponseError for ApiError {
         let status = self.status_code();
         match self {
             ApiError::InvalidSpec(e) => ErrorBody::new(e.code, &e.message).response(status),
+            ApiError::InvalidUpload(e) => ErrorBody::new(e.code, &e.message).response(status),
             ApiError::JobNotFound => {
                 ErrorBody::new("job_not_found", "no such job (it may have expired)").response(status)
             }

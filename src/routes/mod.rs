@@ -5,6 +5,7 @@
 
 mod errors;
 mod health;
+mod images;
 mod jobs;
 mod pdf;
 
@@ -18,6 +19,7 @@ use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
 use actix_web::{guard, web, HttpRequest, HttpResponse};
 
 pub use errors::ApiError;
+pub use images::UploadLimits;
 
 use crate::error::{code_for_status, ErrorBody};
 
@@ -28,6 +30,11 @@ pub fn configure(cfg: &mut web::ServiceConfig, json_limit: usize, static_dir: &P
         .service(
             web::resource("/generate-pdf")
                 .route(web::post().to(pdf::generate_pdf))
+                .default_service(web::to(|| not_allowed("POST"))),
+        )
+        .service(
+            web::resource("/images")
+                .route(web::post().to(images::upload_images))
                 .default_service(web::to(|| not_allowed("POST"))),
         )
         .service(

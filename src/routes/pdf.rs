@@ -15,7 +15,7 @@ pub async fn generate_pdf(
     dispatcher: web::Data<Addr<Dispatcher>>,
 ) -> Result<HttpResponse, ApiError> {
     let spec = DocumentSpec::parse(body.into_inner(), &limits)?;
-    let weight = spec.approx_bytes();
-    let job = dispatcher.send(Submit { payload: JobPayload::Pdf(spec), weight }).await??;
+    let jobs = dispatcher.send(Submit::one(JobPayload::Pdf(spec))).await??;
+    let job = &jobs[0];
     Ok(HttpResponse::Accepted().insert_header((header::LOCATION, format!("/jobs/{}", job.id))).json(job.view()))
 }

@@ -4,6 +4,7 @@
 //! A worker never waits on anything but its own work: it reports to the Dispatcher with
 //! `do_send` (fire and forget) and checks its job's control flag between steps.
 
+pub mod image;
 pub mod pdf;
 
 use std::any::Any;
@@ -162,6 +163,7 @@ impl Handler<Execute> for JobWorker {
 fn execute(payload: JobPayload, job: &mut JobContext) -> Outcome {
     match payload {
         JobPayload::Pdf(spec) => pdf::render(&spec, job),
+        JobPayload::Image(task) => image::process(&task, job),
     }
 }
 

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Overload: 20,000 PDF submissions as fast as oha can send them with 64 connections.
+# Reports the status mix, submit latency, the server's peak RSS, and checks that every accepted
+# job ends. Needs oha (cargo install oha --locked) and curl. Usage: bench/overload.sh [N] [C]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-20000}
+C=${2:-64}
+PORT=${PORT:-18181}
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+
+cargo build --release --locked -q
+./target/release/offload --bind "127.0.0.1:$PORT" >"$OUT/overload-server.log" 2>&1 &
+PID=$!
+trap 'kill $PID 2>/dev/null || true' EXIT
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.05; done
+
+# The peers' benchmark document: one page, 40 rows x 5 columns.
+BODY=$(python3 - <<'PY'
+import json
+rows = []
+for n in range(1, 41):
+    qty = (n * 7) % 13 + 1
+    price = ((n * 37) % 1000) / 10 + 1
+    rows.append([str(n), f"Widget {n}", str(qty), f"{price:.2f}", f"{qty * price:.2f}"])
+print(json.dumps({"title": "Benchmark - page 1/1",
+                  "table": {"columns": ["#", "Item", "Qty", "Unit price", "Total"], "rows": rows}}))
+PY
+)
+
+oha -n "$N" -c "$C" --no-tui --output-format json -m POST -H 'content-type: application/json' -d "$BODY" \
+  "http://127.0.0.1:$PORT/generate-pdf" >"$OUT/overload-oha.json"
+
+# Wait until nothing is queued or running, then read the counts.
+for _ in $(seq 600); do
+  COUNTS=$(curl -sf "http://127.0.0.1:$PORT/jobs?limit=1" | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["counts"]))')
+  python3 -c 'import json,sys; c=json.loads(sys.argv[1]); sys.exit(0 if c["queued"]+c["running"]==0 else 1)' "$COUNTS" && break
+  sleep 0.1
+done
+PEAK_KB=$(awk '/VmHWM/ {print $2}' "/proc/$PID/status")
+python3 - "$OUT/overload-oha.json" "$COUNTS" "$PEAK_KB" <<'PY'
+import json, sys
+oha = json.load(open(sys.argv[1]))
+counts = json.loads(sys.argv[2])
+peak_mib = int(sys.argv[3]) / 1024
+codes = oha["statusCodeDistribution"]
+lat = oha["latencyPercentiles"]
+accepted = int(codes.get("202", 0))
+ended = counts["succeeded"] + counts["failed"] + counts["cancelled"]
+print(f"requests/s        {oha['summary']['requestsPerSec']:.0f}")
+print(f"status codes      {codes}")
+print(f"latency p50/p99   {lat['p50']*1000:.2f} ms / {lat['p99']*1000:.2f} ms")
+print(f"peak RSS          {peak_mib:.1f} MiB")
+print(f"accepted / ended  {accepted} / {ended} (succeeded {counts['succeeded']}, failed {counts['failed']})")
+ok = set(codes) <= {"202", "503"} and accepted == ended and counts["queued"] + counts["running"] == 0
+print("OK" if ok else "FAILED")
+sys.exit(0 if ok else 1)
+PY

@@ -1,0 +1,508 @@
+//! Image jobs as uploaded to `POST /images`: the operations (`ops`), the output format, and the
+//! checks that run before anything is decoded (format from the bytes, declared size, what the
+//! op chain would produce).
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use image::metadata::Orientation;
+use image::{ImageDecoder, ImageFormat, ImageReader};
+use serde_json::Value;
+
+/// Pixel limits and the like, from configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct ImageLimits {
+    /// Most pixels of an input, of an output, and of any step in between.
+    pub max_pixels: u64,
+}
+
+/// Most operations in one `ops` array.
+pub const MAX_OPS: usize = 32;
+/// Largest side any op may ask for.
+pub const MAX_SIDE: u32 = 50_000;
+
+/// One step of the chain, as the API names it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ImageOp {
+    /// Fit inside size×size, keeping the aspect ratio; never enlarges.
+    Thumbnail {
+        size: u32,
+    },
+    /// One side given: the other keeps the aspect ratio.
+    Resize {
+        width: Option<u32>,
+        height: Option<u32>,
+    },
+    Crop {
+        x: u32,
+        y: u32,
+        width: u32,
+        height: u32,
+    },
+    /// Clockwise.
+    Rotate {
+        degrees: u16,
+    },
+    Flip {
+        axis: Axis,
+    },
+    Grayscale,
+    Blur {
+        sigma: f32,
+    },
+    /// Added to each channel, −255 to 255.
+    Brighten {
+        value: i32,
+    },
+    /// Percent, −100 to 100.
+    Contrast {
+        value: f32,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Axis {
+    Horizontal,
+    Vertical,
+}
+
+impl ImageOp {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ImageOp::Thumbnail { .. } => "thumbnail",
+            ImageOp::Resize { .. } => "resize",
+            ImageOp::Crop { .. } => "crop",
+            ImageOp::Rotate { .. } => "rotate",
+            ImageOp::Flip { .. } => "flip",
+            ImageOp::Grayscale => "grayscale",
+            ImageOp::Blur { .. } => "blur",
+            ImageOp::Brighten { .. } => "brighten",
+            ImageOp::Contrast { .. } => "contrast",
+        }
+    }
+
+    /// The size this op turns a `w`×`h` image into.
+    pub fn output_size(&self, w: u32, h: u32) -> (u32, u32) {
+        match *self {
+            ImageOp::Thumbnail { size } => {
+                if w <= size && h <= size {
+                    (w, h)
+                } else {
+                    fit(w, h, size, size)
+                }
+            }
+            ImageOp::Resize { width: Some(nw), height: Some(nh) } => (nw, nh),
+            ImageOp::Resize { width: Some(nw), height: None } => (nw, scale(h, nw, w)),
+            ImageOp::Resize { width: None, height: Some(nh) } => (scale(w, nh, h), nh),
+            ImageOp::Resize { width: None, height: None } => (w, h),
+            ImageOp::Crop { width, height, .. } => (width, height),
+            ImageOp::Rotate { degrees: 90 | 270 } => (h, w),
+            _ => (w, h),
+        }
+    }
+}
+
+/// `a * num / den`, rounded, at least 1.
+fn scale(a: u32, num: u32, den: u32) -> u32 {
+    ((u64::from(a) * u64::from(num) + u64::from(den) / 2) / u64::from(den).max(1)).clamp(1, u64::from(u32::MAX)) as u32
+}
+
+/// The largest size with the aspect ratio of `w`×`h` that fits in `max_w`×`max_h`.
+pub fn fit(w: u32, h: u32, max_w: u32, max_h: u32) -> (u32, u32) {
+    let (w64, h64) = (u64::from(w), u64::from(h));
+    if w64 * u64::from(max_h) >= h64 * u64::from(max_w) {
+        (max_w, scale(h, max_w, w))
+    } else {
+        (scale(w, max_h, h), max_h)
+    }
+}
+
+/// Output encodings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputFormat {
+    Png,
+    Jpeg,
+    Webp,
+}
+
+impl OutputFormat {
+    pub fn parse(s: &str) -> Result<Self, ImageError> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "png" => Ok(OutputFormat::Png),
+            "jpeg" | "jpg" => Ok(OutputFormat::Jpeg),
+            "webp" => Ok(OutputFormat::Webp),
+            _ => Err(ImageError::invalid("format: must be png, jpeg or webp")),
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            OutputFormat::Png => "image/png",
+            OutputFormat::Jpeg => "image/jpeg",
+            OutputFormat::Webp => "image/webp",
+        }
+    }
+
+    pub fn extension(self) -> &'static str {
+        match self {
+            OutputFormat::Png => "png",
+            OutputFormat::Jpeg => "jpg",
+            OutputFormat::Webp => "webp",
+        }
+    }
+}
+
+/// Why an upload was refused before any job was made.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ImageError {
+    /// 413, 415 or 422.
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ImageError {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        ImageError { status, code, message: message.into() }
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(422, "invalid_field", message)
+    }
+
+    fn op(index: usize, name: &str, message: impl std::fmt::Display) -> Self {
+        Self::new(422, "invalid_op", format!("ops[{index}] ({name}): {message}"))
+    }
+}
+
+/// The default chain when `ops` is absent.
+pub fn default_ops() -> Vec<ImageOp> {
+    vec![ImageOp::Thumbnail { size: 256 }]
+}
+
+/// Parses the `ops` field (a JSON array), naming the op at fault.
+pub fn parse_ops(text: &str) -> Result<Vec<ImageOp>, ImageError> {
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| ImageError::invalid(format!("ops: not valid JSON: {e}")))?;
+    let Value::Array(items) = value else { return Err(ImageError::invalid("ops: must be a JSON array of operations")) };
+    if items.len() > MAX_OPS {
+        return Err(ImageError::invalid(format!("ops: {} operations, the limit is {MAX_OPS}", items.len())));
+    }
+    items.iter().enumerate().map(|(i, item)| parse_op(i, item)).collect()
+}
+
+fn parse_op(i: usize, item: &Value) -> Result<ImageOp, ImageError> {
+    let Some(obj) = item.as_object() else {
+        return Err(ImageError::op(i, "?", "must be an object like {\"op\": \"thumbnail\", \"size\": 256}"));
+    };
+    let Some(name) = obj.get("op").and_then(Value::as_str) else {
+        return Err(ImageError::op(i, "?", "needs an \"op\" name"));
+    };
+    let allowed: &[&str] = match name {
+        "thumbnail" => &["size"],
+        "resize" => &["width", "height"],
+        "crop" => &["x", "y", "width", "height"],
+        "rotate" => &["degrees"],
+        "flip" => &["axis"],
+        "grayscale" => &[],
+        "blur" => &["sigma"],
+        "brighten" | "contrast" => &["value"],
+        other => {
+            return Err(ImageError::op(
+                i,
+                other,
+                "unknown op; use thumbnail, resize, crop, rotate, flip, grayscale, blur, brighten or contrast",
+            ))
+        }
+    };
+    if let Some(extra) = obj.keys().find(|k| *k != "op" && !allowed.contains(&k.as_str())) {
+        return Err(ImageError::op(i, name, format!("unknown parameter \"{extra}\"")));
+    }
+    let int = |key: &str, min: i64, max: i64| -> Result<Option<i64>, ImageError> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_i64() {
+                Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
+                _ => Err(ImageError::op(i, name, format!("{key} must be a whole number from {min} to {max}"))),
+            },
+        }
+    };
+    let required = |key: &str, min: i64, max: i64| -> Result<i64, ImageError> {
+        int(key, min, max)?.ok_or_else(|| ImageError::op(i, name, format!("{key} is required")))
+    };
+    let side = i64::from(MAX_SIDE);
+    Ok(match name {
+        "thumbnail" => ImageOp::Thumbnail { size: required("size", 1, side)? as u32 },
+        "resize" => {
+            let width = int("width", 1, side)?.map(|n| n as u32);
+            let height = int("height", 1, side)?.map(|n| n as u32);
+            if width.is_none() && height.is_none() {
+                return Err(ImageError::op(i, name, "give width, height or both"));
+            }
+            ImageOp::Resize { width, height }
+        }
+        "crop" => ImageOp::Crop {
+            x: required("x", 0, side)? as u32,
+            y: required("y", 0, side)? as u32,
+            width: required("width", 1, side)? as u32,
+            height: required("height", 1, side)? as u32,
+        },
+        "rotate" => match required("degrees", 0, 360)? {
+            d @ (90 | 180 | 270) => ImageOp::Rotate { degrees: d as u16 },
+            _ => return Err(ImageError::op(i, name, "degrees must be 90, 180 or 270")),
+        },
+        "flip" => match obj.get("axis").and_then(Value::as_str) {
+            Some("horizontal") => ImageOp::Flip { axis: Axis::Horizontal },
+            Some("vertical") => ImageOp::Flip { axis: Axis::Vertical },
+            _ => return Err(ImageError::op(i, name, "axis must be \"horizontal\" or \"vertical\"")),
+        },
+        "grayscale" => ImageOp::Grayscale,
+        "blur" => match obj.get("sigma").and_then(Value::as_f64) {
+            Some(s) if (0.1..=100.0).contains(&s) => ImageOp::Blur { sigma: s as f32 },
+            _ => return Err(ImageError::op(i, name, "sigma must be a number from 0.1 to 100")),
+        },
+        "brighten" => ImageOp::Brighten { value: required("value", -255, 255)? as i32 },
+        _ => match obj.get("value").and_then(Value::as_f64) {
+            Some(v) if (-100.0..=100.0).contains(&v) => ImageOp::Contrast { value: v as f32 },
+            _ => return Err(ImageError::op(i, name, "value must be a number from -100 to 100")),
+        },
+    })
+}
+
+/// Walks the chain over an upright `w`×`h` input: every crop must fit, and no step may exceed
+/// the pixel limit. Returns the output size.
+pub fn plan(w: u32, h: u32, ops: &[ImageOp], limits: &ImageLimits) -> Result<(u32, u32), ImageError> {
+    let (mut w, mut h) = (w, h);
+    for (i, op) in ops.iter().enumerate() {
+        if let ImageOp::Crop { x, y, width, height } = *op {
+            if u64::from(x) + u64::from(width) > u64::from(w) || u64::from(y) + u64::from(height) > u64::from(h) {
+                return Err(ImageError::op(
+                    i,
+                    op.name(),
+                    format!("the {width}x{height} area at ({x}, {y}) is not inside the {w}x{h} image"),
+                ));
+            }
+        }
+        (w, h) = op.output_size(w, h);
+        if u64::from(w) * u64::from(h) > limits.max_pixels {
+            return Err(ImageError::new(
+                422,
+                "image_too_large",
+                format!("ops[{i}] ({}): the {w}x{h} result is over the {} pixel limit", op.name(), limits.max_pixels),
+            ));
+        }
+    }
+    Ok((w, h))
+}
+
+/// A filename stem safe for `Content-Disposition`: the client's base name without its extension,
+/// ASCII letters, digits, `-` and `_` only, at most 64 characters.
+pub fn safe_stem(client_name: &str) -> String {
+    let base = client_name.rsplit(['/', '\\']).next().unwrap_or("");
+    let stem = match base.rfind('.') {
+        Some(dot) if dot > 0 => &base[..dot],
+        _ => base,
+    };
+    let mut out = String::new();
+    for c in stem.chars() {
+        if out.len() >= 64 {
+            break;
+        }
+        if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+            out.push(c);
+        } else if !out.ends_with('-') && !out.is_empty() {
+            out.push('-');
+        }
+    }
+    let out = out.trim_matches('-').to_string();
+    if out.is_empty() {
+        "image".into()
+    } else {
+        out
+    }
+}
+
+/// A checked upload, ready for a worker: a supported format, within the pixel limit, with an op
+/// chain that fits it.
+#[derive(Clone, Debug)]
+pub struct ImageTask {
+    pub bytes: Bytes,
+    pub format: ImageFormat,
+    /// Size as stored, before the EXIF orientation is applied.
+    pub stored: (u32, u32),
+    pub orientation: Orientation,
+    pub ops: Arc<[ImageOp]>,
+    pub output: OutputFormat,
+    /// Size of the result, as planned.
+    pub planned: (u32, u32),
+    /// Safe stem for the result's filename.
+    pub stem: String,
+    pub max_pixels: u64,
+}
+
+/// Input formats we accept, always detected from the bytes.
+pub const INPUT_FORMATS: [ImageFormat; 6] =
+    [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::Gif, ImageFormat::WebP, ImageFormat::Bmp, ImageFormat::Tiff];
+
+impl ImageTask {
+    /// Checks one uploaded file without decoding its pixels: detects the format from the bytes,
+    /// reads the declared size and orientation from the header, and plans the op chain.
+    /// `field` names the part in error messages (e.g. `file[1] (cat.png)`).
+    pub fn inspect(
+        field: &str,
+        client_name: &str,
+        bytes: Bytes,
+        ops: Arc<[ImageOp]>,
+        output: OutputFormat,
+        limits: &ImageLimits,
+    ) -> Result<Self, ImageError> {
+        if bytes.is_empty() {
+            return Err(ImageError::new(422, "empty_file", format!("{field}: the file is empty")));
+        }
+        let unsupported = || {
+            ImageError::new(
+                415,
+                "unsupported_image",
+                format!("{field}: not a supported image (PNG, JPEG, GIF, WebP, BMP or TIFF, detected from the bytes)"),
+            )
+        };
+        let format = image::guess_format(&bytes).map_err(|_| unsupported())?;
+        if !INPUT_FORMATS.contains(&format) {
+            return Err(unsupported());
+        }
+        let mut reader = ImageReader::with_format(Cursor::new(bytes.clone()), format);
+        reader.limits(decode_limits(limits.max_pixels));
+        let unreadable = |e: image::ImageError| match e {
+            image::ImageError::Limits(_) => ImageError::new(
+                422,
+                "image_too_large",
+                format!("{field}: the image declares more than {} pixels", limits.max_pixels),
+            ),
+            other => {
+                ImageError::new(422, "invalid_image", format!("{field}: the image header cannot be read: {other}"))
+            }
+        };
+        let mut decoder = reader.into_decoder().map_err(unreadable)?;
+        let (w, h) = decoder.dimensions();
+        if u64::from(w) * u64::from(h) > limits.max_pixels {
+            return Err(ImageError::new(
+                422,
+                "image_too_large",
+                format!("{field}: {w}x{h} is over the {} pixel limit", limits.max_pixels),
+            ));
+        }
+        let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+        let upright = if swaps_axes(orientation) { (h, w) } else { (w, h) };
+        let planned = plan(upright.0, upright.1, &ops, limits)
+            .map_err(|e| ImageError { message: format!("{field}: {}", e.message), ..e })?;
+        Ok(ImageTask {
+            bytes,
+            format,
+            stored: (w, h),
+            orientation,
+            ops,
+            output,
+            planned,
+            stem: safe_stem(client_name),
+            max_pixels: limits.max_pixels,
+        })
+    }
+
+    /// Approximate bytes this task holds while queued.
+    pub fn approx_bytes(&self) -> usize {
+        self.bytes.len() + self.stem.len() + 256
+    }
+}
+
+/// Whether an EXIF orientation turns the image on its side.
+pub fn swaps_axes(o: Orientation) -> bool {
+    matches!(
+        o,
+        Orientation::Rotate90 | Orientation::Rotate270 | Orientation::Rotate90FlipH | Orientation::Rotate270FlipH
+    )
+}
+
+/// Decoder limits for a pixel budget: no side longer than the budget allows, and allocations
+/// bounded to the budget at 16 bytes a pixel (RGBA with 32-bit floats) plus slack.
+pub fn decode_limits(max_pixels: u64) -> image::Limits {
+    let mut limits = image::Limits::default();
+    let side = u32::try_from(max_pixels.min(u64::from(u32::MAX))).unwrap_or(u32::MAX);
+    limits.max_image_width = Some(side);
+    limits.max_image_height = Some(side);
+    limits.max_alloc = Some(max_pixels.saturating_mul(16).saturating_add(64 << 20));
+    limits
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: ImageLimits = ImageLimits { max_pixels: 50_000_000 };
+
+    #[test]
+    fn every_op_parses() {
+        let ops = parse_ops(
+            r#"[{"op":"thumbnail","size":256},{"op":"resize","width":100},{"op":"crop","x":0,"y":0,"width":10,"height":5},
+               {"op":"rotate","degrees":90},{"op":"flip","axis":"vertical"},{"op":"grayscale"},{"op":"blur","sigma":1.5},
+               {"op":"brighten","value":-20},{"op":"contrast","value":12.5}]"#,
+        )
+        .unwrap();
+        assert_eq!(ops.len(), 9);
+        assert_eq!(ops[3], ImageOp::Rotate { degrees: 90 });
+        assert_eq!(ops[8], ImageOp::Contrast { value: 12.5 });
+    }
+
+    #[test]
+    fn bad_ops_name_the_op_and_its_index() {
+        let cases = [
+            (r#"{"op":"thumbnail"}"#, "ops: must be a JSON array"),
+            (r#"[{"op":"sharpen"}]"#, "ops[0] (sharpen): unknown op"),
+            (r#"[{"size":3}]"#, "ops[0] (?): needs an \"op\""),
+            (r#"[{"op":"thumbnail"}]"#, "ops[0] (thumbnail): size is required"),
+            (r#"[{"op":"grayscale"},{"op":"thumbnail","size":0}]"#, "ops[1] (thumbnail): size must be"),
+            (r#"[{"op":"resize"}]"#, "ops[0] (resize): give width, height or both"),
+            (r#"[{"op":"rotate","degrees":45}]"#, "ops[0] (rotate): degrees must be 90, 180 or 270"),
+            (r#"[{"op":"flip","axis":"diagonal"}]"#, "ops[0] (flip): axis"),
+            (r#"[{"op":"blur","sigma":0}]"#, "ops[0] (blur): sigma"),
+            (r#"[{"op":"blur","sigma":101}]"#, "ops[0] (blur): sigma"),
+            (r#"[{"op":"brighten","value":300}]"#, "ops[0] (brighten): value"),
+            (r#"[{"op":"contrast","value":-101}]"#, "ops[0] (contrast): value"),
+            (r#"[{"op":"crop","x":0,"y":0,"width":5}]"#, "ops[0] (crop): height is required"),
+            (r#"[{"op":"thumbnail","size":10,"colour":"red"}]"#, "ops[0] (thumbnail): unknown parameter"),
+            ("[1]", "ops[0] (?): must be an object"),
+            ("not json", "ops: not valid JSON"),
+        ];
+        for (text, want) in cases {
+            let err = parse_ops(text).expect_err(text);
+            assert!(err.message.starts_with(want), "{text}: {}", err.message);
+            assert_eq!(err.status, 422);
+        }
+    }
+
+    #[test]
+    fn planning_follows_sizes_and_checks_crops_and_limits() {
+        let ops = parse_ops(r#"[{"op":"rotate","degrees":90},{"op":"thumbnail","size":256}]"#).unwrap();
+        assert_eq!(plan(4000, 3000, &ops, &LIMITS).unwrap(), (192, 256));
+        let small = parse_ops(r#"[{"op":"thumbnail","size":256}]"#).unwrap();
+        assert_eq!(plan(100, 50, &small, &LIMITS).unwrap(), (100, 50), "never enlarges");
+        let resize = parse_ops(r#"[{"op":"resize","height":150}]"#).unwrap();
+        assert_eq!(plan(400, 300, &resize, &LIMITS).unwrap(), (200, 150));
+        let crop = parse_ops(r#"[{"op":"crop","x":350,"y":0,"width":100,"height":10}]"#).unwrap();
+        assert!(plan(400, 300, &crop, &LIMITS).unwrap_err().message.contains("not inside"));
+        let huge = parse_ops(r#"[{"op":"resize","width":50000,"height":50000}]"#).unwrap();
+        assert_eq!(plan(10, 10, &huge, &LIMITS).unwrap_err().code, "image_too_large");
+    }
+
+    #[test]
+    fn client_filenames_never_become_paths() {
+        assert_eq!(safe_stem("../../etc/passwd"), "passwd");
+        assert_eq!(safe_stem("a.png%00.php"), "a-png-00");
+        assert_eq!(safe_stem("C:\\photos\\IMG 0001.JPG"), "IMG-0001");
+        assert_eq!(safe_stem(".hidden"), "hidden");
+        assert_eq!(safe_stem(""), "image");
+        assert_eq!(safe_stem("Ωμέγα.png"), "image");
+        assert!(safe_stem(&"a".repeat(10_000)).len() <= 64);
+    }
+}

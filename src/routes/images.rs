@@ -1,0 +1,164 @@
+//! `POST /images`: a multipart upload streamed under a size limit and a deadline, checked file by
+//! file without decoding, then submitted as one job per file (all or none).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Addr;
+use actix_multipart::Multipart;
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use serde::Serialize;
+
+use super::ApiError;
+use crate::dispatch::job::JobView;
+use crate::dispatch::{Dispatcher, Submit};
+use crate::domain::image::{default_ops, parse_ops, ImageError, ImageLimits, ImageOp, ImageTask, OutputFormat};
+use crate::domain::JobPayload;
+
+/// Upload limits, from configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct UploadLimits {
+    /// Most body bytes, counted while they arrive.
+    pub max_bytes: usize,
+    /// The whole body must arrive within this.
+    pub timeout: Duration,
+    pub max_files: usize,
+    pub image: ImageLimits,
+}
+
+/// Largest `ops` or `format` field.
+const MAX_TEXT_FIELD: usize = 64 * 1024;
+
+struct Upload {
+    /// (client filename, bytes) in the order sent.
+    files: Vec<(String, Bytes)>,
+    ops: Option<String>,
+    format: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Accepted<'a> {
+    jobs: Vec<JobView<'a>>,
+}
+
+pub async fn upload_images(
+    req: HttpRequest,
+    payload: web::Payload,
+    limits: web::Data<UploadLimits>,
+    dispatcher: web::Data<Addr<Dispatcher>>,
+) -> Result<HttpResponse, ApiError> {
+    let is_multipart = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().starts_with("multipart/form-data"));
+    if !is_multipart {
+        return Err(ImageError::new(415, "unsupported_media_type", "send the files as multipart/form-data").into());
+    }
+    let declared =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limits.max_bytes) {
+        return Err(too_large(limits.max_bytes).into());
+    }
+    let multipart = Multipart::new(req.headers(), payload);
+    let upload = actix_rt::time::timeout(limits.timeout, read_upload(multipart, &limits)).await.map_err(|_| {
+        ImageError::new(
+            408,
+            "request_timeout",
+            format!("the upload did not arrive within {} s", limits.timeout.as_secs_f64()),
+        )
+    })??;
+
+    let limits = **limits;
+    // Header parsing copies and scans the files: keep it off the HTTP thread.
+    let tasks = web::block(move || inspect(upload, &limits))
+        .await
+        .map_err(|_| ImageError::new(500, "internal_error", "the upload could not be checked"))??;
+    let jobs = dispatcher.send(Submit { jobs: tasks.into_iter().map(JobPayload::Image).collect() }).await??;
+    Ok(HttpResponse::Accepted().json(Accepted { jobs: jobs.iter().map(|j| j.view()).collect() }))
+}
+
+fn too_large(max: usize) -> ImageError {
+    ImageError::new(413, "payload_too_large", format!("the upload is larger than the {max} byte limit"))
+}
+
+async fn read_upload(mut multipart: Multipart, limits: &UploadLimits) -> Result<Upload, ImageError> {
+    let mut upload = Upload { files: Vec::new(), ops: None, format: None };
+    let mut total = 0usize;
+    while let Some(field) = multipart.next().await {
+        let mut field = field.map_err(bad_multipart)?;
+        let name = field.name().unwrap_or_default().to_string();
+        let filename = field.content_disposition().and_then(|cd| cd.get_filename()).unwrap_or_default().to_string();
+        if !matches!(name.as_str(), "file" | "ops" | "format") {
+            return Err(ImageError::new(
+                422,
+                "invalid_field",
+                format!("{name}: unknown field; send `file` parts and optional `ops` and `format` fields"),
+            ));
+        }
+        if name == "file" && upload.files.len() >= limits.max_files {
+            return Err(ImageError::new(
+                422,
+                "too_many_files",
+                format!("file: at most {} files an upload", limits.max_files),
+            ));
+        }
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = field.next().await {
+            let chunk = chunk.map_err(bad_multipart)?;
+            total += chunk.len();
+            if total > limits.max_bytes {
+                return Err(too_large(limits.max_bytes));
+            }
+            if name != "file" && buf.len() + chunk.len() > MAX_TEXT_FIELD {
+                return Err(ImageError::new(
+                    422,
+                    "invalid_field",
+                    format!("{name}: longer than {MAX_TEXT_FIELD} bytes"),
+                ));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        let text = |buf: BytesMut| {
+            String::from_utf8(buf.to_vec())
+                .map_err(|_| ImageError::new(422, "invalid_field", format!("{name}: not UTF-8 text")))
+        };
+        match name.as_str() {
+            "file" => upload.files.push((filename, buf.freeze())),
+            "ops" => upload.ops = Some(text(buf)?),
+            _ => upload.format = Some(text(buf)?),
+        }
+    }
+    if upload.files.is_empty() {
+        return Err(ImageError::new(422, "missing_file", "file: send at least one `file` part"));
+    }
+    Ok(upload)
+}
+
+fn bad_multipart(e: actix_multipart::MultipartError) -> ImageError {
+    ImageError::new(400, "malformed_multipart", format!("the multipart body cannot be read: {e}"))
+}
+
+fn inspect(upload: Upload, limits: &UploadLimits) -> Result<Vec<ImageTask>, ImageError> {
+    let ops: Arc<[ImageOp]> = match upload.ops.as_deref() {
+        Some(text) if !text.trim().is_empty() => parse_ops(text)?.into(),
+        _ => default_ops().into(),
+    };
+    let output = match upload.format.as_deref() {
+        Some(text) if !text.trim().is_empty() => OutputFormat::parse(text)?,
+        _ => OutputFormat::Png,
+    };
+    upload
+        .files
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, bytes))| {
+            let shown: String = name.chars().take(80).collect();
+            let field = format!("file[{i}] ({shown})");
+            ImageTask::inspect(&field, &name, bytes, ops.clone(), output, &limits.image)
+        })
+        .collect()
+}

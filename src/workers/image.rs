@@ -1,0 +1,222 @@
+//! Image jobs: decode under limits (at reduced scale when the first op shrinks a JPEG a lot),
+//! make it upright (EXIF orientation), apply the ops in order, encode. Progress and a cancel
+//! check between stages.
+
+use std::io::Cursor;
+
+use bytes::Bytes;
+use image::codecs::jpeg::JpegEncoder;
+use image::codecs::png::PngEncoder;
+use image::codecs::webp::WebPEncoder;
+use image::imageops::FilterType;
+use image::{DynamicImage, ImageFormat, ImageReader, Rgb, RgbImage};
+
+use super::{JobContext, JobFailure, JobOutput, Outcome};
+use crate::domain::image::{decode_limits, swaps_axes, Axis, ImageOp, ImageTask, OutputFormat};
+use crate::error::ErrorBody;
+
+/// JPEG quality of `jpeg` output.
+const JPEG_QUALITY: u8 = 85;
+
+pub fn process(task: &ImageTask, job: &mut JobContext) -> Outcome {
+    let stages = task.ops.len() + 2;
+    let at = |stage: usize| stage as f32 / stages as f32;
+    job.progress(0.0, || "decoding".into());
+    let mut img = decode(task)?;
+    for (i, op) in task.ops.iter().enumerate() {
+        job.checkpoint()?;
+        job.progress(at(i + 1), || format!("{} ({} of {})", op.name(), i + 1, task.ops.len()));
+        img = apply(*op, img);
+    }
+    job.checkpoint()?;
+    job.progress(at(stages - 1), || "encoding".into());
+    let bytes = encode(&img, task.output)?;
+    Ok(JobOutput {
+        bytes,
+        content_type: task.output.content_type(),
+        filename: format!("{}.{}", task.stem, task.output.extension()),
+        dimensions: Some((img.width(), img.height())),
+    })
+}
+
+fn failure(code: &str, message: impl Into<String>) -> JobFailure {
+    JobFailure::Error(ErrorBody::new(code, message))
+}
+
+/// Decodes the upload, upright. A JPEG whose first op shrinks it at least 2× on both sides is
+/// decoded at reduced scale (the IDCT scales by 1/2, 1/4 or 1/8), which skips most of the work.
+pub fn decode(task: &ImageTask) -> Result<DynamicImage, JobFailure> {
+    if task.format == ImageFormat::Jpeg && jpeg_is_truncated(&task.bytes) {
+        return Err(failure("truncated_image", "the JPEG file is cut short: it has no end-of-image marker"));
+    }
+    let mut img = match scaled_jpeg_target(task) {
+        Some((w, h)) => decode_jpeg_scaled(task, w, h)?,
+        None => None,
+    }
+    .map_or_else(|| decode_full(task), Ok)?;
+    img.apply_orientation(task.orientation);
+    Ok(img)
+}
+
+/// The size, in stored (not yet rotated) pixels, to ask a scaled JPEG decode for.
+fn scaled_jpeg_target(task: &ImageTask) -> Option<(u32, u32)> {
+    if task.format != ImageFormat::Jpeg {
+        return None;
+    }
+    let first = task.ops.first()?;
+    if !matches!(first, ImageOp::Thumbnail { .. } | ImageOp::Resize { .. }) {
+        return None;
+    }
+    let (sw, sh) = task.stored;
+    let upright = if swaps_axes(task.orientation) { (sh, sw) } else { (sw, sh) };
+    let (tw, th) = first.output_size(upright.0, upright.1);
+    let (tw, th) = if swaps_axes(task.orientation) { (th, tw) } else { (tw, th) };
+    (tw * 2 <= sw && th * 2 <= sh).then_some((tw, th))
+}
+
+/// `Ok(None)`: this JPEG cannot be decoded scaled (e.g. CMYK); decode it in full instead.
+fn decode_jpeg_scaled(task: &ImageTask, w: u32, h: u32) -> Result<Option<DynamicImage>, JobFailure> {
+    let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(&task.bytes[..]));
+    decoder.set_max_decoding_buffer_size(usize::try_from(task.max_pixels.saturating_mul(4)).unwrap_or(usize::MAX));
+    let clamp = |v: u32| u16::try_from(v.max(1)).unwrap_or(u16::MAX);
+    decoder.scale(clamp(w), clamp(h)).map_err(jpeg_error)?;
+    let pixels = decoder.decode().map_err(jpeg_error)?;
+    let Some(info) = decoder.info() else { return Ok(None) };
+    let (w, h) = (u32::from(info.width), u32::from(info.height));
+    Ok(match info.pixel_format {
+        jpeg_decoder::PixelFormat::RGB24 => RgbImage::from_raw(w, h, pixels).map(DynamicImage::ImageRgb8),
+        jpeg_decoder::PixelFormat::L8 => image::GrayImage::from_raw(w, h, pixels).map(DynamicImage::ImageLuma8),
+        _ => None,
+    })
+}
+
+fn jpeg_error(e: jpeg_decoder::Error) -> JobFailure {
+    match e {
+        jpeg_decoder::Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            failure("truncated_image", "the image file is cut short")
+        }
+        other => failure("invalid_image", format!("the JPEG cannot be decoded: {other}")),
+    }
+}
+
+fn decode_full(task: &ImageTask) -> Result<DynamicImage, JobFailure> {
+    let mut reader = ImageReader::with_format(Cursor::new(&task.bytes[..]), task.format);
+    reader.limits(decode_limits(task.max_pixels));
+    reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(_) => {
+            failure("image_too_large", format!("the image needs more memory than its limit: {e}"))
+        }
+        image::ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            failure("truncated_image", "the image file is cut short")
+        }
+        other => {
+            let text = other.to_string();
+            let lower = text.to_ascii_lowercase();
+            if lower.contains("eof")
+                || lower.contains("end of")
+                || lower.contains("truncated")
+                || lower.contains("unexpected end")
+            {
+                failure("truncated_image", format!("the image file is cut short: {text}"))
+            } else {
+                failure("invalid_image", format!("the image cannot be decoded: {text}"))
+            }
+        }
+    })
+}
+
+/// A JPEG ends with the EOI marker (FF D9), possibly followed by padding. Without it the file
+/// was cut short, and the decoder would fill the missing part with grey instead of failing.
+pub fn jpeg_is_truncated(bytes: &[u8]) -> bool {
+    let end = bytes.iter().rposition(|&b| b != 0x00 && b != b'\n' && b != b'\r' && b != b' ').map_or(0, |i| i + 1);
+    let tail = &bytes[..end];
+    // Some writers append data after EOI; look for it near the end only, where the scan data of
+    // a truncated file cannot contain it (an FF byte in scan data is always followed by 00).
+    let window = &tail[tail.len().saturating_sub(4096)..];
+    !window.windows(2).any(|w| w == [0xFF, 0xD9])
+}
+
+pub fn apply(op: ImageOp, img: DynamicImage) -> DynamicImage {
+    let (w, h) = (img.width(), img.height());
+    match op {
+        ImageOp::Thumbnail { .. } => {
+            let (nw, nh) = op.output_size(w, h);
+            if (nw, nh) == (w, h) {
+                img
+            } else {
+                img.thumbnail_exact(nw, nh)
+            }
+        }
+        ImageOp::Resize { .. } => {
+            let (nw, nh) = op.output_size(w, h);
+            img.resize_exact(nw, nh, FilterType::CatmullRom)
+        }
+        ImageOp::Crop { x, y, width, height } => img.crop_imm(x, y, width, height),
+        ImageOp::Rotate { degrees: 90 } => img.rotate90(),
+        ImageOp::Rotate { degrees: 180 } => img.rotate180(),
+        ImageOp::Rotate { .. } => img.rotate270(),
+        ImageOp::Flip { axis: Axis::Horizontal } => img.fliph(),
+        ImageOp::Flip { axis: Axis::Vertical } => img.flipv(),
+        ImageOp::Grayscale => img.grayscale(),
+        ImageOp::Blur { sigma } => img.fast_blur(sigma),
+        ImageOp::Brighten { value } => img.brighten(value),
+        ImageOp::Contrast { value } => img.adjust_contrast(value),
+    }
+}
+
+pub fn encode(img: &DynamicImage, format: OutputFormat) -> Result<Bytes, JobFailure> {
+    let mut out = Vec::new();
+    let result = match format {
+        OutputFormat::Png => img.write_with_encoder(PngEncoder::new(&mut out)),
+        OutputFormat::Jpeg => {
+            let rgb = flatten_on_white(img);
+            rgb.write_with_encoder(JpegEncoder::new_with_quality(&mut out, JPEG_QUALITY))
+        }
+        OutputFormat::Webp => {
+            if img.color().has_alpha() {
+                img.to_rgba8().write_with_encoder(WebPEncoder::new_lossless(&mut out))
+            } else {
+                img.to_rgb8().write_with_encoder(WebPEncoder::new_lossless(&mut out))
+            }
+        }
+    };
+    result.map_err(|e| failure("encode_failed", format!("the result cannot be encoded: {e}")))?;
+    Ok(Bytes::from(out))
+}
+
+/// JPEG has no alpha: composite transparent images over white instead of dropping the channel.
+fn flatten_on_white(img: &DynamicImage) -> RgbImage {
+    if !img.color().has_alpha() {
+        return img.to_rgb8();
+    }
+    let rgba = img.to_rgba8();
+    RgbImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+        let p = rgba.get_pixel(x, y).0;
+        let a = u16::from(p[3]);
+        let mix = |c: u8| ((u16::from(c) * a + 255 * (255 - a) + 127) / 255) as u8;
+        Rgb([mix(p[0]), mix(p[1]), mix(p[2])])
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_jpeg_without_its_end_marker_is_truncated() {
+        let img = DynamicImage::ImageRgb8(RgbImage::from_pixel(64, 64, Rgb([200, 10, 10])));
+        let jpeg = encode(&img, OutputFormat::Jpeg).unwrap();
+        assert!(!jpeg_is_truncated(&jpeg));
+        let mut padded = jpeg.to_vec();
+        padded.extend_from_slice(&[0, 0, 0]);
+        assert!(!jpeg_is_truncated(&padded));
+        assert!(jpeg_is_truncated(&jpeg[..jpeg.len() - 2]));
+        assert!(jpeg_is_truncated(&jpeg[..jpeg.len() / 2]));
+    }
+
+    #[test]
+    fn transparent_pixels_become_white_in_jpeg() {
+        let img = DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(2, 2, image::Rgba([0, 0, 0, 0])));
+        assert_eq!(flatten_on_white(&img).get_pixel(0, 0).0, [255, 255, 255]);
+    }
+}
