@@ -209,3 +209,61 @@ fn rand_suffix() -> String {
     static N: AtomicU64 = AtomicU64::new(0);
     format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
+
+/// One part of a multipart/form-data body.
+pub struct Part {
+    pub name: &'static str,
+    pub filename: Option<String>,
+    pub content_type: Option<&'static str>,
+    pub data: Vec<u8>,
+}
+
+impl Part {
+    pub fn file(filename: &str, content_type: &'static str, data: Vec<u8>) -> Self {
+        Part { name: "file", filename: Some(filename.to_string()), content_type: Some(content_type), data }
+    }
+
+    pub fn text(name: &'static str, value: &str) -> Self {
+        Part { name, filename: None, content_type: None, data: value.as_bytes().to_vec() }
+    }
+}
+
+pub const BOUNDARY: &str = "offload-test-boundary-7MA4YWxkTrZu0gW";
+
+pub fn multipart(parts: &[Part]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for p in parts {
+        body.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
+        match &p.filename {
+            Some(f) => body.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{}\"; filename=\"{}\"\r\n", p.name, f).as_bytes(),
+            ),
+            None => {
+                body.extend_from_slice(format!("Content-Disposition: form-data; name=\"{}\"\r\n", p.name).as_bytes())
+            }
+        }
+        if let Some(ct) = p.content_type {
+            body.extend_from_slice(format!("Content-Type: {ct}\r\n").as_bytes());
+        }
+        body.extend_from_slice(b"\r\n");
+        body.extend_from_slice(&p.data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    body
+}
+
+impl TestApp {
+    pub async fn upload(&self, parts: &[Part]) -> Reply {
+        let ct = format!("multipart/form-data; boundary={BOUNDARY}");
+        let ct: &'static str = Box::leak(ct.into_boxed_str());
+        self.request("POST", "/images", Some(ct), multipart(parts)).await
+    }
+
+    /// Uploads, asserts 202, returns the jobs.
+    pub async fn submit_images(&self, parts: &[Part]) -> Vec<Value> {
+        let reply = self.upload(parts).await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&reply.body));
+        reply.json()["jobs"].as_array().unwrap().clone()
+    }
+}

@@ -2,6 +2,7 @@
 
 mod errors;
 mod helpers;
+mod images;
 mod jobs;
 mod pdf;
 mod reliability;

@@ -1,0 +1,415 @@
+//! Image jobs end to end, with images generated here: every format in and out, every op, EXIF
+//! orientation, and a table of hostile uploads.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
+use serde_json::Value;
+
+use crate::helpers::{duration, id_of, settings, spawn_app, spawn_app_with, Part, TestApp, BOUNDARY};
+
+/// A `w`×`h` image: red left half, blue right half, a green square in the top-left corner.
+fn picture(w: u32, h: u32) -> DynamicImage {
+    DynamicImage::ImageRgb8(RgbImage::from_fn(w, h, |x, y| {
+        if x < w / 8 && y < h / 8 {
+            Rgb([0, 200, 0])
+        } else if x < w / 2 {
+            Rgb([220, 20, 20])
+        } else {
+            Rgb([20, 20, 220])
+        }
+    }))
+}
+
+fn encode(img: &DynamicImage, format: ImageFormat) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    match format {
+        ImageFormat::Jpeg | ImageFormat::Gif | ImageFormat::Bmp => img.to_rgb8().write_to(&mut out, format).unwrap(),
+        _ => img.write_to(&mut out, format).unwrap(),
+    }
+    out.into_inner()
+}
+
+async fn finished_result(app: &TestApp, job: &Value) -> (Value, crate::helpers::Reply) {
+    let done = app.wait_finished(id_of(job)).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let result = app.get(done["result"]["url"].as_str().unwrap()).await;
+    assert_eq!(result.status.as_u16(), 200);
+    (done, result)
+}
+
+fn color_at(img: &DynamicImage, x: u32, y: u32) -> [u8; 3] {
+    img.to_rgb8().get_pixel(x, y).0
+}
+
+fn is_red(c: [u8; 3]) -> bool {
+    c[0] > 150 && c[1] < 90 && c[2] < 90
+}
+
+fn is_blue(c: [u8; 3]) -> bool {
+    c[2] > 150 && c[0] < 90 && c[1] < 90
+}
+
+#[actix_web::test]
+async fn every_input_format_becomes_every_output_format() {
+    let app = spawn_app().await;
+    let inputs = [
+        (ImageFormat::Png, "in.png"),
+        (ImageFormat::Jpeg, "in.jpg"),
+        (ImageFormat::Gif, "in.gif"),
+        (ImageFormat::WebP, "in.webp"),
+        (ImageFormat::Bmp, "in.bmp"),
+        (ImageFormat::Tiff, "in.tiff"),
+    ];
+    let outputs = [
+        ("png", ImageFormat::Png, "image/png"),
+        ("jpeg", ImageFormat::Jpeg, "image/jpeg"),
+        ("webp", ImageFormat::WebP, "image/webp"),
+    ];
+    let source = picture(600, 400);
+    for (format, name) in inputs {
+        for (out_name, out_format, content_type) in outputs {
+            let parts =
+                [Part::file(name, "application/octet-stream", encode(&source, format)), Part::text("format", out_name)];
+            let jobs = app.submit_images(&parts).await;
+            assert_eq!(jobs.len(), 1);
+            assert_eq!(jobs[0]["kind"], "image");
+            let (done, result) = finished_result(&app, &jobs[0]).await;
+            assert_eq!(done["result"]["content_type"], content_type);
+            assert_eq!((done["result"]["width"].as_u64(), done["result"]["height"].as_u64()), (Some(256), Some(171)));
+            assert_eq!(result.header("content-type").unwrap(), content_type);
+            assert_eq!(image::guess_format(&result.body).unwrap(), out_format, "{name} -> {out_name}");
+            let back = image::load_from_memory(&result.body).unwrap();
+            assert_eq!((back.width(), back.height()), (256, 171));
+            assert!(is_red(color_at(&back, 100, 150)) && is_blue(color_at(&back, 200, 100)), "{name} -> {out_name}");
+        }
+    }
+}
+
+#[actix_web::test]
+async fn every_op_does_what_it_says() {
+    let app = spawn_app().await;
+    let png = encode(&picture(200, 100), ImageFormat::Png);
+    // (ops, expected size, check on the result)
+    type Check = fn(&DynamicImage) -> bool;
+    let cases: Vec<(&str, (u32, u32), Check)> = vec![
+        (r#"[{"op":"thumbnail","size":50}]"#, (50, 25), |i| {
+            is_red(color_at(i, 15, 20)) && is_blue(color_at(i, 40, 20))
+        }),
+        (r#"[{"op":"thumbnail","size":1000}]"#, (200, 100), |i| is_red(color_at(i, 50, 50))),
+        (r#"[{"op":"resize","width":100}]"#, (100, 50), |i| is_blue(color_at(i, 90, 40))),
+        (r#"[{"op":"resize","width":30,"height":90}]"#, (30, 90), |_| true),
+        (r#"[{"op":"crop","x":100,"y":0,"width":50,"height":40}]"#, (50, 40), |i| is_blue(color_at(i, 25, 20))),
+        (r#"[{"op":"rotate","degrees":90}]"#, (100, 200), |i| {
+            is_red(color_at(i, 50, 50)) && is_blue(color_at(i, 50, 150))
+        }),
+        (r#"[{"op":"rotate","degrees":180}]"#, (200, 100), |i| {
+            is_blue(color_at(i, 10, 50)) && color_at(i, 195, 95)[1] > 150
+        }),
+        (r#"[{"op":"rotate","degrees":270}]"#, (100, 200), |i| {
+            is_blue(color_at(i, 50, 50)) && is_red(color_at(i, 50, 150))
+        }),
+        (r#"[{"op":"flip","axis":"horizontal"}]"#, (200, 100), |i| {
+            is_blue(color_at(i, 10, 50)) && color_at(i, 195, 5)[1] > 150
+        }),
+        (r#"[{"op":"flip","axis":"vertical"}]"#, (200, 100), |i| color_at(i, 5, 95)[1] > 150),
+        (r#"[{"op":"grayscale"}]"#, (200, 100), |i| {
+            let c = color_at(i, 50, 50);
+            c[0] == c[1] && c[1] == c[2]
+        }),
+        (r#"[{"op":"blur","sigma":8}]"#, (200, 100), |i| {
+            let c = color_at(i, 100, 50);
+            c[0] > 60 && c[2] > 60
+        }),
+        (r#"[{"op":"brighten","value":100}]"#, (200, 100), |i| color_at(i, 50, 50)[1] >= 110),
+        (r#"[{"op":"contrast","value":-90}]"#, (200, 100), |i| color_at(i, 50, 50)[0] < 180),
+        (
+            r#"[{"op":"crop","x":0,"y":0,"width":100,"height":100},{"op":"rotate","degrees":90},{"op":"flip","axis":"horizontal"},{"op":"grayscale"},{"op":"resize","height":20}]"#,
+            (20, 20),
+            |_| true,
+        ),
+    ];
+    for (ops, (w, h), check) in cases {
+        let jobs = app.submit_images(&[Part::file("p.png", "image/png", png.clone()), Part::text("ops", ops)]).await;
+        let (done, result) = finished_result(&app, &jobs[0]).await;
+        assert_eq!(
+            (done["result"]["width"].as_u64().unwrap(), done["result"]["height"].as_u64().unwrap()),
+            (w.into(), h.into()),
+            "{ops}"
+        );
+        let img = image::load_from_memory(&result.body).unwrap();
+        assert_eq!((img.width(), img.height()), (w, h), "{ops}");
+        assert!(check(&img), "{ops}: pixels not as expected");
+    }
+}
+
+/// A baseline JPEG with an EXIF APP1 segment saying `orientation`.
+fn jpeg_with_orientation(img: &DynamicImage, orientation: u16) -> Vec<u8> {
+    let jpeg = encode(img, ImageFormat::Jpeg);
+    let mut tiff = b"MM\x00\x2a\x00\x00\x00\x08\x00\x01".to_vec();
+    tiff.extend_from_slice(&[0x01, 0x12, 0x00, 0x03, 0x00, 0x00, 0x00, 0x01]);
+    tiff.extend_from_slice(&orientation.to_be_bytes());
+    tiff.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    let mut app1 = b"Exif\x00\x00".to_vec();
+    app1.extend_from_slice(&tiff);
+    let mut out = jpeg[..2].to_vec();
+    out.extend_from_slice(&[0xFF, 0xE1]);
+    out.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
+    out.extend_from_slice(&app1);
+    out.extend_from_slice(&jpeg[2..]);
+    out
+}
+
+#[actix_web::test]
+async fn phone_photos_come_out_upright() {
+    let app = spawn_app().await;
+    // Stored landscape, red left / blue right; orientation 6 means "rotate 90° clockwise to show",
+    // so upright it is portrait with red on top. 1600x800 takes the scaled-decode path; 400x200
+    // the full decode.
+    for (w, h) in [(1600, 800), (400, 200)] {
+        let photo = jpeg_with_orientation(&picture(w, h), 6);
+        let jobs = app.submit_images(&[Part::file("IMG_0001.JPG", "image/jpeg", photo)]).await;
+        let (done, result) = finished_result(&app, &jobs[0]).await;
+        assert_eq!(
+            (done["result"]["width"].as_u64(), done["result"]["height"].as_u64()),
+            (Some(128), Some(256)),
+            "{w}x{h}"
+        );
+        let img = image::load_from_memory(&result.body).unwrap();
+        assert!(is_red(color_at(&img, 64, 60)), "{w}x{h}: top should be red, is {:?}", color_at(&img, 64, 60));
+        assert!(is_blue(color_at(&img, 64, 200)), "{w}x{h}: bottom should be blue");
+    }
+}
+
+#[actix_web::test]
+async fn big_jpeg_thumbnails_match_the_full_decode() {
+    let app = spawn_app().await;
+    let photo = encode(&picture(4000, 3000), ImageFormat::Jpeg);
+    let jobs = app.submit_images(&[Part::file("big.jpg", "image/jpeg", photo), Part::text("format", "png")]).await;
+    let (done, result) = finished_result(&app, &jobs[0]).await;
+    assert_eq!((done["result"]["width"].as_u64(), done["result"]["height"].as_u64()), (Some(256), Some(192)));
+    let img = image::load_from_memory(&result.body).unwrap();
+    assert!(is_red(color_at(&img, 60, 150)) && is_blue(color_at(&img, 200, 150)));
+    assert!(color_at(&img, 10, 10)[1] > 150, "the green corner survives the scaled decode");
+}
+
+#[actix_web::test]
+async fn several_files_make_jobs_in_order() {
+    let app = spawn_app().await;
+    let parts: Vec<Part> = [40u32, 60, 80]
+        .iter()
+        .map(|&w| Part::file(&format!("{w}.png"), "image/png", encode(&picture(w, 20), ImageFormat::Png)))
+        .chain([Part::text("ops", r#"[{"op":"grayscale"}]"#)])
+        .collect();
+    let jobs = app.submit_images(&parts).await;
+    assert_eq!(jobs.len(), 3);
+    for (job, w) in jobs.iter().zip([40, 60, 80]) {
+        let (done, result) = finished_result(&app, job).await;
+        assert_eq!(done["result"]["width"], w);
+        assert!(result.header("content-disposition").unwrap().contains(&format!("{w}.png")));
+    }
+}
+
+/// CRC-32 of PNG chunks.
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// A 60-byte PNG whose header declares `w`×`h` pixels.
+fn png_declaring(w: u32, h: u32) -> Vec<u8> {
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    out.extend_from_slice(&13u32.to_be_bytes());
+    out.extend_from_slice(&ihdr);
+    out.extend_from_slice(&crc32(&ihdr).to_be_bytes());
+    let idat = b"IDAT\x78\x9c\x03\x00\x00\x00\x00\x01";
+    out.extend_from_slice(&8u32.to_be_bytes());
+    out.extend_from_slice(idat);
+    out.extend_from_slice(&crc32(idat).to_be_bytes());
+    out
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").parse().unwrap()
+}
+
+/// What a hostile upload must come to.
+enum Expect<'a> {
+    Refused(u16, &'static str),
+    Fails(&'static [&'static str]),
+    Succeeds(&'a str),
+}
+
+#[actix_web::test]
+async fn hostile_uploads_are_answered_quickly_and_harm_nothing() {
+    let mut s = settings();
+    s.max_upload = "2MiB".parse().unwrap();
+    let app = spawn_app_with(s).await;
+    let png = encode(&picture(300, 200), ImageFormat::Png);
+    let jpeg = encode(&picture(300, 200), ImageFormat::Jpeg);
+    let long_name = format!("{}.png", "n".repeat(10_000));
+    let long_stem = "n".repeat(64);
+    let cases: Vec<(&str, Part, Expect)> = vec![
+        (
+            "truncated JPEG",
+            Part::file("cut.jpg", "image/jpeg", jpeg[..jpeg.len() * 2 / 3].to_vec()),
+            Expect::Fails(&["truncated_image"]),
+        ),
+        (
+            "truncated PNG",
+            Part::file("cut.png", "image/png", png[..png.len() * 2 / 3].to_vec()),
+            Expect::Fails(&["truncated_image", "invalid_image"]),
+        ),
+        (
+            "text named .png",
+            Part::file("notes.png", "image/png", b"just some text, not pixels".to_vec()),
+            Expect::Refused(415, "unsupported_image"),
+        ),
+        ("empty file", Part::file("empty.png", "image/png", Vec::new()), Expect::Refused(422, "empty_file")),
+        (
+            "PNG named .jpg, lying type",
+            Part::file("photo.jpg", "image/jpeg", png.clone()),
+            Expect::Succeeds("photo.png"),
+        ),
+        (
+            "declares 60000x60000",
+            Part::file("bomb.png", "image/png", png_declaring(60_000, 60_000)),
+            Expect::Refused(422, "image_too_large"),
+        ),
+        (
+            "over the size limit",
+            Part::file("big.bin", "image/png", vec![0x89; 3 << 20]),
+            Expect::Refused(413, "payload_too_large"),
+        ),
+        ("path in the name", Part::file("../../etc/passwd", "image/png", png.clone()), Expect::Succeeds("passwd.png")),
+        (
+            "NUL trick in the name",
+            Part::file("a.png%00.php", "image/png", png.clone()),
+            Expect::Succeeds("a-png-00.png"),
+        ),
+        ("10,000-character name", Part::file(&long_name, "image/png", png.clone()), Expect::Succeeds(&long_stem)),
+    ];
+    let before = rss_kib();
+    for (what, part, expect) in cases {
+        let started = Instant::now();
+        let reply = app.upload(&[part]).await;
+        match expect {
+            Expect::Refused(status, code) => {
+                reply.expect_error(status, code, what);
+            }
+            Expect::Fails(codes) => {
+                assert_eq!(reply.status.as_u16(), 202, "{what}");
+                let job = reply.json()["jobs"][0].clone();
+                let done = app.wait_finished(id_of(&job)).await;
+                assert_eq!(done["status"], "failed", "{what}: {done}");
+                let code = done["error"]["code"].as_str().unwrap();
+                assert!(codes.contains(&code), "{what}: failed with {code}");
+            }
+            Expect::Succeeds(filename) => {
+                assert_eq!(reply.status.as_u16(), 202, "{what}: {}", String::from_utf8_lossy(&reply.body));
+                let job = reply.json()["jobs"][0].clone();
+                let (_, result) = finished_result(&app, &job).await;
+                let disposition = result.header("content-disposition").unwrap();
+                assert!(disposition.contains(filename), "{what}: {disposition}");
+                assert!(
+                    !disposition.contains('/') && !disposition.contains("..") && disposition.len() < 200,
+                    "{what}: {disposition}"
+                );
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(2), "{what} took {:?}", started.elapsed());
+    }
+    let grown_mib = rss_kib().saturating_sub(before) / 1024;
+    assert!(grown_mib < 200, "RSS grew by {grown_mib} MiB");
+
+    let jobs = app.submit_images(&[Part::file("ok.png", "image/png", png)]).await;
+    finished_result(&app, &jobs[0]).await;
+    assert_eq!(app.get("/healthz").await.status.as_u16(), 200);
+}
+
+#[actix_web::test]
+async fn a_body_that_arrives_too_slowly_gets_408() {
+    let mut s = settings();
+    s.upload_timeout = duration(Duration::from_millis(500));
+    let app = spawn_app_with(s).await;
+    let addr = app.address.trim_start_matches("http://").to_string();
+    let started = Instant::now();
+    let response = actix_web::rt::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let head = format!(
+            "POST /images HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: 100000\r\n\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"slow.png\"\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        // ...and then nothing more: the rest of the body never comes.
+        let mut response = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            response.extend_from_slice(&buf[..n]);
+            if response.windows(4).any(|w| w == b"\r\n\r\n") && response.ends_with(b"}}") {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&response).to_string()
+    })
+    .await
+    .unwrap();
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert!(response.contains("\"code\":\"request_timeout\""), "{response}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[actix_web::test]
+async fn bad_uploads_get_json_errors() {
+    let app = spawn_app().await;
+    let png = || Part::file("p.png", "image/png", encode(&picture(20, 10), ImageFormat::Png));
+    let cases: Vec<(Vec<Part>, u16, &str, &str)> = vec![
+        (vec![Part::text("ops", "[]")], 422, "missing_file", "file"),
+        (vec![png(), Part::text("ops", r#"[{"op":"sharpen"}]"#)], 422, "invalid_op", "ops[0] (sharpen)"),
+        (
+            vec![png(), Part::text("ops", r#"[{"op":"grayscale"},{"op":"blur","sigma":500}]"#)],
+            422,
+            "invalid_op",
+            "ops[1] (blur)",
+        ),
+        (
+            vec![png(), Part::text("ops", r#"[{"op":"crop","x":15,"y":0,"width":10,"height":5}]"#)],
+            422,
+            "invalid_op",
+            "file[0] (p.png): ops[0] (crop)",
+        ),
+        (
+            vec![png(), Part::text("ops", r#"[{"op":"resize","width":40000,"height":40000}]"#)],
+            422,
+            "image_too_large",
+            "file[0] (p.png): ops[0] (resize)",
+        ),
+        (vec![png(), Part::text("format", "gif")], 422, "invalid_field", "format"),
+        (vec![png(), Part::text("colour", "red")], 422, "invalid_field", "colour"),
+    ];
+    for (parts, status, code, starts) in cases {
+        let message = app.upload(&parts).await.expect_error(status, code, starts);
+        assert!(message.starts_with(starts), "{message}");
+    }
+    app.request("POST", "/images", Some("application/json"), b"{}".to_vec())
+        .await
+        .assert_error(415, "unsupported_media_type");
+    app.request("GET", "/images", None, vec![]).await.assert_error(405, "method_not_allowed");
+    let none = app.request("POST", "/images", Some("multipart/form-data; boundary=x"), b"garbage".to_vec()).await;
+    assert!(matches!(none.status.as_u16(), 400 | 422), "{}", none.status);
+}
