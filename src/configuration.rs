@@ -49,7 +49,7 @@ pub struct Settings {
     pub max_pending: usize,
 
     /// Most request bytes held by queued jobs across all pools; beyond it submissions get 503.
-    #[arg(long, env = "OFFLOAD_MAX_QUEUED_BYTES", default_value = "256MiB")]
+    #[arg(long, env = "OFFLOAD_MAX_QUEUED_BYTES", default_value = "128MiB")]
     pub max_queued_bytes: ByteSize,
 
     /// A job still running after this long fails with code `timeout` (e.g. 90s, 5m).

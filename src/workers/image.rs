@@ -99,7 +99,8 @@ fn jpeg_error(e: jpeg_decoder::Error) -> JobFailure {
     }
 }
 
-fn decode_full(task: &ImageTask) -> Result<DynamicImage, JobFailure> {
+/// Decodes every pixel (no reduced-scale shortcut), under the decoder limits.
+pub fn decode_full(task: &ImageTask) -> Result<DynamicImage, JobFailure> {
     let mut reader = ImageReader::with_format(Cursor::new(&task.bytes[..]), task.format);
     reader.limits(decode_limits(task.max_pixels));
     reader.decode().map_err(|e| match e {

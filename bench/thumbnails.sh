@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Thumbnail jobs through the service: N uploads of a 4000x3000 JPEG (256 px thumbnail, JPEG out)
+# sent with oha, timed until the last job ends; then the same work in a plain loop on all cores
+# (examples/thumbnail_bench.rs) for the service/raw ratio. Usage: bench/thumbnails.sh [N] [C]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-100}
+C=${2:-8}
+PORT=${PORT:-18182}
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+
+cargo build --release --locked -q --example thumbnail_bench
+cargo build --release --locked -q
+RAW=$(./target/release/examples/thumbnail_bench 15 --write "$OUT/photo-4000x3000.jpg")
+
+python3 - "$OUT/photo-4000x3000.jpg" "$OUT/thumb-upload.bin" <<'PY'
+import sys
+b = "offload-bench-boundary"
+jpeg = open(sys.argv[1], "rb").read()
+body = (f"--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"photo.jpg\"\r\n"
+        f"Content-Type: image/jpeg\r\n\r\n").encode() + jpeg + (
+        f"\r\n--{b}\r\nContent-Disposition: form-data; name=\"format\"\r\n\r\njpeg\r\n--{b}--\r\n").encode()
+open(sys.argv[2], "wb").write(body)
+PY
+
+./target/release/offload --bind "127.0.0.1:$PORT" --max-pending 100000 --max-queued-bytes 1GiB >"$OUT/thumbnails-server.log" 2>&1 &
+PID=$!
+trap 'kill $PID 2>/dev/null || true' EXIT
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.05; done
+
+START=$(date +%s.%N)
+oha -n "$N" -c "$C" --no-tui --output-format json -m POST -T "multipart/form-data; boundary=offload-bench-boundary" \
+  -D "$OUT/thumb-upload.bin" "http://127.0.0.1:$PORT/images" >"$OUT/thumbnails-oha.json"
+while :; do
+  C_JSON=$(curl -sf "http://127.0.0.1:$PORT/jobs?limit=1")
+  python3 -c 'import json,sys; c=json.loads(sys.argv[1])["counts"]; sys.exit(0 if c["queued"]+c["running"]==0 else 1)' "$C_JSON" && break
+  sleep 0.02
+done
+END=$(date +%s.%N)
+PEAK_KB=$(awk '/VmHWM/ {print $2}' "/proc/$PID/status")
+echo "$RAW"
+python3 - "$C_JSON" "$START" "$END" "$PEAK_KB" "$OUT/thumbnails-oha.json" <<'PY'
+import json, sys
+c = json.loads(sys.argv[1])["counts"]
+secs = float(sys.argv[3]) - float(sys.argv[2])
+oha = json.load(open(sys.argv[5]))
+print(f"service: {c['succeeded']} thumbnails in {secs:.2f} s = {c['succeeded']/secs:.1f} jobs/s "
+      f"(failed {c['failed']}), status codes {oha['statusCodeDistribution']}, peak RSS {int(sys.argv[4])/1024:.0f} MiB")
+PY
