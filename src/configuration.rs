@@ -104,6 +104,26 @@ pub struct Settings {
     #[arg(long, env = "OFFLOAD_MAX_PIXELS", default_value_t = 50_000_000)]
     pub max_pixels: u64,
 
+    /// WebSocket: how often the server pings.
+    #[arg(long, env = "OFFLOAD_WS_HEARTBEAT", default_value = "10s")]
+    pub ws_heartbeat: humantime::Duration,
+
+    /// WebSocket: a client silent (no frame, no pong) this long is dropped.
+    #[arg(long, env = "OFFLOAD_WS_IDLE_TIMEOUT", default_value = "30s")]
+    pub ws_idle_timeout: humantime::Duration,
+
+    /// WebSocket: largest frame accepted from a client.
+    #[arg(long, env = "OFFLOAD_WS_MAX_FRAME", default_value = "64KiB")]
+    pub ws_max_frame: ByteSize,
+
+    /// WebSocket: most jobs one connection may follow.
+    #[arg(long, env = "OFFLOAD_WS_MAX_SUBSCRIPTIONS", default_value_t = 1000)]
+    pub ws_max_subscriptions: usize,
+
+    /// WebSocket: comma-separated `Origin` values allowed to connect (default: any).
+    #[arg(long, env = "OFFLOAD_WS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub ws_allowed_origins: Option<Vec<String>>,
+
     /// Directory with the browser page served at `/`.
     #[arg(long, env = "OFFLOAD_STATIC_DIR", default_value = "static")]
     pub static_dir: PathBuf,

@@ -14,6 +14,7 @@
 //! - [`shutdown`]: SIGTERM/SIGINT handling: drain, grace period, stop.
 //! - [`routes`]: thin HTTP handlers and the JSON error format for everything actix answers.
 //! - [`domain`]: "parse, don't validate" request types (the PDF document spec).
+//! - [`realtime`]: WebSocket progress: per-connection coalescing outboxes, the connection task.
 //! - [`dispatch`]: the Dispatcher actor, the job model, the job store.
 //! - [`workers`]: the worker actor, the panic boundary and the PDF renderer.
 //! - [`error`]: the JSON error body shared by every error type.
@@ -24,6 +25,7 @@ pub mod dispatch;
 pub mod domain;
 pub mod error;
 pub mod healthcheck;
+pub mod realtime;
 pub mod routes;
 pub mod shutdown;
 pub mod startup;

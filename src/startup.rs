@@ -13,6 +13,7 @@ use crate::configuration::Settings;
 use crate::dispatch::{Admission, Dispatcher, JobKind, MemoryStore, Pool, Retention};
 use crate::domain::image::ImageLimits;
 use crate::domain::pdf::SpecLimits;
+use crate::realtime::WsSettings;
 use crate::routes;
 use crate::shutdown;
 use crate::workers::JobWorker;
@@ -47,6 +48,14 @@ impl Application {
             max_files: settings.max_files,
             image: ImageLimits { max_pixels: settings.max_pixels },
         };
+        let ws = WsSettings {
+            heartbeat: settings.ws_heartbeat.into(),
+            idle_timeout: settings.ws_idle_timeout.into(),
+            max_frame: settings.ws_max_frame.bytes(),
+            max_subscriptions: settings.ws_max_subscriptions,
+            allowed_origins: settings.ws_allowed_origins.clone(),
+            send_timeout: Duration::from_secs(10),
+        };
         let json_limit = settings.max_json_body.bytes();
         let static_dir = settings.static_dir.clone();
         let app_dispatcher = dispatcher.clone();
@@ -57,6 +66,7 @@ impl Application {
                 .app_data(web::Data::new(app_dispatcher.clone()))
                 .app_data(web::Data::new(limits))
                 .app_data(web::Data::new(uploads))
+                .app_data(web::Data::new(ws.clone()))
                 .configure(|cfg| routes::configure(cfg, json_limit, &static_dir))
         })
         .workers(settings.http_workers())

@@ -5,7 +5,8 @@
 //! deep (a `SyncArbiter` mailbox is unbounded) and holds the rest in the store's queue, bounded
 //! by [`Admission`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
@@ -16,6 +17,7 @@ use super::job::{Job, JobId, JobKind, ResultMeta};
 use super::store::{JobStore, ListFilter, StatusCounts, StoreError, Transition};
 use crate::domain::JobPayload;
 use crate::error::ErrorBody;
+use crate::realtime::Outbox;
 use crate::workers::{Execute, Interrupt, JobControl, JobFailure, WorkerEvent};
 
 /// How much work is accepted.
@@ -64,40 +66,130 @@ pub struct Dispatcher {
     sweep_every: Duration,
     /// Set once a drain starts: the callers waiting for the last job to end.
     draining: Option<Vec<oneshot::Sender<()>>>,
+    /// WebSocket connections following each job.
+    watchers: HashMap<JobId, Vec<Watcher>>,
+    /// Jobs each connection follows, to clean up when it goes.
+    followed: HashMap<u64, HashSet<JobId>>,
+    /// When progress of a job was last pushed, and whether a delayed push is scheduled.
+    progress_pushed: HashMap<JobId, (Instant, bool)>,
 }
+
+/// A connection following a job.
+struct Watcher {
+    conn: u64,
+    outbox: Arc<Outbox>,
+}
+
+/// Least time between two progress events of one job to its watchers (the contract allows one
+/// per 50 ms and wants a change shown within 100 ms).
+const PROGRESS_PUSH_EVERY: Duration = Duration::from_millis(50);
 
 impl Dispatcher {
     pub fn new(store: Box<dyn JobStore>, pools: HashMap<JobKind, Pool>, admission: Admission, ttl: Duration) -> Self {
         let sweep_every = (ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(10));
-        Dispatcher { store, pools, running: HashMap::new(), admission, sweep_every, draining: None }
+        Dispatcher {
+            store,
+            pools,
+            running: HashMap::new(),
+            admission,
+            sweep_every,
+            draining: None,
+            watchers: HashMap::new(),
+            followed: HashMap::new(),
+            progress_pushed: HashMap::new(),
+        }
+    }
+
+    /// Applies a transition and tells the job's watchers: every status change at once, progress
+    /// at most once per [`PROGRESS_PUSH_EVERY`] (a delayed push carries the latest value).
+    fn apply(
+        &mut self,
+        id: JobId,
+        change: Transition,
+        now: SystemTime,
+        ctx: &mut Context<Self>,
+    ) -> Result<Option<Job>, StoreError> {
+        let progress_only = matches!(change, Transition::Progress { .. });
+        let applied = self.store.apply(id, change, now)?;
+        if let Some(job) = &applied {
+            if self.watchers.contains_key(&id) {
+                if progress_only {
+                    self.push_progress(id, ctx);
+                } else {
+                    self.push(job);
+                }
+            }
+            if job.status.is_terminal() {
+                self.progress_pushed.remove(&id);
+            }
+        }
+        Ok(applied)
+    }
+
+    fn push(&mut self, job: &Job) {
+        if let Some(watchers) = self.watchers.get(&job.id) {
+            for w in watchers {
+                w.outbox.push(job.clone());
+            }
+        }
+    }
+
+    fn push_progress(&mut self, id: JobId, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let (last, scheduled) = self.progress_pushed.get(&id).copied().unwrap_or((now - PROGRESS_PUSH_EVERY, false));
+        if scheduled {
+            return;
+        }
+        let since = now.duration_since(last);
+        if since >= PROGRESS_PUSH_EVERY {
+            if let Some(job) = self.store.get(id) {
+                self.push(&job);
+            }
+            self.progress_pushed.insert(id, (now, false));
+        } else {
+            self.progress_pushed.insert(id, (last, true));
+            ctx.run_later(PROGRESS_PUSH_EVERY - since, move |this, _| {
+                if let Some(entry) = this.progress_pushed.get_mut(&id) {
+                    *entry = (Instant::now(), false);
+                    if let Some(job) = this.store.get(id).filter(|j| !j.status.is_terminal()) {
+                        this.push(&job);
+                    }
+                }
+            });
+        }
     }
 
     /// Hands queued jobs of `kind` to its pool while it has idle threads.
     fn pump(&mut self, kind: JobKind, ctx: &mut Context<Self>) {
-        let Some(pool) = self.pools.get_mut(&kind) else { return };
-        while pool.in_flight < pool.workers {
-            let Some((id, payload)) = self.store.next_queued(kind) else { break };
+        loop {
+            let Some(pool) = self.pools.get(&kind) else { return };
+            if pool.in_flight >= pool.workers {
+                return;
+            }
+            let Some((id, payload)) = self.store.next_queued(kind) else { return };
             let control = JobControl::default();
             let deadline = Instant::now() + self.admission.job_timeout;
             let msg = Execute { id, payload, control: control.clone(), deadline, events: ctx.address().recipient() };
             if let Err(err) = pool.recipient.try_send(msg) {
                 tracing::error!(job = %id, kind = kind.as_str(), "worker pool unavailable: {err}");
                 let error = ErrorBody::new("pool_unavailable", "the worker pool is not running");
-                let _ = self.store.apply(id, Transition::Fail(error), SystemTime::now());
+                let _ = self.apply(id, Transition::Fail(error), SystemTime::now(), ctx);
                 continue;
             }
-            pool.in_flight += 1;
+            if let Some(pool) = self.pools.get_mut(&kind) {
+                pool.in_flight += 1;
+            }
             let timer = ctx.run_later(self.admission.job_timeout, move |this, ctx| this.time_out(id, ctx));
             self.running.insert(id, Running { kind, control, timer });
         }
     }
 
-    fn time_out(&mut self, id: JobId, _ctx: &mut Context<Self>) {
+    fn time_out(&mut self, id: JobId, ctx: &mut Context<Self>) {
         if let Some(running) = self.running.get(&id) {
             running.control.interrupt(Interrupt::TimedOut);
             let secs = self.admission.job_timeout.as_secs_f64();
             let error = ErrorBody::new("timeout", format!("the job ran longer than the {secs} s limit"));
-            if self.store.apply(id, Transition::Fail(error), SystemTime::now()).ok().flatten().is_some() {
+            if self.apply(id, Transition::Fail(error), SystemTime::now(), ctx).ok().flatten().is_some() {
                 tracing::warn!(job = %id, "job timed out");
             }
         }
@@ -129,7 +221,7 @@ impl Dispatcher {
             Err(JobFailure::Interrupted(Interrupt::Cancelled)) => Transition::Cancel { reason: None },
             Err(JobFailure::Interrupted(Interrupt::Shutdown)) => Transition::Fail(shutdown_error()),
         };
-        match self.store.apply(id, change, now) {
+        match self.apply(id, change, now, ctx) {
             Ok(Some(job)) => {
                 tracing::info!(job = %id, kind = job.kind.as_str(), status = job.status.as_str(), elapsed_ms = elapsed.as_millis() as u64, "job finished")
             }
@@ -139,7 +231,7 @@ impl Dispatcher {
                     "result_too_large",
                     format!("the result has {bytes} bytes, more than the {budget} bytes kept for results"),
                 );
-                let _ = self.store.apply(id, Transition::Fail(error), now);
+                let _ = self.apply(id, Transition::Fail(error), now, ctx);
             }
         }
         self.pump(running.kind, ctx);
@@ -159,14 +251,15 @@ impl Dispatcher {
     }
 
     /// The grace period is over: everything still queued or running fails with `shutdown`.
-    fn stop_everything(&mut self) {
+    fn stop_everything(&mut self, ctx: &mut Context<Self>) {
         let now = SystemTime::now();
         for id in self.store.queued_ids() {
-            let _ = self.store.apply(id, Transition::Fail(shutdown_error()), now);
+            let _ = self.apply(id, Transition::Fail(shutdown_error()), now, ctx);
         }
-        for (id, running) in &self.running {
-            running.control.interrupt(Interrupt::Shutdown);
-            let _ = self.store.apply(*id, Transition::Fail(shutdown_error()), now);
+        let running: Vec<JobId> = self.running.keys().copied().collect();
+        for id in running {
+            self.running[&id].control.interrupt(Interrupt::Shutdown);
+            let _ = self.apply(id, Transition::Fail(shutdown_error()), now, ctx);
         }
         for waiter in self.draining.as_mut().map(std::mem::take).unwrap_or_default() {
             let _ = waiter.send(());
@@ -271,10 +364,10 @@ impl Handler<WorkerEvent> for Dispatcher {
         let now = SystemTime::now();
         match event {
             WorkerEvent::Started { id } => {
-                let _ = self.store.apply(id, Transition::Start, now);
+                let _ = self.apply(id, Transition::Start, now, ctx);
             }
             WorkerEvent::Progress { id, fraction, stage } => {
-                let _ = self.store.apply(id, Transition::Progress { fraction, stage: Some(stage) }, now);
+                let _ = self.apply(id, Transition::Progress { fraction, stage: Some(stage) }, now, ctx);
             }
             WorkerEvent::Finished { id, outcome, elapsed } => self.on_finished(id, outcome, elapsed, ctx),
         }
@@ -329,7 +422,7 @@ pub enum CancelError {
 
 impl Handler<CancelJob> for Dispatcher {
     type Result = Result<Job, CancelError>;
-    fn handle(&mut self, msg: CancelJob, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: CancelJob, ctx: &mut Context<Self>) -> Self::Result {
         let id = msg.0;
         let job = self.store.get(id).ok_or(CancelError::NotFound)?;
         if job.status.is_terminal() {
@@ -339,7 +432,7 @@ impl Handler<CancelJob> for Dispatcher {
             running.control.interrupt(Interrupt::Cancelled);
         }
         let reason = ErrorBody::new("cancelled", "cancelled by a client request");
-        let _ = self.store.apply(id, Transition::Cancel { reason: Some(reason) }, SystemTime::now());
+        let _ = self.apply(id, Transition::Cancel { reason: Some(reason) }, SystemTime::now(), ctx);
         let job = self.store.get(id).ok_or(CancelError::NotFound)?;
         tracing::info!(job = %id, "job cancelled");
         self.check_drained();
@@ -396,11 +489,11 @@ impl Handler<Drain> for Dispatcher {
         let (tx, rx) = oneshot::channel();
         if self.draining.is_none() {
             tracing::info!(pending = self.pending(), grace_secs = msg.grace.as_secs_f64(), "draining");
-            ctx.run_later(msg.grace, |this, _| {
+            ctx.run_later(msg.grace, |this, ctx| {
                 if this.pending() > 0 {
                     tracing::warn!(pending = this.pending(), "grace period over; stopping the remaining jobs");
                 }
-                this.stop_everything();
+                this.stop_everything(ctx);
             });
         }
         self.draining.get_or_insert_with(Vec::new).push(tx);
@@ -408,5 +501,70 @@ impl Handler<Drain> for Dispatcher {
         Box::pin(async move {
             let _ = rx.await;
         })
+    }
+}
+
+/// Follow jobs: their current state goes into `outbox` at once, then every change.
+#[derive(Message)]
+#[rtype(result = "Vec<JobId>")]
+pub struct Subscribe {
+    /// The connection, for unsubscribe and cleanup.
+    pub conn: u64,
+    pub outbox: Arc<Outbox>,
+    pub ids: Vec<JobId>,
+}
+
+impl Handler<Subscribe> for Dispatcher {
+    /// The ids that are not known jobs.
+    type Result = MessageResult<Subscribe>;
+
+    fn handle(&mut self, msg: Subscribe, _: &mut Context<Self>) -> Self::Result {
+        let mut unknown = Vec::new();
+        for id in msg.ids {
+            let Some(job) = self.store.get(id) else {
+                unknown.push(id);
+                continue;
+            };
+            msg.outbox.push(job);
+            if !self.followed.entry(msg.conn).or_default().insert(id) {
+                continue;
+            }
+            self.watchers.entry(id).or_default().push(Watcher { conn: msg.conn, outbox: msg.outbox.clone() });
+        }
+        MessageResult(unknown)
+    }
+}
+
+/// Stop following jobs (`ids: None`: all of them, the connection is gone).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unsubscribe {
+    pub conn: u64,
+    pub ids: Option<Vec<JobId>>,
+}
+
+impl Handler<Unsubscribe> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unsubscribe, _: &mut Context<Self>) {
+        let ids: Vec<JobId> = match msg.ids {
+            Some(ids) => {
+                if let Some(set) = self.followed.get_mut(&msg.conn) {
+                    ids.iter().for_each(|id| {
+                        set.remove(id);
+                    });
+                }
+                ids
+            }
+            None => self.followed.remove(&msg.conn).map(|s| s.into_iter().collect()).unwrap_or_default(),
+        };
+        for id in ids {
+            if let Some(list) = self.watchers.get_mut(&id) {
+                list.retain(|w| w.conn != msg.conn);
+                if list.is_empty() {
+                    self.watchers.remove(&id);
+                }
+            }
+        }
     }
 }

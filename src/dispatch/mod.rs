@@ -11,7 +11,7 @@ pub mod store;
 
 pub use dispatcher::{
     Admission, CancelError, CancelJob, Dispatcher, Drain, GetJob, GetResult, ListJobs, Pool, Readiness, ReadyState,
-    ResultError, Submit, SubmitError,
+    ResultError, Submit, SubmitError, Subscribe, Unsubscribe,
 };
 pub use job::{Job, JobId, JobKind, JobStatus, ResultMeta};
 pub use store::{JobStore, ListFilter, MemoryStore, Retention};

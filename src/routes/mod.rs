@@ -54,6 +54,11 @@ pub fn configure(cfg: &mut web::ServiceConfig, json_limit: usize, static_dir: &P
                 .default_service(web::to(|| not_allowed("GET"))),
         )
         .service(
+            web::resource("/ws")
+                .route(web::get().to(crate::realtime::ws::connect))
+                .default_service(web::to(|| not_allowed("GET"))),
+        )
+        .service(
             web::resource("/healthz")
                 .route(web::get().to(health::healthz))
                 .default_service(web::to(|| not_allowed("GET"))),

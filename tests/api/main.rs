@@ -7,3 +7,4 @@ mod jobs;
 mod pdf;
 mod reliability;
 mod shutdown;
+mod ws;

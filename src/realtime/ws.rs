@@ -1,0 +1,202 @@
+//! `GET /ws`: follow jobs live.
+//!
+//! One task per connection selects over three things: the connection's [`Outbox`] (filled by the
+//! Dispatcher, which never waits on a socket), frames from the client, and a heartbeat. A client
+//! that stops reading stalls only its own task; if a send stays blocked past the send timeout the
+//! connection is dropped.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::Addr;
+use actix_web::http::header;
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason, Session};
+use serde_json::{json, Value};
+
+use super::Outbox;
+use crate::dispatch::{Dispatcher, JobId, Subscribe, Unsubscribe};
+use crate::error::ErrorBody;
+
+/// WebSocket limits, from configuration.
+#[derive(Clone, Debug)]
+pub struct WsSettings {
+    /// How often the server pings.
+    pub heartbeat: Duration,
+    /// A client silent (no frame, no pong) this long is dropped.
+    pub idle_timeout: Duration,
+    /// Largest frame (and reassembled message) accepted from a client.
+    pub max_frame: usize,
+    /// Most jobs one connection may follow.
+    pub max_subscriptions: usize,
+    /// When set, only these `Origin` values may connect.
+    pub allowed_origins: Option<Vec<String>>,
+    /// A send blocked this long (a client that stopped reading) drops the connection.
+    pub send_timeout: Duration,
+}
+
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+pub async fn connect(
+    req: HttpRequest,
+    body: web::Payload,
+    settings: web::Data<WsSettings>,
+    dispatcher: web::Data<Addr<Dispatcher>>,
+) -> Result<HttpResponse, actix_web::Error> {
+    if let Some(allowed) = &settings.allowed_origins {
+        let origin = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if !allowed.iter().any(|a| a == origin) {
+            let body = ErrorBody::new("origin_not_allowed", format!("origin {origin:?} may not open a WebSocket here"));
+            return Ok(body.response(StatusCode::FORBIDDEN));
+        }
+    }
+    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    let stream =
+        stream.max_frame_size(settings.max_frame).aggregate_continuations().max_continuation_size(settings.max_frame);
+    let settings = settings.get_ref().clone();
+    let dispatcher = dispatcher.get_ref().clone();
+    actix_rt::spawn(async move {
+        let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+        let outbox = Arc::new(Outbox::new());
+        let reason = serve(conn, session.clone(), stream, outbox, &dispatcher, &settings).await;
+        dispatcher.do_send(Unsubscribe { conn, ids: None });
+        let _ = session.close(reason).await;
+    });
+    Ok(response)
+}
+
+/// Runs one connection until it ends; returns the close reason to send.
+async fn serve(
+    conn: u64,
+    mut session: Session,
+    mut stream: actix_ws::AggregatedMessageStream,
+    outbox: Arc<Outbox>,
+    dispatcher: &Addr<Dispatcher>,
+    settings: &WsSettings,
+) -> Option<CloseReason> {
+    let mut following: HashSet<JobId> = HashSet::new();
+    let mut last_heard = Instant::now();
+    let mut heartbeat = actix_rt::time::interval(settings.heartbeat);
+    heartbeat.tick().await;
+    loop {
+        tokio::select! {
+            _ = outbox.ready() => {
+                for job in outbox.take() {
+                    let frame = json!({"type": "job", "job": job.view()}).to_string();
+                    if !send(&mut session, frame, settings).await {
+                        return None;
+                    }
+                }
+            }
+            msg = stream.recv() => {
+                last_heard = Instant::now();
+                match msg {
+                    Some(Ok(AggregatedMessage::Text(text))) => {
+                        let replies = handle_frame(&text, conn, &outbox, &mut following, dispatcher, settings).await;
+                        for reply in replies {
+                            if !send(&mut session, reply.to_string(), settings).await {
+                                return None;
+                            }
+                        }
+                    }
+                    Some(Ok(AggregatedMessage::Binary(_))) => {
+                        let reply = error_frame("bad_frame", "send JSON text frames", None);
+                        if !send(&mut session, reply.to_string(), settings).await {
+                            return None;
+                        }
+                    }
+                    Some(Ok(AggregatedMessage::Ping(bytes))) => {
+                        if session.pong(&bytes).await.is_err() {
+                            return None;
+                        }
+                    }
+                    Some(Ok(AggregatedMessage::Pong(_))) => {}
+                    Some(Ok(AggregatedMessage::Close(_))) | None => return None,
+                    Some(Err(e)) => {
+                        return Some(CloseReason { code: CloseCode::Size, description: Some(format!("protocol error: {e}")) });
+                    }
+                }
+            }
+            _ = heartbeat.tick() => {
+                if last_heard.elapsed() > settings.idle_timeout {
+                    return Some(CloseReason { code: CloseCode::Away, description: Some("idle timeout".into()) });
+                }
+                if session.ping(b"").await.is_err() {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Sends one text frame; `false` when the connection is gone or the client stopped reading.
+async fn send(session: &mut Session, text: String, settings: &WsSettings) -> bool {
+    matches!(actix_rt::time::timeout(settings.send_timeout, session.text(text)).await, Ok(Ok(())))
+}
+
+fn error_frame(code: &str, message: &str, id: Option<&str>) -> Value {
+    let mut frame = json!({"type": "error", "code": code, "message": message});
+    if let Some(id) = id {
+        frame["id"] = json!(id);
+    }
+    frame
+}
+
+/// Applies a `subscribe` or `unsubscribe` frame; returns error frames for the client.
+async fn handle_frame(
+    text: &str,
+    conn: u64,
+    outbox: &Arc<Outbox>,
+    following: &mut HashSet<JobId>,
+    dispatcher: &Addr<Dispatcher>,
+    settings: &WsSettings,
+) -> Vec<Value> {
+    let bad = |m: &str| vec![error_frame("bad_frame", m, None)];
+    let Ok(Value::Object(frame)) = serde_json::from_str::<Value>(text) else {
+        return bad("expected a JSON object such as {\"subscribe\": [\"<job id>\"]}");
+    };
+    let (action, list) = match (frame.get("subscribe"), frame.get("unsubscribe"), frame.len()) {
+        (Some(list), None, 1) => ("subscribe", list),
+        (None, Some(list), 1) => ("unsubscribe", list),
+        _ => return bad("expected exactly one of \"subscribe\" or \"unsubscribe\""),
+    };
+    let Some(items) = list.as_array() else { return bad(&format!("{action}: expected an array of job ids")) };
+    let mut replies = Vec::new();
+    let mut ids = Vec::new();
+    for item in items {
+        let Some(raw) = item.as_str() else {
+            replies.push(error_frame("bad_frame", &format!("{action}: job ids are strings"), None));
+            continue;
+        };
+        match raw.parse::<JobId>() {
+            Ok(id) => ids.push(id),
+            Err(()) => replies.push(error_frame("unknown_job", "no such job", Some(raw))),
+        }
+    }
+    if action == "unsubscribe" {
+        ids.iter().for_each(|id| {
+            following.remove(id);
+        });
+        dispatcher.do_send(Unsubscribe { conn, ids: Some(ids) });
+        return replies;
+    }
+    let new: Vec<JobId> = ids.iter().copied().filter(|id| !following.contains(id)).collect();
+    if following.len() + new.len() > settings.max_subscriptions {
+        let message = format!("a connection may follow at most {} jobs", settings.max_subscriptions);
+        replies.push(error_frame("too_many_subscriptions", &message, None));
+        return replies;
+    }
+    match dispatcher.send(Subscribe { conn, outbox: outbox.clone(), ids }).await {
+        Ok(unknown) => {
+            following.extend(new.into_iter().filter(|id| !unknown.contains(id)));
+            for id in unknown {
+                replies.push(error_frame("unknown_job", "no such job (it may have expired)", Some(&id.to_string())));
+            }
+        }
+        Err(_) => replies.push(error_frame("unavailable", "the job dispatcher is not running", None)),
+    }
+    replies
+}

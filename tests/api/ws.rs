@@ -1,0 +1,200 @@
+//! Live progress over WebSocket.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use awc::ws::{Frame, Message};
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+
+use crate::helpers::{id_of, report, spawn_app, TestApp};
+
+type Socket = actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>;
+
+async fn open(app: &TestApp) -> Socket {
+    let (_, socket) = app.client.ws(app.url("/ws")).connect().await.expect("WebSocket connect");
+    socket
+}
+
+async fn send(socket: &mut Socket, frame: Value) {
+    socket.send(Message::Text(frame.to_string().into())).await.unwrap();
+}
+
+/// The next JSON text frame (pings are answered by awc's codec user: we answer them here).
+async fn next(socket: &mut Socket, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let frame =
+            actix_rt::time::timeout(left, socket.next()).await.expect("no frame in time").expect("socket closed");
+        match frame.expect("frame") {
+            Frame::Text(bytes) => return serde_json::from_slice(&bytes).unwrap(),
+            Frame::Ping(p) => socket.send(Message::Pong(p)).await.unwrap(),
+            _ => {}
+        }
+    }
+}
+
+/// Follows `id` until its final state; returns every job event seen.
+async fn follow_to_end(socket: &mut Socket, id: &str) -> Vec<Value> {
+    let mut seen = Vec::new();
+    loop {
+        let frame = next(socket, Duration::from_secs(60)).await;
+        assert_eq!(frame["type"], "job", "{frame}");
+        assert_eq!(id_of(&frame["job"]), id);
+        let done = matches!(frame["job"]["status"].as_str(), Some("succeeded" | "failed" | "cancelled"));
+        seen.push(frame["job"].clone());
+        if done {
+            return seen;
+        }
+    }
+}
+
+fn assert_monotonic(events: &[Value]) {
+    let mut last = 0.0;
+    for e in events {
+        let p = e["progress"].as_f64().unwrap();
+        assert!(p >= last, "progress went back from {last} to {p}");
+        last = p;
+    }
+}
+
+#[actix_web::test]
+async fn a_subscriber_sees_progress_then_success() {
+    let app = spawn_app().await;
+    let mut spec = report(1200);
+    spec["test_hook"] = json!({"slow_pages": {"millis": 30}});
+    let job = app.submit_pdf(&spec).await;
+    let mut socket = open(&app).await;
+    send(&mut socket, json!({"subscribe": [id_of(&job)]})).await;
+    let events = follow_to_end(&mut socket, id_of(&job)).await;
+    assert_monotonic(&events);
+    let last = events.last().unwrap();
+    assert_eq!(last["status"], "succeeded");
+    assert_eq!(last["progress"], 1.0);
+    let between = events.iter().filter(|e| e["status"] == "running" && e["progress"].as_f64().unwrap() > 0.0).count();
+    assert!(between >= 3, "expected several progress events, saw {between}: {events:?}");
+}
+
+#[actix_web::test]
+async fn a_late_subscriber_gets_the_final_state_at_once() {
+    let app = spawn_app().await;
+    let job = app.submit_pdf(&json!({"title": "done already"})).await;
+    app.wait_finished(id_of(&job)).await;
+    let mut socket = open(&app).await;
+    let started = Instant::now();
+    send(&mut socket, json!({"subscribe": [id_of(&job)]})).await;
+    let frame = next(&mut socket, Duration::from_secs(5)).await;
+    assert_eq!(frame["job"]["status"], "succeeded");
+    assert!(started.elapsed() < Duration::from_millis(500));
+}
+
+#[actix_web::test]
+async fn bad_frames_and_unknown_ids_get_error_frames_and_the_socket_stays_usable() {
+    let app = spawn_app().await;
+    let mut socket = open(&app).await;
+    let unknown = "0123456789abcdef0123456789abcdef";
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({"subscribe": [unknown]}), "unknown_job"),
+        (json!({"subscribe": ["not-an-id"]}), "unknown_job"),
+        (json!({"subscribe": "x"}), "bad_frame"),
+        (json!({"watch": []}), "bad_frame"),
+        (json!([1, 2]), "bad_frame"),
+        (json!({"subscribe": [], "unsubscribe": []}), "bad_frame"),
+    ];
+    for (frame, code) in cases {
+        send(&mut socket, frame.clone()).await;
+        let reply = next(&mut socket, Duration::from_secs(5)).await;
+        assert_eq!(reply["type"], "error", "{frame}");
+        assert_eq!(reply["code"], code, "{frame}: {reply}");
+        assert!(reply["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    socket.send(Message::Text("not json at all".into())).await.unwrap();
+    assert_eq!(next(&mut socket, Duration::from_secs(5)).await["code"], "bad_frame");
+    // Still usable.
+    let job = app.submit_pdf(&json!({"title": "after errors"})).await;
+    send(&mut socket, json!({"subscribe": [id_of(&job)]})).await;
+    let events = follow_to_end(&mut socket, id_of(&job)).await;
+    assert_eq!(events.last().unwrap()["status"], "succeeded");
+}
+
+#[actix_web::test]
+async fn two_hundred_clients_each_follow_their_own_job() {
+    let app = spawn_app().await;
+    let mut tasks = Vec::new();
+    for n in 0..200 {
+        let app = TestApp {
+            address: app.address.clone(),
+            client: awc::Client::builder().timeout(Duration::from_secs(60)).finish(),
+        };
+        tasks.push(actix_rt::spawn(async move {
+            let mut spec = report(60 + n % 50);
+            spec["test_hook"] = json!({"slow_pages": {"millis": 5}});
+            let job = app.submit_pdf(&spec).await;
+            let mut socket = open(&app).await;
+            send(&mut socket, json!({"subscribe": [id_of(&job)]})).await;
+            let events = follow_to_end(&mut socket, id_of(&job)).await;
+            assert_monotonic(&events);
+            let last = events.last().unwrap().clone();
+            assert_eq!(last["status"], "succeeded", "{last}");
+            assert_eq!(last["progress"], 1.0);
+        }));
+    }
+    for t in tasks {
+        t.await.expect("a client failed");
+    }
+}
+
+/// A masked client text frame (RFC 6455 §5.2), for a raw client that never reads.
+fn masked_text(payload: &[u8]) -> Vec<u8> {
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    let mut frame = vec![0x81];
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n if n <= 0xFFFF => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+#[actix_web::test]
+async fn a_client_that_never_reads_delays_no_one() {
+    let app = spawn_app().await;
+    let addr = app.address.trim_start_matches("http://").to_string();
+    // A raw client asks for megabytes of replies (an error frame for each of many bad ids) and
+    // never reads a byte of them.
+    let stuck = std::thread::spawn(move || {
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        let handshake = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        tcp.write_all(handshake.as_bytes()).unwrap();
+        let ids: Vec<String> = (0..1500).map(|i| format!("bad-{i}")).collect();
+        let frame = masked_text(json!({"subscribe": ids}).to_string().as_bytes());
+        for _ in 0..60 {
+            if tcp.write_all(&frame).is_err() {
+                break;
+            }
+        }
+        tcp
+    });
+    // Meanwhile everyone else is served as usual.
+    let started = Instant::now();
+    let mut socket = open(&app).await;
+    for _ in 0..5 {
+        let job = app.submit_pdf(&report(100)).await;
+        send(&mut socket, json!({"subscribe": [id_of(&job)]})).await;
+        let events = follow_to_end(&mut socket, id_of(&job)).await;
+        assert_eq!(events.last().unwrap()["status"], "succeeded");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "others were slowed: {:?}", started.elapsed());
+    assert_eq!(app.get("/healthz").await.status.as_u16(), 200);
+    drop(stuck.join().unwrap());
+}
