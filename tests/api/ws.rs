@@ -7,7 +7,7 @@ use awc::ws::{Frame, Message};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 
-use crate::helpers::{id_of, report, spawn_app, TestApp};
+use crate::helpers::{duration, id_of, report, settings, spawn_app, spawn_app_with, TestApp};
 
 type Socket = actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>;
 
@@ -74,6 +74,10 @@ async fn a_subscriber_sees_progress_then_success() {
     assert_eq!(last["progress"], 1.0);
     let between = events.iter().filter(|e| e["status"] == "running" && e["progress"].as_f64().unwrap() > 0.0).count();
     assert!(between >= 3, "expected several progress events, saw {between}: {events:?}");
+    // At most one progress event per 50 ms while it ran (plus the edges).
+    let ran = |field: &str| humantime::parse_rfc3339(last[field].as_str().unwrap()).unwrap();
+    let ran_ms = ran("finished_at").duration_since(ran("started_at")).unwrap().as_millis() as usize;
+    assert!(between <= ran_ms / 50 + 3, "{between} progress events in {ran_ms} ms");
 }
 
 #[actix_web::test]
@@ -197,4 +201,79 @@ async fn a_client_that_never_reads_delays_no_one() {
     assert!(started.elapsed() < Duration::from_secs(5), "others were slowed: {:?}", started.elapsed());
     assert_eq!(app.get("/healthz").await.status.as_u16(), 200);
     drop(stuck.join().unwrap());
+}
+
+/// Reads frames without answering pings until the server closes; returns the close code.
+async fn wait_for_close(socket: &mut Socket, within: Duration) -> Option<u16> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match actix_rt::time::timeout(left, socket.next()).await.expect("server did not close the socket in time") {
+            Some(Ok(Frame::Close(reason))) => return reason.map(|r| u16::from(r.code)),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return None,
+        }
+    }
+}
+
+#[actix_web::test]
+async fn silent_clients_are_dropped_after_the_idle_timeout() {
+    let mut s = settings();
+    s.ws_heartbeat = duration(Duration::from_millis(100));
+    s.ws_idle_timeout = duration(Duration::from_millis(300));
+    let app = spawn_app_with(s).await;
+    let mut socket = open(&app).await;
+    let started = Instant::now();
+    assert_eq!(wait_for_close(&mut socket, Duration::from_secs(5)).await, Some(1001));
+    assert!(started.elapsed() >= Duration::from_millis(300));
+}
+
+#[actix_web::test]
+async fn oversized_frames_close_the_connection() {
+    let app = spawn_app().await;
+    let mut socket = open(&app).await;
+    let huge = json!({"subscribe": vec!["x".repeat(100); 1000]}).to_string();
+    assert!(huge.len() > 64 * 1024);
+    socket.send(Message::Text(huge.into())).await.unwrap();
+    assert_eq!(wait_for_close(&mut socket, Duration::from_secs(5)).await, Some(1009));
+}
+
+#[actix_web::test]
+async fn the_subscription_cap_and_the_origin_allowlist_hold() {
+    let mut s = settings();
+    s.ws_max_subscriptions = 2;
+    s.ws_allowed_origins = Some(vec!["http://good.example".into()]);
+    let app = spawn_app_with(s).await;
+    let refused = app.client.ws(app.url("/ws")).origin("http://evil.example").connect().await;
+    match refused {
+        Err(awc::error::WsClientError::InvalidResponseStatus(status)) => assert_eq!(status.as_u16(), 403),
+        other => panic!("expected 403, got {:?}", other.map(|(r, _)| r.status())),
+    }
+    let (_, mut socket) = app.client.ws(app.url("/ws")).origin("http://good.example").connect().await.unwrap();
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(id_of(&app.submit_pdf(&json!({"title": format!("cap {n}")})).await).to_string());
+    }
+    send(&mut socket, json!({"subscribe": ids[..2]})).await;
+    for _ in 0..2 {
+        assert_eq!(next(&mut socket, Duration::from_secs(5)).await["type"], "job");
+    }
+    send(&mut socket, json!({"subscribe": [ids[2].clone()]})).await;
+    loop {
+        let frame = next(&mut socket, Duration::from_secs(5)).await;
+        if frame["type"] == "error" {
+            assert_eq!(frame["code"], "too_many_subscriptions");
+            break;
+        }
+        assert_ne!(id_of(&frame["job"]), ids[2], "a third job was followed");
+    }
+    send(&mut socket, json!({"unsubscribe": [ids[0].clone()]})).await;
+    send(&mut socket, json!({"subscribe": [ids[2].clone()]})).await;
+    loop {
+        let frame = next(&mut socket, Duration::from_secs(5)).await;
+        if frame["type"] == "job" && id_of(&frame["job"]) == ids[2] {
+            break;
+        }
+        assert_ne!(frame["type"], "error", "{frame}");
+    }
 }
