@@ -174,33 +174,30 @@ pub fn report(rows: usize) -> Value {
     })
 }
 
-/// Text of a PDF via poppler's `pdftotext` (installed by .ci/run).
+/// Text of a PDF via poppler's `pdftotext` (installed by scripts/test.sh).
 pub fn pdf_text(pdf: &[u8]) -> String {
-    let dir = std::env::temp_dir().join(format!("offload-test-{}", rand_suffix()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("doc.pdf");
-    std::fs::write(&path, pdf).unwrap();
-    let out = std::process::Command::new("pdftotext")
-        .arg("-layout")
-        .arg(&path)
-        .arg("-")
-        .output()
-        .expect("pdftotext must be installed (poppler-utils)");
-    assert!(out.status.success(), "pdftotext failed: {}", String::from_utf8_lossy(&out.stderr));
-    let _ = std::fs::remove_dir_all(&dir);
-    String::from_utf8(out.stdout).unwrap()
+    poppler("pdftotext", &["-layout"], pdf, &["-"])
 }
 
 /// `pdfinfo` output (page count, page size).
 pub fn pdf_info(pdf: &[u8]) -> String {
+    poppler("pdfinfo", &[], pdf, &[])
+}
+
+/// Runs a poppler tool on `pdf` (written to a temporary file) and returns its output.
+fn poppler(tool: &str, before: &[&str], pdf: &[u8], after: &[&str]) -> String {
     let dir = std::env::temp_dir().join(format!("offload-test-{}", rand_suffix()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("doc.pdf");
     std::fs::write(&path, pdf).unwrap();
-    let out =
-        std::process::Command::new("pdfinfo").arg(&path).output().expect("pdfinfo must be installed (poppler-utils)");
-    assert!(out.status.success(), "pdfinfo failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(tool)
+        .args(before)
+        .arg(&path)
+        .args(after)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool} must be installed (poppler-utils): {e}"));
     let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "{tool} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
