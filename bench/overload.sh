@@ -9,12 +9,8 @@ C=${2:-64}
 PORT=${PORT:-18181}
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-
-cargo build --release --locked -q
-./target/release/offload --bind "127.0.0.1:$PORT" >"$OUT/overload-server.log" 2>&1 &
-PID=$!
-trap 'kill $PID 2>/dev/null || true' EXIT
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.05; done
+. bench/common.sh
+start_offload "$PORT" "$OUT/overload-server.log"
 
 # The peers' benchmark document: one page, 40 rows x 5 columns.
 BODY=$(python3 - <<'PY'
@@ -32,13 +28,8 @@ PY
 oha -n "$N" -c "$C" --no-tui --output-format json -m POST -H 'content-type: application/json' -d "$BODY" \
   "http://127.0.0.1:$PORT/generate-pdf" >"$OUT/overload-oha.json"
 
-# Wait until nothing is queued or running, then read the counts.
-for _ in $(seq 600); do
-  COUNTS=$(curl -sf "http://127.0.0.1:$PORT/jobs?limit=1" | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["counts"]))')
-  python3 -c 'import json,sys; c=json.loads(sys.argv[1]); sys.exit(0 if c["queued"]+c["running"]==0 else 1)' "$COUNTS" && break
-  sleep 0.1
-done
-PEAK_KB=$(awk '/VmHWM/ {print $2}' "/proc/$PID/status")
+wait_drained "$PORT" || true
+PEAK_KB=$(peak_rss_kib)
 python3 - "$OUT/overload-oha.json" "$COUNTS" "$PEAK_KB" <<'PY'
 import json, sys
 oha = json.load(open(sys.argv[1]))

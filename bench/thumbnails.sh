@@ -10,8 +10,8 @@ PORT=${PORT:-18182}
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 
+. bench/common.sh
 cargo build --release --locked -q --example thumbnail_bench
-cargo build --release --locked -q
 RAW=$(./target/release/examples/thumbnail_bench 15 --write "$OUT/photo-4000x3000.jpg")
 
 python3 - "$OUT/photo-4000x3000.jpg" "$OUT/thumb-upload.bin" <<'PY'
@@ -24,25 +24,18 @@ body = (f"--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"pho
 open(sys.argv[2], "wb").write(body)
 PY
 
-./target/release/offload --bind "127.0.0.1:$PORT" --max-pending 100000 --max-queued-bytes 1GiB >"$OUT/thumbnails-server.log" 2>&1 &
-PID=$!
-trap 'kill $PID 2>/dev/null || true' EXIT
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.05; done
+start_offload "$PORT" "$OUT/thumbnails-server.log" --max-pending 100000 --max-queued-bytes 1GiB
 
 START=$(date +%s.%N)
 oha -n "$N" -c "$C" --no-tui --output-format json -m POST -T "multipart/form-data; boundary=offload-bench-boundary" \
   -D "$OUT/thumb-upload.bin" "http://127.0.0.1:$PORT/images" >"$OUT/thumbnails-oha.json"
-while :; do
-  C_JSON=$(curl -sf "http://127.0.0.1:$PORT/jobs?limit=1")
-  python3 -c 'import json,sys; c=json.loads(sys.argv[1])["counts"]; sys.exit(0 if c["queued"]+c["running"]==0 else 1)' "$C_JSON" && break
-  sleep 0.02
-done
+wait_drained "$PORT"
 END=$(date +%s.%N)
-PEAK_KB=$(awk '/VmHWM/ {print $2}' "/proc/$PID/status")
+PEAK_KB=$(peak_rss_kib)
 echo "$RAW"
-python3 - "$C_JSON" "$START" "$END" "$PEAK_KB" "$OUT/thumbnails-oha.json" <<'PY'
+python3 - "$COUNTS" "$START" "$END" "$PEAK_KB" "$OUT/thumbnails-oha.json" <<'PY'
 import json, sys
-c = json.loads(sys.argv[1])["counts"]
+c = json.loads(sys.argv[1])
 secs = float(sys.argv[3]) - float(sys.argv[2])
 oha = json.load(open(sys.argv[5]))
 print(f"service: {c['succeeded']} thumbnails in {secs:.2f} s = {c['succeeded']/secs:.1f} jobs/s "

@@ -187,8 +187,7 @@ impl Dispatcher {
     fn time_out(&mut self, id: JobId, ctx: &mut Context<Self>) {
         if let Some(running) = self.running.get(&id) {
             running.control.interrupt(Interrupt::TimedOut);
-            let secs = self.admission.job_timeout.as_secs_f64();
-            let error = ErrorBody::new("timeout", format!("the job ran longer than the {secs} s limit"));
+            let error = self.timeout_error();
             if self.apply(id, Transition::Fail(error), SystemTime::now(), ctx).ok().flatten().is_some() {
                 tracing::warn!(job = %id, "job timed out");
             }
@@ -214,10 +213,7 @@ impl Dispatcher {
                 Transition::Succeed { meta, bytes: out.bytes }
             }
             Err(JobFailure::Error(error)) => Transition::Fail(error),
-            Err(JobFailure::Interrupted(Interrupt::TimedOut)) => {
-                let secs = self.admission.job_timeout.as_secs_f64();
-                Transition::Fail(ErrorBody::new("timeout", format!("the job ran longer than the {secs} s limit")))
-            }
+            Err(JobFailure::Interrupted(Interrupt::TimedOut)) => Transition::Fail(self.timeout_error()),
             Err(JobFailure::Interrupted(Interrupt::Cancelled)) => Transition::Cancel { reason: None },
             Err(JobFailure::Interrupted(Interrupt::Shutdown)) => Transition::Fail(shutdown_error()),
         };
@@ -238,8 +234,14 @@ impl Dispatcher {
         self.check_drained();
     }
 
+    fn timeout_error(&self) -> ErrorBody {
+        let secs = self.admission.job_timeout.as_secs_f64();
+        ErrorBody::new("timeout", format!("the job ran longer than the {secs} s limit"))
+    }
+
+    /// Jobs accepted and not yet ended: queued in the store plus handed to a pool.
     fn pending(&self) -> usize {
-        self.pools.values().map(|p| p.in_flight).sum::<usize>() + self.store.queued_ids().len()
+        self.pools.iter().map(|(kind, p)| p.in_flight + self.store.queued(*kind)).sum()
     }
 
     fn check_drained(&mut self) {

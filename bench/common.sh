@@ -1,0 +1,33 @@
+# Shared by the bench scripts: start a release offload, wait for it, wait for its queue to drain.
+# Source it after `cd` to the repo root; needs curl and python3.
+
+# start_offload PORT LOG [FLAGS...]: builds and starts the server, sets PID, stops it on exit.
+start_offload() {
+  local port=$1 log=$2
+  shift 2
+  cargo build --release --locked -q
+  ./target/release/offload --bind "127.0.0.1:$port" "$@" >"$log" 2>&1 &
+  PID=$!
+  trap 'kill $PID 2>/dev/null || true' EXIT
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && return 0; sleep 0.05; done
+  echo "offload did not start; see $log" >&2
+  return 1
+}
+
+# wait_drained PORT: polls GET /jobs until nothing is queued or running (at most a minute);
+# sets COUNTS to the final JSON counts.
+wait_drained() {
+  local port=$1
+  for _ in $(seq 3000); do
+    COUNTS=$(curl -sf "http://127.0.0.1:$port/jobs?limit=1" | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["counts"]))')
+    python3 -c 'import json,sys; c=json.loads(sys.argv[1]); sys.exit(0 if c["queued"]+c["running"]==0 else 1)' "$COUNTS" && return 0
+    sleep 0.02
+  done
+  echo "jobs still pending after a minute: $COUNTS" >&2
+  return 1
+}
+
+# peak_rss_kib: the server's peak resident memory so far (VmHWM), in KiB.
+peak_rss_kib() {
+  awk '/VmHWM/ {print $2}' "/proc/$PID/status"
+}
