@@ -124,6 +124,79 @@ pub struct Settings {
     #[arg(long, env = "OFFLOAD_WS_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub ws_allowed_origins: Option<Vec<String>>,
 
+    /// Analytics: most events one `POST /analytics/events` may carry.
+    #[arg(long, env = "OFFLOAD_ANALYTICS_MAX_BATCH", default_value_t = 1000)]
+    pub analytics_max_batch: usize,
+
+    /// Analytics: most events waiting to be counted; past it ingestion answers 503 (the hand-off
+    /// from HTTP threads to the analytics actor never waits).
+    #[arg(long, env = "OFFLOAD_ANALYTICS_QUEUE", default_value_t = 100_000)]
+    pub analytics_queue: usize,
+
+    /// Analytics: most distinct event names counted one by one; the rest count under `(other)`.
+    #[arg(long, env = "OFFLOAD_ANALYTICS_MAX_NAMES", default_value_t = 1000)]
+    pub analytics_max_names: usize,
+
+    /// Analytics: most minutes kept in `per_minute` (the oldest are forgotten first).
+    #[arg(long, env = "OFFLOAD_ANALYTICS_MINUTES", default_value_t = 1440)]
+    pub analytics_minutes: usize,
+
+    /// Analytics: forward every event to this URL, in batches (a JSON array per POST).
+    #[arg(long, env = "OFFLOAD_ANALYTICS_SINK")]
+    pub analytics_sink: Option<url::Url>,
+
+    /// Analytics sink: most events in one POST.
+    #[arg(long, env = "OFFLOAD_ANALYTICS_BATCH_SIZE", default_value_t = 500)]
+    pub analytics_batch_size: usize,
+
+    /// Analytics sink: a partial batch is sent after waiting this long.
+    #[arg(long, env = "OFFLOAD_ANALYTICS_FLUSH_INTERVAL", default_value = "1s")]
+    pub analytics_flush_interval: humantime::Duration,
+
+    /// Analytics sink: most events held for forwarding; past it the oldest are dropped (counted).
+    #[arg(long, env = "OFFLOAD_ANALYTICS_BUFFER", default_value_t = 50_000)]
+    pub analytics_buffer: usize,
+
+    /// Analytics sink: attempts per batch before it is dropped (counted).
+    #[arg(long, env = "OFFLOAD_ANALYTICS_SINK_ATTEMPTS", default_value_t = 5)]
+    pub analytics_sink_attempts: u32,
+
+    /// Analytics sink: time allowed for one POST.
+    #[arg(long, env = "OFFLOAD_ANALYTICS_SINK_TIMEOUT", default_value = "10s")]
+    pub analytics_sink_timeout: humantime::Duration,
+
+    /// Analytics sink: wait before the first retry; doubles each time (with jitter), at most 30 s.
+    #[arg(long, env = "OFFLOAD_ANALYTICS_SINK_BACKOFF", default_value = "500ms")]
+    pub analytics_sink_backoff: humantime::Duration,
+
+    /// Webhooks: key for `X-Offload-Signature: sha256=<HMAC-SHA256 of the body>` (unsigned without).
+    #[arg(long, env = "OFFLOAD_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
+    /// Webhooks: attempts per delivery.
+    #[arg(long, env = "OFFLOAD_WEBHOOK_MAX_ATTEMPTS", default_value_t = 5)]
+    pub webhook_max_attempts: u32,
+
+    /// Webhooks: wait before the first retry; doubles each time (with jitter), at most 5 min.
+    #[arg(long, env = "OFFLOAD_WEBHOOK_BACKOFF", default_value = "1s")]
+    pub webhook_backoff: humantime::Duration,
+
+    /// Webhooks: time allowed for one POST (connect, send, and the receiver's answer).
+    #[arg(long, env = "OFFLOAD_WEBHOOK_TIMEOUT", default_value = "10s")]
+    pub webhook_timeout: humantime::Duration,
+
+    /// Webhooks: most deliveries in progress at once; the rest wait their turn.
+    #[arg(long, env = "OFFLOAD_WEBHOOK_CONCURRENCY", default_value_t = 64)]
+    pub webhook_concurrency: usize,
+
+    /// Webhooks: most deliveries waiting or in progress; past it new ones are dropped (counted).
+    #[arg(long, env = "OFFLOAD_WEBHOOK_QUEUE", default_value_t = 10_000)]
+    pub webhook_queue: usize,
+
+    /// Webhooks: allow callback URLs on loopback, private and link-local addresses.
+    #[arg(long, env = "OFFLOAD_ALLOW_PRIVATE_WEBHOOKS")]
+    pub allow_private_webhooks: bool,
+
     /// Directory with the browser page served at `/`.
     #[arg(long, env = "OFFLOAD_STATIC_DIR", default_value = "static")]
     pub static_dir: PathBuf,

@@ -20,11 +20,13 @@
 //! - [`error`]: the JSON error body shared by every error type.
 //! - [`healthcheck`]: `offload --healthcheck`, the container health probe.
 
+pub mod async_io;
 pub mod configuration;
 pub mod dispatch;
 pub mod domain;
 pub mod error;
 pub mod healthcheck;
+pub mod metrics;
 pub mod realtime;
 pub mod routes;
 pub mod shutdown;

@@ -3,16 +3,20 @@
 
 use std::collections::HashMap;
 use std::net::TcpListener;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use actix_web::dev::Server;
 use actix_web::{middleware, web, App, HttpServer};
 
+use crate::async_io::{self, AsyncIo};
 use crate::configuration::Settings;
-use crate::dispatch::{Admission, Dispatcher, JobKind, MemoryStore, Pool, Retention};
+use crate::dispatch::{Admission, Dispatcher, JobKind, MemoryStore, Observers, Pool, Retention};
+use crate::domain::callback::CallbackPolicy;
 use crate::domain::image::ImageLimits;
 use crate::domain::pdf::SpecLimits;
+use crate::metrics::{self, Metrics};
 use crate::realtime::WsSettings;
 use crate::routes;
 use crate::shutdown;
@@ -36,7 +40,12 @@ impl Application {
     /// Builds everything on an already bound listener. Needs a running actix `System`.
     pub fn with_listener(settings: Settings, listener: TcpListener) -> std::io::Result<Self> {
         let address = listener.local_addr()?;
-        let dispatcher = start_dispatcher(&settings);
+        let metrics = Arc::new(Metrics::new());
+        let io = async_io::start(&settings, metrics.clone());
+        let dispatcher = start_dispatcher(&settings, &io, metrics.clone());
+        let policy = CallbackPolicy { allow_private: settings.allow_private_webhooks };
+        let analytics_limits = routes::AnalyticsLimits { max_batch: settings.analytics_max_batch.max(1) };
+        let analytics = io.analytics.clone();
         let limits = SpecLimits {
             max_rows: settings.max_rows,
             max_columns: settings.max_columns,
@@ -63,7 +72,12 @@ impl Application {
             App::new()
                 .wrap(routes::json_errors())
                 .wrap(middleware::Logger::new("%r %s %b %Dms").log_target("offload::http"))
+                .wrap(middleware::from_fn(metrics::middleware::record))
                 .app_data(web::Data::new(app_dispatcher.clone()))
+                .app_data(web::Data::new(metrics.clone()))
+                .app_data(web::Data::new(analytics.clone()))
+                .app_data(web::Data::new(analytics_limits))
+                .app_data(web::Data::new(policy))
                 .app_data(web::Data::new(limits))
                 .app_data(web::Data::new(uploads))
                 .app_data(web::Data::new(ws.clone()))
@@ -95,7 +109,7 @@ impl Application {
     }
 }
 
-fn start_dispatcher(settings: &Settings) -> Addr<Dispatcher> {
+fn start_dispatcher(settings: &Settings, io: &AsyncIo, metrics: Arc<Metrics>) -> Addr<Dispatcher> {
     let pdf_workers = settings.pdf_workers();
     let pdf = SyncArbiter::start(pdf_workers, || JobWorker);
     let image_workers = settings.image_workers();
@@ -115,7 +129,8 @@ fn start_dispatcher(settings: &Settings) -> Addr<Dispatcher> {
     };
     let store = Box::new(MemoryStore::new(retention));
     let ttl = retention.ttl;
+    let observers = Observers { metrics, analytics: io.analytics.clone(), webhooks: io.webhooks.clone().recipient() };
     // Its own thread and event loop: job bookkeeping never competes with HTTP workers.
     let arbiter = Arbiter::new();
-    Dispatcher::start_in_arbiter(&arbiter.handle(), move |_| Dispatcher::new(store, pools, admission, ttl))
+    Dispatcher::start_in_arbiter(&arbiter.handle(), move |_| Dispatcher::new(store, pools, admission, ttl, observers))
 }

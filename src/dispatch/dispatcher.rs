@@ -13,9 +13,13 @@ use actix::prelude::*;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use super::job::{Job, JobId, JobKind, ResultMeta};
+use super::job::{Job, JobId, JobKind, JobStatus, ResultMeta};
 use super::store::{JobStore, ListFilter, StatusCounts, StoreError, Transition};
+use crate::async_io::analytics::{AnalyticsHandle, Event};
+use crate::async_io::webhooks::Deliver;
+use crate::domain::callback::CallbackUrl;
 use crate::domain::JobPayload;
+use crate::metrics::Metrics;
 use crate::error::ErrorBody;
 use crate::realtime::Outbox;
 use crate::workers::{Execute, Interrupt, JobControl, JobFailure, WorkerEvent};
@@ -49,6 +53,16 @@ impl Pool {
     }
 }
 
+/// Who hears about jobs besides WebSocket watchers. Data flows one way: the Dispatcher tells
+/// them, never waits for them.
+pub struct Observers {
+    pub metrics: Arc<Metrics>,
+    /// Job events (`job_submitted`, `job_succeeded`, …) go to analytics.
+    pub analytics: AnalyticsHandle,
+    /// Final job objects of jobs with a `callback_url`.
+    pub webhooks: Recipient<Deliver>,
+}
+
 /// A job handed to a worker.
 struct Running {
     kind: JobKind,
@@ -72,6 +86,7 @@ pub struct Dispatcher {
     followed: HashMap<u64, HashSet<JobId>>,
     /// When progress of a job was last pushed, and whether a delayed push is scheduled.
     progress_pushed: HashMap<JobId, (Instant, bool)>,
+    observers: Observers,
 }
 
 /// A connection following a job.
@@ -85,7 +100,13 @@ struct Watcher {
 const PROGRESS_PUSH_EVERY: Duration = Duration::from_millis(50);
 
 impl Dispatcher {
-    pub fn new(store: Box<dyn JobStore>, pools: HashMap<JobKind, Pool>, admission: Admission, ttl: Duration) -> Self {
+    pub fn new(
+        store: Box<dyn JobStore>,
+        pools: HashMap<JobKind, Pool>,
+        admission: Admission,
+        ttl: Duration,
+        observers: Observers,
+    ) -> Self {
         let sweep_every = (ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(10));
         Dispatcher {
             store,
@@ -97,6 +118,7 @@ impl Dispatcher {
             watchers: HashMap::new(),
             followed: HashMap::new(),
             progress_pushed: HashMap::new(),
+            observers,
         }
     }
 
@@ -121,9 +143,47 @@ impl Dispatcher {
             }
             if job.status.is_terminal() {
                 self.progress_pushed.remove(&id);
+                self.ended(job);
             }
         }
         Ok(applied)
+    }
+
+    /// A job reached its final state: count it, record the event, send its webhook.
+    fn ended(&self, job: &Job) {
+        let kind = job.kind.as_str();
+        let status = job.status.as_str();
+        let o = &self.observers;
+        o.metrics.jobs_finished.with_label_values(&[kind, status]).inc();
+        let ran = job.started_at.zip(job.finished_at).and_then(|(s, f)| f.duration_since(s).ok());
+        if let Some(ran) = ran {
+            o.metrics.job_duration.with_label_values(&[kind, status]).observe(ran.as_secs_f64());
+        }
+        let mut props = serde_json::Map::new();
+        props.insert("job_id".into(), job.id.to_string().into());
+        props.insert("kind".into(), kind.into());
+        let name = match job.status {
+            JobStatus::Succeeded => {
+                props.insert("duration_ms".into(), ran.map_or(0, |d| d.as_millis() as u64).into());
+                "job_succeeded"
+            }
+            JobStatus::Failed => {
+                props.insert("code".into(), job.error.as_ref().map_or("", |e| e.code.as_str()).into());
+                "job_failed"
+            }
+            _ => "job_cancelled",
+        };
+        o.analytics.record(Event::internal(name, props));
+        if let Some(url) = &job.callback {
+            self.send_webhook(job, url.clone());
+        }
+    }
+
+    fn send_webhook(&self, job: &Job, url: CallbackUrl) {
+        match serde_json::to_vec(&job.view()) {
+            Ok(body) => self.observers.webhooks.do_send(Deliver { job: job.id, url, body: body.into() }),
+            Err(e) => tracing::error!(job = %job.id, "job object not serializable: {e}"),
+        }
     }
 
     fn push(&mut self, job: &Job) {
@@ -300,12 +360,8 @@ impl Actor for Dispatcher {
 #[rtype(result = "Result<Vec<Job>, SubmitError>")]
 pub struct Submit {
     pub jobs: Vec<JobPayload>,
-}
-
-impl Submit {
-    pub fn one(payload: JobPayload) -> Self {
-        Submit { jobs: vec![payload] }
-    }
+    /// Where each job's final state is POSTed.
+    pub callback: Option<CallbackUrl>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -322,6 +378,21 @@ impl Handler<Submit> for Dispatcher {
     type Result = Result<Vec<Job>, SubmitError>;
 
     fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) -> Self::Result {
+        let result = self.admit(msg, ctx);
+        if let Err(e) = &result {
+            let reason = match e {
+                SubmitError::Overloaded { .. } => "overloaded",
+                SubmitError::ShuttingDown => "shutting_down",
+                SubmitError::NoPool(_) => "no_pool",
+            };
+            self.observers.metrics.jobs_rejected.with_label_values(&[reason]).inc();
+        }
+        result
+    }
+}
+
+impl Dispatcher {
+    fn admit(&mut self, msg: Submit, ctx: &mut Context<Self>) -> Result<Vec<Job>, SubmitError> {
         if self.draining.is_some() {
             return Err(SubmitError::ShuttingDown);
         }
@@ -347,9 +418,16 @@ impl Handler<Submit> for Dispatcher {
         let now = SystemTime::now();
         let mut accepted = Vec::with_capacity(msg.jobs.len());
         for payload in msg.jobs {
-            let job = Job::new(JobId::random(), payload.kind(), now);
+            let mut job = Job::new(JobId::random(), payload.kind(), now);
+            job.callback = msg.callback.clone();
             let weight = payload.approx_bytes();
             self.store.insert(job.clone(), payload, weight);
+            let kind = job.kind.as_str();
+            self.observers.metrics.jobs_submitted.with_label_values(&[kind]).inc();
+            let mut props = serde_json::Map::new();
+            props.insert("job_id".into(), job.id.to_string().into());
+            props.insert("kind".into(), kind.into());
+            self.observers.analytics.record(Event::internal("job_submitted", props));
             accepted.push(job);
         }
         for kind in wanted.keys() {
@@ -451,6 +529,27 @@ impl Handler<ListJobs> for Dispatcher {
     type Result = MessageResult<ListJobs>;
     fn handle(&mut self, msg: ListJobs, _: &mut Context<Self>) -> Self::Result {
         MessageResult((self.store.list(&msg.0), self.store.stats().by_status))
+    }
+}
+
+/// Queue sizes and jobs held, for `GET /metrics`.
+#[derive(Message)]
+#[rtype(result = "LoadStats")]
+pub struct GetLoad;
+
+#[derive(Debug, Clone, MessageResponse)]
+pub struct LoadStats {
+    /// Per pool: (kind, queued, in flight, threads).
+    pub pools: Vec<(JobKind, usize, usize, usize)>,
+    pub by_status: StatusCounts,
+}
+
+impl Handler<GetLoad> for Dispatcher {
+    type Result = LoadStats;
+    fn handle(&mut self, _: GetLoad, _: &mut Context<Self>) -> LoadStats {
+        let pools =
+            self.pools.iter().map(|(kind, p)| (*kind, self.store.queued(*kind), p.in_flight, p.workers)).collect();
+        LoadStats { pools, by_status: self.store.stats().by_status }
     }
 }
 

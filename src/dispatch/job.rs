@@ -9,6 +9,7 @@ use std::time::SystemTime;
 
 use serde::{Serialize, Serializer};
 
+use crate::domain::callback::CallbackUrl;
 use crate::error::ErrorBody;
 
 /// An opaque job identifier: 128 random bits from the OS-seeded CSPRNG, as 32 lowercase hex digits.
@@ -143,6 +144,9 @@ pub struct Job {
     pub error: Option<ErrorBody>,
     /// Set exactly when the job succeeded.
     pub result: Option<ResultMeta>,
+    /// Where the final job object is POSTed when the job ends (not part of the job object: a URL
+    /// may carry a token).
+    pub callback: Option<CallbackUrl>,
 }
 
 impl Job {
@@ -158,6 +162,7 @@ impl Job {
             finished_at: None,
             error: None,
             result: None,
+            callback: None,
         }
     }
 

@@ -10,8 +10,8 @@ pub mod job;
 pub mod store;
 
 pub use dispatcher::{
-    Admission, CancelError, CancelJob, Dispatcher, Drain, GetJob, GetResult, ListJobs, Pool, Readiness, ReadyState,
-    ResultError, Submit, SubmitError, Subscribe, Unsubscribe,
+    Admission, CancelError, CancelJob, Dispatcher, Drain, GetJob, GetLoad, GetResult, ListJobs, LoadStats, Observers,
+    Pool, Readiness, ReadyState, ResultError, Submit, SubmitError, Subscribe, Unsubscribe,
 };
 pub use job::{Job, JobId, JobKind, JobStatus, ResultMeta};
 pub use store::{JobStore, ListFilter, MemoryStore, Retention};

@@ -1,6 +1,7 @@
 //! Request types parsed into values that are valid by construction ("parse, don't validate").
 //! Handlers turn raw JSON into these; workers receive only these.
 
+pub mod callback;
 pub mod image;
 pub mod pdf;
 

@@ -33,6 +33,7 @@ pub struct PdfRequest {
     pub table: Option<TableRequest>,
     #[serde(default)]
     pub page_size: Option<String>,
+    /// Parsed by the handler into a [`super::callback::CallbackUrl`] (it needs the policy).
     #[serde(default)]
     pub callback_url: Option<String>,
     /// Test-only: makes the job panic, hang or run slowly (not in release builds).
@@ -178,12 +179,6 @@ impl DocumentSpec {
                 return Err(invalid("invalid_field", "page_size: must be \"A4\" or \"Letter\"".into()));
             }
         };
-        if req.callback_url.is_some() {
-            return Err(invalid(
-                "unsupported_field",
-                "callback_url: webhooks are not available in this version of offload; poll GET /jobs/{id}".into(),
-            ));
-        }
         Ok(DocumentSpec {
             title,
             subtitle,
@@ -329,11 +324,6 @@ mod tests {
                 serde_json::json!({"title": "t", "table": {"columns": ["a"], "rows": [[1, 2]]}}),
                 "invalid_field",
                 "table.rows[0]",
-            ),
-            (
-                serde_json::json!({"title": "t", "callback_url": "https://example.com/"}),
-                "unsupported_field",
-                "callback_url",
             ),
         ];
         for (json, code, field) in cases {

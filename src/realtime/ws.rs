@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use super::Outbox;
 use crate::dispatch::{Dispatcher, JobId, Subscribe, Unsubscribe};
 use crate::error::ErrorBody;
+use crate::metrics::Metrics;
 
 /// WebSocket limits, from configuration.
 #[derive(Clone, Debug)]
@@ -45,6 +46,7 @@ pub async fn connect(
     body: web::Payload,
     settings: web::Data<WsSettings>,
     dispatcher: web::Data<Addr<Dispatcher>>,
+    metrics: web::Data<Arc<Metrics>>,
 ) -> Result<HttpResponse, actix_web::Error> {
     if let Some(allowed) = &settings.allowed_origins {
         let origin = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()).unwrap_or("");
@@ -58,7 +60,11 @@ pub async fn connect(
         stream.max_frame_size(settings.max_frame).aggregate_continuations().max_continuation_size(settings.max_frame);
     let settings = settings.get_ref().clone();
     let dispatcher = dispatcher.get_ref().clone();
+    let metrics = metrics.get_ref().clone();
     actix_rt::spawn(async move {
+        metrics.ws_connections.inc();
+        // Decremented however the task ends, even if it is dropped.
+        let _open = scopeguard(move || metrics.ws_connections.dec());
         let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
         let outbox = Arc::new(Outbox::new());
         let reason = serve(conn, session.clone(), stream, outbox, &dispatcher, &settings).await;
@@ -66,6 +72,19 @@ pub async fn connect(
         let _ = session.close(reason).await;
     });
     Ok(response)
+}
+
+/// Runs `f` when dropped.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 /// Runs one connection until it ends; returns the close reason to send.

@@ -5,7 +5,9 @@ use actix::MailboxError;
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 
+use crate::async_io::analytics::{EventError, IngestError};
 use crate::dispatch::{Job, SubmitError};
+use crate::domain::callback::CallbackError;
 use crate::domain::image::ImageError;
 use crate::domain::pdf::SpecError;
 use crate::error::ErrorBody;
@@ -24,6 +26,12 @@ pub enum ApiError {
     AlreadyFinished(Box<Job>),
     #[error("{field}: {message}")]
     InvalidQuery { field: &'static str, message: String },
+    #[error("{}", .0.message)]
+    InvalidCallback(#[from] CallbackError),
+    #[error("{}", .0.message)]
+    InvalidEvent(#[from] EventError),
+    #[error("{0}")]
+    Ingest(#[from] IngestError),
     #[error("{0:?}")]
     Submit(SubmitError),
     #[error("the dispatcher is not running: {0}")]
@@ -39,7 +47,11 @@ impl From<SubmitError> for ApiError {
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            ApiError::InvalidSpec(_) | ApiError::InvalidQuery { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::InvalidSpec(_)
+            | ApiError::InvalidQuery { .. }
+            | ApiError::InvalidCallback(_)
+            | ApiError::InvalidEvent(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Ingest(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::InvalidUpload(e) => StatusCode::from_u16(e.status).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY),
             ApiError::JobNotFound => StatusCode::NOT_FOUND,
             ApiError::ResultNotReady(_) | ApiError::AlreadyFinished(_) => StatusCode::CONFLICT,
@@ -52,6 +64,9 @@ impl ResponseError for ApiError {
         match self {
             ApiError::InvalidSpec(e) => ErrorBody::new(e.code, &e.message).response(status),
             ApiError::InvalidUpload(e) => ErrorBody::new(e.code, &e.message).response(status),
+            ApiError::InvalidCallback(e) => ErrorBody::new(e.code, &e.message).response(status),
+            ApiError::InvalidEvent(e) => ErrorBody::new(e.code, &e.message).response(status),
+            ApiError::Ingest(e) => ErrorBody::new(e.code(), e.to_string()).response_retry_after(status, 1),
             ApiError::JobNotFound => {
                 ErrorBody::new("job_not_found", "no such job (it may have expired)").response(status)
             }

@@ -15,6 +15,7 @@ use serde::Serialize;
 use super::ApiError;
 use crate::dispatch::job::JobView;
 use crate::dispatch::{Dispatcher, Submit};
+use crate::domain::callback::{CallbackPolicy, CallbackUrl};
 use crate::domain::image::{default_ops, parse_ops, ImageError, ImageLimits, ImageOp, ImageTask, OutputFormat};
 use crate::domain::JobPayload;
 
@@ -37,6 +38,7 @@ struct Upload {
     files: Vec<(String, Bytes)>,
     ops: Option<String>,
     format: Option<String>,
+    callback_url: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -48,6 +50,7 @@ pub async fn upload_images(
     req: HttpRequest,
     payload: web::Payload,
     limits: web::Data<UploadLimits>,
+    policy: web::Data<CallbackPolicy>,
     dispatcher: web::Data<Addr<Dispatcher>>,
 ) -> Result<HttpResponse, ApiError> {
     let is_multipart = req
@@ -72,12 +75,13 @@ pub async fn upload_images(
         )
     })??;
 
+    let callback = upload.callback_url.as_deref().map(|raw| CallbackUrl::parse(raw, **policy)).transpose()?;
     let limits = **limits;
     // Header parsing copies and scans the files: keep it off the HTTP thread.
     let tasks = web::block(move || inspect(upload, &limits))
         .await
         .map_err(|_| ImageError::new(500, "internal_error", "the upload could not be checked"))??;
-    let jobs = dispatcher.send(Submit { jobs: tasks.into_iter().map(JobPayload::Image).collect() }).await??;
+    let jobs = dispatcher.send(Submit { jobs: tasks.into_iter().map(JobPayload::Image).collect(), callback }).await??;
     Ok(HttpResponse::Accepted().json(Accepted { jobs: jobs.iter().map(|j| j.view()).collect() }))
 }
 
@@ -86,17 +90,17 @@ fn too_large(max: usize) -> ImageError {
 }
 
 async fn read_upload(mut multipart: Multipart, limits: &UploadLimits) -> Result<Upload, ImageError> {
-    let mut upload = Upload { files: Vec::new(), ops: None, format: None };
+    let mut upload = Upload { files: Vec::new(), ops: None, format: None, callback_url: None };
     let mut total = 0usize;
     while let Some(field) = multipart.next().await {
         let mut field = field.map_err(bad_multipart)?;
         let name = field.name().unwrap_or_default().to_string();
         let filename = field.content_disposition().and_then(|cd| cd.get_filename()).unwrap_or_default().to_string();
-        if !matches!(name.as_str(), "file" | "ops" | "format") {
+        if !matches!(name.as_str(), "file" | "ops" | "format" | "callback_url") {
             return Err(ImageError::new(
                 422,
                 "invalid_field",
-                format!("{name}: unknown field; send `file` parts and optional `ops` and `format` fields"),
+                format!("{name}: unknown field; send `file` parts and optional `ops`, `format`, `callback_url`"),
             ));
         }
         if name == "file" && upload.files.len() >= limits.max_files {
@@ -129,6 +133,7 @@ async fn read_upload(mut multipart: Multipart, limits: &UploadLimits) -> Result<
         match name.as_str() {
             "file" => upload.files.push((filename, buf.freeze())),
             "ops" => upload.ops = Some(text(buf)?),
+            "callback_url" => upload.callback_url = Some(text(buf)?),
             _ => upload.format = Some(text(buf)?),
         }
     }

@@ -3,10 +3,12 @@
 //! Also where every error actix itself produces (bad JSON, wrong content type, body too large,
 //! unknown route, wrong method) is turned into the API's JSON error format.
 
+mod analytics;
 mod errors;
 mod health;
 mod images;
 mod jobs;
+mod metrics;
 mod pdf;
 
 use std::path::Path;
@@ -18,6 +20,7 @@ use actix_web::http::StatusCode;
 use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
 use actix_web::{guard, web, HttpRequest, HttpResponse};
 
+pub use analytics::AnalyticsLimits;
 pub use errors::ApiError;
 pub use images::UploadLimits;
 
@@ -56,6 +59,21 @@ pub fn configure(cfg: &mut web::ServiceConfig, json_limit: usize, static_dir: &P
         .service(
             web::resource("/ws")
                 .route(web::get().to(crate::realtime::ws::connect))
+                .default_service(web::to(|| not_allowed("GET"))),
+        )
+        .service(
+            web::resource("/analytics/events")
+                .route(web::post().to(analytics::ingest))
+                .default_service(web::to(|| not_allowed("POST"))),
+        )
+        .service(
+            web::resource("/analytics/summary")
+                .route(web::get().to(analytics::summary))
+                .default_service(web::to(|| not_allowed("GET"))),
+        )
+        .service(
+            web::resource("/metrics")
+                .route(web::get().to(metrics::metrics))
                 .default_service(web::to(|| not_allowed("GET"))),
         )
         .service(

@@ -1,0 +1,33 @@
+//! `POST /analytics/events` and `GET /analytics/summary`.
+
+use actix_web::{web, HttpResponse};
+use serde_json::{json, Value};
+
+use super::ApiError;
+use crate::async_io::analytics::{parse_events, AnalyticsHandle, GetSummary};
+use crate::error::ErrorBody;
+
+/// Most events in one request, from configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct AnalyticsLimits {
+    pub max_batch: usize,
+}
+
+/// Parses and hands the events over; never waits for them to be counted.
+pub async fn ingest(
+    body: web::Json<Value>,
+    limits: web::Data<AnalyticsLimits>,
+    analytics: web::Data<AnalyticsHandle>,
+) -> Result<HttpResponse, ApiError> {
+    let events = parse_events(body.into_inner(), limits.max_batch)?;
+    let accepted = analytics.submit(events)?;
+    Ok(HttpResponse::Accepted().json(json!({ "accepted": accepted })))
+}
+
+pub async fn summary(analytics: web::Data<AnalyticsHandle>) -> HttpResponse {
+    match analytics.addr().send(GetSummary).await {
+        Ok(Some(summary)) => HttpResponse::Ok().insert_header(("cache-control", "no-store")).json(summary),
+        _ => ErrorBody::new("unavailable", "analytics is restarting; retry shortly")
+            .response_retry_after(actix_web::http::StatusCode::SERVICE_UNAVAILABLE, 1),
+    }
+}
