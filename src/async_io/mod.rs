@@ -36,8 +36,7 @@ pub struct AsyncIo {
 /// Starts the arbiter and its actors. Needs a running actix `System`.
 pub fn start(settings: &Settings, metrics: Arc<Metrics>) -> AsyncIo {
     let arbiter = Arbiter::new();
-    let limits =
-        AggregateLimits { max_names: settings.analytics_max_names, max_minutes: settings.analytics_minutes };
+    let limits = AggregateLimits { max_names: settings.analytics_max_names, max_minutes: settings.analytics_minutes };
     let sink = settings.analytics_sink.clone().map(|url| SinkSettings {
         url,
         batch_size: settings.analytics_batch_size.max(1),
@@ -47,8 +46,7 @@ pub fn start(settings: &Settings, metrics: Arc<Metrics>) -> AsyncIo {
         timeout: settings.analytics_sink_timeout.into(),
         backoff: Backoff { first: settings.analytics_sink_backoff.into(), max: Duration::from_secs(30) },
     });
-    let analytics =
-        analytics::start(&arbiter.handle(), limits, settings.analytics_queue, sink, metrics.clone());
+    let analytics = analytics::start(&arbiter.handle(), limits, settings.analytics_queue, sink, metrics.clone());
     let webhook_settings = WebhookSettings {
         secret: settings.webhook_secret.clone().filter(|s| !s.is_empty()),
         max_attempts: settings.webhook_max_attempts.max(1),

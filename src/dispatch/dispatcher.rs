@@ -19,8 +19,8 @@ use crate::async_io::analytics::{AnalyticsHandle, Event};
 use crate::async_io::webhooks::Deliver;
 use crate::domain::callback::CallbackUrl;
 use crate::domain::JobPayload;
-use crate::metrics::Metrics;
 use crate::error::ErrorBody;
+use crate::metrics::Metrics;
 use crate::realtime::Outbox;
 use crate::workers::{Execute, Interrupt, JobControl, JobFailure, WorkerEvent};
 

@@ -35,8 +35,8 @@ impl CallbackUrl {
         if raw.chars().count() > MAX_CALLBACK_CHARS {
             return Err(invalid(format!("callback_url: longer than {MAX_CALLBACK_CHARS} characters")));
         }
-        let url = url::Url::parse(raw.trim())
-            .map_err(|e| invalid(format!("callback_url: not an absolute URL ({e})")))?;
+        let url =
+            url::Url::parse(raw.trim()).map_err(|e| invalid(format!("callback_url: not an absolute URL ({e})")))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(invalid(format!("callback_url: scheme `{}` is not http or https", url.scheme())));
         }

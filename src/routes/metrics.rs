@@ -19,8 +19,13 @@ pub async fn metrics(metrics: web::Data<Arc<Metrics>>, dispatcher: web::Data<Add
             metrics.pool_workers.with_label_values(&pool).set(workers as i64);
         }
         let s = load.by_status;
-        let held =
-            [("queued", s.queued), ("running", s.running), ("succeeded", s.succeeded), ("failed", s.failed), ("cancelled", s.cancelled)];
+        let held = [
+            ("queued", s.queued),
+            ("running", s.running),
+            ("succeeded", s.succeeded),
+            ("failed", s.failed),
+            ("cancelled", s.cancelled),
+        ];
         for (status, n) in held {
             metrics.jobs_held.with_label_values(&[status]).set(n as i64);
         }

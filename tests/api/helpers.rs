@@ -264,3 +264,251 @@ impl TestApp {
         reply.json()["jobs"].as_array().unwrap().clone()
     }
 }
+
+/// A real HTTP server inside the test, standing in for an analytics sink or a webhook receiver:
+/// it records every request and answers as told.
+pub struct Receiver {
+    pub url: String,
+    pub port: u16,
+    log: std::sync::Arc<ReceiverLog>,
+}
+
+/// How a [`Receiver`] answers.
+#[derive(Clone, Copy, Default)]
+pub struct Behaviour {
+    /// Wait this long before answering each request.
+    pub delay: Duration,
+    /// Answer the first this many requests with `fail_status`.
+    pub fail_first: usize,
+    /// Answer every request with `fail_status`.
+    pub always_fail: bool,
+    pub fail_status: u16,
+}
+
+/// One request a [`Receiver`] got.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub at: Instant,
+    pub headers: awc::http::header::HeaderMap,
+    pub body: bytes::Bytes,
+    /// What the receiver answered.
+    pub status: u16,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.get(name).map(|v| v.to_str().unwrap().to_string())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("JSON body")
+    }
+}
+
+#[derive(Default)]
+struct ReceiverLog {
+    requests: std::sync::Mutex<Vec<Received>>,
+    changed: tokio::sync::Notify,
+}
+
+impl Receiver {
+    pub async fn start(behaviour: Behaviour) -> Receiver {
+        use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+        let port = listener.local_addr().unwrap().port();
+        let log = std::sync::Arc::new(ReceiverLog::default());
+        let server_log = log.clone();
+        let server = HttpServer::new(move || {
+            let log = server_log.clone();
+            App::new().app_data(web::PayloadConfig::new(64 << 20)).default_service(web::to(
+                move |req: HttpRequest, body: bytes::Bytes| {
+                    let log = log.clone();
+                    async move {
+                        let seen = log.requests.lock().unwrap().len();
+                        let fail = behaviour.always_fail || seen < behaviour.fail_first;
+                        let status = if fail { behaviour.fail_status } else { 200 };
+                        if !behaviour.delay.is_zero() {
+                            actix_rt::time::sleep(behaviour.delay).await;
+                        }
+                        let mut headers = awc::http::header::HeaderMap::new();
+                        for (k, v) in req.headers() {
+                            headers.insert(k.clone(), v.clone());
+                        }
+                        log.requests.lock().unwrap().push(Received { at: Instant::now(), headers, body, status });
+                        log.changed.notify_waiters();
+                        HttpResponse::build(awc::http::StatusCode::from_u16(status).unwrap()).finish()
+                    }
+                },
+            ))
+        })
+        .workers(1)
+        .max_connections(10_000)
+        .disable_signals()
+        .listen(listener)
+        .expect("listen")
+        .run();
+        actix_rt::spawn(server);
+        Receiver { url: format!("http://127.0.0.1:{port}"), port, log }
+    }
+
+    pub fn requests(&self) -> Vec<Received> {
+        self.log.requests.lock().unwrap().clone()
+    }
+
+    /// Waits until `done` holds for the requests received, failing the test after `within`.
+    pub async fn wait_until(&self, within: Duration, done: impl Fn(&[Received]) -> bool) -> Vec<Received> {
+        let deadline = Instant::now() + within;
+        loop {
+            let changed = self.log.changed.notified();
+            let requests = self.requests();
+            if done(&requests) {
+                return requests;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "receiver: condition not met within {within:?}; got {} requests", requests.len());
+            // Re-check at least every 50 ms in case a notification raced the check.
+            let _ = actix_rt::time::timeout(left.min(Duration::from_millis(50)), changed).await;
+        }
+    }
+}
+
+/// A port nothing listens on (bound, then released).
+pub fn closed_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// One scrape of `GET /metrics`, every line checked against the text format's grammar.
+pub struct Scrape(Vec<Sample>);
+
+/// One sample line: `name{label="value",...} value`.
+#[derive(Debug)]
+pub struct Sample {
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub value: f64,
+}
+
+impl Scrape {
+    /// The value of the sample `name` whose labels include `labels` (0 if there is none).
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .iter()
+            .find(|s| s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v)))
+            .map_or(0.0, |s| s.value)
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.0.iter().any(|s| s.name == name)
+    }
+
+    /// The samples, for failure messages.
+    pub fn dump(&self) -> String {
+        self.0.iter().map(|s| format!("{} {:?} {}\n", s.name, s.labels, s.value)).collect()
+    }
+}
+
+impl TestApp {
+    pub async fn metrics(&self) -> Scrape {
+        let reply = self.get("/metrics").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert!(reply.header("content-type").unwrap().starts_with("text/plain; version=0.0.4"));
+        let text = String::from_utf8(reply.body.to_vec()).expect("UTF-8");
+        Scrape(text.lines().filter_map(parse_exposition_line).collect())
+    }
+
+    /// Polls `/metrics` until `done` holds, failing the test after `within`.
+    pub async fn wait_metrics(&self, within: Duration, done: impl Fn(&Scrape) -> bool) -> Scrape {
+        let deadline = Instant::now() + within;
+        loop {
+            let scrape = self.metrics().await;
+            if done(&scrape) {
+                return scrape;
+            }
+            assert!(Instant::now() < deadline, "metrics did not reach the expected state in {within:?}");
+            actix_rt::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `GET /analytics/summary`, asserting 200.
+    pub async fn summary(&self) -> Value {
+        let reply = self.get("/analytics/summary").await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", String::from_utf8_lossy(&reply.body));
+        reply.json()
+    }
+
+    /// Polls the analytics summary until `done` holds, failing the test after `within`.
+    pub async fn wait_summary(&self, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let summary = self.summary().await;
+            if done(&summary) {
+                return summary;
+            }
+            assert!(Instant::now() < deadline, "summary did not reach the expected state in {within:?}: {summary}");
+            actix_rt::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Parses one line of the Prometheus text format (0.0.4), panicking on anything malformed:
+/// `# HELP`/`# TYPE` comments (None) or `name{label="value",...} value` (label values may hold
+/// any character, with `\\`, `\"` and `\n` escaped).
+fn parse_exposition_line(line: &str) -> Option<Sample> {
+    if line.is_empty() {
+        return None;
+    }
+    if let Some(comment) = line.strip_prefix("# ") {
+        let mut words = comment.split(' ');
+        let kind = words.next().unwrap();
+        assert!(kind == "HELP" || kind == "TYPE", "unexpected comment: {line}");
+        if kind == "TYPE" {
+            let t = comment.rsplit(' ').next().unwrap();
+            assert!(["counter", "gauge", "histogram", "summary", "untyped"].contains(&t), "{line}");
+        }
+        return None;
+    }
+    let is_name_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    let name_end = line.find(|c: char| !is_name_char(c)).unwrap_or_else(|| panic!("no value: {line}"));
+    let name = &line[..name_end];
+    assert!(!name.is_empty() && !name.starts_with(|c: char| c.is_ascii_digit()), "bad name: {line}");
+    let mut rest = &line[name_end..];
+    let mut labels = std::collections::BTreeMap::new();
+    if let Some(after) = rest.strip_prefix('{') {
+        rest = after;
+        loop {
+            if let Some(after) = rest.strip_prefix('}') {
+                rest = after;
+                break;
+            }
+            let eq = rest.find("=\"").unwrap_or_else(|| panic!("bad label: {line}"));
+            let key = &rest[..eq];
+            assert!(!key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "label: {line}");
+            let mut value = String::new();
+            let mut chars = rest[eq + 2..].char_indices();
+            let end = loop {
+                match chars.next() {
+                    Some((i, '"')) => break eq + 2 + i + 1,
+                    Some((_, '\\')) => match chars.next() {
+                        Some((_, 'n')) => value.push('\n'),
+                        Some((_, c @ ('\\' | '"'))) => value.push(c),
+                        other => panic!("bad escape {other:?}: {line}"),
+                    },
+                    Some((_, c)) => value.push(c),
+                    None => panic!("unterminated label value: {line}"),
+                }
+            };
+            labels.insert(key.to_string(), value);
+            rest = &rest[end..];
+            rest = rest.strip_prefix(',').unwrap_or(rest);
+        }
+    }
+    let value = rest.strip_prefix(' ').unwrap_or_else(|| panic!("no space before the value: {line}"));
+    let value = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        "NaN" => f64::NAN,
+        v => v.parse().unwrap_or_else(|_| panic!("bad value: {line}")),
+    };
+    Some(Sample { name: name.to_string(), labels, value })
+}

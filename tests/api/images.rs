@@ -31,6 +31,11 @@ fn encode(img: &DynamicImage, format: ImageFormat) -> Vec<u8> {
     out.into_inner()
 }
 
+/// A `w`×`h` PNG of the test picture.
+pub fn png(w: u32, h: u32) -> Vec<u8> {
+    encode(&picture(w, h), ImageFormat::Png)
+}
+
 async fn finished_result(app: &TestApp, job: &Value) -> (Value, crate::helpers::Reply) {
     let done = app.wait_finished(id_of(job)).await;
     assert_eq!(done["status"], "succeeded", "{done}");

@@ -115,10 +115,7 @@ mod tests {
         assert_eq!(c.by_name["click"], 2);
         assert_eq!(c.unique_users, 2);
         let minutes: Vec<(&str, u64)> = c.per_minute.iter().map(|m| (m.minute.as_str(), m.count)).collect();
-        assert_eq!(
-            minutes,
-            [("2026-11-21T10:00:00Z", 2), ("2026-11-21T10:01:00Z", 1), ("2026-11-21T10:03:00Z", 1)]
-        );
+        assert_eq!(minutes, [("2026-11-21T10:00:00Z", 2), ("2026-11-21T10:01:00Z", 1), ("2026-11-21T10:03:00Z", 1)]);
     }
 
     #[test]

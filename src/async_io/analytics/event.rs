@@ -100,9 +100,8 @@ fn parse_one(item: Value, at: &str, received: OffsetDateTime) -> Result<Event, E
     };
     let timestamp = match raw.timestamp {
         None => received,
-        Some(text) => OffsetDateTime::parse(&text, &Rfc3339).map_err(|_| {
-            invalid("invalid_event", format!("{at}.timestamp: `{text}` is not an RFC 3339 date-time"))
-        })?,
+        Some(text) => OffsetDateTime::parse(&text, &Rfc3339)
+            .map_err(|_| invalid("invalid_event", format!("{at}.timestamp: `{text}` is not an RFC 3339 date-time")))?,
     };
     Ok(Event { name: name.to_string(), user: raw.user, properties, timestamp })
 }

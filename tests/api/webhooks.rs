@@ -1,0 +1,180 @@
+//! Webhooks: the final job object POSTed to `callback_url`, signed, retried; private targets
+//! refused at submit (literal addresses) and at delivery (names).
+
+use std::time::Duration;
+
+use awc::http::StatusCode;
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+use crate::helpers::{duration, id_of, report, settings, spawn_app_with, Behaviour, Part, Receiver};
+
+fn webhook_settings() -> offload::configuration::Settings {
+    let mut s = settings();
+    s.allow_private_webhooks = true;
+    s.webhook_backoff = duration(Duration::from_millis(50));
+    s
+}
+
+fn hmac_hex(key: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes()).unwrap();
+    mac.update(body);
+    mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn with_callback(mut spec: Value, url: &str) -> Value {
+    spec["callback_url"] = json!(url);
+    spec
+}
+
+#[actix_rt::test]
+async fn the_final_job_object_is_posted_once_and_signed() {
+    let receiver = Receiver::start(Behaviour::default()).await;
+    let mut s = webhook_settings();
+    s.webhook_secret = Some("s3cret-key".into());
+    let app = spawn_app_with(s).await;
+    let hook = format!("{}/hooks/offload?token=abc", receiver.url);
+    let ok = app.submit_pdf(&with_callback(report(5), &hook)).await;
+    assert!(ok.get("callback_url").is_none(), "the URL (it may hold a token) is not echoed");
+    let failing = app.submit_pdf(&with_callback(json!({"title": "x", "test_hook": "panic"}), &hook)).await;
+    let image = app
+        .submit_images(&[
+            Part::file("a.png", "image/png", crate::images::png(64, 48)),
+            Part::text("callback_url", &hook),
+        ])
+        .await;
+    let ids = [id_of(&ok), id_of(&failing), id_of(&image[0])];
+    let requests = receiver.wait_until(Duration::from_secs(15), |r| r.len() >= 3).await;
+    for r in &requests {
+        let body = r.json();
+        let id = body["id"].as_str().unwrap();
+        assert!(ids.contains(&id), "{body}");
+        assert_eq!(r.header("x-offload-job-id").as_deref(), Some(id));
+        assert_eq!(r.header("content-type").as_deref(), Some("application/json"));
+        assert_eq!(r.header("x-offload-attempt").as_deref(), Some("1"));
+        let expected = format!("sha256={}", hmac_hex("s3cret-key", &r.body));
+        assert_eq!(r.header("x-offload-signature"), Some(expected), "signature of the exact body");
+        assert_eq!(body, app.job(id).await, "the body is the final job object");
+    }
+    let by_id = |id: &str| requests.iter().map(|r| r.json()).find(|b| b["id"] == id).unwrap();
+    assert_eq!(by_id(ids[0])["status"], "succeeded");
+    assert_eq!(by_id(ids[0])["progress"], 1.0);
+    assert_eq!(by_id(ids[1])["status"], "failed");
+    assert_eq!(by_id(ids[1])["error"]["code"], "worker_panic");
+    assert_eq!(by_id(ids[2])["result"]["width"], 64);
+    let m = app
+        .wait_metrics(Duration::from_secs(5), |m| {
+            m.value("offload_webhook_deliveries_total", &[("outcome", "delivered")]) == 3.0
+        })
+        .await;
+    assert_eq!(m.value("offload_webhook_attempt_failures_total", &[("reason", "status")]), 0.0);
+    assert_eq!(receiver.requests().len(), 3, "exactly one POST per job");
+}
+
+#[actix_rt::test]
+async fn failed_deliveries_are_retried_with_growing_delays() {
+    let receiver = Receiver::start(Behaviour { fail_first: 2, fail_status: 503, ..Default::default() }).await;
+    let app = spawn_app_with(webhook_settings()).await;
+    let job = app.submit_pdf(&with_callback(report(1), &receiver.url)).await;
+    let requests = receiver.wait_until(Duration::from_secs(10), |r| r.iter().any(|x| x.status == 200)).await;
+    assert_eq!(requests.iter().map(|r| r.status).collect::<Vec<_>>(), [503, 503, 200]);
+    let attempts: Vec<String> = requests.iter().map(|r| r.header("x-offload-attempt").unwrap()).collect();
+    assert_eq!(attempts, ["1", "2", "3"]);
+    assert!(requests.iter().all(|r| r.body == requests[0].body), "every attempt sends the same bytes");
+    assert_eq!(requests[0].json()["id"], id_of(&job));
+    // Backoff 50 ms then 100 ms, each ±20 %.
+    let first_gap = requests[1].at - requests[0].at;
+    let second_gap = requests[2].at - requests[1].at;
+    assert!(first_gap >= Duration::from_millis(40), "{first_gap:?}");
+    assert!(second_gap >= Duration::from_millis(80), "{second_gap:?}");
+    let m = app
+        .wait_metrics(Duration::from_secs(5), |m| {
+            m.value("offload_webhook_deliveries_total", &[("outcome", "delivered")]) == 1.0
+        })
+        .await;
+    assert_eq!(m.value("offload_webhook_attempt_failures_total", &[("reason", "status")]), 2.0);
+}
+
+#[actix_rt::test]
+async fn delivery_gives_up_after_the_last_attempt() {
+    let receiver = Receiver::start(Behaviour { always_fail: true, fail_status: 500, ..Default::default() }).await;
+    let mut s = webhook_settings();
+    s.webhook_max_attempts = 3;
+    s.webhook_backoff = duration(Duration::from_millis(10));
+    let app = spawn_app_with(s).await;
+    app.submit_pdf(&with_callback(report(1), &receiver.url)).await;
+    app.wait_metrics(Duration::from_secs(10), |m| {
+        m.value("offload_webhook_deliveries_total", &[("outcome", "failed")]) == 1.0
+    })
+    .await;
+    assert_eq!(receiver.requests().len(), 3, "exactly max attempts");
+    // A receiver that refuses for good (4xx) is not retried.
+    let gone = Receiver::start(Behaviour { always_fail: true, fail_status: 410, ..Default::default() }).await;
+    app.submit_pdf(&with_callback(report(1), &gone.url)).await;
+    app.wait_metrics(Duration::from_secs(10), |m| {
+        m.value("offload_webhook_deliveries_total", &[("outcome", "failed")]) == 2.0
+    })
+    .await;
+    assert_eq!(gone.requests().len(), 1);
+}
+
+#[actix_rt::test]
+async fn private_and_malformed_callbacks_are_refused_at_submit() {
+    let app = spawn_app_with(settings()).await;
+    let cases = [
+        ("http://127.0.0.1:9/hook", "callback_not_allowed"),
+        ("http://[::1]:9/", "callback_not_allowed"),
+        ("http://10.0.0.7/", "callback_not_allowed"),
+        ("http://192.168.1.20/", "callback_not_allowed"),
+        ("http://169.254.169.254/latest/meta-data/", "callback_not_allowed"),
+        ("http://0x7f.1/", "callback_not_allowed"),
+        ("http://[::ffff:127.0.0.1]/", "callback_not_allowed"),
+        ("ftp://example.com/", "invalid_callback_url"),
+        ("not a url", "invalid_callback_url"),
+        ("/relative/path", "invalid_callback_url"),
+    ];
+    for (url, code) in cases {
+        let reply = app.post_json("/generate-pdf", &with_callback(report(1), url)).await;
+        let message = reply.expect_error(422, code, url);
+        assert!(message.starts_with("callback_url"), "{url}: {message}");
+    }
+    let reply = app.post_json("/generate-pdf", &json!({"title": "t", "callback_url": 5})).await;
+    reply.expect_error(422, "invalid_field", "numeric callback_url");
+    let reply = app
+        .upload(&[
+            Part::file("a.png", "image/png", crate::images::png(8, 8)),
+            Part::text("callback_url", "http://127.0.0.1:9/"),
+        ])
+        .await;
+    reply.expect_error(422, "callback_not_allowed", "image upload");
+    let jobs = app.get("/jobs").await.json();
+    assert_eq!(jobs["jobs"].as_array().unwrap().len(), 0, "no job was created");
+}
+
+#[actix_rt::test]
+async fn names_that_resolve_to_private_addresses_are_refused_at_delivery() {
+    let receiver = Receiver::start(Behaviour::default()).await;
+    let app = spawn_app_with(settings()).await;
+    // `localhost` is a name: it passes at submit and is refused once resolved.
+    let url = format!("http://localhost:{}/hook", receiver.port);
+    let job = app.submit_pdf(&with_callback(report(1), &url)).await;
+    app.wait_finished(id_of(&job)).await;
+    let m = app
+        .wait_metrics(Duration::from_secs(10), |m| {
+            m.value("offload_webhook_deliveries_total", &[("outcome", "refused")]) == 1.0
+        })
+        .await;
+    assert_eq!(m.value("offload_webhook_deliveries_total", &[("outcome", "delivered")]), 0.0);
+    assert!(receiver.requests().is_empty(), "nothing reached the private address");
+
+    // With the operator's permission the same name is delivered to.
+    let mut s = settings();
+    s.allow_private_webhooks = true;
+    let allowed = spawn_app_with(s).await;
+    let job = allowed.submit_pdf(&with_callback(report(1), &url)).await;
+    let requests = receiver.wait_until(Duration::from_secs(10), |r| !r.is_empty()).await;
+    assert_eq!(requests[0].json()["id"], id_of(&job));
+    assert_eq!(requests[0].header("x-offload-signature"), None, "unsigned without a secret");
+    assert_eq!(StatusCode::from_u16(requests[0].status).unwrap(), StatusCode::OK);
+}
