@@ -130,7 +130,7 @@ pub struct Settings {
 
     /// Analytics: most events waiting to be counted; past it ingestion answers 503 (the hand-off
     /// from HTTP threads to the analytics actor never waits).
-    #[arg(long, env = "OFFLOAD_ANALYTICS_QUEUE", default_value_t = 100_000)]
+    #[arg(long, env = "OFFLOAD_ANALYTICS_QUEUE", default_value_t = 10_000)]
     pub analytics_queue: usize,
 
     /// Analytics: most distinct event names counted one by one; the rest count under `(other)`.
@@ -154,7 +154,7 @@ pub struct Settings {
     pub analytics_flush_interval: humantime::Duration,
 
     /// Analytics sink: most events held for forwarding; past it the oldest are dropped (counted).
-    #[arg(long, env = "OFFLOAD_ANALYTICS_BUFFER", default_value_t = 50_000)]
+    #[arg(long, env = "OFFLOAD_ANALYTICS_BUFFER", default_value_t = 20_000)]
     pub analytics_buffer: usize,
 
     /// Analytics sink: attempts per batch before it is dropped (counted).

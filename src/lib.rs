@@ -5,9 +5,11 @@
 //! state (behind the narrow [`dispatch::JobStore`] interface), bounds how much work is accepted,
 //! and feeds CPU-bound jobs to `SyncArbiter`-hosted worker pools, one pool per job kind.
 //!
-//! Data flows one way: handler → Dispatcher → worker → Dispatcher → readers (polling clients).
+//! Data flows one way: handler → Dispatcher → worker → Dispatcher → readers (polling clients,
+//! WebSocket outboxes) and the async I/O arbiter (job events, webhooks).
 //!
 //! Crate map:
+//! - [`async_io`]: the async I/O arbiter: analytics (count, forward to a sink) and webhooks.
 //! - [`configuration`]: every setting, as a flag and an `OFFLOAD_*` environment variable.
 //! - [`telemetry`]: `tracing` subscriber (human-readable or JSON) and the panic hook.
 //! - [`startup`]: builds the whole application on any `TcpListener` (tests bind port 0).
@@ -18,6 +20,7 @@
 //! - [`dispatch`]: the Dispatcher actor, the job model, the job store.
 //! - [`workers`]: the worker actor, the panic boundary and the PDF renderer.
 //! - [`error`]: the JSON error body shared by every error type.
+//! - [`metrics`]: Prometheus metrics and the request-timing middleware.
 //! - [`healthcheck`]: `offload --healthcheck`, the container health probe.
 
 pub mod async_io;
