@@ -2,7 +2,8 @@
 //!
 //! 1. Opens N WebSocket connections to `/ws`, at most `--connect-concurrency` handshakes in
 //!    flight at once (so 10,000 clients do not all SYN together).
-//! 2. Submits N one-page PDF jobs (`POST /generate-pdf`, the peers' 40-row × 5-column table) with
+//! 2. Submits N PDF jobs (`POST /generate-pdf`, the peers' one-page 40-row × 5-column document,
+//!    which offload's current A4 layout spreads over 2 pages: see `bench/peers.sh`) with
 //!    `--submit-concurrency` requests in flight; as soon as job i is accepted, client i sends
 //!    `{"subscribe": [id]}`.
 //! 3. Waits until every client saw its job reach a terminal status, or `--timeout` seconds after
@@ -53,6 +54,10 @@ struct Args {
     /// Seconds to wait after the last submission for the remaining terminal events.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
+    /// Only open the connections, hold them this many seconds, submit nothing (to tell the
+    /// server's memory per idle connection apart from its memory per job).
+    #[arg(long)]
+    connect_only: Option<u64>,
 }
 
 /// The peers' benchmark document (`common.py`, `make_pdf("Benchmark report", 40, 1)`).
@@ -61,7 +66,13 @@ fn document() -> Value {
         .map(|n| {
             let qty = (n * 7) % 13 + 1;
             let price = f64::from((n * 37) % 1000) / 10.0 + 1.0;
-            json!([n.to_string(), format!("Widget {n}"), qty.to_string(), format!("{price:.2}"), format!("{:.2}", f64::from(qty) * price)])
+            json!([
+                n.to_string(),
+                format!("Widget {n}"),
+                qty.to_string(),
+                format!("{price:.2}"),
+                format!("{:.2}", f64::from(qty) * price)
+            ])
         })
         .collect();
     json!({
@@ -194,18 +205,19 @@ async fn client(i: usize, mut socket: Socket, job: oneshot::Receiver<String>, sh
     }
 }
 
-async fn connect(ws: &awc::Client, url: &str, attempts: u32) -> Result<Socket, String> {
+/// Opens one WebSocket; returns it and how many attempts failed first.
+async fn connect(ws: &awc::Client, url: &str, attempts: u32) -> (Result<Socket, String>, u32) {
     let mut last = String::new();
-    for attempt in 0..attempts {
+    for attempt in 0..attempts.max(1) {
         if attempt > 0 {
             actix_rt::time::sleep(Duration::from_millis(100 << attempt)).await;
         }
         match ws.ws(url).connect().await {
-            Ok((_, socket)) => return Ok(socket),
+            Ok((_, socket)) => return (Ok(socket), attempt),
             Err(e) => last = e.to_string(),
         }
     }
-    Err(last)
+    (Err(last), attempts.max(1))
 }
 
 /// Percentiles (nearest rank) of a sample, in ms with two decimals.
@@ -219,6 +231,14 @@ fn summary(mut v: Vec<f64>) -> Value {
         (v[rank - 1] * 100.0).round() / 100.0
     };
     json!({"events": v.len(), "p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "max": at(1.0), "min": at(0.0)})
+}
+
+/// This process's peak resident memory (VmHWM) in MiB, on Linux.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some((kib / 1024.0 * 10.0).round() / 10.0)
 }
 
 fn round3(secs: f64) -> f64 {
@@ -252,6 +272,7 @@ async fn main() {
     let mut senders: Vec<Option<oneshot::Sender<String>>> = (0..n).map(|_| None).collect();
     let mut tasks = Vec::with_capacity(n);
     let mut connect_errors: BTreeMap<String, usize> = BTreeMap::new();
+    let mut connect_retries = 0;
     {
         let mut attempts = futures::stream::iter(0..n)
             .map(|i| {
@@ -259,7 +280,8 @@ async fn main() {
                 async move { (i, connect(client, url, args.connect_attempts).await) }
             })
             .buffer_unordered(args.connect_concurrency.max(1));
-        while let Some((i, result)) = attempts.next().await {
+        while let Some((i, (result, failed_attempts))) = attempts.next().await {
+            connect_retries += failed_attempts;
             match result {
                 Ok(socket) => {
                     let (tx, rx) = oneshot::channel();
@@ -275,7 +297,23 @@ async fn main() {
     }
     let connected = tasks.len();
     let connect_s = started.elapsed().as_secs_f64();
-    eprintln!("ws_fanout: {connected}/{n} connected in {connect_s:.2} s; submitting {connected} jobs");
+    eprintln!("ws_fanout: {connected}/{n} connected in {connect_s:.2} s ({connect_retries} retries)");
+    if let Some(hold) = args.connect_only {
+        actix_rt::time::sleep(Duration::from_secs(hold)).await;
+        let alive = tasks.iter().filter(|t| !t.is_finished()).count();
+        let out = json!({
+            "clients": n,
+            "connected": connected,
+            "still_open_after_hold": alive,
+            "hold_s": hold,
+            "connect_errors": connect_errors,
+            "connect_retries": connect_retries,
+            "connect_s": round3(connect_s),
+            "client_peak_rss_mib": peak_rss_mib(),
+        });
+        println!("{out}");
+        return;
+    }
 
     // 2. Submit one job per connected client; hand each id to its client at once.
     let body = document().to_string();
@@ -315,7 +353,7 @@ async fn main() {
     }
     let submit_s = submit_started.elapsed().as_secs_f64();
     let accepted = codes.get("202").copied().unwrap_or(0);
-    eprintln!("ws_fanout: submitted in {submit_s:.2} s: {codes:?}; waiting for terminal events");
+    eprintln!("ws_fanout: {connected} jobs submitted in {submit_s:.2} s: {codes:?}; waiting for terminal events");
 
     // 3. Wait for every accepted job's final event (or the timeout).
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
@@ -368,12 +406,14 @@ async fn main() {
         "latency_finished_ms": summary(finished_ms),
         "submit_status_codes": codes,
         "connect_errors": connect_errors,
+        "connect_retries": connect_retries,
         "client_errors": errors,
         "timed_out": timed_out,
         "connect_s": round3(connect_s),
         "submit_s": round3(submit_s),
         "submit_to_last_event_s": round3(drain_s),
         "wall_s": round3(wall_s),
+        "client_peak_rss_mib": peak_rss_mib(),
     });
     println!("{out}");
 }
