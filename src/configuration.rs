@@ -44,6 +44,11 @@ pub struct Settings {
     #[arg(long, env = "OFFLOAD_IMAGE_WORKERS")]
     pub image_workers: Option<usize>,
 
+    /// How much lower worker threads' scheduling priority is than the HTTP threads' (Linux nice
+    /// value, 0 to 19; 0 keeps them equal). Keeps the API responsive while workers fill every core.
+    #[arg(long, env = "OFFLOAD_WORKER_NICE", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub worker_nice: i32,
+
     /// Most jobs a pool holds at once, queued plus running; beyond it submissions get 503.
     #[arg(long, env = "OFFLOAD_MAX_PENDING", default_value_t = 1024)]
     pub max_pending: usize,

@@ -111,9 +111,10 @@ impl Application {
 
 fn start_dispatcher(settings: &Settings, io: &AsyncIo, metrics: Arc<Metrics>) -> Addr<Dispatcher> {
     let pdf_workers = settings.pdf_workers();
-    let pdf = SyncArbiter::start(pdf_workers, || JobWorker);
+    let nice = settings.worker_nice;
+    let pdf = SyncArbiter::start(pdf_workers, move || JobWorker::on_pool_thread(nice));
     let image_workers = settings.image_workers();
-    let image = SyncArbiter::start(image_workers, || JobWorker);
+    let image = SyncArbiter::start(image_workers, move || JobWorker::on_pool_thread(nice));
     let mut pools = HashMap::new();
     pools.insert(JobKind::Pdf, Pool::new(pdf.recipient(), pdf_workers));
     pools.insert(JobKind::Image, Pool::new(image.recipient(), image_workers));

@@ -138,6 +138,34 @@ impl JobContext {
 #[derive(Default)]
 pub struct JobWorker;
 
+impl JobWorker {
+    /// The pool factory: called on each pool thread as it starts. Lowers the thread's scheduling
+    /// priority by `nice` (Linux: nice values are per thread), so that when the workers keep every
+    /// core busy, HTTP and event-loop threads still run first and stay responsive.
+    pub fn on_pool_thread(nice: i32) -> Self {
+        lower_priority(nice);
+        JobWorker
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn lower_priority(nice: i32) {
+    if nice <= 0 {
+        return;
+    }
+    // SAFETY: plain system calls on the current thread; no memory is shared with the kernel.
+    let result = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice.min(19))
+    };
+    if result != 0 {
+        tracing::warn!(nice, "could not lower the worker thread's priority: {}", std::io::Error::last_os_error());
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_priority(_nice: i32) {}
+
 impl Actor for JobWorker {
     type Context = SyncContext<Self>;
 }

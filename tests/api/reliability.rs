@@ -171,3 +171,37 @@ async fn result_memory_is_bounded_by_evicting_the_oldest_results() {
     assert_eq!(failed["status"], "failed");
     assert_eq!(failed["error"]["code"], "result_too_large");
 }
+
+/// Nice values of this process's threads (the test and the app share the process).
+fn thread_nice_values() -> Vec<i64> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command name (which may hold spaces) start after the last ')'.
+            let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
+            fields.get(16)?.parse().ok() // field 19 of stat: nice
+        })
+        .collect()
+}
+
+#[actix_rt::test]
+async fn worker_threads_run_at_a_lower_priority() {
+    let mut s = crate::helpers::settings();
+    s.worker_nice = 7;
+    s.pdf_workers = Some(2);
+    s.image_workers = Some(1);
+    let app = crate::helpers::spawn_app_with(s).await;
+    let job = app.submit_pdf(&crate::helpers::report(1)).await;
+    app.wait_finished(crate::helpers::id_of(&job)).await;
+    // Pool threads start on their own; give them a moment, then expect exactly three.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let niced = loop {
+        let niced = thread_nice_values().iter().filter(|&&n| n == 7).count();
+        if niced >= 3 || std::time::Instant::now() > deadline {
+            break niced;
+        }
+        actix_rt::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    assert_eq!(niced, 3, "two PDF and one image worker threads at nice 7");
+}
