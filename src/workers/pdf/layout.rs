@@ -34,7 +34,7 @@ struct Style {
     gray: f32,
 }
 
-const MARGIN: f32 = 48.0;
+const MARGIN: f32 = 40.0;
 const FOOTER: f32 = 24.0;
 const TITLE: Style = Style { face: Face::Bold, size: 20.0, line_height: 25.0, gray: 0.0 };
 const SUBTITLE: Style = Style { face: Face::Regular, size: 12.5, line_height: 16.0, gray: 0.35 };
@@ -330,6 +330,15 @@ mod tests {
             rows: (1..=rows).map(|n| vec![format!("Widget {n}"), n.to_string(), format!("{n}.99")]).collect(),
         });
         spec
+    }
+
+    #[test]
+    fn a_title_a_header_and_40_rows_fit_one_a4_page() {
+        // The benchmark document the Python peers draw on one page.
+        let mut spec = spec_with_rows(40);
+        spec.title = "Benchmark report - page 1/1".into();
+        assert_eq!(layout::<()>(&spec, || Ok(())).unwrap().pages.len(), 1);
+        assert_eq!(layout::<()>(&spec_with_rows(41 * 2), || Ok(())).unwrap().pages.len(), 2);
     }
 
     #[test]
