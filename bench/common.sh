@@ -15,12 +15,15 @@ start_offload() {
 }
 
 # wait_drained PORT: polls GET /jobs until nothing is queued or running (at most a minute);
-# sets COUNTS to the final JSON counts.
+# sets COUNTS to the final JSON counts. Only curl and bash run in the loop: a Python start per
+# poll would steal CPU from the (lower-priority) workers being measured.
 wait_drained() {
-  local port=$1
+  local port=$1 re='"queued":([0-9]+),"running":([0-9]+)'
   for _ in $(seq 3000); do
-    COUNTS=$(curl -sf "http://127.0.0.1:$port/jobs?limit=1" | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["counts"]))')
-    python3 -c 'import json,sys; c=json.loads(sys.argv[1]); sys.exit(0 if c["queued"]+c["running"]==0 else 1)' "$COUNTS" && return 0
+    COUNTS=$(curl -sf "http://127.0.0.1:$port/jobs?limit=1" | grep -o '"counts":{[^}]*}' | cut -d: -f2-)
+    if [[ $COUNTS =~ $re ]] && [ "${BASH_REMATCH[1]}" = 0 ] && [ "${BASH_REMATCH[2]}" = 0 ]; then
+      return 0
+    fi
     sleep 0.02
   done
   echo "jobs still pending after a minute: $COUNTS" >&2

@@ -105,12 +105,25 @@ pub struct JobContext {
     id: JobId,
     control: JobControl,
     deadline: Instant,
-    events: Recipient<WorkerEvent>,
+    /// Where progress goes; `None` for work run outside the service (benchmarks).
+    events: Option<Recipient<WorkerEvent>>,
     /// When progress was last sent, for throttling.
     last_progress: Option<Instant>,
 }
 
 impl JobContext {
+    /// A context for running a job's code outside the service (the raw benchmark loop): no
+    /// deadline to speak of, progress computed and throttled as usual but sent nowhere.
+    pub fn detached() -> Self {
+        JobContext {
+            id: JobId::random(),
+            control: JobControl::default(),
+            deadline: Instant::now() + std::time::Duration::from_secs(86_400),
+            events: None,
+            last_progress: None,
+        }
+    }
+
     /// `Err` when the job must stop now: cancelled, past its deadline, or shutting down.
     pub fn checkpoint(&self) -> Result<(), JobFailure> {
         if let Some(why) = self.control.interrupted() {
@@ -130,7 +143,10 @@ impl JobContext {
             return;
         }
         self.last_progress = Some(now);
-        self.events.do_send(WorkerEvent::Progress { id: self.id, fraction, stage: stage() });
+        let stage = stage();
+        if let Some(events) = &self.events {
+            events.do_send(WorkerEvent::Progress { id: self.id, fraction, stage });
+        }
     }
 }
 
@@ -176,7 +192,7 @@ impl Handler<Execute> for JobWorker {
     fn handle(&mut self, msg: Execute, _: &mut SyncContext<Self>) {
         let Execute { id, payload, control, deadline, events } = msg;
         let started = Instant::now();
-        let mut job = JobContext { id, control, deadline, events: events.clone(), last_progress: None };
+        let mut job = JobContext { id, control, deadline, events: Some(events.clone()), last_progress: None };
         let outcome = match job.checkpoint() {
             Err(stopped) => Err(stopped),
             Ok(()) => {
