@@ -18,7 +18,13 @@ fn body(pages: usize) -> serde_json::Value {
         .map(|n| {
             let qty = (n * 7) % 13 + 1;
             let price = ((n * 37) % 1000) as f64 / 10.0 + 1.0;
-            vec![n.to_string(), format!("Widget {n}"), qty.to_string(), format!("{price:.2}"), format!("{:.2}", qty as f64 * price)]
+            vec![
+                n.to_string(),
+                format!("Widget {n}"),
+                qty.to_string(),
+                format!("{price:.2}"),
+                format!("{:.2}", qty as f64 * price),
+            ]
         })
         .collect();
     let title = if pages == 1 { "Benchmark report - page 1/1" } else { "Benchmark report" };

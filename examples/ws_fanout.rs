@@ -2,10 +2,9 @@
 //!
 //! 1. Opens N WebSocket connections to `/ws`, at most `--connect-concurrency` handshakes in
 //!    flight at once (so 10,000 clients do not all SYN together).
-//! 2. Submits N PDF jobs (`POST /generate-pdf`, the peers' one-page 40-row × 5-column document,
-//!    which offload's current A4 layout spreads over 2 pages: see `bench/peers.sh`) with
-//!    `--submit-concurrency` requests in flight; as soon as job i is accepted, client i sends
-//!    `{"subscribe": [id]}`.
+//! 2. Submits N one-page PDF jobs (`POST /generate-pdf`: the peers' 40-row × 5-column document,
+//!    the body `bench/peers.sh body 1` prints) with `--submit-concurrency` requests in flight; as
+//!    soon as job i is accepted, client i sends `{"subscribe": [id]}`.
 //! 3. Waits until every client saw its job reach a terminal status, or `--timeout` seconds after
 //!    the last submission.
 //!
