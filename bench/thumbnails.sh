@@ -2,6 +2,8 @@
 # Thumbnail jobs through the service: N uploads of a 4000x3000 JPEG (256 px thumbnail, JPEG out)
 # sent with oha, timed until the last job ends; then the same work in a plain loop on all cores
 # (examples/thumbnail_bench.rs) for the service/raw ratio. Usage: bench/thumbnails.sh [N] [C]
+# IMAGE=path.jpg bench/thumbnails.sh 100 32: another JPEG (e.g. the peers' 1920x1080 test image,
+# target/peers/test-1920x1080.jpg after `bench/peers.sh prepare`), service only, no raw loop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-100}
@@ -11,10 +13,16 @@ OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 
 . bench/common.sh
-cargo build --release --locked -q --example thumbnail_bench
-RAW=$(./target/release/examples/thumbnail_bench 15 --write "$OUT/photo-4000x3000.jpg")
+IMAGE=${IMAGE:-}
+if [ -z "$IMAGE" ]; then
+  cargo build --release --locked -q --example thumbnail_bench
+  RAW=$(./target/release/examples/thumbnail_bench 15 --write "$OUT/photo-4000x3000.jpg")
+  IMAGE=$OUT/photo-4000x3000.jpg
+else
+  RAW="raw loop: skipped for IMAGE=$IMAGE"
+fi
 
-python3 - "$OUT/photo-4000x3000.jpg" "$OUT/thumb-upload.bin" <<'PY'
+python3 - "$IMAGE" "$OUT/thumb-upload.bin" <<'PY'
 import sys
 b = "offload-bench-boundary"
 jpeg = open(sys.argv[1], "rb").read()
