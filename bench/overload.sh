@@ -12,18 +12,9 @@ mkdir -p "$OUT"
 . bench/common.sh
 start_offload "$PORT" "$OUT/overload-server.log"
 
-# The peers' benchmark document: one page, 40 rows x 5 columns.
-BODY=$(python3 - <<'PY'
-import json
-rows = []
-for n in range(1, 41):
-    qty = (n * 7) % 13 + 1
-    price = ((n * 37) % 1000) / 10 + 1
-    rows.append([str(n), f"Widget {n}", str(qty), f"{price:.2f}", f"{qty * price:.2f}"])
-print(json.dumps({"title": "Benchmark - page 1/1",
-                  "table": {"columns": ["#", "Item", "Qty", "Unit price", "Total"], "rows": rows}}))
-PY
-)
+# The peers' benchmark document: one page, 40 rows x 5 columns (bench/peers.sh explains it).
+. bench/peers.sh
+BODY=$(offload_pdf_body 1)
 
 oha -n "$N" -c "$C" --no-tui --output-format json -m POST -H 'content-type: application/json' -d "$BODY" \
   "http://127.0.0.1:$PORT/generate-pdf" >"$OUT/overload-oha.json"

@@ -159,9 +159,7 @@ impl Dispatcher {
         if let Some(ran) = ran {
             o.metrics.job_duration.with_label_values(&[kind, status]).observe(ran.as_secs_f64());
         }
-        let mut props = serde_json::Map::new();
-        props.insert("job_id".into(), job.id.to_string().into());
-        props.insert("kind".into(), kind.into());
+        let mut props = job_props(job);
         let name = match job.status {
             JobStatus::Succeeded => {
                 props.insert("duration_ms".into(), ran.map_or(0, |d| d.as_millis() as u64).into());
@@ -336,6 +334,14 @@ impl Dispatcher {
     }
 }
 
+/// The properties every job analytics event carries.
+fn job_props(job: &Job) -> serde_json::Map<String, serde_json::Value> {
+    let mut props = serde_json::Map::new();
+    props.insert("job_id".into(), job.id.to_string().into());
+    props.insert("kind".into(), job.kind.as_str().into());
+    props
+}
+
 fn shutdown_error() -> ErrorBody {
     ErrorBody::new("shutdown", "the service shut down before the job could finish; submit it again")
 }
@@ -422,12 +428,8 @@ impl Dispatcher {
             job.callback = msg.callback.clone();
             let weight = payload.approx_bytes();
             self.store.insert(job.clone(), payload, weight);
-            let kind = job.kind.as_str();
-            self.observers.metrics.jobs_submitted.with_label_values(&[kind]).inc();
-            let mut props = serde_json::Map::new();
-            props.insert("job_id".into(), job.id.to_string().into());
-            props.insert("kind".into(), kind.into());
-            self.observers.analytics.record(Event::internal("job_submitted", props));
+            self.observers.metrics.jobs_submitted.with_label_values(&[job.kind.as_str()]).inc();
+            self.observers.analytics.record(Event::internal("job_submitted", job_props(&job)));
             accepted.push(job);
         }
         for kind in wanted.keys() {

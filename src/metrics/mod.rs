@@ -7,6 +7,7 @@
 
 pub mod middleware;
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -66,42 +67,33 @@ const HTTP_BUCKETS: &[f64] =
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new_custom(Some("offload".into()), None).expect("a valid prefix");
+        // Every metric is built, then registered: one place for both.
+        let add = |metric: Box<dyn Collector>| registry.register(metric).expect("unique metric name");
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(metric.clone())).expect("unique metric");
+            add(Box::new(metric.clone()));
             metric
         };
-        let counter = |name: &str, help: &str| {
-            let metric = IntCounter::new(name, help).expect("valid metric");
-            registry.register(Box::new(metric.clone())).expect("unique metric");
-            metric
-        };
+        let counter = |name: &str, help: &str| counter_vec(name, help, &[]).with_label_values::<&str>(&[]);
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
             let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(metric.clone())).expect("unique metric");
+            add(Box::new(metric.clone()));
             metric
         };
-        let gauge = |name: &str, help: &str| {
-            let metric = IntGauge::new(name, help).expect("valid metric");
-            registry.register(Box::new(metric.clone())).expect("unique metric");
-            metric
-        };
+        let gauge = |name: &str, help: &str| gauge_vec(name, help, &[]).with_label_values::<&str>(&[]);
         let histogram_vec = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
             let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
             let metric = HistogramVec::new(opts, labels).expect("valid metric");
-            registry.register(Box::new(metric.clone())).expect("unique metric");
+            add(Box::new(metric.clone()));
             metric
         };
-        let analytics_lag = {
-            let opts = HistogramOpts::new(
-                "analytics_lag_seconds",
-                "Time from an analytics hand-off to the event being counted",
-            )
-            .buckets(HTTP_BUCKETS.to_vec());
-            let metric = Histogram::with_opts(opts).expect("valid metric");
-            registry.register(Box::new(metric.clone())).expect("unique metric");
-            metric
-        };
+        let analytics_lag = histogram_vec(
+            "analytics_lag_seconds",
+            "Time from an analytics hand-off to the event being counted",
+            &[],
+            HTTP_BUCKETS,
+        )
+        .with_label_values::<&str>(&[]);
         Metrics {
             jobs_submitted: counter_vec("jobs_submitted_total", "Jobs accepted", &["kind"]),
             jobs_finished: counter_vec("jobs_finished_total", "Jobs that ended, by final status", &["kind", "status"]),

@@ -129,15 +129,7 @@ impl TestApp {
 
     /// Polls the job until `done` holds, failing the test after `within`.
     pub async fn wait_for(&self, id: &str, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + within;
-        loop {
-            let job = self.job(id).await;
-            if done(&job) {
-                return job;
-            }
-            assert!(Instant::now() < deadline, "job did not reach the expected state in {within:?}: {job}");
-            actix_rt::time::sleep(Duration::from_millis(10)).await;
-        }
+        poll_until(within, Duration::from_millis(10), || self.job(id), done, |job| format!("job {job}")).await
     }
 
     /// Polls until the job has ended (succeeded, failed or cancelled).
@@ -146,6 +138,26 @@ impl TestApp {
             matches!(j["status"].as_str(), Some("succeeded" | "failed" | "cancelled"))
         })
         .await
+    }
+}
+
+/// Fetches with `fetch` every `every` until `done` holds; fails the test after `within`, showing
+/// the last value with `show`.
+pub async fn poll_until<T, F: std::future::Future<Output = T>>(
+    within: Duration,
+    every: Duration,
+    fetch: impl Fn() -> F,
+    done: impl Fn(&T) -> bool,
+    show: impl Fn(&T) -> String,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        let value = fetch().await;
+        if done(&value) {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "not in the expected state within {within:?}: {}", show(&value));
+        actix_rt::time::sleep(every).await;
     }
 }
 
@@ -419,15 +431,8 @@ impl TestApp {
 
     /// Polls `/metrics` until `done` holds, failing the test after `within`.
     pub async fn wait_metrics(&self, within: Duration, done: impl Fn(&Scrape) -> bool) -> Scrape {
-        let deadline = Instant::now() + within;
-        loop {
-            let scrape = self.metrics().await;
-            if done(&scrape) {
-                return scrape;
-            }
-            assert!(Instant::now() < deadline, "metrics did not reach the expected state in {within:?}");
-            actix_rt::time::sleep(Duration::from_millis(20)).await;
-        }
+        poll_until(within, Duration::from_millis(20), || self.metrics(), done, |m| format!("metrics\n{}", m.dump()))
+            .await
     }
 
     /// `GET /analytics/summary`, asserting 200.
@@ -439,15 +444,7 @@ impl TestApp {
 
     /// Polls the analytics summary until `done` holds, failing the test after `within`.
     pub async fn wait_summary(&self, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + within;
-        loop {
-            let summary = self.summary().await;
-            if done(&summary) {
-                return summary;
-            }
-            assert!(Instant::now() < deadline, "summary did not reach the expected state in {within:?}: {summary}");
-            actix_rt::time::sleep(Duration::from_millis(20)).await;
-        }
+        poll_until(within, Duration::from_millis(20), || self.summary(), done, |s| format!("summary {s}")).await
     }
 }
 
