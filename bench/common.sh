@@ -14,19 +14,22 @@ start_offload() {
   return 1
 }
 
-# wait_drained PORT: polls GET /jobs until nothing is queued or running (at most a minute);
-# sets COUNTS to the final JSON counts. Only curl and bash run in the loop: a Python start per
-# poll would steal CPU from the (lower-priority) workers being measured.
+# wait_drained PORT: polls GET /jobs until nothing is queued or running (at most two minutes);
+# sets COUNTS to the final JSON counts. Rates are timed from the jobs' own timestamps, not from
+# this loop, so it polls only every POLL seconds (default 0.25): each poll starts a curl at
+# normal priority that would steal CPU from the (lower-priority) workers being measured.
 wait_drained() {
-  local port=$1 re='"queued":([0-9]+),"running":([0-9]+)'
-  for _ in $(seq 3000); do
+  local port=$1 re='"queued":([0-9]+),"running":([0-9]+)' poll=${POLL:-0.25}
+  local tries
+  tries=$(awk -v p="$poll" 'BEGIN { print int(120 / p) }')
+  for _ in $(seq "$tries"); do
     COUNTS=$(curl -sf "http://127.0.0.1:$port/jobs?limit=1" | grep -o '"counts":{[^}]*}' | cut -d: -f2-)
     if [[ $COUNTS =~ $re ]] && [ "${BASH_REMATCH[1]}" = 0 ] && [ "${BASH_REMATCH[2]}" = 0 ]; then
       return 0
     fi
-    sleep 0.02
+    sleep "$poll"
   done
-  echo "jobs still pending after a minute: $COUNTS" >&2
+  echo "jobs still pending after two minutes: $COUNTS" >&2
   return 1
 }
 

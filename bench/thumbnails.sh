@@ -3,7 +3,7 @@
 # sent with oha, timed until the last job ends; then the same work in a plain loop on all cores
 # (examples/thumbnail_bench.rs) for the service/raw ratio. Usage: bench/thumbnails.sh [N] [C]
 # IMAGE=path.jpg bench/thumbnails.sh 100 32: another JPEG (e.g. the peers' 1920x1080 test image,
-# target/peers/test-1920x1080.jpg after `bench/peers.sh prepare`), service only, no raw loop.
+# target/peers/test-1920x1080.jpg after `bench/peers.sh prepare`), with the raw loop on that file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-100}
@@ -14,12 +14,12 @@ mkdir -p "$OUT"
 
 . bench/common.sh
 IMAGE=${IMAGE:-}
+cargo build --release --locked -q --example thumbnail_bench
 if [ -z "$IMAGE" ]; then
-  cargo build --release --locked -q --example thumbnail_bench
   RAW=$(./target/release/examples/thumbnail_bench 15 --write "$OUT/photo-4000x3000.jpg")
   IMAGE=$OUT/photo-4000x3000.jpg
 else
-  RAW="raw loop: skipped for IMAGE=$IMAGE"
+  RAW=$(./target/release/examples/thumbnail_bench 15 --image "$IMAGE")
 fi
 
 python3 - "$IMAGE" "$OUT/thumb-upload.bin" <<'PY'

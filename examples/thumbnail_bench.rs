@@ -1,9 +1,10 @@
 //! Raw thumbnail speed, outside the service: full decode vs reduced-scale decode of a 4000×3000
 //! JPEG, one thread (median of runs), and jobs/s with every core busy.
 //!
-//! `cargo run --release --example thumbnail_bench [RUNS] [--write PATH]`
+//! `cargo run --release --example thumbnail_bench [RUNS] [--write PATH] [--image PATH]`
 //! With `--write PATH` it also saves the test JPEG (photo-like noise over gradients) for the HTTP
-//! benchmark in `bench/thumbnails.sh`.
+//! benchmark in `bench/thumbnails.sh`; with `--image PATH` it measures that JPEG instead (e.g. the
+//! peers' 1920×1080 test image).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,15 +29,16 @@ fn photo(w: u32, h: u32) -> Vec<u8> {
     out
 }
 
-fn task(bytes: &[u8], ops: Vec<ImageOp>) -> ImageTask {
+fn task(bytes: &[u8], stored: (u32, u32), ops: Vec<ImageOp>) -> ImageTask {
+    let planned = ops.iter().fold(stored, |(w, h), op| op.output_size(w, h));
     ImageTask {
         bytes: bytes.to_vec().into(),
         format: ImageFormat::Jpeg,
-        stored: (4000, 3000),
+        stored,
         orientation: Orientation::NoTransforms,
         ops: Arc::from(ops),
         output: OutputFormat::Jpeg,
-        planned: (256, 192),
+        planned,
         stem: "bench".into(),
         max_pixels: 50_000_000,
     }
@@ -60,11 +62,18 @@ fn median(mut v: Vec<Duration>) -> Duration {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let runs: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(15);
-    let jpeg = photo(4000, 3000);
-    if let Some(i) = args.iter().position(|a| a == "--write") {
-        std::fs::write(&args[i + 1], &jpeg).unwrap();
+    let flag = |name: &str| args.iter().position(|a| a == name).map(|i| args[i + 1].clone());
+    let jpeg = match flag("--image") {
+        Some(path) => std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}")),
+        None => photo(4000, 3000),
+    };
+    if let Some(path) = flag("--write") {
+        std::fs::write(path, &jpeg).unwrap();
     }
-    let t = task(&jpeg, vec![ImageOp::Thumbnail { size: 256 }]);
+    let stored = image::ImageReader::with_format(std::io::Cursor::new(&jpeg), ImageFormat::Jpeg)
+        .into_dimensions()
+        .unwrap_or_else(|e| panic!("not a JPEG: {e}"));
+    let t = task(&jpeg, stored, vec![ImageOp::Thumbnail { size: 256 }]);
     for (name, scaled) in [("full decode + thumbnail", false), ("scaled decode + thumbnail", true)] {
         thumbnail(&t, scaled);
         let times: Vec<Duration> = (0..runs)
@@ -89,5 +98,10 @@ fn main() {
         }
     });
     let rate = (cores * per_thread) as f64 / start.elapsed().as_secs_f64();
-    println!("scaled thumbnails, {cores} threads: {rate:.1} jobs/s (4000x3000 JPEG, {} KiB)", jpeg.len() / 1024);
+    println!(
+        "scaled thumbnails, {cores} threads: {rate:.1} jobs/s ({}x{} JPEG, {} KiB)",
+        stored.0,
+        stored.1,
+        jpeg.len() / 1024
+    );
 }

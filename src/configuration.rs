@@ -20,6 +20,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// How worker threads are scheduled against the HTTP and event-loop threads (Linux).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WorkerSched {
+    /// `SCHED_IDLE`: workers get a core only when no normal thread wants it, so a request that
+    /// arrives preempts them at once. For a host (or container) that runs offload alone.
+    Idle,
+    /// The normal scheduler with `--worker-nice`: workers keep a small share of the CPU even
+    /// when other programs on the host keep every core busy.
+    Normal,
+}
+
 /// All settings. Field docs double as `--help` text.
 #[derive(Clone, Debug, Parser)]
 #[command(
@@ -48,6 +59,12 @@ pub struct Settings {
     /// value, 0 to 19; 0 keeps them equal). Keeps the API responsive while workers fill every core.
     #[arg(long, env = "OFFLOAD_WORKER_NICE", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub worker_nice: i32,
+
+    /// Scheduling class of worker threads: `idle` (Linux `SCHED_IDLE`: any HTTP thread that wakes
+    /// up runs first) or `normal` (nice `--worker-nice`, which keeps workers a share of the CPU
+    /// beside other busy programs on the host).
+    #[arg(long, env = "OFFLOAD_WORKER_SCHED", value_enum, default_value_t = WorkerSched::Idle)]
+    pub worker_sched: WorkerSched,
 
     /// Most jobs a pool holds at once, queued plus running; beyond it submissions get 503.
     #[arg(long, env = "OFFLOAD_MAX_PENDING", default_value_t = 1024)]

@@ -111,10 +111,10 @@ impl Application {
 
 fn start_dispatcher(settings: &Settings, io: &AsyncIo, metrics: Arc<Metrics>) -> Addr<Dispatcher> {
     let pdf_workers = settings.pdf_workers();
-    let nice = settings.worker_nice;
-    let pdf = SyncArbiter::start(pdf_workers, move || JobWorker::on_pool_thread(nice));
+    let (nice, sched) = (settings.worker_nice, settings.worker_sched);
+    let pdf = SyncArbiter::start(pdf_workers, move || JobWorker::on_pool_thread(nice, sched));
     let image_workers = settings.image_workers();
-    let image = SyncArbiter::start(image_workers, move || JobWorker::on_pool_thread(nice));
+    let image = SyncArbiter::start(image_workers, move || JobWorker::on_pool_thread(nice, sched));
     let mut pools = HashMap::new();
     pools.insert(JobKind::Pdf, Pool::new(pdf.recipient(), pdf_workers));
     pools.insert(JobKind::Image, Pool::new(image.recipient(), image_workers));

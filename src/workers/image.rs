@@ -44,7 +44,8 @@ fn failure(code: &str, message: impl Into<String>) -> JobFailure {
 }
 
 /// Decodes the upload, upright. A JPEG whose first op shrinks it at least 2× on both sides is
-/// decoded at reduced scale (the IDCT scales by 1/2, 1/4 or 1/8), which skips most of the work.
+/// decoded at reduced scale (the IDCT scales by 1/2, 1/4 or 1/8), which skips most of the work
+/// after entropy decoding.
 pub fn decode(task: &ImageTask) -> Result<DynamicImage, JobFailure> {
     if task.format == ImageFormat::Jpeg && jpeg_is_truncated(&task.bytes) {
         return Err(failure("truncated_image", "the JPEG file is cut short: it has no end-of-image marker"));
@@ -74,28 +75,48 @@ fn scaled_jpeg_target(task: &ImageTask) -> Option<(u32, u32)> {
     (tw * 2 <= sw && th * 2 <= sh).then_some((tw, th))
 }
 
+/// libjpeg-turbo's DCT scaling (through the `mozjpeg` crate): the IDCT runs at 1/2 or 1/4 or
+/// 1/8 size, on this thread only, picking the smallest scale that still covers `w`×`h`.
 /// `Ok(None)`: this JPEG cannot be decoded scaled (e.g. CMYK); decode it in full instead.
 fn decode_jpeg_scaled(task: &ImageTask, w: u32, h: u32) -> Result<Option<DynamicImage>, JobFailure> {
-    let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(&task.bytes[..]));
-    decoder.set_max_decoding_buffer_size(usize::try_from(task.max_pixels.saturating_mul(4)).unwrap_or(usize::MAX));
-    let clamp = |v: u32| u16::try_from(v.max(1)).unwrap_or(u16::MAX);
-    decoder.scale(clamp(w), clamp(h)).map_err(jpeg_error)?;
-    let pixels = decoder.decode().map_err(jpeg_error)?;
-    let Some(info) = decoder.info() else { return Ok(None) };
-    let (w, h) = (u32::from(info.width), u32::from(info.height));
-    Ok(match info.pixel_format {
-        jpeg_decoder::PixelFormat::RGB24 => RgbImage::from_raw(w, h, pixels).map(DynamicImage::ImageRgb8),
-        jpeg_decoder::PixelFormat::L8 => image::GrayImage::from_raw(w, h, pixels).map(DynamicImage::ImageLuma8),
-        _ => None,
-    })
-}
-
-fn jpeg_error(e: jpeg_decoder::Error) -> JobFailure {
-    match e {
-        jpeg_decoder::Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-            failure("truncated_image", "the image file is cut short")
+    // libjpeg reports errors by unwinding out of its error handler (without the panic hook).
+    let decoded = std::panic::catch_unwind(|| -> std::io::Result<Option<DynamicImage>> {
+        let mut decoder = mozjpeg::Decompress::new_mem(&task.bytes)?;
+        let (sw, sh) = decoder.size();
+        let covers = |eighths: usize| sw * eighths / 8 >= w as usize && sh * eighths / 8 >= h as usize;
+        let Some(eighths) = [1u8, 2, 4].into_iter().find(|&n| covers(usize::from(n))) else {
+            return Ok(None);
+        };
+        decoder.scale(eighths);
+        let gray = match decoder.color_space() {
+            mozjpeg::ColorSpace::JCS_GRAYSCALE => true,
+            mozjpeg::ColorSpace::JCS_YCbCr | mozjpeg::ColorSpace::JCS_RGB => false,
+            _ => return Ok(None),
+        };
+        let mut started = if gray { decoder.grayscale()? } else { decoder.rgb()? };
+        let (ow, oh) = (started.width() as u32, started.height() as u32);
+        let pixels: Vec<u8> = started.read_scanlines()?;
+        started.finish()?;
+        Ok(if gray {
+            image::GrayImage::from_raw(ow, oh, pixels).map(DynamicImage::ImageLuma8)
+        } else {
+            RgbImage::from_raw(ow, oh, pixels).map(DynamicImage::ImageRgb8)
+        })
+    });
+    match decoded {
+        Ok(Ok(img)) => Ok(img),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(failure("truncated_image", "the image file is cut short"))
         }
-        other => failure("invalid_image", format!("the JPEG cannot be decoded: {other}")),
+        Ok(Err(e)) => Err(failure("invalid_image", format!("the JPEG cannot be decoded: {e}"))),
+        Err(payload) => {
+            let text = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown libjpeg error");
+            Err(failure("invalid_image", format!("the JPEG cannot be decoded: {text}")))
+        }
     }
 }
 
@@ -213,6 +234,52 @@ mod tests {
         assert!(!jpeg_is_truncated(&padded));
         assert!(jpeg_is_truncated(&jpeg[..jpeg.len() - 2]));
         assert!(jpeg_is_truncated(&jpeg[..jpeg.len() / 2]));
+    }
+
+    fn thumbnail_task(bytes: Vec<u8>, stored: (u32, u32)) -> ImageTask {
+        let ops: std::sync::Arc<[ImageOp]> = std::sync::Arc::from(vec![ImageOp::Thumbnail { size: 256 }]);
+        ImageTask {
+            planned: ops[0].output_size(stored.0, stored.1),
+            bytes: bytes.into(),
+            format: ImageFormat::Jpeg,
+            stored,
+            orientation: image::metadata::Orientation::NoTransforms,
+            ops,
+            output: OutputFormat::Jpeg,
+            stem: "t".into(),
+            max_pixels: 50_000_000,
+        }
+    }
+
+    #[test]
+    fn a_jpeg_shrunk_4x_is_decoded_at_a_quarter_scale_in_its_own_colours() {
+        for (img, gray) in [
+            (DynamicImage::ImageRgb8(RgbImage::from_pixel(1024, 768, Rgb([200, 40, 90]))), false),
+            (DynamicImage::ImageLuma8(image::GrayImage::from_pixel(1024, 768, image::Luma([77]))), true),
+        ] {
+            let mut jpeg = Vec::new();
+            img.write_with_encoder(JpegEncoder::new_with_quality(&mut jpeg, 90)).unwrap();
+            let task = thumbnail_task(jpeg, (1024, 768));
+            assert_eq!(scaled_jpeg_target(&task), Some((256, 192)));
+            let decoded = decode_jpeg_scaled(&task, 256, 192).unwrap().expect("scaled");
+            assert_eq!((decoded.width(), decoded.height()), (256, 192), "2/8 of 1024x768");
+            assert_eq!(decoded.color().has_color(), !gray);
+            let centre = decoded.to_rgb8().get_pixel(128, 96).0;
+            let want = img.to_rgb8().get_pixel(0, 0).0;
+            for (c, w) in centre.iter().zip(want) {
+                assert!(c.abs_diff(w) <= 3, "{centre:?} vs {want:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_broken_jpeg_fails_the_scaled_decode_with_an_error_not_a_panic() {
+        let mut garbage = vec![0xFF, 0xD8];
+        garbage.extend_from_slice(b"no frame header here, only text");
+        garbage.extend_from_slice(&[0xFF, 0xD9]);
+        let task = thumbnail_task(garbage, (1024, 768));
+        let Err(JobFailure::Error(e)) = decode_jpeg_scaled(&task, 256, 192) else { panic!("expected an error") };
+        assert_eq!(e.code, "invalid_image", "{}", e.message);
     }
 
     #[test]

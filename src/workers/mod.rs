@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use bytes::Bytes;
 
+use crate::configuration::WorkerSched;
 use crate::dispatch::JobId;
 use crate::domain::JobPayload;
 use crate::error::ErrorBody;
@@ -156,31 +157,35 @@ pub struct JobWorker;
 
 impl JobWorker {
     /// The pool factory: called on each pool thread as it starts. Lowers the thread's scheduling
-    /// priority by `nice` (Linux: nice values are per thread), so that when the workers keep every
-    /// core busy, HTTP and event-loop threads still run first and stay responsive.
-    pub fn on_pool_thread(nice: i32) -> Self {
-        lower_priority(nice);
+    /// priority (Linux: nice values and scheduling classes are per thread): `nice`, and with
+    /// [`WorkerSched::Idle`] the `SCHED_IDLE` class, so that when the workers keep every core busy,
+    /// HTTP and event-loop threads still run first and stay responsive.
+    pub fn on_pool_thread(nice: i32, sched: WorkerSched) -> Self {
+        lower_priority(nice, sched);
         JobWorker
     }
 }
 
 #[cfg(target_os = "linux")]
-fn lower_priority(nice: i32) {
-    if nice <= 0 {
-        return;
-    }
-    // SAFETY: plain system calls on the current thread; no memory is shared with the kernel.
-    let result = unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, nice.min(19))
+fn lower_priority(nice: i32, sched: WorkerSched) {
+    let warn = |what: &str| {
+        tracing::warn!(nice, ?sched, "could not lower the worker thread's {what}: {}", std::io::Error::last_os_error())
     };
-    if result != 0 {
-        tracing::warn!(nice, "could not lower the worker thread's priority: {}", std::io::Error::last_os_error());
+    // SAFETY: plain system calls on the current thread; `param` outlives the call.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        if nice > 0 && libc::setpriority(libc::PRIO_PROCESS, tid, nice.min(19)) != 0 {
+            warn("nice value");
+        }
+        let param = libc::sched_param { sched_priority: 0 };
+        if sched == WorkerSched::Idle && libc::sched_setscheduler(tid as libc::pid_t, libc::SCHED_IDLE, &param) != 0 {
+            warn("scheduling class");
+        }
     }
 }
 
 #[cfg(not(target_os = "linux"))]
-fn lower_priority(_nice: i32) {}
+fn lower_priority(_nice: i32, _sched: WorkerSched) {}
 
 impl Actor for JobWorker {
     type Context = SyncContext<Self>;

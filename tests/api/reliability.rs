@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use offload::configuration::WorkerSched;
+
 use crate::helpers::{duration, id_of, settings, spawn_app_with};
 
 fn one_worker() -> offload::configuration::Settings {
@@ -172,36 +174,45 @@ async fn result_memory_is_bounded_by_evicting_the_oldest_results() {
     assert_eq!(failed["error"]["code"], "result_too_large");
 }
 
-/// Nice values of this process's threads (the test and the app share the process).
-fn thread_nice_values() -> Vec<i64> {
+/// (nice value, scheduling policy) of each of this process's threads (the test and the app
+/// share the process).
+fn thread_priorities() -> Vec<(i64, i64)> {
     std::fs::read_dir("/proc/self/task")
         .unwrap()
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
         .filter_map(|stat| {
-            // Fields after the command name (which may hold spaces) start after the last ')'.
+            // Fields after the command name (which may hold spaces) start after the last ')',
+            // with field 3 of proc_pid_stat(5): field 19 is nice, field 41 the policy.
             let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
-            fields.get(16)?.parse().ok() // field 19 of stat: nice
+            Some((fields.get(19 - 3)?.parse().ok()?, fields.get(41 - 3)?.parse().ok()?))
         })
         .collect()
 }
 
 #[actix_rt::test]
 async fn worker_threads_run_at_a_lower_priority() {
-    let mut s = crate::helpers::settings();
-    s.worker_nice = 7;
-    s.pdf_workers = Some(2);
-    s.image_workers = Some(1);
-    let app = crate::helpers::spawn_app_with(s).await;
-    let job = app.submit_pdf(&crate::helpers::report(1)).await;
-    app.wait_finished(crate::helpers::id_of(&job)).await;
-    // Pool threads start on their own; give them a moment, then expect exactly three.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let niced = loop {
-        let niced = thread_nice_values().iter().filter(|&&n| n == 7).count();
-        if niced >= 3 || std::time::Instant::now() > deadline {
-            break niced;
-        }
-        actix_rt::time::sleep(std::time::Duration::from_millis(10)).await;
-    };
-    assert_eq!(niced, 3, "two PDF and one image worker threads at nice 7");
+    const SCHED_OTHER: i64 = 0;
+    const SCHED_IDLE: i64 = 5;
+    for (sched, policy) in [(WorkerSched::Normal, SCHED_OTHER), (WorkerSched::Idle, SCHED_IDLE)] {
+        let mut s = crate::helpers::settings();
+        s.worker_nice = 7;
+        s.worker_sched = sched;
+        s.pdf_workers = Some(2);
+        s.image_workers = Some(1);
+        let app = crate::helpers::spawn_app_with(s).await;
+        let job = app.submit_pdf(&crate::helpers::report(1)).await;
+        app.wait_finished(crate::helpers::id_of(&job)).await;
+        // Pool threads start on their own; give them a moment, then expect exactly three. Each
+        // case's app is dropped before the next starts, but its threads may linger: count only
+        // threads at this case's (nice, policy).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let lowered = loop {
+            let lowered = thread_priorities().iter().filter(|&&p| p == (7, policy)).count();
+            if lowered >= 3 || std::time::Instant::now() > deadline {
+                break lowered;
+            }
+            actix_rt::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        assert_eq!(lowered, 3, "{sched:?}: two PDF and one image worker threads at nice 7, policy {policy}");
+    }
 }
