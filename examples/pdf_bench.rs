@@ -13,6 +13,11 @@ use offload::workers::pdf::render;
 use offload::workers::JobContext;
 
 /// The body `bench/peers.sh body PAGES` prints: the peers' document.
+
+/// The service's allocator (src/main.rs), so that the ratio compares like with like.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn body(pages: usize) -> serde_json::Value {
     let rows: Vec<Vec<String>> = (1..=40 * pages)
         .map(|n| {
@@ -36,6 +41,7 @@ fn body(pages: usize) -> serde_json::Value {
 }
 
 fn main() {
+    offload::memory::disable_huge_pages();
     let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().expect("numbers")).collect();
     let pages = args.first().copied().unwrap_or(1);
     let jobs = args.get(1).copied().unwrap_or(if pages == 1 { 500 } else { 50 });

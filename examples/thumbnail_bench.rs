@@ -15,6 +15,10 @@ use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
 use offload::domain::image::{ImageOp, ImageTask, OutputFormat};
 use offload::workers::image::{apply, decode, decode_full, encode};
 
+/// The service's allocator (src/main.rs), so that the ratio compares like with like.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn photo(w: u32, h: u32) -> Vec<u8> {
     let mut seed = 0x2545_F491_4F6C_DD1Du64;
     let img = RgbImage::from_fn(w, h, |x, y| {
@@ -60,6 +64,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn main() {
+    offload::memory::disable_huge_pages();
     let args: Vec<String> = std::env::args().collect();
     let runs: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(15);
     let flag = |name: &str| args.iter().position(|a| a == name).map(|i| args[i + 1].clone());

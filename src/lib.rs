@@ -22,6 +22,7 @@
 //! - [`error`]: the JSON error body shared by every error type.
 //! - [`metrics`]: Prometheus metrics and the request-timing middleware.
 //! - [`healthcheck`]: `offload --healthcheck`, the container health probe.
+//! - [`memory`]: process memory settings of the binaries (no transparent huge pages).
 
 pub mod async_io;
 pub mod configuration;
@@ -29,6 +30,7 @@ pub mod dispatch;
 pub mod domain;
 pub mod error;
 pub mod healthcheck;
+pub mod memory;
 pub mod metrics;
 pub mod realtime;
 pub mod routes;
