@@ -12,12 +12,11 @@ use offload::domain::pdf::{DocumentSpec, PdfRequest, SpecLimits};
 use offload::workers::pdf::render;
 use offload::workers::JobContext;
 
-/// The body `bench/peers.sh body PAGES` prints: the peers' document.
-
 /// The service's allocator (src/main.rs), so that the ratio compares like with like.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The body `bench/peers.sh body PAGES` prints: the peers' document.
 fn body(pages: usize) -> serde_json::Value {
     let rows: Vec<Vec<String>> = (1..=40 * pages)
         .map(|n| {
