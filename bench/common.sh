@@ -37,3 +37,19 @@ wait_drained() {
 peak_rss_kib() {
   awk '/VmHWM/ {print $2}' "/proc/$PID/status"
 }
+
+# cpu_by_thread: the server's CPU time so far per thread name, as JSON {"name": ns, ...}
+# (schedstat: nanoseconds on a CPU), so a scenario's CPU can be split into workers and the rest.
+cpu_by_thread() {
+  local t name ns out=""
+  for t in /proc/"$PID"/task/*; do
+    read -r name <"$t/comm" || continue
+    read -r ns _ <"$t/schedstat" || continue
+    out+="\"$name\":$ns,"
+  done
+  # Several threads share a name: sum them.
+  python3 -c 'import json,sys,collections
+c=collections.Counter()
+for k,v in json.loads(sys.argv[1], object_pairs_hook=list): c[k]+=v
+print(json.dumps(c))' "{${out%,}}"
+}

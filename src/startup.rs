@@ -20,6 +20,7 @@ use crate::metrics::{self, Metrics};
 use crate::realtime::WsSettings;
 use crate::routes;
 use crate::shutdown;
+use crate::telemetry;
 use crate::workers::JobWorker;
 
 pub struct Application {
@@ -69,6 +70,8 @@ impl Application {
         let static_dir = settings.static_dir.clone();
         let app_dispatcher = dispatcher.clone();
         let server = HttpServer::new(move || {
+            // Runs once on each HTTP worker thread as it starts.
+            telemetry::name_thread(c"http-worker");
             App::new()
                 .wrap(routes::json_errors())
                 .wrap(middleware::Logger::new("%r %s %b %Dms").log_target("offload::http"))
@@ -112,9 +115,9 @@ impl Application {
 fn start_dispatcher(settings: &Settings, io: &AsyncIo, metrics: Arc<Metrics>) -> Addr<Dispatcher> {
     let pdf_workers = settings.pdf_workers();
     let (nice, sched) = (settings.worker_nice, settings.worker_sched);
-    let pdf = SyncArbiter::start(pdf_workers, move || JobWorker::on_pool_thread(nice, sched));
+    let pdf = SyncArbiter::start(pdf_workers, move || JobWorker::on_pool_thread(c"pdf-worker", nice, sched));
     let image_workers = settings.image_workers();
-    let image = SyncArbiter::start(image_workers, move || JobWorker::on_pool_thread(nice, sched));
+    let image = SyncArbiter::start(image_workers, move || JobWorker::on_pool_thread(c"image-worker", nice, sched));
     let mut pools = HashMap::new();
     pools.insert(JobKind::Pdf, Pool::new(pdf.recipient(), pdf_workers));
     pools.insert(JobKind::Image, Pool::new(image.recipient(), image_workers));
@@ -133,5 +136,6 @@ fn start_dispatcher(settings: &Settings, io: &AsyncIo, metrics: Arc<Metrics>) ->
     let observers = Observers { metrics, analytics: io.analytics.clone(), webhooks: io.webhooks.clone().recipient() };
     // Its own thread and event loop: job bookkeeping never competes with HTTP workers.
     let arbiter = Arbiter::new();
+    arbiter.spawn_fn(|| telemetry::name_thread(c"dispatcher"));
     Dispatcher::start_in_arbiter(&arbiter.handle(), move |_| Dispatcher::new(store, pools, admission, ttl, observers))
 }

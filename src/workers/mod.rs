@@ -159,8 +159,10 @@ impl JobWorker {
     /// The pool factory: called on each pool thread as it starts. Lowers the thread's scheduling
     /// priority (Linux: nice values and scheduling classes are per thread): `nice`, and with
     /// [`WorkerSched::Idle`] the `SCHED_IDLE` class, so that when the workers keep every core busy,
-    /// HTTP and event-loop threads still run first and stay responsive.
-    pub fn on_pool_thread(nice: i32, sched: WorkerSched) -> Self {
+    /// HTTP and event-loop threads still run first and stay responsive. Names the thread `name`
+    /// (≤ 15 bytes) so that `top -H`, `perf` and `/proc` tell workers from HTTP threads.
+    pub fn on_pool_thread(name: &std::ffi::CStr, nice: i32, sched: WorkerSched) -> Self {
+        crate::telemetry::name_thread(name);
         lower_priority(nice, sched);
         JobWorker
     }
