@@ -60,9 +60,12 @@ for run in $(seq "$RUNS"); do
     set -- $spec
     raw=$(./target/release/examples/pdf_bench "$1" "$2")
     svc=$(batch "$1" "$2")
-    python3 - "$raw" "$svc" "$run" <<'PY'
+    python3 - "$raw" "$svc" "$run" "$OUT/pdf-batch.jsonl" <<'PY'
 import json, sys
 raw, svc = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+with open(sys.argv[4], "a") as f:  # for bench/all.sh's table
+    f.write(json.dumps({"pages": svc["pages"], "service": svc, "raw": raw,
+                        "ratio": svc["jobs_per_s"] / raw["jobs_per_s"]}) + "\n")
 print(f"run {sys.argv[3]}: {svc['n']} x {svc['pages']}-page: service {svc['jobs_per_s']} jobs/s "
       f"({svc['succeeded']} succeeded, codes {svc['codes']}, peak RSS {svc['peak_rss_mib']} MiB); "
       f"raw loop {raw['jobs_per_s']} jobs/s on {raw['threads']} threads; ratio {svc['jobs_per_s'] / raw['jobs_per_s']:.2f}; "

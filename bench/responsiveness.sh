@@ -14,12 +14,15 @@ mkdir -p "$OUT"
 
 healthz() {  # healthz NAME: oha against /healthz; prints p50/p99/max in ms
   oha -z "${SECS}s" -c 8 --no-tui --output-format json "http://127.0.0.1:$PORT/healthz" >"$OUT/healthz-$1.json"
-  python3 - "$OUT/healthz-$1.json" "$1" <<'PY'
+  python3 - "$OUT/healthz-$1.json" "$1" "$OUT/responsiveness.jsonl" <<'PY'
 import json, sys
 o = json.load(open(sys.argv[1])); l = o["latencyPercentiles"]
-print(json.dumps({"scenario": sys.argv[2], "rps": round(o["summary"]["requestsPerSec"]),
-                  "p50_ms": round(l["p50"] * 1000, 3), "p99_ms": round(l["p99"] * 1000, 3),
-                  "max_ms": round(o["summary"]["slowest"] * 1000, 3), "codes": o["statusCodeDistribution"]}))
+line = json.dumps({"scenario": sys.argv[2], "rps": round(o["summary"]["requestsPerSec"]),
+                   "p50_ms": round(l["p50"] * 1000, 3), "p99_ms": round(l["p99"] * 1000, 3),
+                   "max_ms": round(o["summary"]["slowest"] * 1000, 3), "codes": o["statusCodeDistribution"]})
+print(line)
+with open(sys.argv[3], "a") as f:  # for bench/all.sh's table
+    f.write(line + "\n")
 PY
 }
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Thumbnail jobs through the service: N uploads of a 4000x3000 JPEG (256 px thumbnail, JPEG out)
-# sent with oha, timed until the last job ends; then the same work in a plain loop on all cores
+# sent with oha, timed from the first job's created_at to the last job's finished_at; then the same work in a plain loop on all cores
 # (examples/thumbnail_bench.rs) for the service/raw ratio. Usage: bench/thumbnails.sh [N] [C]
 # IMAGE=path.jpg bench/thumbnails.sh 100 32: another JPEG (e.g. the peers' 1920x1080 test image,
 # target/peers/test-1920x1080.jpg after `bench/peers.sh prepare`), with the raw loop on that file.
@@ -34,18 +34,27 @@ PY
 
 start_offload "$PORT" "$OUT/thumbnails-server.log" --max-pending 100000 --max-queued-bytes 1GiB
 
-START=$(date +%s.%N)
 oha -n "$N" -c "$C" --no-tui --output-format json -m POST -T "multipart/form-data; boundary=offload-bench-boundary" \
   -D "$OUT/thumb-upload.bin" "http://127.0.0.1:$PORT/images" >"$OUT/thumbnails-oha.json"
 wait_drained "$PORT"
-END=$(date +%s.%N)
 PEAK_KB=$(peak_rss_kib)
+curl -sf "http://127.0.0.1:$PORT/jobs?limit=1000" >"$OUT/thumbnails-jobs.json"
 echo "$RAW"
-python3 - "$COUNTS" "$START" "$END" "$PEAK_KB" "$OUT/thumbnails-oha.json" <<'PY'
-import json, sys
-c = json.loads(sys.argv[1])
-secs = float(sys.argv[3]) - float(sys.argv[2])
-oha = json.load(open(sys.argv[5]))
-print(f"service: {c['succeeded']} thumbnails in {secs:.2f} s = {c['succeeded']/secs:.1f} jobs/s "
-      f"(failed {c['failed']}), status codes {oha['statusCodeDistribution']}, peak RSS {int(sys.argv[4])/1024:.0f} MiB")
+python3 - "$OUT/thumbnails-jobs.json" "$N" "$PEAK_KB" "$OUT/thumbnails-oha.json" "$RAW" "$IMAGE" "$OUT/thumbnails.jsonl" <<'PY'
+import json, re, sys
+from datetime import datetime
+jobs = json.load(open(sys.argv[1]))["jobs"][: int(sys.argv[2])]
+t = lambda s: datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
+ok = [j for j in jobs if j["status"] == "succeeded"]
+# From the first upload accepted to the last job ended, by the server's clock, as pdf_batch.sh.
+secs = max(t(j["finished_at"]) for j in jobs) - min(t(j["created_at"]) for j in jobs)
+oha = json.load(open(sys.argv[4]))
+raw = float(re.search(r"threads: ([0-9.]+) jobs/s", sys.argv[5]).group(1))
+rate = len(ok) / secs
+print(f"service: {len(ok)} thumbnails in {secs:.2f} s = {rate:.1f} jobs/s = {rate / raw:.2f} of the raw loop "
+      f"(failed {len(jobs) - len(ok)}), status codes {oha['statusCodeDistribution']}, peak RSS {int(sys.argv[3])/1024:.0f} MiB")
+with open(sys.argv[7], "a") as f:  # for bench/all.sh's table
+    f.write(json.dumps({"image": sys.argv[6], "jobs_per_s": round(rate, 1), "raw_jobs_per_s": raw,
+                        "ratio": rate / raw, "succeeded": len(ok),
+                        "peak_rss_mib": round(int(sys.argv[3]) / 1024, 1)}) + "\n")
 PY

@@ -1,0 +1,113 @@
+"""The README's benchmark table from one bench/all.sh run: medians over the runs, ratios between
+offload, its raw loops and the peers. Usage: python3 bench/summary.py RESULTS_DIR"""
+import glob
+import json
+import os
+import re
+import statistics
+import sys
+
+out = sys.argv[1]
+
+
+def lines(name):
+    path = os.path.join(out, name)
+    return [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def peer(app, name, get):
+    """Median over the runs of one peer measurement (the peers' bench.sh raw JSON files)."""
+    values = []
+    for path in sorted(glob.glob(os.path.join(out, "peers-*", "raw", f"{app}-{name}.json"))):
+        try:
+            values.append(get(json.load(open(path))))
+        except (KeyError, ValueError, TypeError):
+            pass
+    return med(values), len(values)
+
+
+def fmt(v, digits=1):
+    return "–" if v is None else f"{v:,.{digits}f}"
+
+
+def ratio(a, b, digits=2):
+    return "–" if a is None or b is None or b == 0 else f"{a / b:.{digits}f}×"
+
+
+pdf = lines("pdf-batch.jsonl")
+thumbs = lines("thumbnails.jsonl")
+health = lines("responsiveness.jsonl")
+rows = []
+for pages, n in ((1, 500), (20, 50)):
+    runs = [r for r in pdf if r["pages"] == pages]
+    svc = med([r["service"]["jobs_per_s"] for r in runs])
+    raw = med([r["raw"]["jobs_per_s"] for r in runs])
+    in_run = med([r["ratio"] for r in runs])
+    bg, _ = peer("bg", f"t2-p{pages}", lambda o: o["completed_per_s"])
+    celery, k = peer("celery", f"t2-p{pages}", lambda o: o["completed_per_s"])
+    rows.append((f"completed {pages}-page PDF jobs/s ({n} jobs)", fmt(svc), fmt(raw),
+                 "–" if in_run is None else f"{in_run:.2f}", fmt(bg), fmt(celery),
+                 ratio(svc, max(filter(None, [bg, celery]), default=None), 1), ratio(svc, celery, 1)))
+for label, key in (("1920×1080", "1920x1080"), ("4000×3000", "4000x3000")):
+    runs = [r for r in thumbs if key in r["image"]]
+    svc = med([r["jobs_per_s"] for r in runs])
+    raw = med([r["raw_jobs_per_s"] for r in runs])
+    in_run = med([r["ratio"] for r in runs])
+    bg = celery = None
+    if key == "1920x1080":
+        bg, _ = peer("bg", "t2-thumb", lambda o: o["completed_per_s"])
+        celery, _ = peer("celery", "t2-thumb", lambda o: o["completed_per_s"])
+    rows.append((f"thumbnail jobs/s, {label} JPEG (100 uploads)", fmt(svc), fmt(raw),
+                 "–" if in_run is None else f"{in_run:.2f}", fmt(bg), fmt(celery),
+                 ratio(svc, max(filter(None, [bg, celery]), default=None), 1), ratio(svc, celery, 1)))
+p99 = lambda o: o["latencyPercentiles"]["p99"] * 1000
+for scenario, peer_name, label in (("idle", "t3-idle", "idle"),
+                                   ("saturated-p1", "t3-load-p1", "1-page jobs saturating the workers"),
+                                   ("saturated-p20", "t3-load-p20", "20-page jobs saturating the workers")):
+    svc = med([h["p99_ms"] for h in health if h["scenario"] == scenario])
+    bg, _ = peer("bg", peer_name, p99)
+    celery, _ = peer("celery", peer_name, p99)
+    best = min(filter(None, [bg, celery]), default=None)
+    rows.append((f"`/healthz` p99 ms, {label}", fmt(svc, 2), "", "", fmt(bg, 2), fmt(celery, 2),
+                 ratio(best, svc, 1) + " faster" if svc and best else "–",
+                 ratio(celery, svc, 1) + " faster" if svc and celery else "–"))
+idle = med([h["p99_ms"] for h in health if h["scenario"] == "idle"])
+for s in ("saturated-p1", "saturated-p20"):
+    sat = med([h["p99_ms"] for h in health if h["scenario"] == s])
+    rows.append((f"`/healthz` p99 {s} / idle (target ≤ 3×)", ratio(sat, idle, 1), "", "", "", "", "", ""))
+for pages in (1, 20):
+    svc = med([r["service"]["peak_rss_mib"] for r in pdf if r["pages"] == pages])
+    bg, _ = peer("bg", f"t2-p{pages}-rss", lambda o: o["peak_rss_mib_total"])
+    celery, _ = peer("celery", f"t2-p{pages}-rss", lambda o: o["peak_rss_mib_total"])
+    rows.append((f"peak RSS MiB, {pages}-page batch", fmt(svc), "", "", fmt(bg), fmt(celery),
+                 ratio(min(filter(None, [bg, celery]), default=None), svc, 1) + " less" if svc else "–",
+                 ratio(celery, svc, 1) + " less" if svc and celery else "–"))
+
+head = ("scenario", "offload", "raw loop", "offload / raw (in-run median)", "BackgroundTasks", "Celery",
+        "offload vs best peer", "offload vs Celery")
+print(f"Medians of {len([r for r in pdf if r['pages'] == 1])} offload runs and {k} peer runs, {out}\n")
+print("| " + " | ".join(head) + " |")
+print("|" + "---|" * len(head))
+for r in rows:
+    print("| " + " | ".join(r) + " |")
+
+print("\nCPU per completed PDF job (median ms; schedstat of the server's threads vs the raw loop's busy time):\n")
+for pages in (1, 20):
+    runs = [r for r in pdf if r["pages"] == pages]
+    if not runs:
+        continue
+    names = sorted({k for r in runs for k in r["service"]["other_cpu_ms"]})
+    parts = ", ".join(f"{n} {med([r['service']['other_cpu_ms'].get(n, 0) for r in runs]):.3f}" for n in names)
+    print(f"- {pages}-page: pdf-worker {med([r['service']['worker_cpu_ms_per_job'] for r in runs]):.3f}, {parts}; "
+          f"raw loop {med([r['raw']['mean_ms'] for r in runs]):.3f}")
+for name in ("overload.txt", "ws-fanout.txt"):
+    path = os.path.join(out, name)
+    if os.path.exists(path):
+        text = open(path).read()
+        keep = [l for l in text.splitlines() if re.match(r"(requests/s|status codes|latency|peak RSS|accepted|clients|OK|FAILED)", l)]
+        print(f"\n{name}:\n" + "\n".join("    " + l for l in keep))
