@@ -51,13 +51,56 @@ pub struct TableRequest {
 }
 
 /// A table cell: text, or a number, boolean or null written as text.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+///
+/// Deserialized by hand: `#[serde(untagged)]` buffers every value and tries each variant in turn,
+/// which made parsing a 20-page table (4,000 cells) cost more than a millisecond of HTTP-thread
+/// CPU.
+#[derive(Debug, PartialEq)]
 pub enum Cell {
     Text(String),
     Number(serde_json::Number),
     Bool(bool),
     Null,
+}
+
+impl<'de> Deserialize<'de> for Cell {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct CellVisitor;
+
+        impl serde::de::Visitor<'_> for CellVisitor {
+            type Value = Cell;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a table cell: a string, number, boolean or null")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Cell, E> {
+                Ok(Cell::Text(v.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Cell, E> {
+                Ok(Cell::Text(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Cell, E> {
+                Ok(Cell::Number(v.into()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Cell, E> {
+                Ok(Cell::Number(v.into()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Cell, E> {
+                serde_json::Number::from_f64(v).map(Cell::Number).ok_or_else(|| E::custom("not a finite number"))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Cell, E> {
+                Ok(Cell::Bool(v))
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Cell, E> {
+                Ok(Cell::Null)
+            }
+            fn visit_none<E: serde::de::Error>(self) -> Result<Cell, E> {
+                Ok(Cell::Null)
+            }
+        }
+
+        deserializer.deserialize_any(CellVisitor)
+    }
 }
 
 impl Cell {
@@ -147,12 +190,12 @@ impl DocumentSpec {
     }
 
     pub fn parse(req: PdfRequest, limits: &SpecLimits) -> Result<Self, SpecError> {
-        let title = clean_line(&req.title);
+        let title = clean_line(req.title);
         if title.trim().is_empty() {
             return Err(invalid("invalid_field", "title: must not be empty".into()));
         }
         check_len("title", &title, MAX_TITLE_CHARS, "text_too_long")?;
-        let subtitle = req.subtitle.map(|s| clean_line(&s)).filter(|s| !s.trim().is_empty());
+        let subtitle = req.subtitle.map(clean_line).filter(|s| !s.trim().is_empty());
         if let Some(s) = &subtitle {
             check_len("subtitle", s, MAX_SUBTITLE_CHARS, "text_too_long")?;
         }
@@ -221,16 +264,19 @@ fn parse_table(t: TableRequest, limits: &SpecLimits) -> Result<Table, SpecError>
         ));
     }
     let width = t.columns.len();
-    let cell = |field: String, c: Cell| -> Result<String, SpecError> {
+    // The field name is only formatted for an error: a table has thousands of cells.
+    let cell = |field: &dyn Fn() -> String, c: Cell| -> Result<String, SpecError> {
         let text = c.into_text();
-        check_len(&field, &text, limits.max_cell_chars, "cell_too_long")?;
-        Ok(clean_line(&text))
+        if text.len() > limits.max_cell_chars {
+            check_len(&field(), &text, limits.max_cell_chars, "cell_too_long")?;
+        }
+        Ok(clean_line(text))
     };
     let columns = t
         .columns
         .into_iter()
         .enumerate()
-        .map(|(i, c)| cell(format!("table.columns[{i}]"), c))
+        .map(|(i, c)| cell(&|| format!("table.columns[{i}]"), c))
         .collect::<Result<Vec<_>, _>>()?;
     let mut rows = Vec::with_capacity(t.rows.len());
     for (r, row) in t.rows.into_iter().enumerate() {
@@ -242,7 +288,7 @@ fn parse_table(t: TableRequest, limits: &SpecLimits) -> Result<Table, SpecError>
         }
         let mut cells = Vec::with_capacity(width);
         for (c, value) in row.into_iter().enumerate() {
-            cells.push(cell(format!("table.rows[{r}][{c}]"), value)?);
+            cells.push(cell(&|| format!("table.rows[{r}][{c}]"), value)?);
         }
         cells.resize(width, String::new());
         rows.push(cells);
@@ -261,9 +307,14 @@ fn check_len(field: &str, text: &str, limit: usize, code: &'static str) -> Resul
     Ok(())
 }
 
-/// One line of text: control characters (newlines, tabs…) become spaces.
-fn clean_line(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+/// One line of text: control characters (newlines, tabs…) become spaces. Reuses `s` when it
+/// has none, as almost every cell.
+fn clean_line(s: String) -> String {
+    if s.chars().any(char::is_control) {
+        s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+    } else {
+        s
+    }
 }
 
 /// A paragraph keeps its line breaks; other control characters become spaces.
@@ -330,6 +381,35 @@ mod tests {
             let err = parse(json.clone()).expect_err(&json.to_string());
             assert_eq!(err.code, code, "{json}");
             assert!(err.message.starts_with(field), "{json}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn cells_of_every_json_type_become_text_and_others_are_refused() {
+        let cases = [
+            ("\"Widget\"", Some("Widget")),
+            ("\"tab\\there\"", Some("tab here")),
+            ("42", Some("42")),
+            ("-7", Some("-7")),
+            ("18446744073709551615", Some("18446744073709551615")),
+            ("1.5", Some("1.5")),
+            ("2e3", Some("2000.0")),
+            ("true", Some("true")),
+            ("null", Some("")),
+            ("{\"nested\": true}", None),
+            ("[1]", None),
+        ];
+        for (cell, want) in cases {
+            let json = format!("{{\"columns\": [\"a\"], \"rows\": [[{cell}]]}}");
+            let table: Result<TableRequest, _> = serde_json::from_str(&json);
+            match (table, want) {
+                (Ok(t), Some(text)) => {
+                    let limits = SpecLimits { max_rows: 10, max_columns: 10, max_cell_chars: 100 };
+                    assert_eq!(parse_table(t, &limits).unwrap().rows, vec![vec![text]], "{cell}");
+                }
+                (Err(e), None) => assert!(e.to_string().contains("table cell"), "{cell}: {e}"),
+                (got, want) => panic!("{cell}: got {got:?}, want {want:?}"),
+            }
         }
     }
 
