@@ -15,8 +15,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}
-export OUT=${OUT:-bench/results/all-$(date -u +%Y%m%dT%H%MZ)}
+OUT=${OUT:-bench/results/all-$(date -u +%Y%m%dT%H%MZ)}
 mkdir -p "$OUT"
+OUT=$(realpath "$OUT")
+export OUT
 PEERS_DIR=${PEERS_DIR:-target/peers}
 
 bash bench/peers.sh prepare
@@ -30,8 +32,8 @@ for run in $(seq "$RUNS"); do
   bash bench/responsiveness.sh 15
   echo "== run $run of $RUNS: peers"
   # RETRIES=0: a failed peer scenario is reported as failed, not retried until it passes.
-  (cd "$PEERS_DIR" && TESTS="t2 t3" RETRIES=0 GATE_WAIT=20 RESULTS_DIR="$OLDPWD/$OUT/peers-$run" \
-    bash bench.sh bg celery >"$OLDPWD/$OUT/peers-$run.log" 2>&1) || echo "peers run $run failed: see $OUT/peers-$run.log"
+  (cd "$PEERS_DIR" && TESTS="t2 t3" RETRIES=0 GATE_WAIT=20 RESULTS_DIR="$OUT/peers-$run" \
+    bash bench.sh bg celery >"$OUT/peers-$run.log" 2>&1) || echo "peers run $run failed: see $OUT/peers-$run.log"
 done
 
 echo "== overload"

@@ -39,17 +39,18 @@ peak_rss_kib() {
 }
 
 # cpu_by_thread: the server's CPU time so far per thread name, as JSON {"name": ns, ...}
-# (schedstat: nanoseconds on a CPU), so a scenario's CPU can be split into workers and the rest.
+# (schedstat: nanoseconds on a CPU; threads that share a name are summed), so a scenario's CPU
+# can be split into workers and the rest.
 cpu_by_thread() {
-  local t name ns out=""
-  for t in /proc/"$PID"/task/*; do
-    read -r name <"$t/comm" || continue
-    read -r ns _ <"$t/schedstat" || continue
-    out+="\"$name\":$ns,"
-  done
-  # Several threads share a name: sum them.
-  python3 -c 'import json,sys,collections
-c=collections.Counter()
-for k,v in json.loads(sys.argv[1], object_pairs_hook=list): c[k]+=v
-print(json.dumps(c))' "{${out%,}}"
+  python3 - "$PID" <<'PY'
+import collections, glob, json, sys
+cpu = collections.Counter()
+for task in glob.glob(f"/proc/{sys.argv[1]}/task/*"):
+    try:
+        name = open(f"{task}/comm").read().strip()
+        cpu[name] += int(open(f"{task}/schedstat").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass  # the thread ended meanwhile
+print(json.dumps(cpu))
+PY
 }

@@ -6,6 +6,7 @@
 # Needs oha (cargo install oha --locked), curl and python3. Usage: bench/pdf_batch.sh [RUNS]
 # FLAGS="--worker-sched normal" bench/pdf_batch.sh: extra server flags.
 set -euo pipefail
+shopt -s inherit_errexit # a failure inside $(batch ...) stops the script
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}
 PORT=${PORT:-18184}

@@ -49,7 +49,7 @@ for pages, n in ((1, 500), (20, 50)):
     raw = med([r["raw"]["jobs_per_s"] for r in runs])
     in_run = med([r["ratio"] for r in runs])
     bg, _ = peer("bg", f"t2-p{pages}", lambda o: o["completed_per_s"])
-    celery, k = peer("celery", f"t2-p{pages}", lambda o: o["completed_per_s"])
+    celery, _ = peer("celery", f"t2-p{pages}", lambda o: o["completed_per_s"])
     rows.append((f"completed {pages}-page PDF jobs/s ({n} jobs)", fmt(svc), fmt(raw),
                  "–" if in_run is None else f"{in_run:.2f}", fmt(bg), fmt(celery),
                  ratio(svc, max(filter(None, [bg, celery]), default=None), 1), ratio(svc, celery, 1)))
@@ -85,12 +85,13 @@ for pages in (1, 20):
     bg, _ = peer("bg", f"t2-p{pages}-rss", lambda o: o["peak_rss_mib_total"])
     celery, _ = peer("celery", f"t2-p{pages}-rss", lambda o: o["peak_rss_mib_total"])
     rows.append((f"peak RSS MiB, {pages}-page batch", fmt(svc), "", "", fmt(bg), fmt(celery),
-                 ratio(min(filter(None, [bg, celery]), default=None), svc, 1) + " less" if svc else "–",
+                 ratio(min(filter(None, [bg, celery]), default=None), svc, 1) + " less" if svc and (bg or celery) else "–",
                  ratio(celery, svc, 1) + " less" if svc and celery else "–"))
 
 head = ("scenario", "offload", "raw loop", "offload / raw (in-run median)", "BackgroundTasks", "Celery",
         "offload vs best peer", "offload vs Celery")
-print(f"Medians of {len([r for r in pdf if r['pages'] == 1])} offload runs and {k} peer runs, {out}\n")
+peer_runs = len(glob.glob(os.path.join(out, "peers-*", "raw", "celery-t2-p1.json")))
+print(f"Medians of {len([r for r in pdf if r['pages'] == 1])} offload runs and {peer_runs} peer runs, {out}\n")
 print("| " + " | ".join(head) + " |")
 print("|" + "---|" * len(head))
 for r in rows:

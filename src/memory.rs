@@ -7,9 +7,17 @@
 /// memory mapped before the call (the flag is checked when a page is faulted in).
 pub fn disable_huge_pages() {
     #[cfg(target_os = "linux")]
-    // SAFETY: prctl with integer arguments only; it changes a flag of this process.
+    // SAFETY: prctl with integer arguments only (unsigned long, as the kernel reads them); it
+    // changes a flag of this process.
     unsafe {
-        if libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0 {
+        if libc::prctl(
+            libc::PR_SET_THP_DISABLE,
+            1 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        ) != 0
+        {
             eprintln!("could not turn transparent huge pages off: {}", std::io::Error::last_os_error());
         }
     }

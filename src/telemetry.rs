@@ -35,7 +35,13 @@ pub fn name_thread(name: &std::ffi::CStr) {
     #[cfg(target_os = "linux")]
     // SAFETY: a NUL-terminated string that outlives the call.
     unsafe {
-        libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0);
+        libc::prctl(
+            libc::PR_SET_NAME,
+            name.as_ptr() as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        );
     }
     #[cfg(not(target_os = "linux"))]
     let _ = name;

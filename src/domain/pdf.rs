@@ -54,7 +54,9 @@ pub struct TableRequest {
 ///
 /// Deserialized by hand: `#[serde(untagged)]` buffers every value and tries each variant in turn,
 /// which made parsing a 20-page table (4,000 cells) cost more than a millisecond of HTTP-thread
-/// CPU.
+/// CPU. Numbers arrive as u64/i64/f64: this needs serde_json without its `arbitrary_precision`
+/// feature (with it, numbers come as maps and every numeric cell would be refused; the unit test
+/// `cells_of_every_json_type_become_text_and_others_are_refused` would catch that).
 #[derive(Debug, PartialEq)]
 pub enum Cell {
     Text(String),

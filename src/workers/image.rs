@@ -50,11 +50,8 @@ pub fn decode(task: &ImageTask) -> Result<DynamicImage, JobFailure> {
     if task.format == ImageFormat::Jpeg && jpeg_is_truncated(&task.bytes) {
         return Err(failure("truncated_image", "the JPEG file is cut short: it has no end-of-image marker"));
     }
-    let mut img = match scaled_jpeg_target(task) {
-        Some((w, h)) => decode_jpeg_scaled(task, w, h)?,
-        None => None,
-    }
-    .map_or_else(|| decode_full(task), Ok)?;
+    let scaled = scaled_jpeg_target(task).and_then(|(w, h)| decode_jpeg_scaled(task, w, h));
+    let mut img = scaled.map_or_else(|| decode_full(task), Ok)?;
     img.apply_orientation(task.orientation);
     Ok(img)
 }
@@ -77,12 +74,19 @@ fn scaled_jpeg_target(task: &ImageTask) -> Option<(u32, u32)> {
 
 /// libjpeg-turbo's DCT scaling (through the `mozjpeg` crate): the IDCT runs at 1/2 or 1/4 or
 /// 1/8 size, on this thread only, picking the smallest scale that still covers `w`×`h`.
-/// `Ok(None)`: this JPEG cannot be decoded scaled (e.g. CMYK); decode it in full instead.
-fn decode_jpeg_scaled(task: &ImageTask, w: u32, h: u32) -> Result<Option<DynamicImage>, JobFailure> {
+/// `None`: decode it in full instead. That is the answer for what this path does not handle
+/// (CMYK, a header that disagrees with the size checked at upload) and for any libjpeg error
+/// (12-bit, arithmetic-coded or lossless JPEGs, broken files): the full decoder has the last word
+/// on what is valid, so the shortcut never changes which uploads fail or how.
+fn decode_jpeg_scaled(task: &ImageTask, w: u32, h: u32) -> Option<DynamicImage> {
     // libjpeg reports errors by unwinding out of its error handler (without the panic hook).
     let decoded = std::panic::catch_unwind(|| -> std::io::Result<Option<DynamicImage>> {
         let mut decoder = mozjpeg::Decompress::new_mem(&task.bytes)?;
         let (sw, sh) = decoder.size();
+        // Its memory is bounded by the size the upload was checked against (`max_pixels`).
+        if (sw, sh) != (task.stored.0 as usize, task.stored.1 as usize) {
+            return Ok(None);
+        }
         let covers = |eighths: usize| sw * eighths / 8 >= w as usize && sh * eighths / 8 >= h as usize;
         let Some(eighths) = [1u8, 2, 4].into_iter().find(|&n| covers(usize::from(n))) else {
             return Ok(None);
@@ -104,18 +108,15 @@ fn decode_jpeg_scaled(task: &ImageTask, w: u32, h: u32) -> Result<Option<Dynamic
         })
     });
     match decoded {
-        Ok(Ok(img)) => Ok(img),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            Err(failure("truncated_image", "the image file is cut short"))
+        Ok(Ok(img)) => img,
+        Ok(Err(e)) => {
+            tracing::debug!("scaled JPEG decode gave up, decoding in full: {e}");
+            None
         }
-        Ok(Err(e)) => Err(failure("invalid_image", format!("the JPEG cannot be decoded: {e}"))),
         Err(payload) => {
-            let text = payload
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| payload.downcast_ref::<&str>().copied())
-                .unwrap_or("unknown libjpeg error");
-            Err(failure("invalid_image", format!("the JPEG cannot be decoded: {text}")))
+            let text = payload.downcast_ref::<String>().map_or("unknown libjpeg error", String::as_str);
+            tracing::debug!("scaled JPEG decode gave up, decoding in full: {text}");
+            None
         }
     }
 }
@@ -261,7 +262,7 @@ mod tests {
             img.write_with_encoder(JpegEncoder::new_with_quality(&mut jpeg, 90)).unwrap();
             let task = thumbnail_task(jpeg, (1024, 768));
             assert_eq!(scaled_jpeg_target(&task), Some((256, 192)));
-            let decoded = decode_jpeg_scaled(&task, 256, 192).unwrap().expect("scaled");
+            let decoded = decode_jpeg_scaled(&task, 256, 192).expect("scaled");
             assert_eq!((decoded.width(), decoded.height()), (256, 192), "2/8 of 1024x768");
             assert_eq!(decoded.color().has_color(), !gray);
             let centre = decoded.to_rgb8().get_pixel(128, 96).0;
@@ -273,13 +274,23 @@ mod tests {
     }
 
     #[test]
-    fn a_broken_jpeg_fails_the_scaled_decode_with_an_error_not_a_panic() {
+    fn a_broken_jpeg_falls_back_to_the_full_decoder_which_refuses_it() {
         let mut garbage = vec![0xFF, 0xD8];
         garbage.extend_from_slice(b"no frame header here, only text");
         garbage.extend_from_slice(&[0xFF, 0xD9]);
         let task = thumbnail_task(garbage, (1024, 768));
-        let Err(JobFailure::Error(e)) = decode_jpeg_scaled(&task, 256, 192) else { panic!("expected an error") };
-        assert_eq!(e.code, "invalid_image", "{}", e.message);
+        assert!(decode_jpeg_scaled(&task, 256, 192).is_none(), "libjpeg's error is caught");
+        let Err(JobFailure::Error(e)) = decode(&task) else { panic!("expected an error") };
+        // The full decoder's verdict, as for any upload that never took the scaled path.
+        assert!(matches!(e.code.as_str(), "invalid_image" | "truncated_image"), "{}: {}", e.code, e.message);
+    }
+
+    #[test]
+    fn a_header_that_disagrees_with_the_checked_size_is_not_decoded_scaled() {
+        let img = DynamicImage::ImageRgb8(RgbImage::from_pixel(1024, 768, Rgb([1, 2, 3])));
+        let mut jpeg = Vec::new();
+        img.write_with_encoder(JpegEncoder::new_with_quality(&mut jpeg, 90)).unwrap();
+        assert!(decode_jpeg_scaled(&thumbnail_task(jpeg, (1000, 768)), 256, 192).is_none());
     }
 
     #[test]

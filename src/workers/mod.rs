@@ -170,18 +170,18 @@ impl JobWorker {
 
 #[cfg(target_os = "linux")]
 fn lower_priority(nice: i32, sched: WorkerSched) {
-    let warn = |what: &str| {
-        tracing::warn!(nice, ?sched, "could not lower the worker thread's {what}: {}", std::io::Error::last_os_error())
+    let warn = |what: &str, err: std::io::Error| {
+        tracing::warn!(nice, ?sched, "could not lower the worker thread's {what}: {err}")
     };
     // SAFETY: plain system calls on the current thread; `param` outlives the call.
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
         if nice > 0 && libc::setpriority(libc::PRIO_PROCESS, tid, nice.min(19)) != 0 {
-            warn("nice value");
+            warn("nice value", std::io::Error::last_os_error());
         }
         let param = libc::sched_param { sched_priority: 0 };
         if sched == WorkerSched::Idle && libc::sched_setscheduler(tid as libc::pid_t, libc::SCHED_IDLE, &param) != 0 {
-            warn("scheduling class");
+            warn("scheduling class", std::io::Error::last_os_error());
         }
     }
 }

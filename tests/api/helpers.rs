@@ -56,6 +56,10 @@ pub fn settings() -> Settings {
     s.bind = "127.0.0.1:0".parse().unwrap();
     s.pdf_workers = Some(2);
     s.http_workers = Some(2);
+    // The test process also runs the clients, many servers and the test harness: with the default
+    // SCHED_IDLE, their busy threads could starve the workers and make deadlines flaky. The
+    // reliability test covers `Idle` on its own.
+    s.worker_sched = offload::configuration::WorkerSched::Normal;
     s.static_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/static").into();
     s
 }
