@@ -8,8 +8,8 @@
 # Each run: bench/pdf_batch.sh (500 x 1 page, 50 x 20 pages, raw loop), bench/thumbnails.sh on
 # the peers' 1920x1080 JPEG and on a 4000x3000 one (raw loop each), bench/responsiveness.sh
 # (/healthz idle and saturated, 15 s each, as the peers), then the peers' tests t2 (batches,
-# thumbnails) and t3 (/healthz) for `bg` and `celery`. Once: bench/overload.sh and
-# bench/ws_fanout.sh (10,000 clients). Results go to $OUT (default bench/results/all-<date>),
+# thumbnails) and t3 (/healthz) for `bg` and `celery`. Once: bench/overload.sh (default limits,
+# then with room for all 20,000 jobs) and bench/ws_fanout.sh (10,000 clients). Results go to $OUT (default bench/results/all-<date>),
 # one JSON line per measurement; the summary is printed and written to $OUT/summary.md.
 # Needs what the scripts need: oha, curl, python3, and root or redis-server for the peers.
 set -euo pipefail
@@ -38,6 +38,8 @@ done
 
 echo "== overload"
 bash bench/overload.sh | tee "$OUT/overload.txt" || true
+echo "== submit throughput with room for every job"
+FLAGS="--max-pending 30000 --max-queued-bytes 1GiB" bash bench/overload.sh | tee "$OUT/submit.txt" || true
 echo "== WebSocket fan-out"
 CLIENTS=10000 bash bench/ws_fanout.sh | tee "$OUT/ws-fanout.txt" || true
 

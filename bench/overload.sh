@@ -2,15 +2,18 @@
 # Overload: 20,000 PDF submissions as fast as oha can send them with 64 connections.
 # Reports the status mix, submit latency, the server's peak RSS, and checks that every accepted
 # job ends. Needs oha (cargo install oha --locked) and curl. Usage: bench/overload.sh [N] [C]
+# FLAGS="--max-pending 30000" bench/overload.sh: submit throughput with room for every job (all 202).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-20000}
 C=${2:-64}
 PORT=${PORT:-18181}
 OUT=${OUT:-bench/results}
+FLAGS=${FLAGS:-}
 mkdir -p "$OUT"
 . bench/common.sh
-start_offload "$PORT" "$OUT/overload-server.log"
+# shellcheck disable=SC2086 # FLAGS is a list of flags
+start_offload "$PORT" "$OUT/overload-server.log" $FLAGS
 
 # The peers' benchmark document: one page, 40 rows x 5 columns (bench/peers.sh explains it).
 . bench/peers.sh

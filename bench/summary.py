@@ -106,7 +106,7 @@ for pages in (1, 20):
     parts = ", ".join(f"{n} {med([r['service']['other_cpu_ms'].get(n, 0) for r in runs]):.3f}" for n in names)
     print(f"- {pages}-page: pdf-worker {med([r['service']['worker_cpu_ms_per_job'] for r in runs]):.3f}, {parts}; "
           f"raw loop {med([r['raw']['mean_ms'] for r in runs]):.3f}")
-for name in ("overload.txt", "ws-fanout.txt"):
+for name in ("overload.txt", "submit.txt", "ws-fanout.txt"):
     path = os.path.join(out, name)
     if os.path.exists(path):
         text = open(path).read()
