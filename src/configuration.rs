@@ -126,6 +126,12 @@ pub struct Settings {
     #[arg(long, env = "OFFLOAD_MAX_PIXELS", default_value_t = 50_000_000)]
     pub max_pixels: u64,
 
+    /// Most scans in a JPEG upload. A progressive JPEG has one scan per pass (typically 10-20);
+    /// each scan is another pass of the decoder over the whole image, so thousands of tiny scans
+    /// would be a small file that costs minutes of CPU inside one uninterruptible decode.
+    #[arg(long, env = "OFFLOAD_MAX_JPEG_SCANS", default_value_t = 100)]
+    pub max_jpeg_scans: usize,
+
     /// WebSocket: how often the server pings.
     #[arg(long, env = "OFFLOAD_WS_HEARTBEAT", default_value = "10s")]
     pub ws_heartbeat: humantime::Duration,

@@ -56,7 +56,7 @@ impl Application {
             max_bytes: settings.max_upload.bytes(),
             timeout: settings.upload_timeout(),
             max_files: settings.max_files,
-            image: ImageLimits { max_pixels: settings.max_pixels },
+            image: ImageLimits { max_pixels: settings.max_pixels, max_jpeg_scans: settings.max_jpeg_scans },
         };
         let ws = WsSettings {
             heartbeat: settings.ws_heartbeat.into(),

@@ -15,6 +15,8 @@ use serde_json::Value;
 pub struct ImageLimits {
     /// Most pixels of an input, of an output, and of any step in between.
     pub max_pixels: u64,
+    /// Most scans (SOS segments) in a JPEG: see [`jpeg_scan_count`].
+    pub max_jpeg_scans: usize,
 }
 
 /// Most operations in one `ops` array.
@@ -393,6 +395,16 @@ impl ImageTask {
                 format!("{field}: {w}x{h} is over the {} pixel limit", limits.max_pixels),
             ));
         }
+        if format == ImageFormat::Jpeg {
+            let scans = jpeg_scan_count(&bytes);
+            if scans > limits.max_jpeg_scans {
+                return Err(ImageError::new(
+                    422,
+                    "invalid_image",
+                    format!("{field}: the JPEG has {scans} scans, more than the limit of {}", limits.max_jpeg_scans),
+                ));
+            }
+        }
         let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
         let upright = if swaps_axes(orientation) { (h, w) } else { (w, h) };
         let planned = plan(upright.0, upright.1, &ops, limits)
@@ -417,6 +429,35 @@ impl ImageTask {
 }
 
 /// Whether an EXIF orientation turns the image on its side.
+/// How many scans (SOS segments) a JPEG has, found by walking its markers: segment payloads are
+/// skipped by their length (an APP segment may hold any bytes), and inside entropy-coded data only
+/// a marker ends the scan (data bytes `FF` are followed by `00`, restart markers by `D0`-`D7`).
+/// Stops at EOI or at the end of the bytes. Baseline JPEGs have one scan, progressive ones one per
+/// pass; decoders make a pass over the whole image for every scan.
+pub fn jpeg_scan_count(bytes: &[u8]) -> usize {
+    let (mut i, mut scans) = (2, 0); // after SOI
+    while i + 1 < bytes.len() {
+        if bytes[i] != 0xFF {
+            i += 1; // entropy-coded data
+            continue;
+        }
+        match bytes[i + 1] {
+            0xFF => i += 1,                      // fill byte before a marker
+            0x00 | 0x01 | 0xD0..=0xD8 => i += 2, // stuffed byte, TEM, RSTn, SOI
+            0xD9 => break,                       // EOI
+            marker => {
+                let Some(len) = bytes.get(i + 2..i + 4) else { break };
+                if marker == 0xDA {
+                    scans += 1;
+                }
+                // The length counts its own two bytes; a broken one (< 2) still moves forward.
+                i += 2 + usize::from(u16::from_be_bytes([len[0], len[1]])).max(2);
+            }
+        }
+    }
+    scans
+}
+
 pub fn swaps_axes(o: Orientation) -> bool {
     matches!(
         o,
@@ -439,7 +480,55 @@ pub fn decode_limits(max_pixels: u64) -> image::Limits {
 mod tests {
     use super::*;
 
-    const LIMITS: ImageLimits = ImageLimits { max_pixels: 50_000_000 };
+    const LIMITS: ImageLimits = ImageLimits { max_pixels: 50_000_000, max_jpeg_scans: 100 };
+
+    fn baseline_jpeg() -> Vec<u8> {
+        let img = image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(64, 48, image::Rgb([9, 99, 199])));
+        let mut jpeg = Vec::new();
+        img.write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)).unwrap();
+        jpeg
+    }
+
+    /// `jpeg` with `extra` more scans (SOS segment plus entropy-coded bytes, including a stuffed
+    /// FF 00 and a restart marker) inserted before its EOI.
+    fn with_extra_scans(jpeg: &[u8], extra: usize) -> Vec<u8> {
+        let mut out = jpeg[..jpeg.len() - 2].to_vec();
+        for _ in 0..extra {
+            out.extend_from_slice(&[0xFF, 0xDA, 0x00, 0x08, 0x01, 0x01, 0x00, 0x00, 0x3F, 0x00]);
+            out.extend_from_slice(&[0x12, 0xFF, 0x00, 0x34, 0xFF, 0xD3, 0x56]);
+        }
+        out.extend_from_slice(&[0xFF, 0xD9]);
+        out
+    }
+
+    #[test]
+    fn scans_are_counted_by_walking_markers() {
+        let jpeg = baseline_jpeg();
+        assert_eq!(jpeg_scan_count(&jpeg), 1, "a baseline JPEG has one scan");
+        assert_eq!(jpeg_scan_count(&with_extra_scans(&jpeg, 150)), 151);
+        // FF DA inside an APP segment's payload is data, not a scan.
+        let mut app = vec![0xFF, 0xD8, 0xFF, 0xE1, 0x00, 0x0A];
+        app.extend_from_slice(&[0xFF, 0xDA, 0xFF, 0xDA, 0xFF, 0xDA, 0xFF, 0xDA]);
+        app.extend_from_slice(&jpeg[2..]);
+        assert_eq!(jpeg_scan_count(&app), 1);
+        // Cut short or broken lengths end the walk without a panic.
+        for cut in [0, 1, 2, 3, 5, jpeg.len() / 2] {
+            jpeg_scan_count(&jpeg[..cut]);
+        }
+        jpeg_scan_count(&[0xFF, 0xD8, 0xFF, 0xC4, 0x00, 0x00, 0xFF, 0xDA, 0x00, 0x01]);
+    }
+
+    #[test]
+    fn a_jpeg_with_more_scans_than_the_limit_is_refused_at_upload() {
+        let inspect = |bytes: Vec<u8>| {
+            let ops: Arc<[ImageOp]> = Arc::from(default_ops());
+            ImageTask::inspect("file", "a.jpg", bytes.into(), ops, OutputFormat::Jpeg, &LIMITS)
+        };
+        assert!(inspect(with_extra_scans(&baseline_jpeg(), 99)).is_ok(), "100 scans: at the limit");
+        let err = inspect(with_extra_scans(&baseline_jpeg(), 100)).unwrap_err();
+        assert_eq!((err.status, err.code), (422, "invalid_image"));
+        assert!(err.message.contains("101 scans"), "{}", err.message);
+    }
 
     #[test]
     fn every_op_parses() {

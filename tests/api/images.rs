@@ -414,6 +414,18 @@ async fn a_body_that_arrives_too_slowly_gets_408() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
+/// A small JPEG with `extra` more (tiny) scans before its end: thousands of them would make any
+/// decoder pass over the image thousands of times.
+fn many_scans(extra: usize) -> Vec<u8> {
+    let jpeg = encode(&picture(20, 10), ImageFormat::Jpeg);
+    let mut out = jpeg[..jpeg.len() - 2].to_vec();
+    for _ in 0..extra {
+        out.extend_from_slice(&[0xFF, 0xDA, 0x00, 0x08, 0x01, 0x01, 0x00, 0x00, 0x3F, 0x00, 0x12, 0x34]);
+    }
+    out.extend_from_slice(&[0xFF, 0xD9]);
+    out
+}
+
 #[actix_web::test]
 async fn bad_uploads_get_json_errors() {
     let app = spawn_app().await;
@@ -441,6 +453,12 @@ async fn bad_uploads_get_json_errors() {
         ),
         (vec![png(), Part::text("format", "gif")], 422, "invalid_field", "format"),
         (vec![png(), Part::text("colour", "red")], 422, "invalid_field", "colour"),
+        (
+            vec![Part::file("s.jpg", "image/jpeg", many_scans(200))],
+            422,
+            "invalid_image",
+            "file[0] (s.jpg): the JPEG has 201 scans",
+        ),
     ];
     for (parts, status, code, starts) in cases {
         let message = app.upload(&parts).await.expect_error(status, code, starts);
