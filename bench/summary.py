@@ -28,7 +28,7 @@ def peer(app, name, get):
             values.append(get(json.load(open(path))))
         except (KeyError, ValueError, TypeError):
             pass
-    return med(values), len(values)
+    return med(values)
 
 
 def fmt(v, digits=1):
@@ -48,8 +48,8 @@ for pages, n in ((1, 500), (20, 50)):
     svc = med([r["service"]["jobs_per_s"] for r in runs])
     raw = med([r["raw"]["jobs_per_s"] for r in runs])
     in_run = med([r["ratio"] for r in runs])
-    bg, _ = peer("bg", f"t2-p{pages}", lambda o: o["completed_per_s"])
-    celery, _ = peer("celery", f"t2-p{pages}", lambda o: o["completed_per_s"])
+    bg = peer("bg", f"t2-p{pages}", lambda o: o["completed_per_s"])
+    celery = peer("celery", f"t2-p{pages}", lambda o: o["completed_per_s"])
     rows.append((f"completed {pages}-page PDF jobs/s ({n} jobs)", fmt(svc), fmt(raw),
                  "–" if in_run is None else f"{in_run:.2f}", fmt(bg), fmt(celery),
                  ratio(svc, max(filter(None, [bg, celery]), default=None), 1), ratio(svc, celery, 1)))
@@ -60,8 +60,8 @@ for label, key in (("1920×1080", "1920x1080"), ("4000×3000", "4000x3000")):
     in_run = med([r["ratio"] for r in runs])
     bg = celery = None
     if key == "1920x1080":
-        bg, _ = peer("bg", "t2-thumb", lambda o: o["completed_per_s"])
-        celery, _ = peer("celery", "t2-thumb", lambda o: o["completed_per_s"])
+        bg = peer("bg", "t2-thumb", lambda o: o["completed_per_s"])
+        celery = peer("celery", "t2-thumb", lambda o: o["completed_per_s"])
     rows.append((f"thumbnail jobs/s, {label} JPEG (100 uploads)", fmt(svc), fmt(raw),
                  "–" if in_run is None else f"{in_run:.2f}", fmt(bg), fmt(celery),
                  ratio(svc, max(filter(None, [bg, celery]), default=None), 1), ratio(svc, celery, 1)))
@@ -70,8 +70,8 @@ for scenario, peer_name, label in (("idle", "t3-idle", "idle"),
                                    ("saturated-p1", "t3-load-p1", "1-page jobs saturating the workers"),
                                    ("saturated-p20", "t3-load-p20", "20-page jobs saturating the workers")):
     svc = med([h["p99_ms"] for h in health if h["scenario"] == scenario])
-    bg, _ = peer("bg", peer_name, p99)
-    celery, _ = peer("celery", peer_name, p99)
+    bg = peer("bg", peer_name, p99)
+    celery = peer("celery", peer_name, p99)
     best = min(filter(None, [bg, celery]), default=None)
     rows.append((f"`/healthz` p99 ms, {label}", fmt(svc, 2), "", "", fmt(bg, 2), fmt(celery, 2),
                  ratio(best, svc, 1) + " faster" if svc and best else "–",
@@ -82,8 +82,8 @@ for s in ("saturated-p1", "saturated-p20"):
     rows.append((f"`/healthz` p99 {s} / idle (target ≤ 3×)", ratio(sat, idle, 1), "", "", "", "", "", ""))
 for pages in (1, 20):
     svc = med([r["service"]["peak_rss_mib"] for r in pdf if r["pages"] == pages])
-    bg, _ = peer("bg", f"t2-p{pages}-rss", lambda o: o["peak_rss_mib_total"])
-    celery, _ = peer("celery", f"t2-p{pages}-rss", lambda o: o["peak_rss_mib_total"])
+    bg = peer("bg", f"t2-p{pages}-rss", lambda o: o["peak_rss_mib_total"])
+    celery = peer("celery", f"t2-p{pages}-rss", lambda o: o["peak_rss_mib_total"])
     rows.append((f"peak RSS MiB, {pages}-page batch", fmt(svc), "", "", fmt(bg), fmt(celery),
                  ratio(min(filter(None, [bg, celery]), default=None), svc, 1) + " less" if svc and (bg or celery) else "–",
                  ratio(celery, svc, 1) + " less" if svc and celery else "–"))
