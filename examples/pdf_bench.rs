@@ -40,7 +40,7 @@ fn body(pages: usize) -> serde_json::Value {
 }
 
 fn main() {
-    offload::memory::disable_huge_pages();
+    offload::process::disable_huge_pages();
     let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().expect("numbers")).collect();
     let pages = args.first().copied().unwrap_or(1);
     let jobs = args.get(1).copied().unwrap_or(if pages == 1 { 500 } else { 50 });

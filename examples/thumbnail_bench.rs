@@ -64,7 +64,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn main() {
-    offload::memory::disable_huge_pages();
+    offload::process::disable_huge_pages();
     let args: Vec<String> = std::env::args().collect();
     let runs: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(15);
     let flag = |name: &str| args.iter().position(|a| a == name).map(|i| args[i + 1].clone());

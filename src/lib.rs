@@ -22,7 +22,8 @@
 //! - [`error`]: the JSON error body shared by every error type.
 //! - [`metrics`]: Prometheus metrics and the request-timing middleware.
 //! - [`healthcheck`]: `offload --healthcheck`, the container health probe.
-//! - [`memory`]: process memory settings of the binaries (no transparent huge pages).
+//! - [`job`]: the job vocabulary (id, kind, status, the state machine); imports nothing above it.
+//! - [`process`]: OS-level helpers (thread names and priorities, no transparent huge pages, panic text).
 
 pub mod async_io;
 pub mod configuration;
@@ -30,8 +31,9 @@ pub mod dispatch;
 pub mod domain;
 pub mod error;
 pub mod healthcheck;
-pub mod memory;
+pub mod job;
 pub mod metrics;
+pub mod process;
 pub mod realtime;
 pub mod routes;
 pub mod shutdown;

@@ -10,7 +10,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[actix_web::main]
 async fn main() -> std::io::Result<()> {
-    offload::memory::disable_huge_pages();
+    offload::process::disable_huge_pages();
     let settings = Settings::parse();
     if settings.healthcheck {
         std::process::exit(if offload::healthcheck::probe(settings.bind) { 0 } else { 1 });

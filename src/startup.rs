@@ -20,7 +20,6 @@ use crate::metrics::{self, Metrics};
 use crate::realtime::WsSettings;
 use crate::routes;
 use crate::shutdown;
-use crate::telemetry;
 use crate::workers::JobWorker;
 
 pub struct Application {
@@ -71,7 +70,7 @@ impl Application {
         let app_dispatcher = dispatcher.clone();
         let server = HttpServer::new(move || {
             // Runs once on each HTTP worker thread as it starts.
-            telemetry::name_thread(c"http-worker");
+            crate::process::name_thread(c"http-worker");
             App::new()
                 .wrap(routes::json_errors())
                 .wrap(middleware::Logger::new("%r %s %b %Dms").log_target("offload::http"))
@@ -136,6 +135,6 @@ fn start_dispatcher(settings: &Settings, io: &AsyncIo, metrics: Arc<Metrics>) ->
     let observers = Observers { metrics, analytics: io.analytics.clone(), webhooks: io.webhooks.clone().recipient() };
     // Its own thread and event loop: job bookkeeping never competes with HTTP workers.
     let arbiter = Arbiter::new();
-    arbiter.spawn_fn(|| telemetry::name_thread(c"dispatcher"));
+    arbiter.spawn_fn(|| crate::process::name_thread(c"dispatcher"));
     Dispatcher::start_in_arbiter(&arbiter.handle(), move |_| Dispatcher::new(store, pools, admission, ttl, observers))
 }

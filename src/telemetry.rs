@@ -22,27 +22,8 @@ pub fn init(format: LogFormat) {
                 thread = thread.name().unwrap_or("unnamed"),
                 location = info.location().map(|l| l.to_string()).unwrap_or_default(),
                 "panic: {}",
-                crate::workers::panic_message(info.payload())
+                crate::process::panic_message(info.payload())
             );
         }));
     }
-}
-
-/// Names the current thread (Linux: at most 15 bytes are kept) so that `top -H`, `perf` and
-/// `/proc/<pid>/task/*/comm` tell the HTTP workers, the Dispatcher, the async I/O arbiter and the
-/// job workers apart (actix names all its event-loop threads alike).
-pub fn name_thread(name: &std::ffi::CStr) {
-    #[cfg(target_os = "linux")]
-    // SAFETY: a NUL-terminated string that outlives the call.
-    unsafe {
-        libc::prctl(
-            libc::PR_SET_NAME,
-            name.as_ptr() as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        );
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = name;
 }

@@ -36,7 +36,7 @@ pub struct AsyncIo {
 /// Starts the arbiter and its actors. Needs a running actix `System`.
 pub fn start(settings: &Settings, metrics: Arc<Metrics>) -> AsyncIo {
     let arbiter = Arbiter::new();
-    arbiter.spawn_fn(|| crate::telemetry::name_thread(c"async-io"));
+    arbiter.spawn_fn(|| crate::process::name_thread(c"async-io"));
     let limits = AggregateLimits { max_names: settings.analytics_max_names, max_minutes: settings.analytics_minutes };
     let sink = settings.analytics_sink.clone().map(|url| SinkSettings {
         url,

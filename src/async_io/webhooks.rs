@@ -19,8 +19,8 @@ use sha2::Sha256;
 use super::backoff::Backoff;
 use super::client::{http_client, refused_target};
 use super::guard::guarded;
-use crate::dispatch::JobId;
 use crate::domain::callback::CallbackUrl;
+use crate::job::JobId;
 use crate::metrics::Metrics;
 
 /// The signature header.

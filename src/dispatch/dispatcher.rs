@@ -13,13 +13,13 @@ use actix::prelude::*;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use super::job::{Job, JobId, JobKind, JobStatus, ResultMeta};
 use super::store::{JobStore, ListFilter, StatusCounts, StoreError, Transition};
 use crate::async_io::analytics::{AnalyticsHandle, Event};
 use crate::async_io::webhooks::Deliver;
 use crate::domain::callback::CallbackUrl;
 use crate::domain::JobPayload;
 use crate::error::ErrorBody;
+use crate::job::{Job, JobId, JobKind, JobStatus, ResultMeta};
 use crate::metrics::Metrics;
 use crate::realtime::Outbox;
 use crate::workers::{Execute, Interrupt, JobControl, JobFailure, WorkerEvent};

@@ -6,12 +6,11 @@
 //!   expiry and draining.
 
 pub mod dispatcher;
-pub mod job;
 pub mod store;
 
+pub use crate::job::{Job, JobId, JobKind, JobStatus, ResultMeta};
 pub use dispatcher::{
     Admission, CancelError, CancelJob, Dispatcher, Drain, GetJob, GetLoad, GetResult, ListJobs, LoadStats, Observers,
     Pool, Readiness, ReadyState, ResultError, Submit, SubmitError, Subscribe, Unsubscribe,
 };
-pub use job::{Job, JobId, JobKind, JobStatus, ResultMeta};
 pub use store::{JobStore, ListFilter, MemoryStore, Retention};

@@ -9,9 +9,9 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-use super::job::{Job, JobId, JobKind, JobStatus, ResultMeta};
 use crate::domain::JobPayload;
 use crate::error::ErrorBody;
+use crate::job::{Job, JobId, JobKind, JobStatus, ResultMeta};
 
 /// A change to a job, applied by the store under the rules of [`Job`]'s state machine.
 #[derive(Debug)]

@@ -5,7 +5,7 @@ pub mod callback;
 pub mod image;
 pub mod pdf;
 
-use crate::dispatch::JobKind;
+use crate::job::JobKind;
 
 /// The work a job carries to its worker pool.
 #[derive(Debug)]

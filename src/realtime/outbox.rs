@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
-use crate::dispatch::{Job, JobId};
+use crate::job::{Job, JobId};
 
 /// Pending job snapshots for one WebSocket connection.
 ///
@@ -74,8 +74,8 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::dispatch::JobKind;
     use crate::error::ErrorBody;
+    use crate::job::JobKind;
 
     #[test]
     fn progress_is_coalesced_and_every_status_is_kept() {

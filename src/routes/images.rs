@@ -13,11 +13,11 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use super::ApiError;
-use crate::dispatch::job::JobView;
 use crate::dispatch::{Dispatcher, Submit};
 use crate::domain::callback::{CallbackPolicy, CallbackUrl};
 use crate::domain::image::{default_ops, parse_ops, ImageError, ImageLimits, ImageOp, ImageTask, OutputFormat};
 use crate::domain::JobPayload;
+use crate::job::JobView;
 
 /// Upload limits, from configuration.
 #[derive(Clone, Copy, Debug)]

@@ -6,11 +6,11 @@ use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 
 use super::ApiError;
-use crate::dispatch::job::JobView;
 use crate::dispatch::store::StatusCounts;
 use crate::dispatch::{
     CancelError, CancelJob, Dispatcher, GetJob, GetResult, JobId, ListFilter, ListJobs, ResultError,
 };
+use crate::job::JobView;
 
 /// Most jobs one `GET /jobs` returns.
 const MAX_LIST: usize = 1000;

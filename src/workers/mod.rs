@@ -7,7 +7,6 @@
 pub mod image;
 pub mod pdf;
 
-use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -17,9 +16,9 @@ use actix::prelude::*;
 use bytes::Bytes;
 
 use crate::configuration::WorkerSched;
-use crate::dispatch::JobId;
 use crate::domain::JobPayload;
 use crate::error::ErrorBody;
+use crate::job::JobId;
 
 /// Hand a job to a pool. Sent by the Dispatcher only when a worker is free, so the pool's own
 /// (unbounded) mailbox never holds more than one message per thread.
@@ -162,32 +161,11 @@ impl JobWorker {
     /// HTTP and event-loop threads still run first and stay responsive. Names the thread `name`
     /// (≤ 15 bytes) so that `top -H`, `perf` and `/proc` tell workers from HTTP threads.
     pub fn on_pool_thread(name: &std::ffi::CStr, nice: i32, sched: WorkerSched) -> Self {
-        crate::telemetry::name_thread(name);
-        lower_priority(nice, sched);
+        crate::process::name_thread(name);
+        crate::process::lower_priority(nice, sched);
         JobWorker
     }
 }
-
-#[cfg(target_os = "linux")]
-fn lower_priority(nice: i32, sched: WorkerSched) {
-    let warn = |what: &str, err: std::io::Error| {
-        tracing::warn!(nice, ?sched, "could not lower the worker thread's {what}: {err}")
-    };
-    // SAFETY: plain system calls on the current thread; `param` outlives the call.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        if nice > 0 && libc::setpriority(libc::PRIO_PROCESS, tid, nice.min(19)) != 0 {
-            warn("nice value", std::io::Error::last_os_error());
-        }
-        let param = libc::sched_param { sched_priority: 0 };
-        if sched == WorkerSched::Idle && libc::sched_setscheduler(tid as libc::pid_t, libc::SCHED_IDLE, &param) != 0 {
-            warn("scheduling class", std::io::Error::last_os_error());
-        }
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn lower_priority(_nice: i32, _sched: WorkerSched) {}
 
 impl Actor for JobWorker {
     type Context = SyncContext<Self>;
@@ -224,18 +202,9 @@ pub fn run_guarded(work: impl FnOnce() -> Outcome) -> Outcome {
     catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|panic| {
         Err(JobFailure::Error(ErrorBody::new(
             "worker_panic",
-            format!("the job crashed inside its worker: {}", panic_message(panic.as_ref())),
+            format!("the job crashed inside its worker: {}", crate::process::panic_message(panic.as_ref())),
         )))
     })
-}
-
-/// The text of a panic payload, when it has one.
-pub fn panic_message(payload: &(dyn Any + Send)) -> &str {
-    payload
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("unknown panic")
 }
 
 #[cfg(test)]
