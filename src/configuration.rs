@@ -31,6 +31,18 @@ pub enum WorkerSched {
     Normal,
 }
 
+/// Where jobs are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// An embedded SQLite database in `--data-dir`: accepted jobs, uploads, results and owed
+    /// webhooks survive crashes, restarts and deploys.
+    Sqlite,
+    /// Process memory: nothing survives the process (throwaway runs, benchmarks).
+    Memory,
+}
+
+pub use crate::store::SyncMode;
+
 /// All settings. Field docs double as `--help` text.
 #[derive(Clone, Debug, Parser)]
 #[command(
@@ -73,6 +85,28 @@ pub struct Settings {
     /// Most request bytes held by queued jobs across all pools; beyond it submissions get 503.
     #[arg(long, env = "OFFLOAD_MAX_QUEUED_BYTES", default_value = "128MiB")]
     pub max_queued_bytes: ByteSize,
+
+    /// Where jobs, payloads, results and owed webhooks are kept.
+    #[arg(long, env = "OFFLOAD_STORE", value_enum, default_value_t = StoreKind::Sqlite)]
+    pub store: StoreKind,
+
+    /// The embedded store's directory (created if missing); one process at a time may use it.
+    #[arg(long, env = "OFFLOAD_DATA_DIR", default_value = "offload-data")]
+    pub data_dir: PathBuf,
+
+    /// Embedded store: `full` fsyncs every commit before answering (an accepted job survives an
+    /// OS crash or power loss); `normal` survives a crash of the process only, and is faster.
+    #[arg(long, env = "OFFLOAD_SYNC", value_enum, default_value_t = SyncMode::Full)]
+    pub sync: SyncMode,
+
+    /// A job started this many times without finishing (each run cut off by a crash) ends
+    /// `failed` with code `worker_lost`, so a job that crashes the process cannot crash-loop it.
+    #[arg(long, env = "OFFLOAD_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: u32,
+
+    /// Embedded store: most result bytes kept on disk; past it the oldest finished jobs go first.
+    #[arg(long, env = "OFFLOAD_RESULT_DISK", default_value = "4GiB")]
+    pub result_disk: ByteSize,
 
     /// A job still running after this long fails with code `timeout` (e.g. 90s, 5m).
     #[arg(long, env = "OFFLOAD_JOB_TIMEOUT", default_value = "5m")]

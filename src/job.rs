@@ -20,6 +20,15 @@ impl JobId {
     pub fn random() -> Self {
         JobId(rand::random())
     }
+
+    /// The id as 16 big-endian bytes (how stores keep it).
+    pub fn to_bytes(self) -> [u8; 16] {
+        self.0.to_be_bytes()
+    }
+
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        JobId(u128::from_be_bytes(bytes))
+    }
 }
 
 impl fmt::Display for JobId {
@@ -56,6 +65,8 @@ pub enum JobKind {
 }
 
 impl JobKind {
+    pub const ALL: [JobKind; 2] = [JobKind::Pdf, JobKind::Image];
+
     pub fn as_str(self) -> &'static str {
         match self {
             JobKind::Pdf => "pdf",
@@ -140,6 +151,8 @@ pub struct Job {
     pub created_at: SystemTime,
     pub started_at: Option<SystemTime>,
     pub finished_at: Option<SystemTime>,
+    /// How many times the job was started (handed to a worker): a rerun after a crash counts.
+    pub attempts: u32,
     /// Set exactly when the job failed (or was cancelled, to say why).
     pub error: Option<ErrorBody>,
     /// Set exactly when the job succeeded.
@@ -160,20 +173,37 @@ impl Job {
             created_at: now,
             started_at: None,
             finished_at: None,
+            attempts: 0,
             error: None,
             result: None,
             callback: None,
         }
     }
 
-    /// queued → running. Returns whether anything changed.
+    /// queued → running, counting the attempt: a job is claimed for a worker. Returns whether
+    /// anything changed.
     pub fn start(&mut self, now: SystemTime) -> bool {
         if self.status != JobStatus::Queued {
             return false;
         }
         self.status = JobStatus::Running;
+        self.attempts += 1;
         self.started_at = Some(now);
+        self.progress = 0.0;
         self.stage = Some("started".into());
+        true
+    }
+
+    /// running → queued: the run was cut off (shutdown, a crash) and the job will run again.
+    /// The attempt stays counted.
+    pub fn release(&mut self) -> bool {
+        if self.status != JobStatus::Running {
+            return false;
+        }
+        self.status = JobStatus::Queued;
+        self.started_at = None;
+        self.progress = 0.0;
+        self.stage = Some("queued".into());
         true
     }
 
@@ -255,6 +285,7 @@ impl Serialize for JobView<'_> {
         map.serialize_entry("created_at", &rfc3339(job.created_at))?;
         map.serialize_entry("started_at", &job.started_at.map(rfc3339))?;
         map.serialize_entry("finished_at", &job.finished_at.map(rfc3339))?;
+        map.serialize_entry("attempts", &job.attempts)?;
         if let (JobStatus::Failed | JobStatus::Cancelled, Some(error)) = (job.status, &job.error) {
             map.serialize_entry("error", error)?;
         }
@@ -330,6 +361,7 @@ mod tests {
         let mut j = job();
         assert!(!j.advance(0.5, None), "a queued job takes no progress");
         j.start(SystemTime::now());
+        assert_eq!(j.attempts, 1);
         assert!(j.advance(0.5, None));
         assert!(!j.advance(0.3, None));
         assert_eq!(j.progress, 0.5);
@@ -357,6 +389,19 @@ mod tests {
         assert!(j.fail(ErrorBody::new("timeout", "too slow"), now));
         assert!(!j.cancel(now));
         assert_eq!(j.progress, 0.4, "a failed job keeps its last progress");
+    }
+
+    #[test]
+    fn a_released_job_runs_again_with_its_attempts_counted() {
+        let now = SystemTime::now();
+        let mut j = job();
+        assert!(!j.release(), "only a running job can be released");
+        j.start(now);
+        j.advance(0.5, None);
+        assert!(j.release());
+        assert_eq!((j.status, j.attempts, j.progress, j.started_at), (JobStatus::Queued, 1, 0.0, None));
+        assert!(j.start(now));
+        assert_eq!(j.attempts, 2);
     }
 
     #[test]

@@ -17,7 +17,8 @@
 //! - [`routes`]: thin HTTP handlers and the JSON error format for everything actix answers.
 //! - [`domain`]: "parse, don't validate" request types (the PDF document spec).
 //! - [`realtime`]: WebSocket progress: per-connection coalescing outboxes, the connection task.
-//! - [`dispatch`]: the Dispatcher actor, the job model, the job store.
+//! - [`dispatch`]: the Dispatcher actor: admission, claims for the pools, timers, draining.
+//! - [`store`]: job records behind one seam: in memory, or the embedded durable SQLite store.
 //! - [`workers`]: the worker actor, the panic boundary and the PDF renderer.
 //! - [`error`]: the JSON error body shared by every error type.
 //! - [`metrics`]: Prometheus metrics and the request-timing middleware.
@@ -38,5 +39,6 @@ pub mod realtime;
 pub mod routes;
 pub mod shutdown;
 pub mod startup;
+pub mod store;
 pub mod telemetry;
 pub mod workers;

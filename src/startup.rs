@@ -11,15 +11,18 @@ use actix_web::dev::Server;
 use actix_web::{middleware, web, App, HttpServer};
 
 use crate::async_io::{self, AsyncIo};
-use crate::configuration::Settings;
-use crate::dispatch::{Admission, Dispatcher, JobKind, MemoryStore, Observers, Pool, Retention};
+use crate::async_io::webhooks::Deliver;
+use crate::configuration::{Settings, StoreKind};
+use crate::dispatch::{Admission, Dispatcher, Observers, Pool};
+use crate::job::JobKind;
 use crate::domain::callback::CallbackPolicy;
 use crate::domain::image::ImageLimits;
 use crate::domain::pdf::SpecLimits;
 use crate::metrics::{self, Metrics};
-use crate::realtime::WsSettings;
+use crate::realtime::{Hub, WsSettings};
 use crate::routes;
 use crate::shutdown;
+use crate::store::{JobStore, MemoryStore, Retention, SqliteOptions, SqliteStore};
 use crate::workers::JobWorker;
 
 pub struct Application {
@@ -41,8 +44,17 @@ impl Application {
     pub fn with_listener(settings: Settings, listener: TcpListener) -> std::io::Result<Self> {
         let address = listener.local_addr()?;
         let metrics = Arc::new(Metrics::new());
-        let io = async_io::start(&settings, metrics.clone());
-        let dispatcher = start_dispatcher(&settings, &io, metrics.clone());
+        let store = open_store(&settings)?;
+        let io = async_io::start(&settings, metrics.clone(), store.clone());
+        let owed = store.owed_webhooks().map_err(|e| std::io::Error::other(e.to_string()))?;
+        if !owed.is_empty() {
+            tracing::info!(owed = owed.len(), "delivering webhooks owed from before the restart");
+        }
+        for w in owed {
+            io.webhooks.do_send(Deliver { job: w.job, url: w.url, body: w.body });
+        }
+        let hub = Arc::new(Hub::new());
+        let dispatcher = start_dispatcher(&settings, &io, metrics.clone(), store.clone(), hub.clone());
         let policy = CallbackPolicy { allow_private: settings.allow_private_webhooks };
         let analytics_limits = routes::AnalyticsLimits { max_batch: settings.analytics_max_batch.max(1) };
         let analytics = io.analytics.clone();
@@ -76,6 +88,8 @@ impl Application {
                 .wrap(middleware::Logger::new("%r %s %b %Dms").log_target("offload::http"))
                 .wrap(middleware::from_fn(metrics::middleware::record))
                 .app_data(web::Data::new(app_dispatcher.clone()))
+                .app_data(web::Data::new(store.clone()))
+                .app_data(web::Data::new(hub.clone()))
                 .app_data(web::Data::new(metrics.clone()))
                 .app_data(web::Data::new(analytics.clone()))
                 .app_data(web::Data::new(analytics_limits))
@@ -111,7 +125,34 @@ impl Application {
     }
 }
 
-fn start_dispatcher(settings: &Settings, io: &AsyncIo, metrics: Arc<Metrics>) -> Addr<Dispatcher> {
+/// The store `--store` names. The embedded one refuses to open a data directory in use.
+fn open_store(settings: &Settings) -> std::io::Result<Arc<dyn JobStore>> {
+    Ok(match settings.store {
+        StoreKind::Memory => Arc::new(MemoryStore::new(Retention {
+            ttl: settings.result_ttl(),
+            result_bytes: settings.result_memory.bytes(),
+            finished_jobs: settings.max_finished_jobs,
+        })),
+        StoreKind::Sqlite => {
+            let options = SqliteOptions {
+                dir: settings.data_dir.clone(),
+                sync: settings.sync,
+                max_attempts: settings.max_attempts,
+                ttl: settings.result_ttl(),
+                result_bytes: settings.result_disk.bytes(),
+            };
+            Arc::new(SqliteStore::open(&options).map_err(std::io::Error::other)?)
+        }
+    })
+}
+
+fn start_dispatcher(
+    settings: &Settings,
+    io: &AsyncIo,
+    metrics: Arc<Metrics>,
+    store: Arc<dyn JobStore>,
+    hub: Arc<Hub>,
+) -> Addr<Dispatcher> {
     let pdf_workers = settings.pdf_workers();
     let (nice, sched) = (settings.worker_nice, settings.worker_sched);
     let pdf = SyncArbiter::start(pdf_workers, move || JobWorker::on_pool_thread(c"pdf-worker", nice, sched));
@@ -120,19 +161,14 @@ fn start_dispatcher(settings: &Settings, io: &AsyncIo, metrics: Arc<Metrics>) ->
     let mut pools = HashMap::new();
     pools.insert(JobKind::Pdf, Pool::new(pdf.recipient(), pdf_workers));
     pools.insert(JobKind::Image, Pool::new(image.recipient(), image_workers));
-    let retention = Retention {
-        ttl: settings.result_ttl(),
-        result_bytes: settings.result_memory.bytes(),
-        finished_jobs: settings.max_finished_jobs,
-    };
     let admission = Admission {
         max_pending: settings.max_pending,
         max_queued_bytes: settings.max_queued_bytes.bytes(),
         job_timeout: settings.job_timeout(),
     };
-    let store = Box::new(MemoryStore::new(retention));
-    let ttl = retention.ttl;
-    let observers = Observers { metrics, analytics: io.analytics.clone(), webhooks: io.webhooks.clone().recipient() };
+    let ttl = settings.result_ttl();
+    let observers =
+        Observers { metrics, analytics: io.analytics.clone(), webhooks: io.webhooks.clone().recipient(), hub };
     // Its own thread and event loop: job bookkeeping never competes with HTTP workers.
     let arbiter = Arbiter::new();
     arbiter.spawn_fn(|| crate::process::name_thread(c"dispatcher"));

@@ -25,6 +25,7 @@ use self::backoff::Backoff;
 use self::webhooks::{WebhookSettings, Webhooks};
 use crate::configuration::Settings;
 use crate::metrics::Metrics;
+use crate::store::JobStore;
 
 /// Handles to the async I/O actors.
 #[derive(Clone)]
@@ -34,7 +35,7 @@ pub struct AsyncIo {
 }
 
 /// Starts the arbiter and its actors. Needs a running actix `System`.
-pub fn start(settings: &Settings, metrics: Arc<Metrics>) -> AsyncIo {
+pub fn start(settings: &Settings, metrics: Arc<Metrics>, store: Arc<dyn JobStore>) -> AsyncIo {
     let arbiter = Arbiter::new();
     arbiter.spawn_fn(|| crate::process::name_thread(c"async-io"));
     let limits = AggregateLimits { max_names: settings.analytics_max_names, max_minutes: settings.analytics_minutes };
@@ -57,6 +58,6 @@ pub fn start(settings: &Settings, metrics: Arc<Metrics>) -> AsyncIo {
         capacity: settings.webhook_queue.max(1),
         public_only: !settings.allow_private_webhooks,
     };
-    let webhooks = webhooks::start(&arbiter.handle(), webhook_settings, metrics);
+    let webhooks = webhooks::start(&arbiter.handle(), webhook_settings, metrics, store);
     AsyncIo { analytics, webhooks }
 }

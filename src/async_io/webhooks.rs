@@ -22,6 +22,7 @@ use super::guard::guarded;
 use crate::domain::callback::CallbackUrl;
 use crate::job::JobId;
 use crate::metrics::Metrics;
+use crate::store::JobStore;
 
 /// The signature header.
 pub const SIGNATURE_HEADER: &str = "x-offload-signature";
@@ -53,16 +54,24 @@ pub struct Webhooks {
     waiting: VecDeque<Deliver>,
     running: usize,
     metrics: Arc<Metrics>,
+    /// Told when a delivery is over (delivered or given up), so it is no longer owed.
+    store: Arc<dyn JobStore>,
 }
 
 /// Starts the actor under a supervisor on `arbiter`.
-pub fn start(arbiter: &ArbiterHandle, settings: WebhookSettings, metrics: Arc<Metrics>) -> Addr<Webhooks> {
+pub fn start(
+    arbiter: &ArbiterHandle,
+    settings: WebhookSettings,
+    metrics: Arc<Metrics>,
+    store: Arc<dyn JobStore>,
+) -> Addr<Webhooks> {
     Supervisor::start_in_arbiter(arbiter, move |_| Webhooks {
         client: http_client(settings.timeout, settings.public_only),
         settings,
         waiting: VecDeque::new(),
         running: 0,
         metrics,
+        store,
     })
 }
 
@@ -102,11 +111,12 @@ impl Webhooks {
             let settings = self.settings.clone();
             let metrics = self.metrics.clone();
             let addr = ctx.address();
+            let job = delivery.job;
             actix_rt::spawn(async move {
                 use futures::FutureExt;
                 let attempt = deliver(&client, &settings, &delivery, &metrics);
                 let outcome = std::panic::AssertUnwindSafe(attempt).catch_unwind().await.unwrap_or(Outcome::Failed);
-                addr.do_send(Done { outcome });
+                addr.do_send(Done { job, outcome });
             });
         }
         self.metrics.webhook_pending.set((self.waiting.len() + self.running) as i64);
@@ -171,6 +181,7 @@ impl Handler<Deliver> for Webhooks {
         let metrics = self.metrics.clone();
         guarded(self, ctx, "webhooks", &metrics, |this, ctx| {
             if this.waiting.len() + this.running >= this.settings.capacity.max(1) {
+                // Still owed in a durable store: delivered after the next start.
                 tracing::warn!(job = %msg.job, "webhook queue full; delivery dropped");
                 this.metrics.webhook_deliveries.with_label_values(&["dropped"]).inc();
                 return;
@@ -185,6 +196,7 @@ impl Handler<Deliver> for Webhooks {
 #[derive(Message)]
 #[rtype(result = "()")]
 struct Done {
+    job: JobId,
     outcome: Outcome,
 }
 
@@ -193,6 +205,7 @@ impl Handler<Done> for Webhooks {
     fn handle(&mut self, msg: Done, ctx: &mut Context<Self>) {
         self.running = self.running.saturating_sub(1);
         self.metrics.webhook_deliveries.with_label_values(&[msg.outcome.label()]).inc();
+        self.store.webhook_done(msg.job);
         self.start_waiting(ctx);
     }
 }

@@ -1,28 +1,33 @@
-//! The Dispatcher: the single owner of job state.
+//! The Dispatcher: admission, handing jobs to pools, and the timers around running jobs.
 //!
-//! Handlers send it messages and get answers; workers send it events with `do_send`. It never
-//! awaits a worker or a client. It keeps each pool's own mailbox at most one job per thread
-//! deep (a `SyncArbiter` mailbox is unbounded) and holds the rest in the store's queue, bounded
-//! by [`Admission`].
+//! Handlers send it submissions and cancels; workers send it events with `do_send`. It never
+//! awaits a worker or a client: store writes are futures it spawns on its own context, and it
+//! publishes job changes to the [`Hub`] and the observers without waiting. Reads (`GET /jobs…`)
+//! do not come here at all: handlers read the store.
+//!
+//! Each pool is fed at most two claimed jobs per thread (one running, one waiting in the pool's
+//! own, unbounded, mailbox), so a claim's commit is hidden behind the job before it; the rest
+//! stays queued in the store, bounded by [`Admission`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
-use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use super::store::{JobStore, ListFilter, StatusCounts, StoreError, Transition};
 use crate::async_io::analytics::{AnalyticsHandle, Event};
 use crate::async_io::webhooks::Deliver;
 use crate::domain::callback::CallbackUrl;
-use crate::domain::JobPayload;
+use crate::domain::{JobPayload, PayloadRecord};
 use crate::error::ErrorBody;
 use crate::job::{Job, JobId, JobKind, JobStatus, ResultMeta};
 use crate::metrics::Metrics;
-use crate::realtime::Outbox;
-use crate::workers::{Execute, Interrupt, JobControl, JobFailure, WorkerEvent};
+use crate::realtime::Hub;
+use crate::store::{
+    CancelOutcome, Claimed, Final, IdempotencyKey, Inserted, JobStore, NewJob, StatusCounts, StoreError,
+};
+use crate::workers::{Execute, Interrupt, JobControl, JobFailure, Outcome, WorkerEvent};
 
 /// How much work is accepted.
 #[derive(Clone, Copy, Debug)]
@@ -39,17 +44,26 @@ pub struct Admission {
 pub struct Pool {
     /// The pool's `SyncArbiter` address.
     pub recipient: Recipient<Execute>,
-    /// Threads in the pool: how many jobs may be handed to it at once.
+    /// Threads in the pool.
     pub workers: usize,
     /// Jobs handed to the pool whose `Finished` event has not arrived yet.
     in_flight: usize,
+    /// Claims sent to the store and not answered yet.
+    claiming: usize,
+    /// A retry of the pump is scheduled (after a failed claim).
+    retry_scheduled: bool,
     /// Recent job run time, seconds (exponentially weighted), for `Retry-After`.
     mean_secs: f64,
 }
 
 impl Pool {
     pub fn new(recipient: Recipient<Execute>, workers: usize) -> Self {
-        Pool { recipient, workers, in_flight: 0, mean_secs: 0.05 }
+        Pool { recipient, workers, in_flight: 0, claiming: 0, retry_scheduled: false, mean_secs: 0.05 }
+    }
+
+    /// Jobs the pool may hold at once: one running and one waiting per thread.
+    fn capacity(&self) -> usize {
+        self.workers.max(1) * 2
     }
 }
 
@@ -61,47 +75,46 @@ pub struct Observers {
     pub analytics: AnalyticsHandle,
     /// Final job objects of jobs with a `callback_url`.
     pub webhooks: Recipient<Deliver>,
+    /// WebSocket subscriptions.
+    pub hub: Arc<Hub>,
 }
 
 /// A job handed to a worker.
 struct Running {
-    kind: JobKind,
+    /// The job as claimed, with the progress reported since (what watchers are sent).
+    job: Job,
     control: JobControl,
     /// The timeout timer, cancelled when the job finishes.
     timer: SpawnHandle,
 }
 
 pub struct Dispatcher {
-    store: Box<dyn JobStore>,
+    store: Arc<dyn JobStore>,
     pools: HashMap<JobKind, Pool>,
     running: HashMap<JobId, Running>,
     admission: Admission,
+    /// Admitted jobs whose insert has not committed yet, per kind, and their bytes: counted
+    /// against the limits like queued ones, so concurrent submissions cannot overshoot them.
+    reserved: HashMap<JobKind, usize>,
+    reserved_bytes: usize,
     /// How often finished jobs are checked for expiry.
     sweep_every: Duration,
-    /// Set once a drain starts: the callers waiting for the last job to end.
+    /// Set once a drain starts: the callers waiting for it to end.
     draining: Option<Vec<oneshot::Sender<()>>>,
-    /// WebSocket connections following each job.
-    watchers: HashMap<JobId, Vec<Watcher>>,
-    /// Jobs each connection follows, to clean up when it goes.
-    followed: HashMap<u64, HashSet<JobId>>,
     /// When progress of a job was last pushed, and whether a delayed push is scheduled.
     progress_pushed: HashMap<JobId, (Instant, bool)>,
     observers: Observers,
 }
 
-/// A connection following a job.
-struct Watcher {
-    conn: u64,
-    outbox: Arc<Outbox>,
-}
-
 /// Least time between two progress events of one job to its watchers (the contract allows one
 /// per 50 ms and wants a change shown within 100 ms).
 const PROGRESS_PUSH_EVERY: Duration = Duration::from_millis(50);
+/// How long to wait before retrying a store write that failed (disk full, I/O error).
+const STORE_RETRY: Duration = Duration::from_secs(1);
 
 impl Dispatcher {
     pub fn new(
-        store: Box<dyn JobStore>,
+        store: Arc<dyn JobStore>,
         pools: HashMap<JobKind, Pool>,
         admission: Admission,
         ttl: Duration,
@@ -113,40 +126,22 @@ impl Dispatcher {
             pools,
             running: HashMap::new(),
             admission,
+            reserved: HashMap::new(),
+            reserved_bytes: 0,
             sweep_every,
             draining: None,
-            watchers: HashMap::new(),
-            followed: HashMap::new(),
             progress_pushed: HashMap::new(),
             observers,
         }
     }
 
-    /// Applies a transition and tells the job's watchers: every status change at once, progress
-    /// at most once per [`PROGRESS_PUSH_EVERY`] (a delayed push carries the latest value).
-    fn apply(
-        &mut self,
-        id: JobId,
-        change: Transition,
-        now: SystemTime,
-        ctx: &mut Context<Self>,
-    ) -> Result<Option<Job>, StoreError> {
-        let progress_only = matches!(change, Transition::Progress { .. });
-        let applied = self.store.apply(id, change, now)?;
-        if let Some(job) = &applied {
-            if self.watchers.contains_key(&id) {
-                if progress_only {
-                    self.push_progress(id, ctx);
-                } else {
-                    self.push(job);
-                }
-            }
-            if job.status.is_terminal() {
-                self.progress_pushed.remove(&id);
-                self.ended(job);
-            }
+    /// A job changed status: tell its watchers, and if it ended, everyone else.
+    fn changed(&mut self, job: &Job) {
+        self.observers.hub.publish(job);
+        if job.status.is_terminal() {
+            self.progress_pushed.remove(&job.id);
+            self.ended(job);
         }
-        Ok(applied)
     }
 
     /// A job reached its final state: count it, record the event, send its webhook.
@@ -178,20 +173,15 @@ impl Dispatcher {
     }
 
     fn send_webhook(&self, job: &Job, url: CallbackUrl) {
+        // The same bytes the store wrote as the owed delivery.
         match serde_json::to_vec(&job.view()) {
             Ok(body) => self.observers.webhooks.do_send(Deliver { job: job.id, url, body: body.into() }),
             Err(e) => tracing::error!(job = %job.id, "job object not serializable: {e}"),
         }
     }
 
-    fn push(&mut self, job: &Job) {
-        if let Some(watchers) = self.watchers.get(&job.id) {
-            for w in watchers {
-                w.outbox.push(job.clone());
-            }
-        }
-    }
-
+    /// Progress to watchers at most once per [`PROGRESS_PUSH_EVERY`] (a delayed push carries the
+    /// latest value).
     fn push_progress(&mut self, id: JobId, ctx: &mut Context<Self>) {
         let now = Instant::now();
         let (last, scheduled) = self.progress_pushed.get(&id).copied().unwrap_or((now - PROGRESS_PUSH_EVERY, false));
@@ -200,8 +190,8 @@ impl Dispatcher {
         }
         let since = now.duration_since(last);
         if since >= PROGRESS_PUSH_EVERY {
-            if let Some(job) = self.store.get(id) {
-                self.push(&job);
+            if let Some(r) = self.running.get(&id) {
+                self.observers.hub.publish(&r.job);
             }
             self.progress_pushed.insert(id, (now, false));
         } else {
@@ -209,58 +199,124 @@ impl Dispatcher {
             ctx.run_later(PROGRESS_PUSH_EVERY - since, move |this, _| {
                 if let Some(entry) = this.progress_pushed.get_mut(&id) {
                     *entry = (Instant::now(), false);
-                    if let Some(job) = this.store.get(id).filter(|j| !j.status.is_terminal()) {
-                        this.push(&job);
+                    if let Some(r) = this.running.get(&id).filter(|r| r.job.status == JobStatus::Running) {
+                        this.observers.hub.publish(&r.job);
                     }
                 }
             });
         }
     }
 
-    /// Hands queued jobs of `kind` to its pool while it has idle threads.
+    /// Whether new claims may start: not while a durable store drains (queued jobs stay queued
+    /// for the next start); a memory store runs its queue during the grace period as before.
+    fn may_claim(&self) -> bool {
+        self.draining.is_none() || !self.store.durable()
+    }
+
+    /// Claims queued jobs of `kind` while its pool has room.
     fn pump(&mut self, kind: JobKind, ctx: &mut Context<Self>) {
-        loop {
-            let Some(pool) = self.pools.get(&kind) else { return };
-            if pool.in_flight >= pool.workers {
+        if !self.may_claim() {
+            return;
+        }
+        let queued = self.store.stats().queued(kind);
+        let Some(pool) = self.pools.get_mut(&kind) else { return };
+        let room = pool.capacity().saturating_sub(pool.in_flight + pool.claiming);
+        // Claims already asked for take from the queue first; a claim that finds nothing is
+        // harmless, and every answer pumps again.
+        let wanted = room.min(queued.saturating_sub(pool.claiming));
+        pool.claiming += wanted;
+        for _ in 0..wanted {
+            let claim = self.store.claim(kind);
+            ctx.spawn(claim.into_actor(self).map(move |res, this, ctx| this.on_claimed(kind, res, ctx)));
+        }
+    }
+
+    fn on_claimed(&mut self, kind: JobKind, res: Result<Option<Claimed>, StoreError>, ctx: &mut Context<Self>) {
+        if let Some(pool) = self.pools.get_mut(&kind) {
+            pool.claiming -= 1;
+        }
+        match res {
+            Ok(Some(claimed)) => self.hand_to_pool(claimed, ctx),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(kind = kind.as_str(), "cannot claim a job: {e}");
+                self.retry_pump(kind, ctx);
                 return;
             }
-            let Some((id, payload)) = self.store.next_queued(kind) else { return };
-            let control = JobControl::default();
-            let deadline = Instant::now() + self.admission.job_timeout;
-            let msg = Execute { id, payload, control: control.clone(), deadline, events: ctx.address().recipient() };
-            if let Err(err) = pool.recipient.try_send(msg) {
-                tracing::error!(job = %id, kind = kind.as_str(), "worker pool unavailable: {err}");
-                let error = ErrorBody::new("pool_unavailable", "the worker pool is not running");
-                let _ = self.apply(id, Transition::Fail(error), SystemTime::now(), ctx);
-                continue;
-            }
-            if let Some(pool) = self.pools.get_mut(&kind) {
-                pool.in_flight += 1;
-            }
-            let timer = ctx.run_later(self.admission.job_timeout, move |this, ctx| this.time_out(id, ctx));
-            self.running.insert(id, Running { kind, control, timer });
         }
+        self.pump(kind, ctx);
+        self.check_drained();
+    }
+
+    fn retry_pump(&mut self, kind: JobKind, ctx: &mut Context<Self>) {
+        let Some(pool) = self.pools.get_mut(&kind) else { return };
+        if !pool.retry_scheduled {
+            pool.retry_scheduled = true;
+            ctx.run_later(STORE_RETRY, move |this, ctx| {
+                if let Some(pool) = this.pools.get_mut(&kind) {
+                    pool.retry_scheduled = false;
+                }
+                this.pump(kind, ctx);
+            });
+        }
+    }
+
+    fn hand_to_pool(&mut self, claimed: Claimed, ctx: &mut Context<Self>) {
+        let Claimed { job, payload } = claimed;
+        let (id, kind) = (job.id, job.kind);
+        let control = JobControl::default();
+        let deadline = Instant::now() + self.admission.job_timeout;
+        let Some(pool) = self.pools.get_mut(&kind) else { return };
+        let msg = Execute { id, payload, control: control.clone(), deadline, events: ctx.address().recipient() };
+        if let Err(err) = pool.recipient.try_send(msg) {
+            tracing::error!(job = %id, kind = kind.as_str(), "worker pool unavailable: {err}");
+            let error = ErrorBody::new("pool_unavailable", "the worker pool is not running");
+            self.finish(id, job.attempts, Final::Failed(error), ctx);
+            return;
+        }
+        pool.in_flight += 1;
+        let timer = ctx.run_later(self.admission.job_timeout, move |this, ctx| this.time_out(id, ctx));
+        self.changed(&job);
+        self.running.insert(id, Running { job, control, timer });
     }
 
     fn time_out(&mut self, id: JobId, ctx: &mut Context<Self>) {
         if let Some(running) = self.running.get(&id) {
             running.control.interrupt(Interrupt::TimedOut);
-            let error = self.timeout_error();
-            if self.apply(id, Transition::Fail(error), SystemTime::now(), ctx).ok().flatten().is_some() {
-                tracing::warn!(job = %id, "job timed out");
-            }
+            tracing::warn!(job = %id, "job timed out");
+            let attempt = running.job.attempts;
+            self.finish(id, attempt, Final::Failed(self.timeout_error()), ctx);
         }
     }
 
-    fn on_finished(&mut self, id: JobId, outcome: crate::workers::Outcome, elapsed: Duration, ctx: &mut Context<Self>) {
+    /// Writes a run's end (fenced on its attempt); retried while the store cannot write, so the
+    /// job never stays `running` for good.
+    fn finish(&mut self, id: JobId, attempt: u32, outcome: Final, ctx: &mut Context<Self>) {
+        let retry = outcome.clone();
+        let write = self.store.finish(id, attempt, outcome);
+        ctx.spawn(write.into_actor(self).map(move |res, this, ctx| match res {
+            Ok(Some(job)) => {
+                tracing::info!(job = %id, kind = job.kind.as_str(), status = job.status.as_str(), attempt, "job finished");
+                this.changed(&job);
+                this.check_drained();
+            }
+            Ok(None) => tracing::debug!(job = %id, attempt, "completion refused: the job is no longer running this attempt"),
+            Err(e) => {
+                tracing::warn!(job = %id, "cannot record the job's end, retrying: {e}");
+                ctx.run_later(STORE_RETRY, move |this, ctx| this.finish(id, attempt, retry, ctx));
+            }
+        }));
+    }
+
+    fn on_finished(&mut self, id: JobId, outcome: Outcome, elapsed: Duration, ctx: &mut Context<Self>) {
         let Some(running) = self.running.remove(&id) else { return };
         ctx.cancel_future(running.timer);
-        if let Some(pool) = self.pools.get_mut(&running.kind) {
+        let kind = running.job.kind;
+        if let Some(pool) = self.pools.get_mut(&kind) {
             pool.in_flight -= 1;
             pool.mean_secs = 0.8 * pool.mean_secs + 0.2 * elapsed.as_secs_f64();
         }
-        let now = SystemTime::now();
-        let change = match outcome {
+        let outcome = match outcome {
             Ok(out) => {
                 let meta = ResultMeta {
                     content_type: out.content_type,
@@ -268,27 +324,18 @@ impl Dispatcher {
                     filename: out.filename,
                     dimensions: out.dimensions,
                 };
-                Transition::Succeed { meta, bytes: out.bytes }
+                Some(Final::Succeeded { meta, bytes: out.bytes })
             }
-            Err(JobFailure::Error(error)) => Transition::Fail(error),
-            Err(JobFailure::Interrupted(Interrupt::TimedOut)) => Transition::Fail(self.timeout_error()),
-            Err(JobFailure::Interrupted(Interrupt::Cancelled)) => Transition::Cancel { reason: None },
-            Err(JobFailure::Interrupted(Interrupt::Shutdown)) => Transition::Fail(shutdown_error()),
+            Err(JobFailure::Error(error)) => Some(Final::Failed(error)),
+            Err(JobFailure::Interrupted(Interrupt::TimedOut)) => Some(Final::Failed(self.timeout_error())),
+            Err(JobFailure::Interrupted(Interrupt::Cancelled)) => Some(Final::Cancelled(None)),
+            // Released (durable store) or failed (memory) when the grace period ended.
+            Err(JobFailure::Interrupted(Interrupt::Shutdown)) => None,
         };
-        match self.apply(id, change, now, ctx) {
-            Ok(Some(job)) => {
-                tracing::info!(job = %id, kind = job.kind.as_str(), status = job.status.as_str(), elapsed_ms = elapsed.as_millis() as u64, "job finished")
-            }
-            Ok(None) => {}
-            Err(StoreError::ResultTooLarge { bytes, budget }) => {
-                let error = ErrorBody::new(
-                    "result_too_large",
-                    format!("the result has {bytes} bytes, more than the {budget} bytes kept for results"),
-                );
-                let _ = self.apply(id, Transition::Fail(error), now, ctx);
-            }
+        if let Some(outcome) = outcome {
+            self.finish(id, running.job.attempts, outcome, ctx);
         }
-        self.pump(running.kind, ctx);
+        self.pump(kind, ctx);
         self.check_drained();
     }
 
@@ -297,38 +344,80 @@ impl Dispatcher {
         ErrorBody::new("timeout", format!("the job ran longer than the {secs} s limit"))
     }
 
-    /// Jobs accepted and not yet ended: queued in the store plus handed to a pool.
-    fn pending(&self) -> usize {
-        self.pools.iter().map(|(kind, p)| p.in_flight + self.store.queued(*kind)).sum()
+    /// Jobs accepted and not yet ended, per kind: queued in the store, being claimed, handed to
+    /// the pool, and admitted but not yet committed.
+    fn pending_of(&self, kind: JobKind) -> usize {
+        let in_pool = self.pools.get(&kind).map_or(0, |p| p.in_flight + p.claiming);
+        in_pool + self.store.stats().queued(kind) + self.reserved.get(&kind).copied().unwrap_or(0)
+    }
+
+    /// What a drain waits for: with a durable store only the jobs running here (queued ones are
+    /// kept for the next start); with a memory store everything accepted.
+    fn drain_outstanding(&self) -> usize {
+        if self.store.durable() {
+            self.running.len() + self.pools.values().map(|p| p.claiming).sum::<usize>()
+        } else {
+            self.pools.keys().map(|k| self.pending_of(*k)).sum()
+        }
     }
 
     fn check_drained(&mut self) {
-        if self.draining.as_ref().is_some_and(|w| !w.is_empty()) && self.pending() == 0 {
-            for waiter in self.draining.as_mut().map(std::mem::take).unwrap_or_default() {
-                let _ = waiter.send(());
-            }
+        if self.draining.as_ref().is_some_and(|w| !w.is_empty()) && self.drain_outstanding() == 0 {
+            self.resolve_drain();
         }
     }
 
-    /// The grace period is over: everything still queued or running fails with `shutdown`.
-    fn stop_everything(&mut self, ctx: &mut Context<Self>) {
-        let now = SystemTime::now();
-        for id in self.store.queued_ids() {
-            let _ = self.apply(id, Transition::Fail(shutdown_error()), now, ctx);
-        }
-        let running: Vec<JobId> = self.running.keys().copied().collect();
-        for id in running {
-            self.running[&id].control.interrupt(Interrupt::Shutdown);
-            let _ = self.apply(id, Transition::Fail(shutdown_error()), now, ctx);
-        }
+    fn resolve_drain(&mut self) {
         for waiter in self.draining.as_mut().map(std::mem::take).unwrap_or_default() {
             let _ = waiter.send(());
         }
     }
 
+    /// The grace period is over. Durable store: running jobs go back to the queue (their runs
+    /// are stopped). Memory store: everything still queued or running fails with `shutdown`.
+    fn stop_everything(&mut self, ctx: &mut Context<Self>) {
+        for running in self.running.values() {
+            running.control.interrupt(Interrupt::Shutdown);
+        }
+        let store = self.store.clone();
+        let running: Vec<(JobId, u32)> = self.running.iter().map(|(id, r)| (*id, r.job.attempts)).collect();
+        let durable = store.durable();
+        let work = async move {
+            let mut ended = Vec::new();
+            for (id, attempt) in running {
+                if durable {
+                    match store.release(id, attempt).await {
+                        Ok(_) => tracing::info!(job = %id, "job stopped by the shutdown; queued again for the next start"),
+                        Err(e) => tracing::error!(job = %id, "cannot queue the job again (the next start will): {e}"),
+                    }
+                } else if let Ok(Some(job)) = store.finish(id, attempt, Final::Failed(shutdown_error())).await {
+                    ended.push(job);
+                }
+            }
+            if !durable {
+                // Nothing of a memory store outlives the process: queued jobs fail now.
+                for kind in JobKind::ALL {
+                    while let Ok(Some(claimed)) = store.claim(kind).await {
+                        let (id, attempt) = (claimed.job.id, claimed.job.attempts);
+                        if let Ok(Some(job)) = store.finish(id, attempt, Final::Failed(shutdown_error())).await {
+                            ended.push(job);
+                        }
+                    }
+                }
+            }
+            ended
+        };
+        ctx.spawn(work.into_actor(self).map(|ended, this, _| {
+            for job in &ended {
+                this.changed(job);
+            }
+            this.resolve_drain();
+        }));
+    }
+
     fn retry_after(&self, kind: JobKind) -> u64 {
         let Some(pool) = self.pools.get(&kind) else { return 1 };
-        let backlog = (self.store.queued(kind) + pool.in_flight) as f64;
+        let backlog = self.pending_of(kind) as f64;
         let secs = backlog * pool.mean_secs / pool.workers.max(1) as f64;
         secs.ceil().clamp(1.0, 60.0) as u64
     }
@@ -352,22 +441,42 @@ impl Actor for Dispatcher {
     fn started(&mut self, ctx: &mut Context<Self>) {
         // Handlers wait when the mailbox is full; keep it deep enough for bursts.
         ctx.set_mailbox_capacity(1024);
-        ctx.run_interval(self.sweep_every, |this, _| {
-            let expired = this.store.expire(SystemTime::now());
-            if expired > 0 {
-                tracing::debug!(expired, "finished jobs expired");
+        ctx.run_interval(self.sweep_every, |this, ctx| {
+            let expire = this.store.expire(SystemTime::now());
+            ctx.spawn(expire.into_actor(this).map(|res, _, _| match res {
+                Ok(0) => {}
+                Ok(expired) => tracing::debug!(expired, "finished jobs expired"),
+                Err(e) => tracing::warn!("expiry sweep failed: {e}"),
+            }));
+            // A safety net: claims resume by themselves whatever stopped them.
+            for kind in JobKind::ALL {
+                this.pump(kind, ctx);
             }
         });
+        // Jobs recovered from the store run at once.
+        for kind in JobKind::ALL {
+            self.pump(kind, ctx);
+        }
     }
 }
 
 /// Accept new jobs, all or none (one upload may carry several images).
 #[derive(Message)]
-#[rtype(result = "Result<Vec<Job>, SubmitError>")]
+#[rtype(result = "Result<Submitted, SubmitError>")]
 pub struct Submit {
-    pub jobs: Vec<JobPayload>,
+    /// Each job's payload, as the worker needs it and as stored.
+    pub jobs: Vec<(JobPayload, PayloadRecord)>,
     /// Where each job's final state is POSTed.
     pub callback: Option<CallbackUrl>,
+    pub key: Option<IdempotencyKey>,
+}
+
+/// The jobs of an accepted submission.
+#[derive(Debug)]
+pub struct Submitted {
+    pub jobs: Vec<Job>,
+    /// The key was seen before with this request: these are the first request's jobs.
+    pub replayed: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -378,64 +487,113 @@ pub enum SubmitError {
     ShuttingDown,
     /// No pool runs this kind of job.
     NoPool(JobKind),
+    /// The store cannot write; nothing was accepted.
+    Storage(String),
+    /// The idempotency key was used for another request.
+    KeyReused,
 }
 
 impl Handler<Submit> for Dispatcher {
-    type Result = Result<Vec<Job>, SubmitError>;
+    type Result = ResponseActFuture<Self, Result<Submitted, SubmitError>>;
 
-    fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) -> Self::Result {
-        let result = self.admit(msg, ctx);
-        if let Err(e) = &result {
-            let reason = match e {
-                SubmitError::Overloaded { .. } => "overloaded",
-                SubmitError::ShuttingDown => "shutting_down",
-                SubmitError::NoPool(_) => "no_pool",
+    fn handle(&mut self, msg: Submit, _: &mut Context<Self>) -> Self::Result {
+        let admitted = self.admit(msg);
+        let (insert, wanted, weight) = match admitted {
+            Ok(parts) => parts,
+            Err(e) => {
+                self.rejected(&e);
+                return Box::pin(fut::ready(Err(e)));
+            }
+        };
+        Box::pin(insert.into_actor(self).map(move |res, this, ctx| {
+            for (kind, n) in &wanted {
+                if let Some(r) = this.reserved.get_mut(kind) {
+                    *r -= n;
+                }
+            }
+            this.reserved_bytes -= weight;
+            let outcome = match res {
+                Ok(Inserted::Created(jobs)) => {
+                    for job in &jobs {
+                        this.observers.metrics.jobs_submitted.with_label_values(&[job.kind.as_str()]).inc();
+                        this.observers.analytics.record(Event::internal("job_submitted", job_props(job)));
+                    }
+                    for kind in wanted.keys() {
+                        this.pump(*kind, ctx);
+                    }
+                    Ok(Submitted { jobs, replayed: false })
+                }
+                Ok(Inserted::Replayed(jobs)) => Ok(Submitted { jobs, replayed: true }),
+                Err(StoreError::KeyReused) => Err(SubmitError::KeyReused),
+                Err(StoreError::Unavailable(m)) => Err(SubmitError::Storage(m)),
             };
-            self.observers.metrics.jobs_rejected.with_label_values(&[reason]).inc();
-        }
-        result
+            if let Err(e) = &outcome {
+                this.rejected(e);
+            }
+            outcome
+        }))
     }
 }
 
+type Admitted = (crate::store::Pending<Inserted>, HashMap<JobKind, usize>, usize);
+
 impl Dispatcher {
-    fn admit(&mut self, msg: Submit, ctx: &mut Context<Self>) -> Result<Vec<Job>, SubmitError> {
+    fn rejected(&self, e: &SubmitError) {
+        let reason = match e {
+            SubmitError::Overloaded { .. } => "overloaded",
+            SubmitError::ShuttingDown => "shutting_down",
+            SubmitError::NoPool(_) => "no_pool",
+            SubmitError::Storage(_) => "storage_unavailable",
+            SubmitError::KeyReused => "idempotency_key_reused",
+        };
+        self.observers.metrics.jobs_rejected.with_label_values(&[reason]).inc();
+    }
+
+    /// Checks the limits and sends the insert; the jobs are reserved until it commits.
+    fn admit(&mut self, msg: Submit) -> Result<Admitted, SubmitError> {
         if self.draining.is_some() {
             return Err(SubmitError::ShuttingDown);
         }
+        if let Err(StoreError::Unavailable(m)) = self.store.health() {
+            return Err(SubmitError::Storage(m));
+        }
         let mut wanted: HashMap<JobKind, usize> = HashMap::new();
-        for payload in &msg.jobs {
+        for (payload, _) in &msg.jobs {
             *wanted.entry(payload.kind()).or_default() += 1;
         }
         for (&kind, &count) in &wanted {
-            let Some(pool) = self.pools.get(&kind) else { return Err(SubmitError::NoPool(kind)) };
-            let pending = self.store.queued(kind) + pool.in_flight;
+            if !self.pools.contains_key(&kind) {
+                return Err(SubmitError::NoPool(kind));
+            }
+            let pending = self.pending_of(kind);
             if pending + count > self.admission.max_pending {
                 let limit = self.admission.max_pending;
                 let reason = format!("{pending} {} jobs are pending, the limit is {limit}", kind.as_str());
                 return Err(SubmitError::Overloaded { retry_after: self.retry_after(kind), reason });
             }
         }
-        let weight: usize = msg.jobs.iter().map(JobPayload::approx_bytes).sum();
-        if self.store.queued_bytes() + weight > self.admission.max_queued_bytes {
-            let kind = msg.jobs.first().map_or(JobKind::Pdf, JobPayload::kind);
+        let weight: usize = msg.jobs.iter().map(|(p, _)| p.approx_bytes()).sum();
+        if self.store.stats().queued_bytes + self.reserved_bytes + weight > self.admission.max_queued_bytes {
+            let kind = msg.jobs.first().map_or(JobKind::Pdf, |(p, _)| p.kind());
             let reason = "queued jobs hold as much memory as allowed".to_string();
             return Err(SubmitError::Overloaded { retry_after: self.retry_after(kind), reason });
         }
         let now = SystemTime::now();
-        let mut accepted = Vec::with_capacity(msg.jobs.len());
-        for payload in msg.jobs {
-            let mut job = Job::new(JobId::random(), payload.kind(), now);
-            job.callback = msg.callback.clone();
-            let weight = payload.approx_bytes();
-            self.store.insert(job.clone(), payload, weight);
-            self.observers.metrics.jobs_submitted.with_label_values(&[job.kind.as_str()]).inc();
-            self.observers.analytics.record(Event::internal("job_submitted", job_props(&job)));
-            accepted.push(job);
+        let jobs = msg
+            .jobs
+            .into_iter()
+            .map(|(payload, record)| {
+                let mut job = Job::new(JobId::random(), payload.kind(), now);
+                job.callback = msg.callback.clone();
+                let weight = payload.approx_bytes();
+                NewJob { job, payload, record, weight }
+            })
+            .collect();
+        for (kind, n) in &wanted {
+            *self.reserved.entry(*kind).or_default() += n;
         }
-        for kind in wanted.keys() {
-            self.pump(*kind, ctx);
-        }
-        Ok(accepted)
+        self.reserved_bytes += weight;
+        Ok((self.store.insert(jobs, msg.key), wanted, weight))
     }
 }
 
@@ -443,50 +601,18 @@ impl Handler<WorkerEvent> for Dispatcher {
     type Result = ();
 
     fn handle(&mut self, event: WorkerEvent, ctx: &mut Context<Self>) {
-        let now = SystemTime::now();
         match event {
-            WorkerEvent::Started { id } => {
-                let _ = self.apply(id, Transition::Start, now, ctx);
-            }
+            WorkerEvent::Started { .. } => {}
             WorkerEvent::Progress { id, fraction, stage } => {
-                let _ = self.apply(id, Transition::Progress { fraction, stage: Some(stage) }, now, ctx);
+                let Some(running) = self.running.get_mut(&id) else { return };
+                if running.job.advance(fraction, Some(stage.clone())) {
+                    self.store.progress(id, fraction, Some(stage));
+                    if self.observers.hub.is_watched(id) {
+                        self.push_progress(id, ctx);
+                    }
+                }
             }
             WorkerEvent::Finished { id, outcome, elapsed } => self.on_finished(id, outcome, elapsed, ctx),
-        }
-    }
-}
-
-/// One job's current state.
-#[derive(Message)]
-#[rtype(result = "Option<Job>")]
-pub struct GetJob(pub JobId);
-
-impl Handler<GetJob> for Dispatcher {
-    type Result = Option<Job>;
-    fn handle(&mut self, msg: GetJob, _: &mut Context<Self>) -> Option<Job> {
-        self.store.get(msg.0)
-    }
-}
-
-/// A succeeded job's result bytes.
-#[derive(Message)]
-#[rtype(result = "Result<(ResultMeta, Bytes), ResultError>")]
-pub struct GetResult(pub JobId);
-
-#[derive(Debug)]
-pub enum ResultError {
-    NotFound,
-    NotReady(Box<Job>),
-}
-
-impl Handler<GetResult> for Dispatcher {
-    type Result = Result<(ResultMeta, Bytes), ResultError>;
-    fn handle(&mut self, msg: GetResult, _: &mut Context<Self>) -> Self::Result {
-        match self.store.result(msg.0) {
-            Some(found) => Ok(found),
-            None => {
-                Err(self.store.get(msg.0).map_or(ResultError::NotFound, |job| ResultError::NotReady(Box::new(job))))
-            }
         }
     }
 }
@@ -500,37 +626,30 @@ pub struct CancelJob(pub JobId);
 pub enum CancelError {
     NotFound,
     AlreadyFinished(Box<Job>),
+    Storage(String),
 }
 
 impl Handler<CancelJob> for Dispatcher {
-    type Result = Result<Job, CancelError>;
-    fn handle(&mut self, msg: CancelJob, ctx: &mut Context<Self>) -> Self::Result {
+    type Result = ResponseActFuture<Self, Result<Job, CancelError>>;
+
+    fn handle(&mut self, msg: CancelJob, _: &mut Context<Self>) -> Self::Result {
         let id = msg.0;
-        let job = self.store.get(id).ok_or(CancelError::NotFound)?;
-        if job.status.is_terminal() {
-            return Err(CancelError::AlreadyFinished(Box::new(job)));
-        }
-        if let Some(running) = self.running.get(&id) {
-            running.control.interrupt(Interrupt::Cancelled);
-        }
         let reason = ErrorBody::new("cancelled", "cancelled by a client request");
-        let _ = self.apply(id, Transition::Cancel { reason: Some(reason) }, SystemTime::now(), ctx);
-        let job = self.store.get(id).ok_or(CancelError::NotFound)?;
-        tracing::info!(job = %id, "job cancelled");
-        self.check_drained();
-        Ok(job)
-    }
-}
-
-/// Jobs, newest first, with how many jobs are held in each status.
-#[derive(Message)]
-#[rtype(result = "(Vec<Job>, StatusCounts)")]
-pub struct ListJobs(pub ListFilter);
-
-impl Handler<ListJobs> for Dispatcher {
-    type Result = MessageResult<ListJobs>;
-    fn handle(&mut self, msg: ListJobs, _: &mut Context<Self>) -> Self::Result {
-        MessageResult((self.store.list(&msg.0), self.store.stats().by_status))
+        let write = self.store.cancel(id, reason);
+        Box::pin(write.into_actor(self).map(move |res, this, _| match res {
+            Ok(CancelOutcome::Cancelled(job)) => {
+                if let Some(running) = this.running.get(&id) {
+                    running.control.interrupt(Interrupt::Cancelled);
+                }
+                tracing::info!(job = %id, "job cancelled");
+                this.changed(&job);
+                this.check_drained();
+                Ok(job)
+            }
+            Ok(CancelOutcome::Finished(job)) => Err(CancelError::AlreadyFinished(Box::new(job))),
+            Ok(CancelOutcome::Unknown) => Err(CancelError::NotFound),
+            Err(e) => Err(CancelError::Storage(e.to_string())),
+        }))
     }
 }
 
@@ -549,9 +668,9 @@ pub struct LoadStats {
 impl Handler<GetLoad> for Dispatcher {
     type Result = LoadStats;
     fn handle(&mut self, _: GetLoad, _: &mut Context<Self>) -> LoadStats {
-        let pools =
-            self.pools.iter().map(|(kind, p)| (*kind, self.store.queued(*kind), p.in_flight, p.workers)).collect();
-        LoadStats { pools, by_status: self.store.stats().by_status }
+        let stats = self.store.stats();
+        let pools = self.pools.iter().map(|(kind, p)| (*kind, stats.queued(*kind), p.in_flight, p.workers)).collect();
+        LoadStats { pools, by_status: stats.by_status }
     }
 }
 
@@ -565,6 +684,8 @@ pub struct ReadyState {
     pub draining: bool,
     /// Pools whose threads are gone.
     pub pools_down: Vec<JobKind>,
+    /// Why the store cannot write, while it cannot.
+    pub storage: Option<String>,
 }
 
 impl Handler<Readiness> for Dispatcher {
@@ -573,12 +694,13 @@ impl Handler<Readiness> for Dispatcher {
         let mut pools_down: Vec<JobKind> =
             self.pools.iter().filter(|(_, p)| !p.recipient.connected()).map(|(k, _)| *k).collect();
         pools_down.sort_by_key(|k| k.as_str());
-        ReadyState { draining: self.draining.is_some(), pools_down }
+        let storage = self.store.health().err().map(|e| e.to_string());
+        ReadyState { draining: self.draining.is_some(), pools_down, storage }
     }
 }
 
-/// Stop taking jobs; resolve when every accepted job has ended, or when `grace` is over (then
-/// whatever is left fails with `shutdown`).
+/// Stop taking jobs; resolve when the drain is complete (see [`Dispatcher::drain_outstanding`])
+/// or when `grace` is over.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Drain {
@@ -591,10 +713,17 @@ impl Handler<Drain> for Dispatcher {
     fn handle(&mut self, msg: Drain, ctx: &mut Context<Self>) -> Self::Result {
         let (tx, rx) = oneshot::channel();
         if self.draining.is_none() {
-            tracing::info!(pending = self.pending(), grace_secs = msg.grace.as_secs_f64(), "draining");
+            let queued: usize = JobKind::ALL.iter().map(|k| self.store.stats().queued(*k)).sum();
+            tracing::info!(
+                running = self.running.len(),
+                queued,
+                durable = self.store.durable(),
+                grace_secs = msg.grace.as_secs_f64(),
+                "draining"
+            );
             ctx.run_later(msg.grace, |this, ctx| {
-                if this.pending() > 0 {
-                    tracing::warn!(pending = this.pending(), "grace period over; stopping the remaining jobs");
+                if this.drain_outstanding() > 0 {
+                    tracing::warn!(running = this.running.len(), "grace period over; stopping the remaining jobs");
                 }
                 this.stop_everything(ctx);
             });
@@ -604,70 +733,5 @@ impl Handler<Drain> for Dispatcher {
         Box::pin(async move {
             let _ = rx.await;
         })
-    }
-}
-
-/// Follow jobs: their current state goes into `outbox` at once, then every change.
-#[derive(Message)]
-#[rtype(result = "Vec<JobId>")]
-pub struct Subscribe {
-    /// The connection, for unsubscribe and cleanup.
-    pub conn: u64,
-    pub outbox: Arc<Outbox>,
-    pub ids: Vec<JobId>,
-}
-
-impl Handler<Subscribe> for Dispatcher {
-    /// The ids that are not known jobs.
-    type Result = MessageResult<Subscribe>;
-
-    fn handle(&mut self, msg: Subscribe, _: &mut Context<Self>) -> Self::Result {
-        let mut unknown = Vec::new();
-        for id in msg.ids {
-            let Some(job) = self.store.get(id) else {
-                unknown.push(id);
-                continue;
-            };
-            msg.outbox.push(job);
-            if !self.followed.entry(msg.conn).or_default().insert(id) {
-                continue;
-            }
-            self.watchers.entry(id).or_default().push(Watcher { conn: msg.conn, outbox: msg.outbox.clone() });
-        }
-        MessageResult(unknown)
-    }
-}
-
-/// Stop following jobs (`ids: None`: all of them, the connection is gone).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Unsubscribe {
-    pub conn: u64,
-    pub ids: Option<Vec<JobId>>,
-}
-
-impl Handler<Unsubscribe> for Dispatcher {
-    type Result = ();
-
-    fn handle(&mut self, msg: Unsubscribe, _: &mut Context<Self>) {
-        let ids: Vec<JobId> = match msg.ids {
-            Some(ids) => {
-                if let Some(set) = self.followed.get_mut(&msg.conn) {
-                    ids.iter().for_each(|id| {
-                        set.remove(id);
-                    });
-                }
-                ids
-            }
-            None => self.followed.remove(&msg.conn).map(|s| s.into_iter().collect()).unwrap_or_default(),
-        };
-        for id in ids {
-            if let Some(list) = self.watchers.get_mut(&id) {
-                list.retain(|w| w.conn != msg.conn);
-                if list.is_empty() {
-                    self.watchers.remove(&id);
-                }
-            }
-        }
     }
 }

@@ -1,16 +1,10 @@
-//! The Dispatcher actor and the job state it owns.
-//!
-//! - [`job`]: ids, kinds, statuses and the job state machine.
-//! - [`store`]: the narrow [`JobStore`] interface and its in-memory implementation.
-//! - [`dispatcher`]: the actor: admission (backpressure), routing to pools, timeouts, cancel,
-//!   expiry and draining.
+//! The Dispatcher actor: admission (backpressure), claiming queued jobs from the store for the
+//! worker pools, timeouts, cancel, expiry sweeps and draining. Job records live in the
+//! [`store`](crate::store); WebSocket subscriptions in the [`realtime`](crate::realtime) hub.
 
 pub mod dispatcher;
-pub mod store;
 
-pub use crate::job::{Job, JobId, JobKind, JobStatus, ResultMeta};
 pub use dispatcher::{
-    Admission, CancelError, CancelJob, Dispatcher, Drain, GetJob, GetLoad, GetResult, ListJobs, LoadStats, Observers,
-    Pool, Readiness, ReadyState, ResultError, Submit, SubmitError, Subscribe, Unsubscribe,
+    Admission, CancelError, CancelJob, Dispatcher, Drain, GetLoad, LoadStats, Observers, Pool, Readiness,
+    ReadyState, Submit, SubmitError, Submitted,
 };
-pub use store::{JobStore, ListFilter, MemoryStore, Retention};

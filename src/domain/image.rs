@@ -2,12 +2,14 @@
 //! checks that run before anything is decoded (format from the bytes, declared size, what the
 //! op chain would produce).
 
+use std::borrow::Cow;
 use std::io::Cursor;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use image::metadata::Orientation;
 use image::{ImageDecoder, ImageFormat, ImageReader};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Pixel limits and the like, from configuration.
@@ -24,8 +26,10 @@ pub const MAX_OPS: usize = 32;
 /// Largest side any op may ask for.
 pub const MAX_SIDE: u32 = 50_000;
 
-/// One step of the chain, as the API names it.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// One step of the chain, as the API names it. Serialize/Deserialize are the stored form (the
+/// same shape as the API's, `{"op": "thumbnail", "size": 256}`); requests go through [`parse_ops`].
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
 pub enum ImageOp {
     /// Fit inside size×size, keeping the aspect ratio; never enlarges.
     Thumbnail {
@@ -63,7 +67,8 @@ pub enum ImageOp {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Axis {
     Horizontal,
     Vertical,
@@ -120,8 +125,9 @@ pub fn fit(w: u32, h: u32, max_w: u32, max_h: u32) -> (u32, u32) {
     }
 }
 
-/// Output encodings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Output encodings (stored as `"png"`, `"jpeg"`, `"webp"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OutputFormat {
     Png,
     Jpeg,
@@ -328,7 +334,7 @@ pub fn safe_stem(client_name: &str) -> String {
 
 /// A checked upload, ready for a worker: a supported format, within the pixel limit, with an op
 /// chain that fits it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ImageTask {
     pub bytes: Bytes,
     pub format: ImageFormat,
@@ -426,6 +432,112 @@ impl ImageTask {
     pub fn approx_bytes(&self) -> usize {
         self.bytes.len() + self.stem.len() + 256
     }
+
+    /// The stored spec: JSON of every field but `bytes` (those are stored beside it as they are).
+    pub(super) fn encode_spec(&self) -> Vec<u8> {
+        let stored = StoredImage {
+            format: Cow::Borrowed(format_name(self.format)),
+            stored: self.stored,
+            orientation: self.orientation.to_exif(),
+            ops: Cow::Borrowed(&self.ops[..]),
+            output: self.output,
+            planned: self.planned,
+            stem: Cow::Borrowed(&self.stem),
+            max_pixels: self.max_pixels,
+        };
+        // Cannot fail: no maps with non-string keys, no fallible Serialize impls.
+        serde_json::to_vec(&stored).expect("an image spec serializes to JSON")
+    }
+
+    /// A task from its stored spec and the uploaded bytes. Checks what the worker relies on: a
+    /// known format and orientation, bytes present, and an op chain that still plans to the
+    /// stored result size within the stored pixel limit.
+    pub(super) fn decode_stored(spec: &[u8], data: Option<Bytes>) -> Result<Self, String> {
+        let s: StoredImage =
+            serde_json::from_slice(spec).map_err(|e| format!("stored image spec: not a valid image task: {e}"))?;
+        let bytes = match data {
+            Some(bytes) if !bytes.is_empty() => bytes,
+            Some(_) => return Err("stored image task: the image bytes are empty".into()),
+            None => return Err("stored image task: the image bytes are missing".into()),
+        };
+        let format = format_from_name(&s.format).ok_or_else(|| {
+            format!("stored image spec: unknown format {:?} (png, jpeg, gif, webp, bmp or tiff)", s.format)
+        })?;
+        let orientation = Orientation::from_exif(s.orientation).ok_or_else(|| {
+            format!("stored image spec: orientation {} is not an EXIF orientation (1 to 8)", s.orientation)
+        })?;
+        if s.ops.len() > MAX_OPS {
+            return Err(format!("stored image spec: {} operations, the limit is {MAX_OPS}", s.ops.len()));
+        }
+        let (w, h) = s.stored;
+        if u64::from(w) * u64::from(h) > s.max_pixels {
+            return Err(format!("stored image spec: a {w}x{h} image with a {} pixel limit", s.max_pixels));
+        }
+        let upright = if swaps_axes(orientation) { (h, w) } else { (w, h) };
+        let limits = ImageLimits { max_pixels: s.max_pixels, max_jpeg_scans: usize::MAX };
+        match plan(upright.0, upright.1, &s.ops, &limits) {
+            Ok(planned) if planned == s.planned => {}
+            Ok(planned) => {
+                return Err(format!(
+                    "stored image spec: the ops make {}x{}, not the stored {}x{}",
+                    planned.0, planned.1, s.planned.0, s.planned.1
+                ))
+            }
+            Err(e) => return Err(format!("stored image spec: {}", e.message)),
+        }
+        Ok(ImageTask {
+            bytes,
+            format,
+            stored: s.stored,
+            orientation,
+            ops: Arc::from(s.ops.into_owned()),
+            output: s.output,
+            planned: s.planned,
+            stem: s.stem.into_owned(),
+            max_pixels: s.max_pixels,
+        })
+    }
+}
+
+/// The stored form of an [`ImageTask`] without its bytes. Foreign types are kept as values of
+/// our own: the format as a name ([`format_name`]), the orientation as its EXIF number (1-8).
+/// Borrows on encode (no copies on the HTTP thread), owns on decode.
+#[derive(Serialize, Deserialize)]
+struct StoredImage<'a> {
+    format: Cow<'a, str>,
+    stored: (u32, u32),
+    orientation: u8,
+    ops: Cow<'a, [ImageOp]>,
+    output: OutputFormat,
+    planned: (u32, u32),
+    stem: Cow<'a, str>,
+    max_pixels: u64,
+}
+
+/// The stored name of an input format. Tasks only hold [`INPUT_FORMATS`] (see
+/// [`ImageTask::inspect`]); any other is stored as `"unsupported"`, which decoding refuses.
+fn format_name(format: ImageFormat) -> &'static str {
+    match format {
+        ImageFormat::Png => "png",
+        ImageFormat::Jpeg => "jpeg",
+        ImageFormat::Gif => "gif",
+        ImageFormat::WebP => "webp",
+        ImageFormat::Bmp => "bmp",
+        ImageFormat::Tiff => "tiff",
+        _ => "unsupported",
+    }
+}
+
+fn format_from_name(name: &str) -> Option<ImageFormat> {
+    Some(match name {
+        "png" => ImageFormat::Png,
+        "jpeg" => ImageFormat::Jpeg,
+        "gif" => ImageFormat::Gif,
+        "webp" => ImageFormat::WebP,
+        "bmp" => ImageFormat::Bmp,
+        "tiff" => ImageFormat::Tiff,
+        _ => return None,
+    })
 }
 
 /// Whether an EXIF orientation turns the image on its side.
@@ -587,6 +699,50 @@ mod tests {
         assert!(plan(400, 300, &crop, &LIMITS).unwrap_err().message.contains("not inside"));
         let huge = parse_ops(r#"[{"op":"resize","width":50000,"height":50000}]"#).unwrap();
         assert_eq!(plan(10, 10, &huge, &LIMITS).unwrap_err().code, "image_too_large");
+    }
+
+    #[test]
+    fn an_image_task_round_trips_with_its_bytes_beside_the_spec() {
+        let img = image::DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(60, 40, image::Rgba([9, 99, 199, 255])));
+        let mut png = Vec::new();
+        img.write_to(&mut Cursor::new(&mut png), ImageFormat::Png).unwrap();
+        let ops: Arc<[ImageOp]> = Arc::from(vec![
+            ImageOp::Crop { x: 5, y: 4, width: 50, height: 30 },
+            ImageOp::Rotate { degrees: 270 },
+            ImageOp::Flip { axis: Axis::Horizontal },
+            ImageOp::Resize { width: None, height: Some(40) },
+            ImageOp::Resize { width: Some(20), height: Some(30) },
+            ImageOp::Grayscale,
+            ImageOp::Blur { sigma: 0.3 },
+            ImageOp::Brighten { value: -20 },
+            ImageOp::Contrast { value: 12.7 },
+            ImageOp::Thumbnail { size: 16 },
+        ]);
+        let task = ImageTask::inspect("file", "../My Photo.png", png.into(), ops, OutputFormat::Webp, &LIMITS).unwrap();
+        assert_eq!(task.orientation, Orientation::NoTransforms, "no EXIF");
+        let payload = crate::domain::JobPayload::Image(task.clone());
+        let record = payload.encode();
+        let data = record.data.clone().expect("the bytes go beside the spec");
+        assert_eq!(data.as_ptr(), task.bytes.as_ptr(), "shared, not copied");
+        let json: Value = serde_json::from_slice(&record.spec).unwrap();
+        assert_eq!(json["format"], "png");
+        assert_eq!(json["orientation"], 1);
+        assert_eq!(json["output"], "webp");
+        assert_eq!(json["ops"][0], serde_json::json!({"op": "crop", "x": 5, "y": 4, "width": 50, "height": 30}));
+        assert_eq!(json["ops"][5], serde_json::json!({"op": "grayscale"}));
+        assert!(json.get("bytes").is_none());
+        assert_eq!(crate::domain::JobPayload::decode(crate::job::JobKind::Image, record).unwrap(), payload);
+    }
+
+    #[test]
+    fn every_input_format_and_orientation_has_a_stored_value() {
+        for format in INPUT_FORMATS {
+            assert_eq!(format_from_name(format_name(format)), Some(format), "{format:?}");
+        }
+        assert_eq!(format_from_name(format_name(ImageFormat::Avif)), None);
+        for n in 1..=8 {
+            assert_eq!(Orientation::from_exif(n).map(Orientation::to_exif), Some(n));
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The PDF document spec of `POST /generate-pdf`: the raw request as sent, and the
 //! [`DocumentSpec`] it parses into once every field and limit has been checked.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Limits on a document, from configuration.
 #[derive(Clone, Copy, Debug)]
@@ -36,7 +36,7 @@ pub struct PdfRequest {
     /// Parsed by the handler into a [`super::callback::CallbackUrl`] (it needs the policy).
     #[serde(default)]
     pub callback_url: Option<String>,
-    /// Test-only: makes the job panic, hang or run slowly (not in release builds).
+    /// Test-only: makes the job panic, hang, run slowly or abort the process (not in release builds).
     #[cfg(feature = "test-hooks")]
     #[serde(default)]
     pub test_hook: Option<TestHook>,
@@ -118,7 +118,7 @@ impl Cell {
 
 /// Test-only ways to misbehave, for the reliability tests.
 #[cfg(feature = "test-hooks")]
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum TestHook {
     /// Panic inside the worker.
@@ -127,9 +127,13 @@ pub enum TestHook {
     Hang,
     /// Spend this many milliseconds on every page.
     SlowPages { millis: u64 },
+    /// Abort the whole process inside the job (`std::process::abort`): a "poison job".
+    Abort,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Stored as `"a4"` or `"letter"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PageSize {
     A4,
     Letter,
@@ -147,18 +151,27 @@ impl PageSize {
 
 /// A document that is valid by construction: every limit checked, text cleaned of control
 /// characters, every row as wide as the header.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// Serialize/Deserialize are its stored form (see [`super::JobPayload::encode`]), not a way to
+/// read requests: clients' JSON goes through [`PdfRequest`] and [`DocumentSpec::parse`]. Unknown
+/// keys are ignored on purpose, so a record stored with `test_hook` by a build with the
+/// `test-hooks` feature still loads in one without it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DocumentSpec {
     pub title: String,
+    #[serde(default)]
     pub subtitle: Option<String>,
+    #[serde(default)]
     pub paragraphs: Vec<String>,
+    #[serde(default)]
     pub table: Option<Table>,
     pub page_size: PageSize,
     #[cfg(feature = "test-hooks")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_hook: Option<TestHook>,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Table {
     pub columns: Vec<String>,
     /// Each row has exactly `columns.len()` cells.
@@ -247,6 +260,27 @@ impl DocumentSpec {
         }
         total
     }
+}
+
+/// Reads a stored spec (JSON of [`DocumentSpec`]) and checks what the layout relies on: a table
+/// has columns and every row is as wide as the header. Limits are not checked again: they were
+/// checked when the job was accepted, and may have changed since.
+pub(super) fn decode_stored(spec: &[u8]) -> Result<DocumentSpec, String> {
+    let doc: DocumentSpec =
+        serde_json::from_slice(spec).map_err(|e| format!("stored PDF spec: not a valid document: {e}"))?;
+    if let Some(table) = &doc.table {
+        if table.columns.is_empty() {
+            return Err("stored PDF spec: the table has no columns".into());
+        }
+        if let Some(r) = table.rows.iter().position(|row| row.len() != table.columns.len()) {
+            return Err(format!(
+                "stored PDF spec: table row {r} has {} cells, but the table has {} columns",
+                table.rows[r].len(),
+                table.columns.len()
+            ));
+        }
+    }
+    Ok(doc)
 }
 
 fn parse_table(t: TableRequest, limits: &SpecLimits) -> Result<Table, SpecError> {
@@ -419,6 +453,59 @@ mod tests {
     fn cell_limits_count_characters_not_bytes() {
         let ok = parse(serde_json::json!({"title": "t", "table": {"columns": ["ü€ü€ü"]}}));
         assert!(ok.is_ok(), "5 characters in 11 bytes is within a 5-character limit");
+    }
+
+    fn round_trip(spec: &DocumentSpec) -> DocumentSpec {
+        let record = crate::domain::JobPayload::Pdf(spec.clone()).encode();
+        assert_eq!(record.data, None, "a PDF has no bulk data");
+        assert!(!record.spec.contains(&b'\n'), "compact JSON");
+        match crate::domain::JobPayload::decode(crate::job::JobKind::Pdf, record) {
+            Ok(crate::domain::JobPayload::Pdf(decoded)) => decoded,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_spec_with_every_field_set_round_trips() {
+        let spec = DocumentSpec {
+            title: "Report \"Q3\" ü€".into(),
+            subtitle: Some("Sub".into()),
+            paragraphs: vec!["one\ntwo".into(), String::new(), "three".into()],
+            table: Some(Table {
+                columns: vec!["Item".into(), "Qty".into()],
+                rows: vec![vec!["W".into(), "3".into()], vec![String::new(), "1.5".into()]],
+            }),
+            page_size: PageSize::Letter,
+            #[cfg(feature = "test-hooks")]
+            test_hook: None,
+        };
+        assert_eq!(round_trip(&spec), spec);
+        let plain = DocumentSpec::titled("t");
+        assert_eq!(round_trip(&plain), plain);
+    }
+
+    /// The stored form is what a store keeps across upgrades: changing it needs a migration.
+    #[test]
+    fn the_stored_form_is_stable_and_ignores_unknown_keys() {
+        let record = crate::domain::JobPayload::Pdf(DocumentSpec::titled("t")).encode();
+        assert_eq!(
+            std::str::from_utf8(&record.spec).unwrap(),
+            r#"{"title":"t","subtitle":null,"paragraphs":[],"table":null,"page_size":"a4"}"#
+        );
+        let older = br#"{"title":"t","page_size":"letter","added_later":{"x":1}}"#;
+        let spec = decode_stored(older).unwrap();
+        assert_eq!((spec.page_size, spec.subtitle, spec.paragraphs.len()), (PageSize::Letter, None, 0));
+    }
+
+    #[cfg(feature = "test-hooks")]
+    #[test]
+    fn test_hooks_round_trip() {
+        for hook in [TestHook::Panic, TestHook::Hang, TestHook::SlowPages { millis: 25 }, TestHook::Abort] {
+            let spec = DocumentSpec { test_hook: Some(hook), ..DocumentSpec::titled("t") };
+            assert_eq!(round_trip(&spec), spec);
+        }
+        let req: PdfRequest = serde_json::from_str(r#"{"title": "t", "test_hook": "abort"}"#).unwrap();
+        assert_eq!(req.test_hook, Some(TestHook::Abort), "clients ask for it as \"abort\"");
     }
 
     #[test]

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::Addr;
 use actix_web::http::header;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -18,7 +17,9 @@ use actix_ws::{AggregatedMessage, CloseCode, CloseReason, Session};
 use serde_json::{json, Value};
 
 use super::Outbox;
-use crate::dispatch::{Dispatcher, JobId, Subscribe, Unsubscribe};
+use super::Hub;
+use crate::job::JobId;
+use crate::store::JobStore;
 use crate::error::ErrorBody;
 use crate::metrics::Metrics;
 
@@ -39,13 +40,20 @@ pub struct WsSettings {
     pub send_timeout: Duration,
 }
 
+/// What a connection needs to follow jobs: the hub, and the store for their current state.
+struct Follow {
+    hub: Arc<Hub>,
+    store: Arc<dyn JobStore>,
+}
+
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
 pub async fn connect(
     req: HttpRequest,
     body: web::Payload,
     settings: web::Data<WsSettings>,
-    dispatcher: web::Data<Addr<Dispatcher>>,
+    hub: web::Data<Arc<Hub>>,
+    store: web::Data<Arc<dyn JobStore>>,
     metrics: web::Data<Arc<Metrics>>,
 ) -> Result<HttpResponse, actix_web::Error> {
     if let Some(allowed) = &settings.allowed_origins {
@@ -59,7 +67,7 @@ pub async fn connect(
     let stream =
         stream.max_frame_size(settings.max_frame).aggregate_continuations().max_continuation_size(settings.max_frame);
     let settings = settings.get_ref().clone();
-    let dispatcher = dispatcher.get_ref().clone();
+    let follow = Follow { hub: hub.get_ref().clone(), store: store.get_ref().clone() };
     let metrics = metrics.get_ref().clone();
     actix_rt::spawn(async move {
         metrics.ws_connections.inc();
@@ -67,8 +75,8 @@ pub async fn connect(
         let _open = scopeguard(move || metrics.ws_connections.dec());
         let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
         let outbox = Arc::new(Outbox::new());
-        let reason = serve(conn, session.clone(), stream, outbox, &dispatcher, &settings).await;
-        dispatcher.do_send(Unsubscribe { conn, ids: None });
+        let reason = serve(conn, session.clone(), stream, outbox, &follow, &settings).await;
+        follow.hub.unsubscribe(conn, None);
         let _ = session.close(reason).await;
     });
     Ok(response)
@@ -93,7 +101,7 @@ async fn serve(
     mut session: Session,
     mut stream: actix_ws::AggregatedMessageStream,
     outbox: Arc<Outbox>,
-    dispatcher: &Addr<Dispatcher>,
+    follow: &Follow,
     settings: &WsSettings,
 ) -> Option<CloseReason> {
     let mut following: HashSet<JobId> = HashSet::new();
@@ -114,7 +122,7 @@ async fn serve(
                 last_heard = Instant::now();
                 match msg {
                     Some(Ok(AggregatedMessage::Text(text))) => {
-                        let replies = handle_frame(&text, conn, &outbox, &mut following, dispatcher, settings).await;
+                        let replies = handle_frame(&text, conn, &outbox, &mut following, follow, settings).await;
                         for reply in replies {
                             if !send(&mut session, reply.to_string(), settings).await {
                                 return None;
@@ -170,7 +178,7 @@ async fn handle_frame(
     conn: u64,
     outbox: &Arc<Outbox>,
     following: &mut HashSet<JobId>,
-    dispatcher: &Addr<Dispatcher>,
+    follow: &Follow,
     settings: &WsSettings,
 ) -> Vec<Value> {
     let bad = |m: &str| vec![error_frame("bad_frame", m, None)];
@@ -199,7 +207,7 @@ async fn handle_frame(
         ids.iter().for_each(|id| {
             following.remove(id);
         });
-        dispatcher.do_send(Unsubscribe { conn, ids: Some(ids) });
+        follow.hub.unsubscribe(conn, Some(ids));
         return replies;
     }
     let new: Vec<JobId> = ids.iter().copied().filter(|id| !following.contains(id)).collect();
@@ -208,14 +216,31 @@ async fn handle_frame(
         replies.push(error_frame("too_many_subscriptions", &message, None));
         return replies;
     }
-    match dispatcher.send(Subscribe { conn, outbox: outbox.clone(), ids }).await {
-        Ok(unknown) => {
+    let (hub, store, outbox) = (follow.hub.clone(), follow.store.clone(), outbox.clone());
+    // The snapshots are store reads: off the event loop.
+    let subscribed = web::block(move || {
+        let mut failed = false;
+        let unknown = hub.subscribe(conn, &outbox, ids, |id| match store.get(id) {
+            Ok(job) => job,
+            Err(_) => {
+                failed = true;
+                None
+            }
+        });
+        (unknown, failed)
+    })
+    .await;
+    match subscribed {
+        Ok((_, true)) => {
+            replies.push(error_frame("storage_unavailable", "the job store cannot be read right now; retry", None))
+        }
+        Ok((unknown, false)) => {
             following.extend(new.into_iter().filter(|id| !unknown.contains(id)));
             for id in unknown {
                 replies.push(error_frame("unknown_job", "no such job (it may have expired)", Some(&id.to_string())));
             }
         }
-        Err(_) => replies.push(error_frame("unavailable", "the job dispatcher is not running", None)),
+        Err(_) => replies.push(error_frame("unavailable", "the subscription could not be made", None)),
     }
     replies
 }

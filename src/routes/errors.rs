@@ -6,7 +6,9 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 
 use crate::async_io::analytics::{EventError, IngestError};
-use crate::dispatch::{Job, SubmitError};
+use crate::dispatch::SubmitError;
+use crate::job::Job;
+use crate::store::StoreError;
 use crate::domain::callback::CallbackError;
 use crate::domain::image::ImageError;
 use crate::domain::pdf::SpecError;
@@ -36,6 +38,27 @@ pub enum ApiError {
     Submit(SubmitError),
     #[error("the dispatcher is not running: {0}")]
     Dispatcher(#[from] MailboxError),
+    #[error("{header}: {message}")]
+    InvalidHeader { header: &'static str, message: String },
+    #[error("storage unavailable: {0}")]
+    Storage(String),
+    #[error("the blocking pool is gone")]
+    Blocking,
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(m) => ApiError::Storage(m),
+            StoreError::KeyReused => ApiError::Submit(SubmitError::KeyReused),
+        }
+    }
+}
+
+impl From<actix_web::error::BlockingError> for ApiError {
+    fn from(_: actix_web::error::BlockingError) -> Self {
+        ApiError::Blocking
+    }
 }
 
 impl From<SubmitError> for ApiError {
@@ -50,12 +73,16 @@ impl ResponseError for ApiError {
             ApiError::InvalidSpec(_)
             | ApiError::InvalidQuery { .. }
             | ApiError::InvalidCallback(_)
-            | ApiError::InvalidEvent(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            | ApiError::InvalidEvent(_)
+            | ApiError::Submit(SubmitError::KeyReused) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::InvalidHeader { .. } => StatusCode::BAD_REQUEST,
             ApiError::Ingest(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::InvalidUpload(e) => StatusCode::from_u16(e.status).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY),
             ApiError::JobNotFound => StatusCode::NOT_FOUND,
             ApiError::ResultNotReady(_) | ApiError::AlreadyFinished(_) => StatusCode::CONFLICT,
-            ApiError::Submit(_) | ApiError::Dispatcher(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Submit(_) | ApiError::Dispatcher(_) | ApiError::Storage(_) | ApiError::Blocking => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -96,9 +123,28 @@ impl ResponseError for ApiError {
                 ErrorBody::new("pool_unavailable", format!("no worker pool runs {} jobs", kind.as_str()))
                     .response_retry_after(status, 5)
             }
+            ApiError::Submit(SubmitError::Storage(m)) | ApiError::Storage(m) => storage_unavailable(m, status),
+            ApiError::Submit(SubmitError::KeyReused) => ErrorBody::new(
+                "idempotency_key_reused",
+                "Idempotency-Key: this key was already used for a different request; use a new key",
+            )
+            .response(status),
+            ApiError::InvalidHeader { header, message } => {
+                ErrorBody::new("invalid_header", format!("{header}: {message}")).response(status)
+            }
+            ApiError::Blocking => {
+                ErrorBody::new("unavailable", "the service is shutting down").response_retry_after(status, 5)
+            }
             ApiError::Dispatcher(_) => {
                 ErrorBody::new("unavailable", "the job dispatcher is not running").response_retry_after(status, 5)
             }
         }
     }
+}
+
+/// The store cannot write or read: nothing was changed, retry shortly.
+pub fn storage_unavailable(detail: &str, status: StatusCode) -> HttpResponse {
+    tracing::debug!("storage unavailable: {detail}");
+    ErrorBody::new("storage_unavailable", "the job store cannot write right now (disk full or I/O error); retry shortly")
+        .response_retry_after(status, 2)
 }

@@ -13,12 +13,15 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
 }
 
-/// Ready for new work: not draining, and every worker pool running.
+/// Ready for new work: not draining, the store writing, and every worker pool running.
 pub async fn readyz(dispatcher: web::Data<Addr<Dispatcher>>) -> Result<HttpResponse, ApiError> {
     let state = dispatcher.send(Readiness).await?;
     if state.draining {
         let body = ErrorBody::new("draining", "the service is shutting down");
         return Ok(body.response_retry_after(StatusCode::SERVICE_UNAVAILABLE, 5));
+    }
+    if let Some(detail) = &state.storage {
+        return Ok(super::errors::storage_unavailable(detail, StatusCode::SERVICE_UNAVAILABLE));
     }
     if !state.pools_down.is_empty() {
         let down: Vec<&str> = state.pools_down.iter().map(|k| k.as_str()).collect();

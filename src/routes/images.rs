@@ -13,10 +13,12 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use super::ApiError;
-use crate::dispatch::{Dispatcher, Submit};
+use super::submit::{submit, REPLAYED};
+use crate::dispatch::Dispatcher;
 use crate::domain::callback::{CallbackPolicy, CallbackUrl};
 use crate::domain::image::{default_ops, parse_ops, ImageError, ImageLimits, ImageOp, ImageTask, OutputFormat};
 use crate::domain::JobPayload;
+use crate::store::JobStore;
 use crate::job::JobView;
 
 /// Upload limits, from configuration.
@@ -51,8 +53,11 @@ pub async fn upload_images(
     payload: web::Payload,
     limits: web::Data<UploadLimits>,
     policy: web::Data<CallbackPolicy>,
+    store: web::Data<Arc<dyn JobStore>>,
     dispatcher: web::Data<Addr<Dispatcher>>,
 ) -> Result<HttpResponse, ApiError> {
+    // A bad key is refused before the upload is read.
+    super::submit::idempotency_key(&req)?;
     let is_multipart = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -81,8 +86,13 @@ pub async fn upload_images(
     let tasks = web::block(move || inspect(upload, &limits))
         .await
         .map_err(|_| ImageError::new(500, "internal_error", "the upload could not be checked"))??;
-    let jobs = dispatcher.send(Submit { jobs: tasks.into_iter().map(JobPayload::Image).collect(), callback }).await??;
-    Ok(HttpResponse::Accepted().json(Accepted { jobs: jobs.iter().map(|j| j.view()).collect() }))
+    let payloads = tasks.into_iter().map(JobPayload::Image).collect();
+    let submitted = submit(&req, payloads, callback, &store, &dispatcher).await?;
+    let mut res = HttpResponse::Accepted();
+    if submitted.replayed {
+        res.insert_header((REPLAYED, "true"));
+    }
+    Ok(res.json(Accepted { jobs: submitted.jobs.iter().map(|j| j.view()).collect() }))
 }
 
 fn too_large(max: usize) -> ImageError {

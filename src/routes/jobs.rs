@@ -1,15 +1,16 @@
 //! `GET /jobs`, `GET /jobs/{id}`, `GET /jobs/{id}/result`, `DELETE /jobs/{id}`.
 
+use std::sync::Arc;
+
 use actix::Addr;
 use actix_web::http::header::{self, ContentDisposition, DispositionParam, DispositionType};
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 
 use super::ApiError;
-use crate::dispatch::store::StatusCounts;
-use crate::dispatch::{
-    CancelError, CancelJob, Dispatcher, GetJob, GetResult, JobId, ListFilter, ListJobs, ResultError,
-};
+use crate::dispatch::{CancelError, CancelJob, Dispatcher};
+use crate::job::JobId;
+use crate::store::{JobStore, ListFilter, StatusCounts};
 use crate::job::JobView;
 
 /// Most jobs one `GET /jobs` returns.
@@ -23,22 +24,33 @@ fn job_id(raw: &str) -> Result<JobId, ApiError> {
 
 pub async fn get_job(
     path: web::Path<String>,
-    dispatcher: web::Data<Addr<Dispatcher>>,
+    store: web::Data<Arc<dyn JobStore>>,
 ) -> Result<HttpResponse, ApiError> {
     let id = job_id(&path)?;
-    let job = dispatcher.send(GetJob(id)).await?.ok_or(ApiError::JobNotFound)?;
+    let store = store.get_ref().clone();
+    let job = web::block(move || store.get(id)).await??.ok_or(ApiError::JobNotFound)?;
     Ok(HttpResponse::Ok().insert_header((header::CACHE_CONTROL, "no-store")).json(job.view()))
 }
 
 pub async fn get_result(
     path: web::Path<String>,
-    dispatcher: web::Data<Addr<Dispatcher>>,
+    store: web::Data<Arc<dyn JobStore>>,
 ) -> Result<HttpResponse, ApiError> {
     let id = job_id(&path)?;
-    let (meta, bytes) = dispatcher.send(GetResult(id)).await?.map_err(|e| match e {
-        ResultError::NotFound => ApiError::JobNotFound,
-        ResultError::NotReady(job) => ApiError::ResultNotReady(job),
-    })?;
+    let store = store.get_ref().clone();
+    // Read from disk on the blocking pool, never through the Dispatcher's mailbox.
+    let found = web::block(move || -> Result<_, ApiError> {
+        match store.result(id)? {
+            Some(found) => Ok(Ok(found)),
+            None => Ok(Err(store.get(id)?)),
+        }
+    })
+    .await??;
+    let (meta, bytes) = match found {
+        Ok(found) => found,
+        Err(None) => return Err(ApiError::JobNotFound),
+        Err(Some(job)) => return Err(ApiError::ResultNotReady(Box::new(job))),
+    };
     let disposition = ContentDisposition {
         disposition: DispositionType::Attachment,
         parameters: vec![DispositionParam::Filename(meta.filename.clone())],
@@ -58,6 +70,7 @@ pub async fn cancel_job(
     let job = dispatcher.send(CancelJob(id)).await?.map_err(|e| match e {
         CancelError::NotFound => ApiError::JobNotFound,
         CancelError::AlreadyFinished(job) => ApiError::AlreadyFinished(job),
+        CancelError::Storage(m) => ApiError::Storage(m),
     })?;
     Ok(HttpResponse::Ok().json(job.view()))
 }
@@ -78,10 +91,11 @@ struct JobList<'a> {
 
 pub async fn list_jobs(
     query: web::Query<ListQuery>,
-    dispatcher: web::Data<Addr<Dispatcher>>,
+    store: web::Data<Arc<dyn JobStore>>,
 ) -> Result<HttpResponse, ApiError> {
     let filter = parse_filter(&query)?;
-    let (jobs, counts) = dispatcher.send(ListJobs(filter)).await?;
+    let store = store.get_ref().clone();
+    let (jobs, counts) = web::block(move || store.list(&filter).map(|jobs| (jobs, store.stats().by_status))).await??;
     Ok(HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .json(JobList { jobs: jobs.iter().map(|j| j.view()).collect(), counts }))

@@ -10,6 +10,7 @@ mod images;
 mod jobs;
 mod metrics;
 mod pdf;
+mod submit;
 
 use std::path::Path;
 

@@ -1,25 +1,36 @@
 //! `POST /generate-pdf`.
 
+use std::sync::Arc;
+
 use actix::Addr;
 use actix_web::http::header;
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 
+use super::submit::{submit, REPLAYED};
 use super::ApiError;
-use crate::dispatch::{Dispatcher, Submit};
+use crate::dispatch::Dispatcher;
 use crate::domain::callback::{CallbackPolicy, CallbackUrl};
 use crate::domain::pdf::{DocumentSpec, PdfRequest, SpecLimits};
 use crate::domain::JobPayload;
+use crate::store::JobStore;
 
 pub async fn generate_pdf(
+    req: HttpRequest,
     body: web::Json<PdfRequest>,
     limits: web::Data<SpecLimits>,
     policy: web::Data<CallbackPolicy>,
+    store: web::Data<Arc<dyn JobStore>>,
     dispatcher: web::Data<Addr<Dispatcher>>,
 ) -> Result<HttpResponse, ApiError> {
-    let mut req = body.into_inner();
-    let callback = req.callback_url.take().map(|raw| CallbackUrl::parse(&raw, **policy)).transpose()?;
-    let spec = DocumentSpec::parse(req, &limits)?;
-    let jobs = dispatcher.send(Submit { jobs: vec![JobPayload::Pdf(spec)], callback }).await??;
-    let job = &jobs[0];
-    Ok(HttpResponse::Accepted().insert_header((header::LOCATION, format!("/jobs/{}", job.id))).json(job.view()))
+    let mut spec = body.into_inner();
+    let callback = spec.callback_url.take().map(|raw| CallbackUrl::parse(&raw, **policy)).transpose()?;
+    let spec = DocumentSpec::parse(spec, &limits)?;
+    let submitted = submit(&req, vec![JobPayload::Pdf(spec)], callback, &store, &dispatcher).await?;
+    let job = &submitted.jobs[0];
+    let mut res = HttpResponse::Accepted();
+    res.insert_header((header::LOCATION, format!("/jobs/{}", job.id)));
+    if submitted.replayed {
+        res.insert_header((REPLAYED, "true"));
+    }
+    Ok(res.json(job.view()))
 }

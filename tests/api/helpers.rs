@@ -61,7 +61,16 @@ pub fn settings() -> Settings {
     // reliability test covers `Idle` on its own.
     s.worker_sched = offload::configuration::WorkerSched::Normal;
     s.static_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/static").into();
+    // Every in-process server gets a fresh embedded store of its own (the default store).
+    s.data_dir = fresh_data_dir();
     s
+}
+
+/// A new, empty directory for one server's embedded store (under the system temp directory).
+pub fn fresh_data_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("offload-test-{:032x}", rand::random::<u128>()));
+    std::fs::create_dir_all(&dir).expect("create a data directory");
+    dir
 }
 
 pub fn duration(d: Duration) -> humantime::Duration {
@@ -112,6 +121,24 @@ impl TestApp {
         let mut req = self.client.request(method, self.url(path));
         if let Some(ct) = content_type {
             req = req.insert_header(("content-type", ct));
+        }
+        Self::reply(req.send_body(body).await.expect("request")).await
+    }
+
+    /// Sends a request with these headers (raw bytes, so tests can send any header value).
+    pub async fn request_with_headers(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &[u8])],
+        body: Vec<u8>,
+    ) -> Reply {
+        let method = awc::http::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.client.request(method, self.url(path));
+        for (name, value) in headers {
+            let value = awc::http::header::HeaderValue::from_bytes(value)
+                .unwrap_or_else(|e| panic!("header {name}: {value:?} cannot be sent: {e}"));
+            req = req.insert_header((*name, value));
         }
         Self::reply(req.send_body(body).await.expect("request")).await
     }
@@ -325,6 +352,7 @@ impl Received {
 struct ReceiverLog {
     requests: std::sync::Mutex<Vec<Received>>,
     changed: tokio::sync::Notify,
+    behaviour: std::sync::Mutex<Behaviour>,
 }
 
 impl Receiver {
@@ -332,7 +360,7 @@ impl Receiver {
         use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
         let port = listener.local_addr().unwrap().port();
-        let log = std::sync::Arc::new(ReceiverLog::default());
+        let log = std::sync::Arc::new(ReceiverLog { behaviour: behaviour.into(), ..Default::default() });
         let server_log = log.clone();
         let server = HttpServer::new(move || {
             let log = server_log.clone();
@@ -340,6 +368,7 @@ impl Receiver {
                 move |req: HttpRequest, body: bytes::Bytes| {
                     let log = log.clone();
                     async move {
+                        let behaviour = *log.behaviour.lock().unwrap();
                         let seen = log.requests.lock().unwrap().len();
                         let fail = behaviour.always_fail || seen < behaviour.fail_first;
                         let status = if fail { behaviour.fail_status } else { 200 };
@@ -365,6 +394,12 @@ impl Receiver {
         .run();
         actix_rt::spawn(server);
         Receiver { url: format!("http://127.0.0.1:{port}"), port, log }
+    }
+
+    /// Answers the requests from now on as `behaviour` says (`fail_first` still counts every
+    /// request received so far).
+    pub fn set_behaviour(&self, behaviour: Behaviour) {
+        *self.log.behaviour.lock().unwrap() = behaviour;
     }
 
     pub fn requests(&self) -> Vec<Received> {

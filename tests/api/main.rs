@@ -1,12 +1,14 @@
 //! End-to-end tests: the real server over real HTTP on 127.0.0.1:0.
 
 mod analytics;
+mod durability;
 mod errors;
 mod helpers;
 mod images;
 mod jobs;
 mod metrics;
 mod pdf;
+mod process;
 mod reliability;
 mod shutdown;
 mod webhooks;

@@ -141,6 +141,7 @@ mod test_hooks {
     pub fn before(spec: &DocumentSpec, job: &JobContext) -> Result<(), JobFailure> {
         match spec.test_hook {
             Some(TestHook::Panic) => panic!("test hook: a panic inside the PDF worker"),
+            Some(TestHook::Abort) => std::process::abort(),
             Some(TestHook::Hang) => loop {
                 job.checkpoint()?;
                 std::thread::sleep(Duration::from_millis(5));

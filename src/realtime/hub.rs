@@ -1,0 +1,130 @@
+//! [`Hub`]: who follows which job. The Dispatcher publishes every job change here; WebSocket
+//! connections subscribe and unsubscribe here. Publishing only writes into outboxes under a short
+//! lock, so it never waits on a socket.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use super::Outbox;
+use crate::job::{Job, JobId};
+
+#[derive(Default)]
+pub struct Hub {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// The connections following each job.
+    watchers: HashMap<JobId, Vec<Watcher>>,
+    /// The jobs each connection follows, to clean up when it goes.
+    followed: HashMap<u64, HashSet<JobId>>,
+}
+
+struct Watcher {
+    conn: u64,
+    outbox: Arc<Outbox>,
+}
+
+impl Hub {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Follows `ids` for connection `conn`: each known job's current state (from `current`) goes
+    /// into `outbox` first, then every published change. Returns the ids that are not known jobs.
+    ///
+    /// `current` is read while the hub is locked, so a change published meanwhile is queued
+    /// after the snapshot, never before it (clients never see a job go backwards). It may read
+    /// the disk: call this off the event loop.
+    pub fn subscribe(
+        &self,
+        conn: u64,
+        outbox: &Arc<Outbox>,
+        ids: Vec<JobId>,
+        mut current: impl FnMut(JobId) -> Option<Job>,
+    ) -> Vec<JobId> {
+        let mut inner = self.lock();
+        let mut unknown = Vec::new();
+        for id in ids {
+            let Some(job) = current(id) else {
+                unknown.push(id);
+                continue;
+            };
+            outbox.push(job);
+            if inner.followed.entry(conn).or_default().insert(id) {
+                inner.watchers.entry(id).or_default().push(Watcher { conn, outbox: outbox.clone() });
+            }
+        }
+        unknown
+    }
+
+    /// Stops following `ids` (`None`: every job; the connection is gone).
+    pub fn unsubscribe(&self, conn: u64, ids: Option<Vec<JobId>>) {
+        let mut inner = self.lock();
+        let ids: Vec<JobId> = match ids {
+            Some(ids) => {
+                if let Some(set) = inner.followed.get_mut(&conn) {
+                    ids.iter().for_each(|id| {
+                        set.remove(id);
+                    });
+                }
+                ids
+            }
+            None => inner.followed.remove(&conn).map(|s| s.into_iter().collect()).unwrap_or_default(),
+        };
+        for id in ids {
+            if let Some(list) = inner.watchers.get_mut(&id) {
+                list.retain(|w| w.conn != conn);
+                if list.is_empty() {
+                    inner.watchers.remove(&id);
+                }
+            }
+        }
+    }
+
+    /// Whether anyone follows `id` (lets the publisher skip building snapshots).
+    pub fn is_watched(&self, id: JobId) -> bool {
+        self.lock().watchers.contains_key(&id)
+    }
+
+    /// A job changed: its snapshot goes to every connection following it.
+    pub fn publish(&self, job: &Job) {
+        if let Some(watchers) = self.lock().watchers.get(&job.id) {
+            for w in watchers {
+                w.outbox.push(job.clone());
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::job::JobKind;
+
+    #[test]
+    fn subscribers_get_the_snapshot_then_changes_until_they_leave() {
+        let hub = Hub::new();
+        let outbox = Arc::new(Outbox::new());
+        let job = Job::new(JobId::random(), JobKind::Pdf, SystemTime::now());
+        let missing = JobId::random();
+        let unknown = hub.subscribe(1, &outbox, vec![job.id, missing], |id| (id == job.id).then(|| job.clone()));
+        assert_eq!(unknown, vec![missing]);
+        let mut running = job.clone();
+        running.start(SystemTime::now());
+        hub.publish(&running);
+        let seen: Vec<_> = outbox.take().into_iter().map(|j| j.status).collect();
+        assert_eq!(seen, vec![crate::job::JobStatus::Queued, crate::job::JobStatus::Running]);
+        hub.unsubscribe(1, None);
+        assert!(!hub.is_watched(job.id));
+        hub.publish(&running);
+        assert!(outbox.take().is_empty());
+    }
+}

@@ -1,0 +1,257 @@
+//! Job records behind one seam: what the Dispatcher writes and what readers (HTTP handlers, the
+//! WebSocket hub) read.
+//!
+//! - [`memory`]: [`MemoryStore`], everything in process (`--store memory`): fast, lost on exit.
+//! - [`sqlite`]: [`SqliteStore`], the embedded durable store (the default): one writer thread
+//!   with group commit, reader connections of their own, recovery at start.
+//!
+//! The shape is the one a shared database needs too (PostgreSQL, next): a job is *claimed*
+//! (queued → running, attempt + 1, by an owner), and its end is *fenced* on that attempt, so a
+//! late or duplicate completion changes nothing. Writes return a future that resolves once the
+//! change is committed; reads are plain calls that never queue behind writes (call them off the
+//! event loop, e.g. in `web::block`). State transitions are [`Job`]'s methods, in one place.
+//! Progress is kept in memory only: it is not worth a write.
+
+pub mod memory;
+pub mod sqlite;
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+
+use crate::domain::callback::CallbackUrl;
+use crate::domain::{JobPayload, PayloadRecord};
+use crate::error::ErrorBody;
+use crate::job::{Job, JobId, JobKind, JobStatus, ResultMeta};
+
+pub use memory::MemoryStore;
+pub use sqlite::{SqliteOptions, SqliteStore, SyncMode};
+
+/// A write that resolves once it is committed.
+pub type Pending<T> = BoxFuture<'static, Result<T, StoreError>>;
+
+/// Why the store could not do what was asked.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot write (disk full, I/O error) or read; nothing was changed.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// An idempotency key already used for a different request.
+    #[error("the Idempotency-Key was already used for a different request")]
+    KeyReused,
+}
+
+/// A job to create, with its payload in both forms: as the worker needs it and as stored.
+pub struct NewJob {
+    pub job: Job,
+    pub payload: JobPayload,
+    pub record: PayloadRecord,
+    /// Approximate bytes the payload holds while queued (the queued-bytes budget).
+    pub weight: usize,
+}
+
+/// A client's `Idempotency-Key` and what it was sent with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    pub key: String,
+    /// SHA-256 of the request as parsed (payloads and callback): equal requests, equal prints.
+    pub fingerprint: [u8; 32],
+}
+
+/// What an insert did.
+#[derive(Debug)]
+pub enum Inserted {
+    /// New jobs, committed.
+    Created(Vec<Job>),
+    /// The key was seen with the same request: nothing created; the jobs of the first request.
+    Replayed(Vec<Job>),
+}
+
+/// A job taken for a worker: running now, with this attempt number.
+pub struct Claimed {
+    pub job: Job,
+    pub payload: JobPayload,
+}
+
+/// How a run ended, as the Dispatcher reports it.
+#[derive(Clone, Debug)]
+pub enum Final {
+    Succeeded { meta: ResultMeta, bytes: Bytes },
+    Failed(ErrorBody),
+    Cancelled(Option<ErrorBody>),
+}
+
+/// What a cancel did.
+#[derive(Debug)]
+pub enum CancelOutcome {
+    /// Cancelled now (it was queued or running).
+    Cancelled(Job),
+    /// It had already ended.
+    Finished(Job),
+    Unknown,
+}
+
+/// A webhook owed: written with the job's final state, removed once delivered or given up.
+#[derive(Clone, Debug)]
+pub struct OwedWebhook {
+    pub job: JobId,
+    pub url: CallbackUrl,
+    /// The final job object, exactly as POSTed.
+    pub body: Bytes,
+}
+
+/// Which jobs `GET /jobs` lists.
+#[derive(Clone, Debug, Default)]
+pub struct ListFilter {
+    pub status: Option<JobStatus>,
+    pub kind: Option<JobKind>,
+    pub limit: usize,
+}
+
+/// How long and how much finished work is kept.
+#[derive(Clone, Copy, Debug)]
+pub struct Retention {
+    /// Finished jobs are forgotten this long after they finish.
+    pub ttl: Duration,
+    /// Most result bytes kept; the oldest finished jobs go first past it.
+    pub result_bytes: usize,
+    /// Most finished jobs remembered (memory store only: on disk the byte budget bounds it).
+    pub finished_jobs: usize,
+}
+
+/// How many jobs are in each status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StatusCounts {
+    pub queued: usize,
+    pub running: usize,
+    pub succeeded: usize,
+    pub failed: usize,
+    pub cancelled: usize,
+}
+
+impl StatusCounts {
+    pub fn slot(&mut self, status: JobStatus) -> &mut usize {
+        match status {
+            JobStatus::Queued => &mut self.queued,
+            JobStatus::Running => &mut self.running,
+            JobStatus::Succeeded => &mut self.succeeded,
+            JobStatus::Failed => &mut self.failed,
+            JobStatus::Cancelled => &mut self.cancelled,
+        }
+    }
+
+    /// A job moved from `from` to `to`.
+    pub fn moved(&mut self, from: JobStatus, to: JobStatus) {
+        if from != to {
+            let slot = self.slot(from);
+            *slot = slot.saturating_sub(1);
+            *self.slot(to) += 1;
+        }
+    }
+}
+
+/// Counters kept in memory by every store, for admission, metrics and `GET /jobs`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub by_status: StatusCounts,
+    /// Jobs waiting for a worker, per kind ([`JobKind::ALL`] order).
+    pub queued: [usize; 2],
+    /// Bytes held by the payloads of queued jobs.
+    pub queued_bytes: usize,
+    /// Bytes of stored results.
+    pub result_bytes: usize,
+}
+
+impl StoreStats {
+    pub fn queued(&self, kind: JobKind) -> usize {
+        self.queued[kind_index(kind)]
+    }
+}
+
+pub(crate) fn kind_index(kind: JobKind) -> usize {
+    match kind {
+        JobKind::Pdf => 0,
+        JobKind::Image => 1,
+    }
+}
+
+/// The seam. Every method is cheap to call from an event loop except the reads (`get`, `list`,
+/// `result`, `replay`), which may touch the disk.
+pub trait JobStore: Send + Sync + 'static {
+    /// Whether accepted jobs survive the process (decides what a shutdown does with them).
+    fn durable(&self) -> bool;
+
+    /// Creates jobs, all or none, with their payloads; with a key, at most once per key.
+    fn insert(&self, jobs: Vec<NewJob>, key: Option<IdempotencyKey>) -> Pending<Inserted>;
+    /// Takes the oldest queued job of `kind`: running, attempt + 1. `None` when nothing was
+    /// claimable (the caller may ask again while `stats().queued(kind) > 0`).
+    fn claim(&self, kind: JobKind) -> Pending<Option<Claimed>>;
+    /// Ends a run, fenced: applies only while the job is running with this `attempt`. The
+    /// result, and the webhook owed when the job has a callback, are written with the state.
+    /// `None`: nothing changed (a late or duplicate completion).
+    fn finish(&self, id: JobId, attempt: u32, outcome: Final) -> Pending<Option<Job>>;
+    /// Cancels a queued or running job.
+    fn cancel(&self, id: JobId, reason: ErrorBody) -> Pending<CancelOutcome>;
+    /// Puts a running job back in the queue (its run was stopped by a shutdown), fenced on the
+    /// attempt. Whether it changed anything.
+    fn release(&self, id: JobId, attempt: u32) -> Pending<bool>;
+    /// Forgets finished jobs past their TTL; how many.
+    fn expire(&self, now: SystemTime) -> Pending<usize>;
+    /// A webhook was delivered or given up on: no longer owed.
+    fn webhook_done(&self, id: JobId);
+    /// Webhooks owed from before this start (a durable store after a crash).
+    fn owed_webhooks(&self) -> Result<Vec<OwedWebhook>, StoreError>;
+
+    /// Progress of a running job, kept in memory only.
+    fn progress(&self, id: JobId, fraction: f32, stage: Option<String>);
+
+    /// One job, with its live progress.
+    fn get(&self, id: JobId) -> Result<Option<Job>, StoreError>;
+    /// Jobs matching `filter`, newest first.
+    fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, StoreError>;
+    /// A succeeded job's result.
+    fn result(&self, id: JobId) -> Result<Option<(ResultMeta, Bytes)>, StoreError>;
+    /// The jobs a key was first used for, if the key is known; `KeyReused` for another request.
+    fn replay(&self, key: &IdempotencyKey) -> Result<Option<Vec<Job>>, StoreError>;
+
+    fn stats(&self) -> StoreStats;
+    /// `Err` while writes fail (disk full, I/O errors); clears once a write succeeds again.
+    fn health(&self) -> Result<(), StoreError>;
+}
+
+/// The error a run gets when the process died under it too often.
+pub fn worker_lost(attempts: u32) -> ErrorBody {
+    ErrorBody::new(
+        "worker_lost",
+        format!("the job was started {attempts} times and each run was cut off (the process stopped); not retried"),
+    )
+}
+
+/// Applies a run's end to a job under the state machine; whether it changed.
+pub(crate) fn apply_final(job: &mut Job, outcome: Final, now: SystemTime) -> bool {
+    match outcome {
+        Final::Succeeded { meta, .. } => job.succeed(meta, now),
+        Final::Failed(error) => job.fail(error, now),
+        Final::Cancelled(reason) => {
+            let changed = job.cancel(now);
+            if changed {
+                job.error = reason;
+            }
+            changed
+        }
+    }
+}
+
+/// The error of a result that cannot be kept at all.
+pub(crate) fn result_too_large(bytes: usize, budget: usize) -> ErrorBody {
+    ErrorBody::new(
+        "result_too_large",
+        format!("the result has {bytes} bytes, more than the {budget} bytes kept for results"),
+    )
+}
+
+/// A future already resolved.
+pub(crate) fn ready<T: Send + 'static>(value: Result<T, StoreError>) -> Pending<T> {
+    Box::pin(std::future::ready(value))
+}

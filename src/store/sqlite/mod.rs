@@ -1,0 +1,655 @@
+//! [`SqliteStore`]: the embedded durable store (`--store sqlite`, the default).
+//!
+//! One database file in `--data-dir`, in WAL mode. Writes go through one writer thread with
+//! group commit ([`writer`]); a `202` is answered after the commit that holds the job and its
+//! payload, fsync'd with [`SyncMode::Full`]. Reads use connections of their own, so a reader
+//! never waits behind the writer. A checkpointer thread copies the WAL back into the database
+//! off the hot path, and `journal_size_limit` keeps the WAL file bounded.
+//!
+//! The queue of jobs waiting for a worker is also kept in memory (ids, weights, and the
+//! payloads of jobs accepted by this process), rebuilt from the database at start; the
+//! database stays the truth (every claim is a committed `UPDATE`).
+//!
+//! At start ([`SqliteStore::open`]): the data directory is locked (a second process refuses to
+//! start), the schema is migrated, and jobs that were running when the last process died are
+//! queued again with their attempt counted, or failed with `worker_lost` once they were started
+//! `max_attempts` times.
+
+mod schema;
+mod writer;
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use tokio::sync::oneshot;
+
+use super::{
+    kind_index, CancelOutcome, Claimed, Final, IdempotencyKey, Inserted, JobStore, ListFilter, NewJob, OwedWebhook,
+    Pending, StatusCounts, StoreError, StoreStats,
+};
+use crate::domain::callback::{CallbackPolicy, CallbackUrl};
+use crate::domain::JobPayload;
+use crate::error::ErrorBody;
+use crate::job::{Job, JobId, JobKind, JobStatus, ResultMeta};
+use writer::Op;
+
+/// How hard a commit tries to reach the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SyncMode {
+    /// fsync at every commit: an accepted job survives an OS crash or power loss.
+    Full,
+    /// fsync at checkpoints only: survives a crash of the process (`kill -9`), not of the OS.
+    Normal,
+}
+
+/// How the store is opened, from configuration.
+#[derive(Clone, Debug)]
+pub struct SqliteOptions {
+    pub dir: PathBuf,
+    pub sync: SyncMode,
+    /// A job started this many times without finishing ends `failed` (`worker_lost`).
+    pub max_attempts: u32,
+    /// Finished jobs are deleted this long after they finish.
+    pub ttl: Duration,
+    /// Most result bytes kept on disk; the oldest finished jobs go first past it.
+    pub result_bytes: usize,
+}
+
+/// The file name of the database inside the data directory.
+const DB_FILE: &str = "offload.db";
+/// Largest the WAL file is left at after a checkpoint.
+const WAL_LIMIT: i64 = 64 << 20;
+/// How often the checkpointer runs.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// Reader connections kept open for reuse.
+const IDLE_READERS: usize = 8;
+
+pub struct SqliteStore {
+    /// To the writer thread.
+    ops: mpsc::Sender<Op>,
+    shared: Arc<Shared>,
+    /// Reader connections, reused.
+    readers: Mutex<Vec<Connection>>,
+    path: PathBuf,
+    /// Held open for the lock on the data directory (released when the process ends).
+    _lock: File,
+}
+
+/// What the writer thread and the store's callers share.
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    /// Live progress of running jobs (never written to disk).
+    progress: Mutex<HashMap<JobId, (f32, Option<String>)>>,
+    /// The last write error, while writes fail.
+    failing: Mutex<Option<String>>,
+    /// This process's name as a lease owner.
+    pub(crate) owner: String,
+    pub(crate) ttl: Duration,
+    pub(crate) result_budget: usize,
+    /// Test hook: writes fail while this file exists.
+    #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
+    fail_file: PathBuf,
+}
+
+/// The in-memory queue and counters.
+pub(crate) struct State {
+    /// Queued ids per kind, oldest first; an id without a `waiting` entry is skipped.
+    queues: [VecDeque<JobId>; 2],
+    waiting: HashMap<JobId, Waiting>,
+    pub(crate) stats: StoreStats,
+}
+
+/// A queued job as the queue knows it.
+pub(crate) struct Waiting {
+    pub(crate) id: JobId,
+    pub(crate) kind: JobKind,
+    pub(crate) seq: i64,
+    pub(crate) weight: usize,
+    /// The payload, for jobs accepted by this process (saves a read at claim).
+    pub(crate) payload: Option<JobPayload>,
+}
+
+impl State {
+    pub(crate) fn enqueue_back(&mut self, w: Waiting) {
+        self.count_in(&w);
+        self.queues[kind_index(w.kind)].push_back(w.id);
+        self.waiting.insert(w.id, w);
+    }
+
+    pub(crate) fn enqueue_front(&mut self, w: Waiting) {
+        self.count_in(&w);
+        self.queues[kind_index(w.kind)].push_front(w.id);
+        self.waiting.insert(w.id, w);
+    }
+
+    fn count_in(&mut self, w: &Waiting) {
+        self.stats.queued[kind_index(w.kind)] += 1;
+        self.stats.queued_bytes += w.weight;
+    }
+
+    /// Takes the oldest waiting job of `kind` out of the queue; counters are changed by
+    /// [`State::dequeued`] once the claim commits.
+    pub(crate) fn pop_queued(&mut self, kind: JobKind) -> Option<Waiting> {
+        while let Some(id) = self.queues[kind_index(kind)].pop_front() {
+            if let Some(w) = self.waiting.remove(&id) {
+                // Counted again by enqueue_front if the claim does not commit.
+                self.stats.queued[kind_index(kind)] -= 1;
+                self.stats.queued_bytes -= w.weight;
+                return Some(w);
+            }
+        }
+        None
+    }
+
+    /// A popped job left the queue for good (claims keep the counters as `pop_queued` left them).
+    pub(crate) fn dequeued(&mut self, _w: &Waiting) {}
+
+    /// A queued job was cancelled.
+    pub(crate) fn forget_queued(&mut self, id: JobId) {
+        if let Some(w) = self.waiting.remove(&id) {
+            self.stats.queued[kind_index(w.kind)] -= 1;
+            self.stats.queued_bytes -= w.weight;
+        }
+    }
+
+    pub(crate) fn evicted(&mut self, statuses: &[JobStatus], result_bytes: usize) {
+        for s in statuses {
+            let slot = self.stats.by_status.slot(*s);
+            *slot = slot.saturating_sub(1);
+        }
+        self.stats.result_bytes = self.stats.result_bytes.saturating_sub(result_bytes);
+    }
+}
+
+impl Shared {
+    pub(crate) fn with_state<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub(crate) fn stats(&self) -> StoreStats {
+        self.with_state(|s| s.stats)
+    }
+
+    pub(crate) fn health(&self) -> Result<(), StoreError> {
+        match &*self.failing.lock().unwrap_or_else(|p| p.into_inner()) {
+            None => Ok(()),
+            Some(message) => Err(StoreError::Unavailable(message.clone())),
+        }
+    }
+
+    pub(crate) fn set_health(&self, error: Option<String>) {
+        *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = error;
+    }
+
+    /// `job` with its live progress, if it is running.
+    pub(crate) fn live(&self, mut job: Job) -> Job {
+        if job.status == JobStatus::Running {
+            if let Some((fraction, stage)) = self.progress.lock().unwrap_or_else(|p| p.into_inner()).get(&job.id) {
+                job.advance(*fraction, stage.clone());
+            }
+        }
+        job
+    }
+
+    pub(crate) fn forget_progress(&self, id: JobId) {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+
+    /// Test builds: `Err` while the `fail-writes` file exists in the data directory.
+    pub(crate) fn check_fail_hook(&self) -> Result<(), String> {
+        #[cfg(feature = "test-hooks")]
+        if self.fail_file.exists() {
+            return Err("disk I/O error (test hook: fail-writes)".into());
+        }
+        Ok(())
+    }
+}
+
+fn sql_error(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store in `options.dir`, locks it, migrates it and
+    /// recovers what the last process left running. The error text is meant for the operator.
+    pub fn open(options: &SqliteOptions) -> Result<Self, String> {
+        let dir = &options.dir;
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create the data directory {}: {e}", dir.display()))?;
+        let lock = lock_dir(dir)?;
+        let path = dir.join(DB_FILE);
+        let mut conn = Connection::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        configure(&conn, options.sync).map_err(|e| format!("cannot configure {}: {e}", path.display()))?;
+        schema::migrate(&mut conn)?;
+        let owner = format!("{}:{}", std::process::id(), JobId::random());
+        let recovered = recover(&mut conn, options.max_attempts).map_err(|e| format!("recovery failed: {e}"))?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State { queues: Default::default(), waiting: HashMap::new(), stats: recovered.stats }),
+            progress: Mutex::new(HashMap::new()),
+            failing: Mutex::new(None),
+            owner,
+            ttl: options.ttl,
+            result_budget: options.result_bytes,
+            fail_file: dir.join("fail-writes"),
+        });
+        shared.with_state(|s| {
+            // enqueue_back counts them in again.
+            s.stats.queued = [0; 2];
+            s.stats.queued_bytes = 0;
+            for w in recovered.queued {
+                s.enqueue_back(w);
+            }
+        });
+        let (ops, rx) = mpsc::channel();
+        let writer_shared = shared.clone();
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || {
+                crate::process::name_thread(c"store-writer");
+                writer::run(conn, rx, writer_shared)
+            })
+            .map_err(|e| format!("cannot start the store writer: {e}"))?;
+        start_checkpointer(&path, Arc::downgrade(&shared))?;
+        let stats = shared.stats();
+        tracing::info!(
+            path = %path.display(),
+            queued = stats.by_status.queued,
+            requeued = recovered.requeued,
+            lost = recovered.lost,
+            finished = stats.by_status.succeeded + stats.by_status.failed + stats.by_status.cancelled,
+            "store opened"
+        );
+        Ok(SqliteStore { ops, shared, readers: Mutex::new(Vec::new()), path, _lock: lock })
+    }
+
+    fn send<T: Send + 'static>(&self, make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op) -> Pending<T> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.ops.send(make(tx));
+        Box::pin(async move {
+            if sent.is_err() {
+                return Err(StoreError::Unavailable("the store writer has stopped".into()));
+            }
+            rx.await.unwrap_or_else(|_| Err(StoreError::Unavailable("the write was not committed".into())))
+        })
+    }
+
+    /// Runs `f` on a reader connection (opened on demand, kept for reuse).
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let pooled = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let conn = match pooled {
+            Some(c) => c,
+            None => open_reader(&self.path).map_err(sql_error)?,
+        };
+        let out = f(&conn).map_err(sql_error);
+        let mut idle = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < IDLE_READERS {
+            idle.push(conn);
+        }
+        out
+    }
+}
+
+fn lock_dir(dir: &Path) -> Result<File, String> {
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    match crate::process::try_lock_exclusive(&file) {
+        Ok(true) => Ok(file),
+        Ok(false) => Err(format!(
+            "the data directory {} is in use by another offload process; stop it or use another --data-dir",
+            dir.display()
+        )),
+        Err(e) => Err(format!("cannot lock {}: {e}", path.display())),
+    }
+}
+
+fn configure(conn: &Connection, sync: SyncMode) -> rusqlite::Result<()> {
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(rusqlite::Error::InvalidParameterName(format!("journal_mode is {mode}, not wal")));
+    }
+    conn.pragma_update(None, "synchronous", if sync == SyncMode::Full { "FULL" } else { "NORMAL" })?;
+    conn.pragma_update(None, "journal_size_limit", WAL_LIMIT)?;
+    // Checkpoints run on the checkpointer thread, not inside the writer's commits.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    conn.pragma_update(None, "cache_size", -8192)?;
+    Ok(())
+}
+
+fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "cache_size", -2048)?;
+    Ok(conn)
+}
+
+fn start_checkpointer(path: &Path, shared: Weak<Shared>) -> Result<(), String> {
+    let conn = Connection::open(path).map_err(|e| format!("cannot open the checkpointer's connection: {e}"))?;
+    conn.busy_timeout(Duration::from_millis(100)).map_err(|e| e.to_string())?;
+    std::thread::Builder::new()
+        .name("store-checkpoint".into())
+        .spawn(move || {
+            crate::process::name_thread(c"store-checkpt");
+            while shared.strong_count() > 0 {
+                std::thread::sleep(CHECKPOINT_EVERY);
+                // PASSIVE never blocks the writer or readers; the WAL restarts from its start
+                // (and is cut back to journal_size_limit) once everything was copied.
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::debug!("checkpoint skipped: {e}");
+                }
+            }
+        })
+        .map(drop)
+        .map_err(|e| format!("cannot start the checkpointer: {e}"))
+}
+
+/// What recovery found.
+struct Recovered {
+    queued: Vec<Waiting>,
+    stats: StoreStats,
+    requeued: usize,
+    lost: usize,
+}
+
+/// Jobs that were running when the last process died run again, or fail past `max_attempts`.
+fn recover(conn: &mut Connection, max_attempts: u32) -> rusqlite::Result<Recovered> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let running: Vec<(i64, Job)> = {
+        let sql = format!("SELECT {} FROM jobs WHERE status = 1", schema::JOB_COLUMNS);
+        let mut stmt = tx.prepare(&sql)?;
+        let rows = stmt.query_map([], schema::job_from_row)?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let (mut requeued, mut lost) = (0, 0);
+    let now = SystemTime::now();
+    for (seq, mut job) in running {
+        if job.attempts >= max_attempts {
+            job.fail(super::worker_lost(job.attempts), now);
+            writer::end(&tx, seq, &job)?;
+            tracing::warn!(job = %job.id, attempts = job.attempts, "job failed: every run was cut off");
+            lost += 1;
+        } else {
+            job.release();
+            schema::save(&tx, seq, &job, None)?;
+            requeued += 1;
+        }
+    }
+    let mut stats = StoreStats::default();
+    {
+        let mut stmt = tx.prepare("SELECT status, count(*) FROM jobs GROUP BY status")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let status: i64 = r.get(0)?;
+            let n: i64 = r.get(1)?;
+            let counts: &mut StatusCounts = &mut stats.by_status;
+            let slot = match status {
+                0 => &mut counts.queued,
+                1 => &mut counts.running,
+                2 => &mut counts.succeeded,
+                3 => &mut counts.failed,
+                _ => &mut counts.cancelled,
+            };
+            *slot += n as usize;
+        }
+        stats.result_bytes =
+            tx.query_row("SELECT coalesce(sum(result_bytes), 0) FROM jobs WHERE status = 2", [], |r| r.get::<_, i64>(0))?
+                as usize;
+    }
+    let queued = {
+        let mut stmt = tx.prepare("SELECT id, kind, seq, weight FROM jobs WHERE status = 0 ORDER BY seq")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Waiting {
+                id: JobId::from_bytes(r.get(0)?),
+                kind: schema::kind_of(r.get(1)?)?,
+                seq: r.get(2)?,
+                weight: r.get::<_, i64>(3)? as usize,
+                payload: None,
+            })
+        })?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()?
+    };
+    tx.commit()?;
+    Ok(Recovered { queued, stats, requeued, lost })
+}
+
+impl JobStore for SqliteStore {
+    fn durable(&self) -> bool {
+        true
+    }
+
+    fn insert(&self, jobs: Vec<NewJob>, key: Option<IdempotencyKey>) -> Pending<Inserted> {
+        self.send(|reply| Op::Insert { jobs, key, reply })
+    }
+
+    fn claim(&self, kind: JobKind) -> Pending<Option<Claimed>> {
+        self.send(|reply| Op::Claim { kind, reply })
+    }
+
+    fn finish(&self, id: JobId, attempt: u32, outcome: Final) -> Pending<Option<Job>> {
+        self.send(|reply| Op::Finish { id, attempt, outcome, reply })
+    }
+
+    fn cancel(&self, id: JobId, reason: ErrorBody) -> Pending<CancelOutcome> {
+        self.send(|reply| Op::Cancel { id, reason, reply })
+    }
+
+    fn release(&self, id: JobId, attempt: u32) -> Pending<bool> {
+        self.send(|reply| Op::Release { id, attempt, reply })
+    }
+
+    fn expire(&self, now: SystemTime) -> Pending<usize> {
+        self.send(|reply| Op::Expire { now, reply })
+    }
+
+    fn webhook_done(&self, id: JobId) {
+        let _ = self.ops.send(Op::WebhookDone { id });
+    }
+
+    fn owed_webhooks(&self) -> Result<Vec<OwedWebhook>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare("SELECT job_id, url, body FROM webhooks ORDER BY seq")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((JobId::from_bytes(r.get(0)?), r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?))
+            })?;
+            let mut owed = Vec::new();
+            for row in rows {
+                let (job, url, body) = row?;
+                match CallbackUrl::parse(&url, CallbackPolicy { allow_private: true }) {
+                    Ok(url) => owed.push(OwedWebhook { job, url, body: Bytes::from(body) }),
+                    Err(e) => tracing::warn!(%job, "stored webhook URL unusable: {}", e.message),
+                }
+            }
+            Ok(owed)
+        })
+    }
+
+    fn progress(&self, id: JobId, fraction: f32, stage: Option<String>) {
+        let mut live = self.shared.progress.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = live.entry(id).or_insert((0.0, None));
+        if fraction.is_finite() && fraction > entry.0 {
+            entry.0 = fraction;
+        }
+        if stage.is_some() {
+            entry.1 = stage;
+        }
+    }
+
+    fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+        let found = self.read(|conn| schema::load(conn, id))?;
+        Ok(found.map(|(_, job)| self.shared.live(job)))
+    }
+
+    fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, StoreError> {
+        let mut sql = format!("SELECT {} FROM jobs", schema::JOB_COLUMNS);
+        let mut clauses = Vec::new();
+        if let Some(s) = filter.status {
+            clauses.push(format!("status = {}", schema::status_code(s)));
+        }
+        if let Some(k) = filter.kind {
+            clauses.push(format!("kind = {}", schema::kind_code(k)));
+        }
+        if !clauses.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&clauses.join(" AND "));
+        }
+        sql.push_str(" ORDER BY seq DESC LIMIT ?1");
+        let jobs = self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt.query_map(params![filter.limit as i64], schema::job_from_row)?;
+            rows.map(|r| r.map(|(_, job)| job)).collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        Ok(jobs.into_iter().map(|j| self.shared.live(j)).collect())
+    }
+
+    fn result(&self, id: JobId) -> Result<Option<(ResultMeta, Bytes)>, StoreError> {
+        self.read(|conn| {
+            let Some((seq, job)) = schema::load(conn, id)? else { return Ok(None) };
+            let Some(meta) = job.result.filter(|_| job.status == JobStatus::Succeeded) else { return Ok(None) };
+            let bytes: Option<Vec<u8>> = conn
+                .prepare_cached("SELECT bytes FROM results WHERE seq = ?1")?
+                .query_row(params![seq], |r| r.get(0))
+                .optional()?;
+            Ok(bytes.map(|b| (meta, Bytes::from(b))))
+        })
+    }
+
+    fn replay(&self, key: &IdempotencyKey) -> Result<Option<Vec<Job>>, StoreError> {
+        let known = self.read(|conn| {
+            let row: Option<(Vec<u8>, Vec<u8>)> = conn
+                .prepare_cached("SELECT fingerprint, ids FROM idempotency WHERE key = ?1")?
+                .query_row(params![key.key], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            let Some((print, ids)) = row else { return Ok(None) };
+            if print != key.fingerprint {
+                return Ok(Some(Err(StoreError::KeyReused)));
+            }
+            let mut jobs = Vec::new();
+            for id in schema::unpack_ids(&ids) {
+                if let Some((_, job)) = schema::load(conn, id)? {
+                    jobs.push(job);
+                }
+            }
+            Ok(Some(Ok(jobs)))
+        })?;
+        match known {
+            None => Ok(None),
+            Some(Err(e)) => Err(e),
+            Some(Ok(jobs)) => Ok(Some(jobs.into_iter().map(|j| self.shared.live(j)).collect())),
+        }
+    }
+
+    fn stats(&self) -> StoreStats {
+        self.shared.stats()
+    }
+
+    fn health(&self) -> Result<(), StoreError> {
+        self.shared.health()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::executor::block_on;
+
+    use super::*;
+    use crate::domain::pdf::DocumentSpec;
+
+    fn options(dir: &Path) -> SqliteOptions {
+        SqliteOptions {
+            dir: dir.to_path_buf(),
+            sync: SyncMode::Normal,
+            max_attempts: 2,
+            ttl: Duration::from_secs(3600),
+            result_bytes: 1 << 20,
+        }
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("offload-store-{name}-{}", JobId::random()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn new_job() -> NewJob {
+        let payload = JobPayload::Pdf(DocumentSpec::titled("stored"));
+        let record = payload.encode();
+        NewJob { job: Job::new(JobId::random(), JobKind::Pdf, SystemTime::now()), payload, record, weight: 10 }
+    }
+
+    fn meta() -> ResultMeta {
+        ResultMeta { content_type: "application/pdf", bytes: 3, filename: "r.pdf".into(), dimensions: None }
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_directory_is_refused() {
+        let dir = temp_dir("lock");
+        let _first = SqliteStore::open(&options(&dir)).unwrap();
+        let err = SqliteStore::open(&options(&dir)).err().expect("refused");
+        assert!(err.contains("in use"), "{err}");
+    }
+
+    #[test]
+    fn jobs_results_and_attempts_survive_a_reopen_and_runs_cut_off_are_counted() {
+        let dir = temp_dir("reopen");
+        let (done, cut) = {
+            let store = SqliteStore::open(&options(&dir)).unwrap();
+            let Inserted::Created(jobs) = block_on(store.insert(vec![new_job(), new_job()], None)).unwrap() else {
+                panic!("created")
+            };
+            let first = block_on(store.claim(JobKind::Pdf)).unwrap().unwrap().job;
+            assert_eq!(first.id, jobs[0].id, "oldest first");
+            let outcome = Final::Succeeded { meta: meta(), bytes: Bytes::from_static(b"pdf") };
+            let stale = block_on(store.finish(first.id, first.attempts + 1, Final::Failed(ErrorBody::new("x", "y"))));
+            assert!(stale.unwrap().is_none(), "fenced on the attempt");
+            let ended = block_on(store.finish(first.id, first.attempts, outcome)).unwrap().unwrap();
+            let second = block_on(store.claim(JobKind::Pdf)).unwrap().unwrap().job;
+            (ended, second.id)
+            // Dropped here with `second` running, as a crash would leave it.
+        };
+        let store = loop {
+            // The lock goes with the file handle; the writer thread may still hold a connection.
+            match SqliteStore::open(&options(&dir)) {
+                Ok(s) => break s,
+                Err(e) if e.contains("in use") => std::thread::yield_now(),
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let again = store.get(done.id).unwrap().unwrap();
+        assert_eq!((again.status, again.attempts), (JobStatus::Succeeded, 1));
+        let shown = |j: &Job| j.finished_at.map(crate::job::rfc3339);
+        assert_eq!(shown(&again), shown(&done), "finished_at as the API shows it");
+        assert_eq!(store.result(done.id).unwrap().unwrap().1, Bytes::from_static(b"pdf"));
+        let requeued = store.get(cut).unwrap().unwrap();
+        assert_eq!((requeued.status, requeued.attempts), (JobStatus::Queued, 1));
+        let claimed = block_on(store.claim(JobKind::Pdf)).unwrap().unwrap();
+        assert_eq!((claimed.job.id, claimed.job.attempts), (cut, 2));
+        assert!(matches!(claimed.payload, JobPayload::Pdf(ref spec) if spec.title == "stored"));
+    }
+
+    #[test]
+    fn idempotency_keys_replay_and_refuse_another_request() {
+        let dir = temp_dir("idem");
+        let store = SqliteStore::open(&options(&dir)).unwrap();
+        let key = IdempotencyKey { key: "abc".into(), fingerprint: [7; 32] };
+        let Inserted::Created(first) = block_on(store.insert(vec![new_job()], Some(key.clone()))).unwrap() else {
+            panic!("created")
+        };
+        let again = block_on(store.insert(vec![new_job()], Some(key.clone()))).unwrap();
+        assert!(matches!(again, Inserted::Replayed(ref j) if j[0].id == first[0].id));
+        let other = IdempotencyKey { key: "abc".into(), fingerprint: [8; 32] };
+        assert_eq!(block_on(store.insert(vec![new_job()], Some(other.clone()))).unwrap_err(), StoreError::KeyReused);
+        assert_eq!(store.replay(&other).unwrap_err(), StoreError::KeyReused);
+        assert_eq!(store.stats().by_status.queued, 1);
+    }
+}

@@ -1,0 +1,243 @@
+//! The on-disk schema, its migrations, and how a job row maps to a [`Job`].
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use crate::domain::callback::{CallbackPolicy, CallbackUrl};
+use crate::error::ErrorBody;
+use crate::job::{Job, JobId, JobKind, JobStatus, ResultMeta};
+
+/// The schema this binary writes. Older databases are migrated on start; a newer one (written by
+/// a later release) is refused rather than misread.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Migration `n` takes the schema from version `n` to `n + 1`.
+const MIGRATIONS: [&str; 1] = [r#"
+CREATE TABLE jobs (
+    seq INTEGER PRIMARY KEY,          -- creation order
+    id BLOB NOT NULL UNIQUE,          -- 16 random bytes
+    kind INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    owner TEXT,                       -- the process that claimed it (lease owner)
+    progress REAL NOT NULL,
+    stage TEXT,
+    created_at INTEGER NOT NULL,      -- microseconds since the Unix epoch
+    started_at INTEGER,
+    finished_at INTEGER,
+    error_code TEXT,
+    error_message TEXT,
+    result_type TEXT,
+    result_bytes INTEGER,
+    result_name TEXT,
+    result_width INTEGER,
+    result_height INTEGER,
+    callback TEXT,
+    weight INTEGER NOT NULL           -- payload bytes counted against the queued-bytes budget
+);
+CREATE INDEX jobs_by_status ON jobs (status, seq);
+CREATE INDEX jobs_by_finish ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+-- What a worker needs, until the job ends.
+CREATE TABLE payloads (seq INTEGER PRIMARY KEY, spec BLOB NOT NULL, data BLOB);
+CREATE TABLE results (seq INTEGER PRIMARY KEY, bytes BLOB NOT NULL);
+-- Webhooks owed: written with the final state, deleted once delivered or given up.
+CREATE TABLE webhooks (seq INTEGER PRIMARY KEY, job_id BLOB NOT NULL UNIQUE, url TEXT NOT NULL, body BLOB NOT NULL);
+CREATE TABLE idempotency (key TEXT PRIMARY KEY, fingerprint BLOB NOT NULL, first_seq INTEGER NOT NULL, ids BLOB NOT NULL);
+CREATE INDEX idempotency_by_job ON idempotency (first_seq);
+CREATE TABLE meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
+"#];
+
+/// Brings the schema to [`SCHEMA_VERSION`], in one transaction.
+pub fn migrate(conn: &mut Connection) -> Result<(), String> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| e.to_string())?;
+    if version > SCHEMA_VERSION {
+        return Err(format!(
+            "the data directory holds schema version {version}, newer than this binary's {SCHEMA_VERSION}: \
+             run a newer offload, or point --data-dir elsewhere"
+        ));
+    }
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    let tx = conn.transaction().map_err(|e| e.to_string())?;
+    for (from, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.execute_batch(sql).map_err(|e| format!("migration {from} → {}: {e}", from + 1))?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(|e| e.to_string())?;
+    tx.commit().map_err(|e| e.to_string())
+}
+
+/// The columns [`job_from_row`] reads, in order.
+pub const JOB_COLUMNS: &str = "seq, id, kind, status, attempts, progress, stage, created_at, started_at, finished_at, \
+     error_code, error_message, result_type, result_bytes, result_name, result_width, result_height, callback";
+
+pub fn status_code(s: JobStatus) -> i64 {
+    match s {
+        JobStatus::Queued => 0,
+        JobStatus::Running => 1,
+        JobStatus::Succeeded => 2,
+        JobStatus::Failed => 3,
+        JobStatus::Cancelled => 4,
+    }
+}
+
+fn status_of(code: i64) -> rusqlite::Result<JobStatus> {
+    Ok(match code {
+        0 => JobStatus::Queued,
+        1 => JobStatus::Running,
+        2 => JobStatus::Succeeded,
+        3 => JobStatus::Failed,
+        4 => JobStatus::Cancelled,
+        other => return Err(bad_column(3, format!("status {other}"))),
+    })
+}
+
+pub fn kind_code(k: JobKind) -> i64 {
+    match k {
+        JobKind::Pdf => 0,
+        JobKind::Image => 1,
+    }
+}
+
+pub fn kind_of(code: i64) -> rusqlite::Result<JobKind> {
+    match code {
+        0 => Ok(JobKind::Pdf),
+        1 => Ok(JobKind::Image),
+        other => Err(bad_column(2, format!("kind {other}"))),
+    }
+}
+
+fn bad_column(i: usize, what: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Integer, what.into())
+}
+
+pub fn micros(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+}
+
+fn time_of(us: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(us.max(0) as u64)
+}
+
+/// Result content types are `&'static str` in [`ResultMeta`]; these are the ones workers produce.
+fn content_type(stored: &str) -> &'static str {
+    ["application/pdf", "image/png", "image/jpeg", "image/webp"]
+        .into_iter()
+        .find(|t| *t == stored)
+        .unwrap_or("application/octet-stream")
+}
+
+/// A row selected with [`JOB_COLUMNS`] → (seq, job).
+pub fn job_from_row(r: &Row<'_>) -> rusqlite::Result<(i64, Job)> {
+    let id: [u8; 16] = r.get(1)?;
+    let status = status_of(r.get(3)?)?;
+    let error = match (r.get::<_, Option<String>>(10)?, r.get::<_, Option<String>>(11)?) {
+        (Some(code), message) => Some(ErrorBody::new(code, message.unwrap_or_default())),
+        _ => None,
+    };
+    let result = match r.get::<_, Option<String>>(12)? {
+        Some(t) => Some(ResultMeta {
+            content_type: content_type(&t),
+            bytes: r.get::<_, i64>(13)? as usize,
+            filename: r.get::<_, Option<String>>(14)?.unwrap_or_default(),
+            dimensions: r.get::<_, Option<u32>>(15)?.zip(r.get::<_, Option<u32>>(16)?),
+        }),
+        None => None,
+    };
+    // Stored callbacks were checked against the policy at submit; delivery checks the address.
+    let callback = r
+        .get::<_, Option<String>>(17)?
+        .and_then(|raw| CallbackUrl::parse(&raw, CallbackPolicy { allow_private: true }).ok());
+    let job = Job {
+        id: JobId::from_bytes(id),
+        kind: kind_of(r.get(2)?)?,
+        status,
+        attempts: r.get(4)?,
+        progress: r.get::<_, f64>(5)? as f32,
+        stage: r.get(6)?,
+        created_at: time_of(r.get(7)?),
+        started_at: r.get::<_, Option<i64>>(8)?.map(time_of),
+        finished_at: r.get::<_, Option<i64>>(9)?.map(time_of),
+        error,
+        result,
+        callback,
+    };
+    Ok((r.get(0)?, job))
+}
+
+/// One job by id.
+pub fn load(conn: &Connection, id: JobId) -> rusqlite::Result<Option<(i64, Job)>> {
+    let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1");
+    conn.prepare_cached(&sql)?.query_row(params![id.to_bytes()], job_from_row).optional()
+}
+
+/// A new job row; its sequence number.
+pub fn insert(conn: &Connection, job: &Job, weight: usize) -> rusqlite::Result<i64> {
+    conn.prepare_cached(
+        "INSERT INTO jobs (id, kind, status, attempts, progress, stage, created_at, callback, weight) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        job.id.to_bytes(),
+        kind_code(job.kind),
+        status_code(job.status),
+        job.attempts,
+        f64::from(job.progress),
+        job.stage,
+        micros(job.created_at),
+        job.callback.as_ref().map(|c| c.as_str()),
+        weight as i64,
+    ])?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// Writes every mutable field of `job` back to row `seq`.
+pub fn save(conn: &Connection, seq: i64, job: &Job, owner: Option<&str>) -> rusqlite::Result<()> {
+    let result = job.result.as_ref();
+    conn.prepare_cached(
+        "UPDATE jobs SET status = ?2, attempts = ?3, owner = ?4, progress = ?5, stage = ?6, started_at = ?7, \
+         finished_at = ?8, error_code = ?9, error_message = ?10, result_type = ?11, result_bytes = ?12, \
+         result_name = ?13, result_width = ?14, result_height = ?15 WHERE seq = ?1",
+    )?
+    .execute(params![
+        seq,
+        status_code(job.status),
+        job.attempts,
+        owner,
+        f64::from(job.progress),
+        job.stage,
+        job.started_at.map(micros),
+        job.finished_at.map(micros),
+        job.error.as_ref().map(|e| e.code.as_str()),
+        job.error.as_ref().map(|e| e.message.as_str()),
+        result.map(|m| m.content_type),
+        result.map(|m| m.bytes as i64),
+        result.map(|m| m.filename.as_str()),
+        result.and_then(|m| m.dimensions).map(|d| d.0),
+        result.and_then(|m| m.dimensions).map(|d| d.1),
+    ])?;
+    Ok(())
+}
+
+/// Deletes a job and everything kept for it but an owed webhook.
+pub fn delete(conn: &Connection, seq: i64) -> rusqlite::Result<()> {
+    for sql in [
+        "DELETE FROM jobs WHERE seq = ?1",
+        "DELETE FROM payloads WHERE seq = ?1",
+        "DELETE FROM results WHERE seq = ?1",
+        "DELETE FROM idempotency WHERE first_seq = ?1",
+    ] {
+        conn.prepare_cached(sql)?.execute(params![seq])?;
+    }
+    Ok(())
+}
+
+/// Job ids packed as 16-byte runs (the idempotency table's `ids`).
+pub fn pack_ids(ids: impl Iterator<Item = JobId>) -> Vec<u8> {
+    ids.flat_map(|id| id.to_bytes()).collect()
+}
+
+pub fn unpack_ids(bytes: &[u8]) -> Vec<JobId> {
+    bytes.chunks_exact(16).map(|c| JobId::from_bytes(c.try_into().expect("16-byte chunk"))).collect()
+}

@@ -1,0 +1,490 @@
+//! The one writer thread and its group commit: it takes a write, drains whatever else is waiting
+//! (up to a batch limit), applies them all in one `BEGIN IMMEDIATE` transaction, commits once (one
+//! fsync), and only then changes the in-memory queue and counters and answers every waiter. When
+//! the commit fails (disk full, I/O error) nothing of the batch happened: every waiter gets
+//! `Unavailable`, and the store reports unhealthy until a write succeeds again (a probe write runs
+//! every second meanwhile, so it recovers with no traffic too).
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use tokio::sync::oneshot;
+
+use super::schema::{self, micros};
+use super::{Shared, Waiting};
+use crate::domain::JobPayload;
+use crate::error::ErrorBody;
+use crate::job::{Job, JobId, JobKind, JobStatus};
+use crate::store::{
+    apply_final, result_too_large, CancelOutcome, Claimed, Final, IdempotencyKey, Inserted, NewJob,
+    StoreError,
+};
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// A write waiting for the writer thread.
+pub enum Op {
+    Insert { jobs: Vec<NewJob>, key: Option<IdempotencyKey>, reply: Reply<Inserted> },
+    Claim { kind: JobKind, reply: Reply<Option<Claimed>> },
+    Finish { id: JobId, attempt: u32, outcome: Final, reply: Reply<Option<Job>> },
+    Cancel { id: JobId, reason: ErrorBody, reply: Reply<CancelOutcome> },
+    Release { id: JobId, attempt: u32, reply: Reply<bool> },
+    Expire { now: SystemTime, reply: Reply<usize> },
+    WebhookDone { id: JobId },
+}
+
+/// Most writes in one transaction, and most payload bytes (a large upload commits nearly alone).
+const MAX_BATCH: usize = 1024;
+const MAX_BATCH_BYTES: usize = 32 << 20;
+/// Expired jobs deleted per sweep transaction (keeps each short).
+const EXPIRE_BATCH: i64 = 2000;
+
+impl Op {
+    fn bytes(&self) -> usize {
+        match self {
+            Op::Insert { jobs, .. } => jobs.iter().map(|j| j.weight).sum(),
+            Op::Finish { outcome: Final::Succeeded { bytes, .. }, .. } => bytes.len(),
+            _ => 64,
+        }
+    }
+}
+
+/// What to do once the batch's fate is known.
+enum Done {
+    Insert { reply: Reply<Inserted>, outcome: Result<Inserted, StoreError>, queued: Vec<(JobId, Waiting)> },
+    Claim { reply: Reply<Option<Claimed>>, claimed: Option<(Claimed, Waiting)>, taken: Taken },
+    Finish { reply: Reply<Option<Job>>, ended: Option<(Job, usize)>, evicted: Evicted },
+    Cancel { reply: Reply<CancelOutcome>, outcome: CancelOutcome, was: Option<JobStatus> },
+    Release { reply: Reply<bool>, released: Option<(JobId, Waiting)> },
+    Expire { reply: Reply<usize>, evicted: Evicted },
+    Nothing,
+}
+
+/// Jobs a claim took from the in-memory queue without running them: not claimable after all
+/// (`skipped`: cancelled or gone), or failed because their stored payload is unreadable.
+#[derive(Default)]
+struct Taken {
+    skipped: Vec<Waiting>,
+    failed: Vec<Waiting>,
+}
+
+impl Taken {
+    /// The transaction did not commit: everything taken goes back to the front, in order.
+    fn put_back(self, s: &mut super::State, claimed: Option<Waiting>) {
+        let mut all: Vec<Waiting> = self.skipped.into_iter().chain(self.failed).chain(claimed).collect();
+        all.sort_by_key(|w| std::cmp::Reverse(w.seq));
+        for w in all {
+            s.enqueue_front(w);
+        }
+    }
+}
+
+/// Takes the oldest claimable job of `kind`: queued → running (attempt + 1), owned by this process.
+fn claim(
+    tx: &Connection,
+    shared: &Shared,
+    kind: JobKind,
+    now: SystemTime,
+    taken: &mut Taken,
+) -> rusqlite::Result<Option<(Claimed, Waiting)>> {
+    while let Some(mut waiting) = shared.with_state(|s| s.pop_queued(kind)) {
+        let Some((seq, mut job)) = schema::load(tx, waiting.id)? else {
+            taken.skipped.push(waiting);
+            continue;
+        };
+        if !job.start(now) {
+            taken.skipped.push(waiting);
+            continue;
+        }
+        let payload = match waiting.payload.take() {
+            Some(payload) => Ok(payload),
+            None => load_payload(tx, seq, kind)?,
+        };
+        match payload {
+            Ok(payload) => {
+                schema::save(tx, seq, &job, Some(&shared.owner))?;
+                return Ok(Some((Claimed { job, payload }, waiting)));
+            }
+            Err(message) => {
+                tracing::error!(job = %waiting.id, "stored payload unreadable: {message}");
+                job.fail(ErrorBody::new("payload_unreadable", message), now);
+                end(tx, seq, &job)?;
+                taken.failed.push(waiting);
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Finished jobs deleted (by TTL or for room): their statuses and result bytes.
+#[derive(Default)]
+struct Evicted {
+    statuses: Vec<JobStatus>,
+    result_bytes: usize,
+}
+
+pub fn run(mut conn: Connection, ops: Receiver<Op>, shared: Arc<Shared>) {
+    loop {
+        let first = match ops.recv_timeout(Duration::from_secs(1)) {
+            Ok(op) => op,
+            Err(RecvTimeoutError::Timeout) => {
+                if shared.health().is_err() {
+                    probe(&mut conn, &shared);
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let mut batch_bytes = first.bytes();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH && batch_bytes < MAX_BATCH_BYTES {
+            match ops.try_recv() {
+                Ok(op) => {
+                    batch_bytes += op.bytes();
+                    batch.push(op);
+                }
+                Err(_) => break,
+            }
+        }
+        commit_batch(&mut conn, batch, &shared);
+    }
+}
+
+fn commit_batch(conn: &mut Connection, batch: Vec<Op>, shared: &Shared) {
+    let mut done = Vec::with_capacity(batch.len());
+    let result = (|| -> Result<(), String> {
+        shared.check_fail_hook()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| e.to_string())?;
+        for op in batch {
+            done.push(apply(&tx, op, shared).map_err(|e| e.to_string())?);
+        }
+        tx.commit().map_err(|e| e.to_string())
+    })();
+    match result {
+        Ok(()) => {
+            shared.set_health(None);
+            for d in done {
+                complete(d, shared);
+            }
+        }
+        Err(message) => {
+            tracing::error!("store write failed, nothing of the batch was kept: {message}");
+            shared.set_health(Some(message.clone()));
+            for d in done {
+                fail(d, shared, &message);
+            }
+            // Ops not applied yet were dropped with the closure: their waiters see a closed
+            // channel, which the store maps to `Unavailable` as well.
+        }
+    }
+}
+
+/// A write with no effect, to learn whether the disk takes writes again.
+fn probe(conn: &mut Connection, shared: &Shared) {
+    let result = shared.check_fail_hook().and_then(|()| {
+        conn.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('probe', ?1)", params![micros(SystemTime::now())])
+            .map(drop)
+            .map_err(|e| e.to_string())
+    });
+    if result.is_ok() {
+        tracing::info!("store writes succeed again");
+    }
+    shared.set_health(result.err());
+}
+
+fn apply(tx: &Connection, op: Op, shared: &Shared) -> rusqlite::Result<Done> {
+    let now = SystemTime::now();
+    Ok(match op {
+        Op::Insert { jobs, key, reply } => {
+            if let Some(k) = &key {
+                let known: Option<(Vec<u8>, Vec<u8>)> = tx
+                    .prepare_cached("SELECT fingerprint, ids FROM idempotency WHERE key = ?1")?
+                    .query_row(params![k.key], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                if let Some((print, ids)) = known {
+                    let outcome = if print == k.fingerprint {
+                        let jobs = schema::unpack_ids(&ids)
+                            .into_iter()
+                            .filter_map(|id| schema::load(tx, id).transpose())
+                            .map(|r| r.map(|(_, job)| shared.live(job)))
+                            .collect::<rusqlite::Result<Vec<_>>>()?;
+                        Ok(Inserted::Replayed(jobs))
+                    } else {
+                        Err(StoreError::KeyReused)
+                    };
+                    return Ok(Done::Insert { reply, outcome, queued: Vec::new() });
+                }
+            }
+            let mut created = Vec::with_capacity(jobs.len());
+            let mut queued = Vec::with_capacity(jobs.len());
+            let mut first_seq = None;
+            for new in jobs {
+                let seq = schema::insert(tx, &new.job, new.weight)?;
+                first_seq.get_or_insert(seq);
+                tx.prepare_cached("INSERT INTO payloads (seq, spec, data) VALUES (?1, ?2, ?3)")?.execute(params![
+                    seq,
+                    new.record.spec,
+                    new.record.data.as_deref()
+                ])?;
+                let waiting =
+                    Waiting { id: new.job.id, kind: new.job.kind, seq, weight: new.weight, payload: Some(new.payload) };
+                queued.push((new.job.id, waiting));
+                created.push(new.job);
+            }
+            if let (Some(k), Some(first_seq)) = (&key, first_seq) {
+                tx.prepare_cached("INSERT INTO idempotency (key, fingerprint, first_seq, ids) VALUES (?1, ?2, ?3, ?4)")?
+                    .execute(params![
+                        k.key,
+                        k.fingerprint.as_slice(),
+                        first_seq,
+                        schema::pack_ids(created.iter().map(|j| j.id))
+                    ])?;
+            }
+            Done::Insert { reply, outcome: Ok(Inserted::Created(created)), queued }
+        }
+        Op::Claim { kind, reply } => {
+            let mut taken = Taken::default();
+            match claim(tx, shared, kind, now, &mut taken) {
+                Ok(claimed) => Done::Claim { reply, claimed, taken },
+                Err(e) => {
+                    // Nothing of this transaction will stay: the popped jobs are queued again.
+                    shared.with_state(|s| taken.put_back(s, None));
+                    return Err(e);
+                }
+            }
+        }
+        Op::Finish { id, attempt, outcome, reply } => {
+            let Some((seq, mut job)) = schema::load(tx, id)? else {
+                return Ok(Done::Finish { reply, ended: None, evicted: Evicted::default() });
+            };
+            if job.status != JobStatus::Running || job.attempts != attempt {
+                return Ok(Done::Finish { reply, ended: None, evicted: Evicted::default() });
+            }
+            job = shared.live(job);
+            let mut evicted = Evicted::default();
+            let budget = shared.result_budget;
+            let (outcome, stored) = match outcome {
+                Final::Succeeded { bytes, .. } if bytes.len() > budget => {
+                    (Final::Failed(result_too_large(bytes.len(), budget)), None)
+                }
+                Final::Succeeded { meta, bytes } => {
+                    evicted = make_room(tx, shared, bytes.len())?;
+                    (Final::Succeeded { meta, bytes: Bytes::new() }, Some(bytes))
+                }
+                other => (other, None),
+            };
+            if !apply_final(&mut job, outcome, now) {
+                return Ok(Done::Finish { reply, ended: None, evicted });
+            }
+            let result_len = stored.as_ref().map_or(0, Bytes::len);
+            if let Some(bytes) = stored {
+                tx.prepare_cached("INSERT OR REPLACE INTO results (seq, bytes) VALUES (?1, ?2)")?
+                    .execute(params![seq, bytes.as_ref()])?;
+            }
+            end(tx, seq, &job)?;
+            Done::Finish { reply, ended: Some((job, result_len)), evicted }
+        }
+        Op::Cancel { id, reason, reply } => {
+            let Some((seq, mut job)) = schema::load(tx, id)? else {
+                return Ok(Done::Cancel { reply, outcome: CancelOutcome::Unknown, was: None });
+            };
+            job = shared.live(job);
+            let was = job.status;
+            if !apply_final(&mut job, Final::Cancelled(Some(reason)), now) {
+                return Ok(Done::Cancel { reply, outcome: CancelOutcome::Finished(job), was: None });
+            }
+            end(tx, seq, &job)?;
+            Done::Cancel { reply, outcome: CancelOutcome::Cancelled(job), was: Some(was) }
+        }
+        Op::Release { id, attempt, reply } => {
+            let found = schema::load(tx, id)?;
+            let Some((seq, mut job)) = found.filter(|(_, j)| j.attempts == attempt) else {
+                return Ok(Done::Release { reply, released: None });
+            };
+            if !job.release() {
+                return Ok(Done::Release { reply, released: None });
+            }
+            schema::save(tx, seq, &job, None)?;
+            let weight: i64 =
+                tx.prepare_cached("SELECT weight FROM jobs WHERE seq = ?1")?.query_row(params![seq], |r| r.get(0))?;
+            let waiting = Waiting { id, kind: job.kind, seq, weight: weight as usize, payload: None };
+            Done::Release { reply, released: Some((id, waiting)) }
+        }
+        Op::Expire { now, reply } => {
+            let cutoff = micros(now).saturating_sub(shared.ttl.as_micros() as i64);
+            let rows: Vec<(i64, i64, Option<i64>)> = tx
+                .prepare_cached(
+                    "SELECT seq, status, result_bytes FROM jobs WHERE finished_at IS NOT NULL AND finished_at <= ?1 \
+                     ORDER BY finished_at LIMIT ?2",
+                )?
+                .query_map(params![cutoff, EXPIRE_BATCH], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut evicted = Evicted::default();
+            for (seq, status, bytes) in rows {
+                schema::delete(tx, seq)?;
+                evicted.note(status, bytes);
+            }
+            Done::Expire { reply, evicted }
+        }
+        Op::WebhookDone { id } => {
+            tx.prepare_cached("DELETE FROM webhooks WHERE job_id = ?1")?.execute(params![id.to_bytes()])?;
+            Done::Nothing
+        }
+    })
+}
+
+impl Evicted {
+    fn note(&mut self, status: i64, result_bytes: Option<i64>) {
+        let status = match status {
+            2 => JobStatus::Succeeded,
+            3 => JobStatus::Failed,
+            _ => JobStatus::Cancelled,
+        };
+        self.statuses.push(status);
+        self.result_bytes += result_bytes.unwrap_or(0).max(0) as usize;
+    }
+}
+
+/// Writes a job's final state: the row, no more payload, the webhook owed if it has a callback.
+pub fn end(tx: &Connection, seq: i64, job: &Job) -> rusqlite::Result<()> {
+    schema::save(tx, seq, job, None)?;
+    tx.prepare_cached("DELETE FROM payloads WHERE seq = ?1")?.execute(params![seq])?;
+    if let Some(url) = &job.callback {
+        let body = serde_json::to_vec(&job.view()).unwrap_or_default();
+        tx.prepare_cached("INSERT OR REPLACE INTO webhooks (seq, job_id, url, body) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![seq, job.id.to_bytes(), url.as_str(), body])?;
+    }
+    Ok(())
+}
+
+/// Deletes the oldest finished jobs until `extra` more result bytes fit the budget.
+fn make_room(tx: &Connection, shared: &Shared, extra: usize) -> rusqlite::Result<Evicted> {
+    let mut evicted = Evicted::default();
+    let held = shared.stats().result_bytes;
+    while held.saturating_sub(evicted.result_bytes) + extra > shared.result_budget {
+        let rows: Vec<(i64, i64, Option<i64>)> = tx
+            .prepare_cached(
+                "SELECT seq, status, result_bytes FROM jobs WHERE finished_at IS NOT NULL ORDER BY finished_at LIMIT 64",
+            )?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        if rows.is_empty() {
+            break;
+        }
+        for (seq, status, bytes) in rows {
+            schema::delete(tx, seq)?;
+            evicted.note(status, bytes);
+        }
+    }
+    Ok(evicted)
+}
+
+fn load_payload(tx: &Connection, seq: i64, kind: JobKind) -> rusqlite::Result<Result<JobPayload, String>> {
+    let row: Option<(Vec<u8>, Option<Vec<u8>>)> = tx
+        .prepare_cached("SELECT spec, data FROM payloads WHERE seq = ?1")?
+        .query_row(params![seq], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    Ok(match row {
+        None => Err("the job's payload is missing".to_string()),
+        Some((spec, data)) => {
+            JobPayload::decode(kind, crate::domain::PayloadRecord { spec, data: data.map(Bytes::from) })
+        }
+    })
+}
+
+/// The batch committed: change the in-memory state and answer.
+fn complete(done: Done, shared: &Shared) {
+    match done {
+        Done::Insert { reply, outcome, queued } => {
+            shared.with_state(|s| {
+                s.stats.by_status.queued += queued.len();
+                for (_, waiting) in queued {
+                    s.enqueue_back(waiting);
+                }
+            });
+            let _ = reply.send(outcome);
+        }
+        Done::Claim { reply, claimed, taken } => {
+            shared.with_state(|s| {
+                for w in &taken.skipped {
+                    s.dequeued(w);
+                }
+                for w in &taken.failed {
+                    s.dequeued(w);
+                    s.stats.by_status.moved(JobStatus::Queued, JobStatus::Failed);
+                }
+                if let Some((_, waiting)) = &claimed {
+                    s.dequeued(waiting);
+                    s.stats.by_status.moved(JobStatus::Queued, JobStatus::Running);
+                }
+            });
+            let _ = reply.send(Ok(claimed.map(|(c, _)| c)));
+        }
+        Done::Finish { reply, ended, evicted } => {
+            shared.with_state(|s| {
+                s.evicted(&evicted.statuses, evicted.result_bytes);
+                if let Some((job, bytes)) = &ended {
+                    s.stats.by_status.moved(JobStatus::Running, job.status);
+                    s.stats.result_bytes += bytes;
+                }
+            });
+            if let Some((job, _)) = &ended {
+                shared.forget_progress(job.id);
+            }
+            let _ = reply.send(Ok(ended.map(|(job, _)| job)));
+        }
+        Done::Cancel { reply, outcome, was } => {
+            if let (CancelOutcome::Cancelled(job), Some(was)) = (&outcome, was) {
+                shared.with_state(|s| {
+                    if was == JobStatus::Queued {
+                        s.forget_queued(job.id);
+                    }
+                    s.stats.by_status.moved(was, JobStatus::Cancelled);
+                });
+                shared.forget_progress(job.id);
+            }
+            let _ = reply.send(Ok(outcome));
+        }
+        Done::Release { reply, released } => {
+            let changed = released.is_some();
+            if let Some((id, waiting)) = released {
+                shared.forget_progress(id);
+                shared.with_state(|s| {
+                    s.stats.by_status.moved(JobStatus::Running, JobStatus::Queued);
+                    s.enqueue_front(waiting);
+                });
+            }
+            let _ = reply.send(Ok(changed));
+        }
+        Done::Expire { reply, evicted } => {
+            let n = evicted.statuses.len();
+            shared.with_state(|s| s.evicted(&evicted.statuses, evicted.result_bytes));
+            let _ = reply.send(Ok(n));
+        }
+        Done::Nothing => {}
+    }
+}
+
+/// The batch was rolled back: undo what was taken from memory, answer `Unavailable`.
+fn fail(done: Done, shared: &Shared, message: &str) {
+    let error = || StoreError::Unavailable(message.to_string());
+    match done {
+        Done::Insert { reply, .. } => drop(reply.send(Err(error()))),
+        Done::Claim { reply, claimed, taken } => {
+            let claimed = claimed.map(|(claimed, mut waiting)| {
+                waiting.payload = Some(claimed.payload);
+                waiting
+            });
+            shared.with_state(|s| taken.put_back(s, claimed));
+            let _ = reply.send(Err(error()));
+        }
+        Done::Finish { reply, .. } => drop(reply.send(Err(error()))),
+        Done::Cancel { reply, .. } => drop(reply.send(Err(error()))),
+        Done::Release { reply, .. } => drop(reply.send(Err(error()))),
+        Done::Expire { reply, .. } => drop(reply.send(Err(error()))),
+        Done::Nothing => {}
+    }
+}
