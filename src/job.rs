@@ -180,14 +180,22 @@ impl Job {
         }
     }
 
-    /// queued → running, counting the attempt: a job is claimed for a worker. Returns whether
-    /// anything changed.
+    /// A worker is about to get the job: the attempt is counted now (before it can run, so a run
+    /// that takes the process down is counted too); the job stays queued until it starts.
+    pub fn claim(&mut self) -> bool {
+        if self.status != JobStatus::Queued {
+            return false;
+        }
+        self.attempts += 1;
+        true
+    }
+
+    /// queued → running: a worker started it. Returns whether anything changed.
     pub fn start(&mut self, now: SystemTime) -> bool {
         if self.status != JobStatus::Queued {
             return false;
         }
         self.status = JobStatus::Running;
-        self.attempts += 1;
         self.started_at = Some(now);
         self.progress = 0.0;
         self.stage = Some("started".into());
@@ -360,6 +368,7 @@ mod tests {
     fn progress_never_goes_backwards_and_is_one_only_on_success() {
         let mut j = job();
         assert!(!j.advance(0.5, None), "a queued job takes no progress");
+        j.claim();
         j.start(SystemTime::now());
         assert_eq!(j.attempts, 1);
         assert!(j.advance(0.5, None));
@@ -396,11 +405,12 @@ mod tests {
         let now = SystemTime::now();
         let mut j = job();
         assert!(!j.release(), "only a running job can be released");
+        j.claim();
         j.start(now);
         j.advance(0.5, None);
         assert!(j.release());
         assert_eq!((j.status, j.attempts, j.progress, j.started_at), (JobStatus::Queued, 1, 0.0, None));
-        assert!(j.start(now));
+        assert!(j.claim() && j.start(now));
         assert_eq!(j.attempts, 2);
     }
 

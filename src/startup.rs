@@ -10,14 +10,14 @@ use actix::prelude::*;
 use actix_web::dev::Server;
 use actix_web::{middleware, web, App, HttpServer};
 
-use crate::async_io::{self, AsyncIo};
 use crate::async_io::webhooks::Deliver;
+use crate::async_io::{self, AsyncIo};
 use crate::configuration::{Settings, StoreKind};
 use crate::dispatch::{Admission, Dispatcher, Observers, Pool};
-use crate::job::JobKind;
 use crate::domain::callback::CallbackPolicy;
 use crate::domain::image::ImageLimits;
 use crate::domain::pdf::SpecLimits;
+use crate::job::JobKind;
 use crate::metrics::{self, Metrics};
 use crate::realtime::{Hub, WsSettings};
 use crate::routes;

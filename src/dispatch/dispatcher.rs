@@ -79,9 +79,9 @@ pub struct Observers {
     pub hub: Arc<Hub>,
 }
 
-/// A job handed to a worker.
+/// A job handed to a worker: waiting in the pool's mailbox until the worker starts it.
 struct Running {
-    /// The job as claimed, with the progress reported since (what watchers are sent).
+    /// The job as claimed, then started, with the progress reported since (what watchers get).
     job: Job,
     control: JobControl,
     /// The timeout timer, cancelled when the job finishes.
@@ -97,6 +97,10 @@ pub struct Dispatcher {
     /// against the limits like queued ones, so concurrent submissions cannot overshoot them.
     reserved: HashMap<JobKind, usize>,
     reserved_bytes: usize,
+    /// Release writes (runs stopped by a shutdown) and final writes not committed yet: a drain
+    /// waits for them.
+    releasing: usize,
+    finishing: usize,
     /// How often finished jobs are checked for expiry.
     sweep_every: Duration,
     /// Set once a drain starts: the callers waiting for it to end.
@@ -128,6 +132,8 @@ impl Dispatcher {
             admission,
             reserved: HashMap::new(),
             reserved_bytes: 0,
+            releasing: 0,
+            finishing: 0,
             sweep_every,
             draining: None,
             progress_pushed: HashMap::new(),
@@ -262,7 +268,7 @@ impl Dispatcher {
     }
 
     fn hand_to_pool(&mut self, claimed: Claimed, ctx: &mut Context<Self>) {
-        let Claimed { job, payload } = claimed;
+        let Claimed { job, payload, .. } = claimed;
         let (id, kind) = (job.id, job.kind);
         let control = JobControl::default();
         let deadline = Instant::now() + self.admission.job_timeout;
@@ -276,8 +282,43 @@ impl Dispatcher {
         }
         pool.in_flight += 1;
         let timer = ctx.run_later(self.admission.job_timeout, move |this, ctx| this.time_out(id, ctx));
-        self.changed(&job);
         self.running.insert(id, Running { job, control, timer });
+    }
+
+    /// A worker started a job: it is running now (readers and watchers see it at once).
+    fn on_started(&mut self, id: JobId, ctx: &mut Context<Self>) {
+        let Some(running) = self.running.get_mut(&id) else { return };
+        let now = SystemTime::now();
+        if !running.job.start(now) {
+            return;
+        }
+        let attempt = running.job.attempts;
+        let job = running.job.clone();
+        let write = self.store.start(id, attempt, now);
+        ctx.spawn(write.into_actor(self).map(move |res, _, _| {
+            if let Err(e) = res {
+                // Readers already see it running; the final write records the start too.
+                tracing::warn!(job = %id, "cannot record the job's start: {e}");
+            }
+        }));
+        self.changed(&job);
+    }
+
+    /// A run stopped by a shutdown goes back to the queue, for the next start.
+    fn release(&mut self, id: JobId, attempt: u32, ctx: &mut Context<Self>) {
+        self.releasing += 1;
+        let write = self.store.release(id, attempt);
+        ctx.spawn(write.into_actor(self).map(move |res, this, _| {
+            this.releasing -= 1;
+            match res {
+                Ok(true) => {
+                    tracing::info!(job = %id, "job stopped by the shutdown; it runs again after the next start")
+                }
+                Ok(false) => {}
+                Err(e) => tracing::error!(job = %id, "cannot queue the job again (the next start will): {e}"),
+            }
+            this.check_drained();
+        }));
     }
 
     fn time_out(&mut self, id: JobId, ctx: &mut Context<Self>) {
@@ -294,17 +335,26 @@ impl Dispatcher {
     fn finish(&mut self, id: JobId, attempt: u32, outcome: Final, ctx: &mut Context<Self>) {
         let retry = outcome.clone();
         let write = self.store.finish(id, attempt, outcome);
-        ctx.spawn(write.into_actor(self).map(move |res, this, ctx| match res {
-            Ok(Some(job)) => {
-                tracing::info!(job = %id, kind = job.kind.as_str(), status = job.status.as_str(), attempt, "job finished");
-                this.changed(&job);
-                this.check_drained();
+        self.finishing += 1;
+        ctx.spawn(write.into_actor(self).map(move |res, this, ctx| {
+            this.finishing -= 1;
+            match res {
+                Ok(Some(job)) => {
+                    let (kind, status) = (job.kind.as_str(), job.status.as_str());
+                    tracing::info!(job = %id, kind, status, attempt, "job finished");
+                    this.changed(&job);
+                }
+                Ok(None) => tracing::debug!(job = %id, attempt, "completion refused: this run no longer holds the job"),
+                Err(e) => {
+                    tracing::warn!(job = %id, "cannot record the job's end, retrying: {e}");
+                    this.finishing += 1;
+                    ctx.run_later(STORE_RETRY, move |this, ctx| {
+                        this.finishing -= 1;
+                        this.finish(id, attempt, retry, ctx)
+                    });
+                }
             }
-            Ok(None) => tracing::debug!(job = %id, attempt, "completion refused: the job is no longer running this attempt"),
-            Err(e) => {
-                tracing::warn!(job = %id, "cannot record the job's end, retrying: {e}");
-                ctx.run_later(STORE_RETRY, move |this, ctx| this.finish(id, attempt, retry, ctx));
-            }
+            this.check_drained();
         }));
     }
 
@@ -329,8 +379,14 @@ impl Dispatcher {
             Err(JobFailure::Error(error)) => Some(Final::Failed(error)),
             Err(JobFailure::Interrupted(Interrupt::TimedOut)) => Some(Final::Failed(self.timeout_error())),
             Err(JobFailure::Interrupted(Interrupt::Cancelled)) => Some(Final::Cancelled(None)),
-            // Released (durable store) or failed (memory) when the grace period ended.
-            Err(JobFailure::Interrupted(Interrupt::Shutdown)) => None,
+            // A durable store keeps the job for the next start; a memory store failed it when
+            // the grace period ended.
+            Err(JobFailure::Interrupted(Interrupt::Shutdown)) => {
+                if self.store.durable() {
+                    self.release(id, running.job.attempts, ctx);
+                }
+                None
+            }
         };
         if let Some(outcome) = outcome {
             self.finish(id, running.job.attempts, outcome, ctx);
@@ -355,9 +411,12 @@ impl Dispatcher {
     /// kept for the next start); with a memory store everything accepted.
     fn drain_outstanding(&self) -> usize {
         if self.store.durable() {
-            self.running.len() + self.pools.values().map(|p| p.claiming).sum::<usize>()
+            self.running.len()
+                + self.releasing
+                + self.finishing
+                + self.pools.values().map(|p| p.claiming).sum::<usize>()
         } else {
-            self.pools.keys().map(|k| self.pending_of(*k)).sum()
+            self.pools.keys().map(|k| self.pending_of(*k)).sum::<usize>() + self.finishing
         }
     }
 
@@ -387,7 +446,9 @@ impl Dispatcher {
             for (id, attempt) in running {
                 if durable {
                     match store.release(id, attempt).await {
-                        Ok(_) => tracing::info!(job = %id, "job stopped by the shutdown; queued again for the next start"),
+                        Ok(_) => {
+                            tracing::info!(job = %id, "job stopped by the shutdown; queued again for the next start")
+                        }
                         Err(e) => tracing::error!(job = %id, "cannot queue the job again (the next start will): {e}"),
                     }
                 } else if let Ok(Some(job)) = store.finish(id, attempt, Final::Failed(shutdown_error())).await {
@@ -573,7 +634,8 @@ impl Dispatcher {
             }
         }
         let weight: usize = msg.jobs.iter().map(|(p, _)| p.approx_bytes()).sum();
-        if self.store.stats().queued_bytes + self.reserved_bytes + weight > self.admission.max_queued_bytes {
+        let held = self.store.stats().queued_bytes + self.reserved_bytes;
+        if held + weight > self.admission.max_queued_bytes {
             let kind = msg.jobs.first().map_or(JobKind::Pdf, |(p, _)| p.kind());
             let reason = "queued jobs hold as much memory as allowed".to_string();
             return Err(SubmitError::Overloaded { retry_after: self.retry_after(kind), reason });
@@ -602,9 +664,11 @@ impl Handler<WorkerEvent> for Dispatcher {
 
     fn handle(&mut self, event: WorkerEvent, ctx: &mut Context<Self>) {
         match event {
-            WorkerEvent::Started { .. } => {}
+            WorkerEvent::Started { id } => self.on_started(id, ctx),
             WorkerEvent::Progress { id, fraction, stage } => {
-                let Some(running) = self.running.get_mut(&id) else { return };
+                let Some(running) = self.running.get_mut(&id).filter(|r| r.job.status == JobStatus::Running) else {
+                    return;
+                };
                 if running.job.advance(fraction, Some(stage.clone())) {
                     self.store.progress(id, fraction, Some(stage));
                     if self.observers.hub.is_watched(id) {
@@ -721,6 +785,12 @@ impl Handler<Drain> for Dispatcher {
                 grace_secs = msg.grace.as_secs_f64(),
                 "draining"
             );
+            if self.store.durable() {
+                // Jobs waiting in a pool's mailbox never start: they stay queued for the next start.
+                for running in self.running.values().filter(|r| r.job.status == JobStatus::Queued) {
+                    running.control.interrupt(Interrupt::Shutdown);
+                }
+            }
             ctx.run_later(msg.grace, |this, ctx| {
                 if this.drain_outstanding() > 0 {
                     tracing::warn!(running = this.running.len(), "grace period over; stopping the remaining jobs");

@@ -5,6 +5,6 @@
 pub mod dispatcher;
 
 pub use dispatcher::{
-    Admission, CancelError, CancelJob, Dispatcher, Drain, GetLoad, LoadStats, Observers, Pool, Readiness,
-    ReadyState, Submit, SubmitError, Submitted,
+    Admission, CancelError, CancelJob, Dispatcher, Drain, GetLoad, LoadStats, Observers, Pool, Readiness, ReadyState,
+    Submit, SubmitError, Submitted,
 };

@@ -16,12 +16,12 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason, Session};
 use serde_json::{json, Value};
 
-use super::Outbox;
 use super::Hub;
-use crate::job::JobId;
-use crate::store::JobStore;
+use super::Outbox;
 use crate::error::ErrorBody;
+use crate::job::JobId;
 use crate::metrics::Metrics;
+use crate::store::JobStore;
 
 /// WebSocket limits, from configuration.
 #[derive(Clone, Debug)]

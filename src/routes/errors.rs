@@ -7,12 +7,12 @@ use actix_web::{HttpResponse, ResponseError};
 
 use crate::async_io::analytics::{EventError, IngestError};
 use crate::dispatch::SubmitError;
-use crate::job::Job;
-use crate::store::StoreError;
 use crate::domain::callback::CallbackError;
 use crate::domain::image::ImageError;
 use crate::domain::pdf::SpecError;
 use crate::error::ErrorBody;
+use crate::job::Job;
+use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -145,6 +145,9 @@ impl ResponseError for ApiError {
 /// The store cannot write or read: nothing was changed, retry shortly.
 pub fn storage_unavailable(detail: &str, status: StatusCode) -> HttpResponse {
     tracing::debug!("storage unavailable: {detail}");
-    ErrorBody::new("storage_unavailable", "the job store cannot write right now (disk full or I/O error); retry shortly")
-        .response_retry_after(status, 2)
+    ErrorBody::new(
+        "storage_unavailable",
+        "the job store cannot write right now (disk full or I/O error); retry shortly",
+    )
+    .response_retry_after(status, 2)
 }

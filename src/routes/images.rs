@@ -12,14 +12,14 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use serde::Serialize;
 
-use super::ApiError;
 use super::submit::{submit, REPLAYED};
+use super::ApiError;
 use crate::dispatch::Dispatcher;
 use crate::domain::callback::{CallbackPolicy, CallbackUrl};
 use crate::domain::image::{default_ops, parse_ops, ImageError, ImageLimits, ImageOp, ImageTask, OutputFormat};
 use crate::domain::JobPayload;
-use crate::store::JobStore;
 use crate::job::JobView;
+use crate::store::JobStore;
 
 /// Upload limits, from configuration.
 #[derive(Clone, Copy, Debug)]

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use super::ApiError;
 use crate::dispatch::{CancelError, CancelJob, Dispatcher};
 use crate::job::JobId;
-use crate::store::{JobStore, ListFilter, StatusCounts};
 use crate::job::JobView;
+use crate::store::{JobStore, ListFilter, StatusCounts};
 
 /// Most jobs one `GET /jobs` returns.
 const MAX_LIST: usize = 1000;
@@ -22,10 +22,7 @@ fn job_id(raw: &str) -> Result<JobId, ApiError> {
     raw.parse().map_err(|_| ApiError::JobNotFound)
 }
 
-pub async fn get_job(
-    path: web::Path<String>,
-    store: web::Data<Arc<dyn JobStore>>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn get_job(path: web::Path<String>, store: web::Data<Arc<dyn JobStore>>) -> Result<HttpResponse, ApiError> {
     let id = job_id(&path)?;
     let store = store.get_ref().clone();
     let job = web::block(move || store.get(id)).await??.ok_or(ApiError::JobNotFound)?;

@@ -45,6 +45,8 @@ struct Entry {
     result: Option<Bytes>,
     /// The key this job was created under (to forget it with the job).
     key: Option<String>,
+    /// Payload bytes of a claimed job not started yet (still counted as queued bytes).
+    claimed_weight: usize,
 }
 
 impl MemoryStore {
@@ -72,6 +74,7 @@ impl MemoryStore {
 impl Inner {
     fn drop_payload(&mut self, id: JobId) -> Option<JobPayload> {
         let entry = self.entries.get_mut(&id)?;
+        self.stats.queued_bytes -= std::mem::take(&mut entry.claimed_weight);
         let (payload, weight) = entry.payload.take()?;
         self.stats.queued_bytes -= weight;
         self.stats.queued[kind_index(entry.job.kind)] -= 1;
@@ -133,8 +136,11 @@ impl JobStore for MemoryStore {
         let mut s = self.lock();
         if let Some(k) = &key {
             if let Some((print, ids)) = s.keys.get(&k.key) {
-                let outcome =
-                    if *print == k.fingerprint { Ok(Inserted::Replayed(s.jobs(ids))) } else { Err(StoreError::KeyReused) };
+                let outcome = if *print == k.fingerprint {
+                    Ok(Inserted::Replayed(s.jobs(ids)))
+                } else {
+                    Err(StoreError::KeyReused)
+                };
                 return ready(outcome);
             }
         }
@@ -155,6 +161,7 @@ impl JobStore for MemoryStore {
                 payload: Some((new.payload, new.weight)),
                 result: None,
                 key: key.as_ref().map(|k| k.key.clone()),
+                claimed_weight: 0,
             };
             s.entries.insert(id, entry);
         }
@@ -166,28 +173,41 @@ impl JobStore for MemoryStore {
 
     fn claim(&self, kind: JobKind) -> Pending<Option<Claimed>> {
         let mut s = self.lock();
-        let now = SystemTime::now();
         while let Some(id) = s.queues[kind_index(kind)].pop_front() {
             let still_queued = s.entries.get(&id).is_some_and(|e| e.job.status == JobStatus::Queued);
             if !still_queued {
                 continue;
             }
+            let weight = s.entries[&id].payload.as_ref().map_or(0, |(_, w)| *w);
             let Some(payload) = s.drop_payload(id) else { continue };
+            // Its bytes stay counted until it starts: the payload now waits in a pool's mailbox.
+            s.stats.queued_bytes += weight;
             let entry = s.entries.get_mut(&id).expect("checked above");
-            entry.job.start(now);
-            let job = s.changed(id, JobStatus::Queued);
+            entry.claimed_weight = weight;
+            entry.job.claim();
+            let job = entry.job.clone();
             return ready(Ok(Some(Claimed { job, payload })));
         }
         ready(Ok(None))
     }
 
+    fn start(&self, id: JobId, attempt: u32, at: SystemTime) -> Pending<bool> {
+        let mut s = self.lock();
+        let Some(entry) = s.entries.get_mut(&id).filter(|e| e.job.attempts == attempt) else { return ready(Ok(false)) };
+        if !entry.job.start(at) {
+            return ready(Ok(false));
+        }
+        let weight = std::mem::take(&mut entry.claimed_weight);
+        s.stats.queued_bytes -= weight;
+        s.changed(id, JobStatus::Queued);
+        ready(Ok(true))
+    }
+
     fn finish(&self, id: JobId, attempt: u32, outcome: Final) -> Pending<Option<Job>> {
         let mut s = self.lock();
         let now = SystemTime::now();
-        let running = s.entries.get(&id).is_some_and(|e| e.job.status == JobStatus::Running && e.job.attempts == attempt);
-        if !running {
-            return ready(Ok(None));
-        }
+        let held = s.entries.get(&id).filter(|e| !e.job.status.is_terminal() && e.job.attempts == attempt);
+        let Some(before) = held.map(|e| e.job.status) else { return ready(Ok(None)) };
         let outcome = match outcome {
             Final::Succeeded { bytes, .. } if bytes.len() > s.retention.result_bytes => {
                 Final::Failed(result_too_large(bytes.len(), s.retention.result_bytes))
@@ -205,7 +225,7 @@ impl JobStore for MemoryStore {
         if !apply_final(&mut entry.job, outcome, now) {
             return ready(Ok(None));
         }
-        ready(Ok(Some(s.changed(id, JobStatus::Running))))
+        ready(Ok(Some(s.changed(id, before))))
     }
 
     fn cancel(&self, id: JobId, reason: ErrorBody) -> Pending<CancelOutcome> {
@@ -330,7 +350,10 @@ mod tests {
     }
 
     fn claim(s: &MemoryStore) -> Job {
-        block_on(s.claim(JobKind::Pdf)).unwrap().expect("a queued job").job
+        let mut job = block_on(s.claim(JobKind::Pdf)).unwrap().expect("a queued job").job;
+        assert!(block_on(s.start(job.id, job.attempts, SystemTime::now())).unwrap());
+        job.start(SystemTime::now());
+        job
     }
 
     fn succeed(s: &MemoryStore, job: &Job, size: usize) -> Option<Job> {

@@ -68,7 +68,8 @@ pub enum Inserted {
     Replayed(Vec<Job>),
 }
 
-/// A job taken for a worker: running now, with this attempt number.
+/// A job taken for a worker, with this attempt counted; still `queued` until the worker starts
+/// it ([`JobStore::start`]).
 pub struct Claimed {
     pub job: Job,
     pub payload: JobPayload,
@@ -184,17 +185,21 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// Creates jobs, all or none, with their payloads; with a key, at most once per key.
     fn insert(&self, jobs: Vec<NewJob>, key: Option<IdempotencyKey>) -> Pending<Inserted>;
-    /// Takes the oldest queued job of `kind`: running, attempt + 1. `None` when nothing was
-    /// claimable (the caller may ask again while `stats().queued(kind) > 0`).
+    /// Takes the oldest queued job of `kind` for this process, attempt + 1 (committed before a
+    /// worker can run it). `None` when nothing was claimable (the caller may ask again while
+    /// `stats().queued(kind) > 0`).
     fn claim(&self, kind: JobKind) -> Pending<Option<Claimed>>;
-    /// Ends a run, fenced: applies only while the job is running with this `attempt`. The
+    /// A worker started the claimed job at `at`: queued → running. Readers see it at once; the
+    /// write is not waited for by anyone (the attempt was already counted at the claim).
+    fn start(&self, id: JobId, attempt: u32, at: SystemTime) -> Pending<bool>;
+    /// Ends a run, fenced: applies only while this process holds the job with this `attempt`. The
     /// result, and the webhook owed when the job has a callback, are written with the state.
     /// `None`: nothing changed (a late or duplicate completion).
     fn finish(&self, id: JobId, attempt: u32, outcome: Final) -> Pending<Option<Job>>;
     /// Cancels a queued or running job.
     fn cancel(&self, id: JobId, reason: ErrorBody) -> Pending<CancelOutcome>;
-    /// Puts a running job back in the queue (its run was stopped by a shutdown), fenced on the
-    /// attempt. Whether it changed anything.
+    /// Puts a claimed job back in the queue (its run was stopped by a shutdown, or it never
+    /// started: then its attempt is not counted), fenced on the attempt. Whether it changed.
     fn release(&self, id: JobId, attempt: u32) -> Pending<bool>;
     /// Forgets finished jobs past their TTL; how many.
     fn expire(&self, now: SystemTime) -> Pending<usize>;

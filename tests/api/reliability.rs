@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use offload::configuration::StoreKind;
 use serde_json::json;
 
 use offload::configuration::WorkerSched;
@@ -142,36 +143,47 @@ async fn finished_jobs_expire_after_the_ttl() {
     app.get(&format!("/jobs/{}/result", id_of(&job))).await.assert_error(404, "job_not_found");
 }
 
-#[actix_web::test]
-async fn result_memory_is_bounded_by_evicting_the_oldest_results() {
+/// The result budget of each store: `--result-memory` in memory, `--result-disk` on disk.
+fn with_result_budget(store: StoreKind, budget: &str) -> offload::configuration::Settings {
     let mut s = one_worker();
-    s.result_memory = "8KiB".parse().unwrap();
-    let app = spawn_app_with(s).await;
-    let mut jobs = Vec::new();
-    for n in 0..12 {
-        let job = app.submit_pdf(&json!({"title": format!("doc {n}")})).await;
-        let done = app.wait_finished(id_of(&job)).await;
-        assert_eq!(done["status"], "succeeded", "{done}");
-        jobs.push(id_of(&job).to_string());
+    s.store = store;
+    match store {
+        StoreKind::Memory => s.result_memory = budget.parse().unwrap(),
+        StoreKind::Sqlite => s.result_disk = budget.parse().unwrap(),
     }
-    let mut kept = 0;
-    for id in &jobs {
-        let reply = app.get(&format!("/jobs/{id}/result")).await;
-        if reply.status.as_u16() == 200 {
-            kept += reply.body.len();
-        }
-    }
-    assert!(kept <= 8 * 1024, "{kept} result bytes kept");
-    assert_eq!(app.get(&format!("/jobs/{}/result", jobs[11])).await.status.as_u16(), 200, "the newest result is kept");
-    assert_eq!(app.get(&format!("/jobs/{}", jobs[0])).await.status.as_u16(), 404, "the oldest was evicted");
+    s
+}
 
-    let mut tiny = one_worker();
-    tiny.result_memory = "100B".parse().unwrap();
-    let app = spawn_app_with(tiny).await;
-    let job = app.submit_pdf(&json!({"title": "too big to keep"})).await;
-    let failed = app.wait_finished(id_of(&job)).await;
-    assert_eq!(failed["status"], "failed");
-    assert_eq!(failed["error"]["code"], "result_too_large");
+#[actix_web::test]
+async fn stored_results_are_bounded_by_evicting_the_oldest_in_either_store() {
+    for store in [StoreKind::Memory, StoreKind::Sqlite] {
+        let app = spawn_app_with(with_result_budget(store, "8KiB")).await;
+        let mut jobs = Vec::new();
+        for n in 0..12 {
+            let job = app.submit_pdf(&json!({"title": format!("doc {n}")})).await;
+            let done = app.wait_finished(id_of(&job)).await;
+            assert_eq!(done["status"], "succeeded", "{store:?}: {done}");
+            jobs.push(id_of(&job).to_string());
+        }
+        let mut kept = 0;
+        for id in &jobs {
+            let reply = app.get(&format!("/jobs/{id}/result")).await;
+            if reply.status.as_u16() == 200 {
+                kept += reply.body.len();
+            }
+        }
+        assert!(kept <= 8 * 1024, "{store:?}: {kept} result bytes kept");
+        let newest = app.get(&format!("/jobs/{}/result", jobs[11])).await;
+        assert_eq!(newest.status.as_u16(), 200, "{store:?}: the newest result is kept");
+        let oldest = app.get(&format!("/jobs/{}", jobs[0])).await;
+        assert_eq!(oldest.status.as_u16(), 404, "{store:?}: the oldest was evicted");
+
+        let app = spawn_app_with(with_result_budget(store, "100B")).await;
+        let job = app.submit_pdf(&json!({"title": "too big to keep"})).await;
+        let failed = app.wait_finished(id_of(&job)).await;
+        assert_eq!(failed["status"], "failed", "{store:?}");
+        assert_eq!(failed["error"]["code"], "result_too_large", "{store:?}");
+    }
 }
 
 /// (nice value, scheduling policy) of each of this process's threads (the test and the app

@@ -84,8 +84,9 @@ pub struct SqliteStore {
 /// What the writer thread and the store's callers share.
 pub(crate) struct Shared {
     state: Mutex<State>,
-    /// Live progress of running jobs (never written to disk).
-    progress: Mutex<HashMap<JobId, (f32, Option<String>)>>,
+    /// Live state of claimed jobs: when a worker started them, and their progress (progress is
+    /// never written to disk; the start is, without anyone waiting for it).
+    progress: Mutex<HashMap<JobId, Live>>,
     /// The last write error, while writes fail.
     failing: Mutex<Option<String>>,
     /// This process's name as a lease owner.
@@ -97,11 +98,22 @@ pub(crate) struct Shared {
     fail_file: PathBuf,
 }
 
+/// What readers see of a claimed job before (or instead of) the disk.
+#[derive(Default)]
+pub(crate) struct Live {
+    started: Option<SystemTime>,
+    fraction: f32,
+    stage: Option<String>,
+}
+
 /// The in-memory queue and counters.
 pub(crate) struct State {
     /// Queued ids per kind, oldest first; an id without a `waiting` entry is skipped.
     queues: [VecDeque<JobId>; 2],
     waiting: HashMap<JobId, Waiting>,
+    /// Claimed jobs not started yet → their payload weight, still counted in `queued_bytes`
+    /// (the payload waits in a pool's mailbox).
+    claimed: HashMap<JobId, usize>,
     pub(crate) stats: StoreStats,
 }
 
@@ -133,22 +145,41 @@ impl State {
         self.stats.queued_bytes += w.weight;
     }
 
-    /// Takes the oldest waiting job of `kind` out of the queue; counters are changed by
-    /// [`State::dequeued`] once the claim commits.
+    /// Takes the oldest waiting job of `kind` out of the queue. Its bytes stay counted: see
+    /// [`State::claimed`], [`State::dropped`] and [`State::put_back`] for how the claim ends.
     pub(crate) fn pop_queued(&mut self, kind: JobKind) -> Option<Waiting> {
         while let Some(id) = self.queues[kind_index(kind)].pop_front() {
             if let Some(w) = self.waiting.remove(&id) {
-                // Counted again by enqueue_front if the claim does not commit.
                 self.stats.queued[kind_index(kind)] -= 1;
-                self.stats.queued_bytes -= w.weight;
                 return Some(w);
             }
         }
         None
     }
 
-    /// A popped job left the queue for good (claims keep the counters as `pop_queued` left them).
-    pub(crate) fn dequeued(&mut self, _w: &Waiting) {}
+    /// The claim of a popped job committed: its bytes count until it starts or ends.
+    pub(crate) fn claimed(&mut self, w: &Waiting) {
+        self.claimed.insert(w.id, w.weight);
+    }
+
+    /// A popped job turned out not runnable (gone, cancelled, unreadable).
+    pub(crate) fn dropped(&mut self, w: &Waiting) {
+        self.stats.queued_bytes -= w.weight;
+    }
+
+    /// The claim did not commit: the popped job is queued again, at the front.
+    pub(crate) fn put_back(&mut self, w: Waiting) {
+        self.stats.queued[kind_index(w.kind)] += 1;
+        self.queues[kind_index(w.kind)].push_front(w.id);
+        self.waiting.insert(w.id, w);
+    }
+
+    /// A claimed job started, ended or was released: its payload bytes no longer count.
+    pub(crate) fn unclaim(&mut self, id: JobId) {
+        if let Some(weight) = self.claimed.remove(&id) {
+            self.stats.queued_bytes -= weight;
+        }
+    }
 
     /// A queued job was cancelled.
     pub(crate) fn forget_queued(&mut self, id: JobId) {
@@ -187,12 +218,16 @@ impl Shared {
         *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = error;
     }
 
-    /// `job` with its live progress, if it is running.
+    /// `job` with its live state: started (if the write is not committed yet) and progress.
     pub(crate) fn live(&self, mut job: Job) -> Job {
-        if job.status == JobStatus::Running {
-            if let Some((fraction, stage)) = self.progress.lock().unwrap_or_else(|p| p.into_inner()).get(&job.id) {
-                job.advance(*fraction, stage.clone());
+        if job.status.is_terminal() {
+            return job;
+        }
+        if let Some(live) = self.progress.lock().unwrap_or_else(|p| p.into_inner()).get(&job.id) {
+            if let Some(at) = live.started.filter(|_| job.status == JobStatus::Queued) {
+                job.start(at);
             }
+            job.advance(live.fraction, live.stage.clone());
         }
         job
     }
@@ -229,7 +264,12 @@ impl SqliteStore {
         let owner = format!("{}:{}", std::process::id(), JobId::random());
         let recovered = recover(&mut conn, options.max_attempts).map_err(|e| format!("recovery failed: {e}"))?;
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { queues: Default::default(), waiting: HashMap::new(), stats: recovered.stats }),
+            state: Mutex::new(State {
+                queues: Default::default(),
+                waiting: HashMap::new(),
+                claimed: HashMap::new(),
+                stats: recovered.stats,
+            }),
             progress: Mutex::new(HashMap::new()),
             failing: Mutex::new(None),
             owner,
@@ -366,7 +406,9 @@ struct Recovered {
 fn recover(conn: &mut Connection, max_attempts: u32) -> rusqlite::Result<Recovered> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let running: Vec<(i64, Job)> = {
-        let sql = format!("SELECT {} FROM jobs WHERE status = 1", schema::JOB_COLUMNS);
+        // Running, or claimed by the process that died (its start may not have been written).
+        let sql =
+            format!("SELECT {} FROM jobs WHERE status = 1 OR (status = 0 AND owner IS NOT NULL)", schema::JOB_COLUMNS);
         let mut stmt = tx.prepare(&sql)?;
         let rows = stmt.query_map([], schema::job_from_row)?;
         rows.collect::<rusqlite::Result<_>>()?
@@ -403,8 +445,9 @@ fn recover(conn: &mut Connection, max_attempts: u32) -> rusqlite::Result<Recover
             *slot += n as usize;
         }
         stats.result_bytes =
-            tx.query_row("SELECT coalesce(sum(result_bytes), 0) FROM jobs WHERE status = 2", [], |r| r.get::<_, i64>(0))?
-                as usize;
+            tx.query_row("SELECT coalesce(sum(result_bytes), 0) FROM jobs WHERE status = 2", [], |r| {
+                r.get::<_, i64>(0)
+            })? as usize;
     }
     let queued = {
         let mut stmt = tx.prepare("SELECT id, kind, seq, weight FROM jobs WHERE status = 0 ORDER BY seq")?;
@@ -434,6 +477,12 @@ impl JobStore for SqliteStore {
 
     fn claim(&self, kind: JobKind) -> Pending<Option<Claimed>> {
         self.send(|reply| Op::Claim { kind, reply })
+    }
+
+    fn start(&self, id: JobId, attempt: u32, at: SystemTime) -> Pending<bool> {
+        self.shared.progress.lock().unwrap_or_else(|p| p.into_inner()).entry(id).or_default().started = Some(at);
+        self.shared.with_state(|s| s.unclaim(id));
+        self.send(|reply| Op::Start { id, attempt, at, reply })
     }
 
     fn finish(&self, id: JobId, attempt: u32, outcome: Final) -> Pending<Option<Job>> {
@@ -476,12 +525,12 @@ impl JobStore for SqliteStore {
 
     fn progress(&self, id: JobId, fraction: f32, stage: Option<String>) {
         let mut live = self.shared.progress.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = live.entry(id).or_insert((0.0, None));
-        if fraction.is_finite() && fraction > entry.0 {
-            entry.0 = fraction;
+        let entry = live.entry(id).or_default();
+        if fraction.is_finite() && fraction > entry.fraction {
+            entry.fraction = fraction;
         }
         if stage.is_some() {
-            entry.1 = stage;
+            entry.stage = stage;
         }
     }
 
@@ -609,13 +658,15 @@ mod tests {
             };
             let first = block_on(store.claim(JobKind::Pdf)).unwrap().unwrap().job;
             assert_eq!(first.id, jobs[0].id, "oldest first");
+            assert!(block_on(store.start(first.id, first.attempts, SystemTime::now())).unwrap());
             let outcome = Final::Succeeded { meta: meta(), bytes: Bytes::from_static(b"pdf") };
             let stale = block_on(store.finish(first.id, first.attempts + 1, Final::Failed(ErrorBody::new("x", "y"))));
             assert!(stale.unwrap().is_none(), "fenced on the attempt");
             let ended = block_on(store.finish(first.id, first.attempts, outcome)).unwrap().unwrap();
+            // Claimed, never started (or its start not written): still counted at recovery.
             let second = block_on(store.claim(JobKind::Pdf)).unwrap().unwrap().job;
             (ended, second.id)
-            // Dropped here with `second` running, as a crash would leave it.
+            // Dropped here with `second` claimed, as a crash would leave it.
         };
         let store = loop {
             // The lock goes with the file handle; the writer thread may still hold a connection.

@@ -19,8 +19,7 @@ use crate::domain::JobPayload;
 use crate::error::ErrorBody;
 use crate::job::{Job, JobId, JobKind, JobStatus};
 use crate::store::{
-    apply_final, result_too_large, CancelOutcome, Claimed, Final, IdempotencyKey, Inserted, NewJob,
-    StoreError,
+    apply_final, result_too_large, CancelOutcome, Claimed, Final, IdempotencyKey, Inserted, NewJob, StoreError,
 };
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -29,6 +28,7 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 pub enum Op {
     Insert { jobs: Vec<NewJob>, key: Option<IdempotencyKey>, reply: Reply<Inserted> },
     Claim { kind: JobKind, reply: Reply<Option<Claimed>> },
+    Start { id: JobId, attempt: u32, at: SystemTime, reply: Reply<bool> },
     Finish { id: JobId, attempt: u32, outcome: Final, reply: Reply<Option<Job>> },
     Cancel { id: JobId, reason: ErrorBody, reply: Reply<CancelOutcome> },
     Release { id: JobId, attempt: u32, reply: Reply<bool> },
@@ -56,9 +56,10 @@ impl Op {
 enum Done {
     Insert { reply: Reply<Inserted>, outcome: Result<Inserted, StoreError>, queued: Vec<(JobId, Waiting)> },
     Claim { reply: Reply<Option<Claimed>>, claimed: Option<(Claimed, Waiting)>, taken: Taken },
-    Finish { reply: Reply<Option<Job>>, ended: Option<(Job, usize)>, evicted: Evicted },
+    Finish { reply: Reply<Option<Job>>, ended: Option<(Job, usize, JobStatus)>, evicted: Evicted },
     Cancel { reply: Reply<CancelOutcome>, outcome: CancelOutcome, was: Option<JobStatus> },
-    Release { reply: Reply<bool>, released: Option<(JobId, Waiting)> },
+    Release { reply: Reply<bool>, released: Option<(JobId, Waiting, JobStatus)> },
+    Start { reply: Reply<bool>, started: bool },
     Expire { reply: Reply<usize>, evicted: Evicted },
     Nothing,
 }
@@ -77,7 +78,7 @@ impl Taken {
         let mut all: Vec<Waiting> = self.skipped.into_iter().chain(self.failed).chain(claimed).collect();
         all.sort_by_key(|w| std::cmp::Reverse(w.seq));
         for w in all {
-            s.enqueue_front(w);
+            s.put_back(w);
         }
     }
 }
@@ -95,7 +96,7 @@ fn claim(
             taken.skipped.push(waiting);
             continue;
         };
-        if !job.start(now) {
+        if !job.claim() {
             taken.skipped.push(waiting);
             continue;
         }
@@ -235,13 +236,15 @@ fn apply(tx: &Connection, op: Op, shared: &Shared) -> rusqlite::Result<Done> {
                 created.push(new.job);
             }
             if let (Some(k), Some(first_seq)) = (&key, first_seq) {
-                tx.prepare_cached("INSERT INTO idempotency (key, fingerprint, first_seq, ids) VALUES (?1, ?2, ?3, ?4)")?
-                    .execute(params![
-                        k.key,
-                        k.fingerprint.as_slice(),
-                        first_seq,
-                        schema::pack_ids(created.iter().map(|j| j.id))
-                    ])?;
+                tx.prepare_cached(
+                    "INSERT INTO idempotency (key, fingerprint, first_seq, ids) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![
+                    k.key,
+                    k.fingerprint.as_slice(),
+                    first_seq,
+                    schema::pack_ids(created.iter().map(|j| j.id))
+                ])?;
             }
             Done::Insert { reply, outcome: Ok(Inserted::Created(created)), queued }
         }
@@ -256,13 +259,23 @@ fn apply(tx: &Connection, op: Op, shared: &Shared) -> rusqlite::Result<Done> {
                 }
             }
         }
+        Op::Start { id, attempt, at, reply } => {
+            let Some((seq, mut job)) = held(tx, shared, id, attempt)? else {
+                return Ok(Done::Start { reply, started: false });
+            };
+            let started = job.start(at);
+            if started {
+                schema::save(tx, seq, &job, Some(&shared.owner))?;
+            }
+            Done::Start { reply, started }
+        }
         Op::Finish { id, attempt, outcome, reply } => {
-            let Some((seq, mut job)) = schema::load(tx, id)? else {
+            let Some((seq, mut job)) = held(tx, shared, id, attempt)? else {
                 return Ok(Done::Finish { reply, ended: None, evicted: Evicted::default() });
             };
-            if job.status != JobStatus::Running || job.attempts != attempt {
-                return Ok(Done::Finish { reply, ended: None, evicted: Evicted::default() });
-            }
+            let before = job.status;
+            // With its live state: the last progress a failed or cancelled job keeps, and its
+            // start if that write failed. Counts move from `before`, the state on disk.
             job = shared.live(job);
             let mut evicted = Evicted::default();
             let budget = shared.result_budget;
@@ -285,7 +298,7 @@ fn apply(tx: &Connection, op: Op, shared: &Shared) -> rusqlite::Result<Done> {
                     .execute(params![seq, bytes.as_ref()])?;
             }
             end(tx, seq, &job)?;
-            Done::Finish { reply, ended: Some((job, result_len)), evicted }
+            Done::Finish { reply, ended: Some((job, result_len, before)), evicted }
         }
         Op::Cancel { id, reason, reply } => {
             let Some((seq, mut job)) = schema::load(tx, id)? else {
@@ -300,18 +313,22 @@ fn apply(tx: &Connection, op: Op, shared: &Shared) -> rusqlite::Result<Done> {
             Done::Cancel { reply, outcome: CancelOutcome::Cancelled(job), was: Some(was) }
         }
         Op::Release { id, attempt, reply } => {
-            let found = schema::load(tx, id)?;
-            let Some((seq, mut job)) = found.filter(|(_, j)| j.attempts == attempt) else {
+            let Some((seq, mut job)) = held(tx, shared, id, attempt)? else {
                 return Ok(Done::Release { reply, released: None });
             };
-            if !job.release() {
-                return Ok(Done::Release { reply, released: None });
+            let was = job.status;
+            match was {
+                // Claimed, never started: as if it had not been claimed.
+                JobStatus::Queued => job.attempts -= 1,
+                _ => {
+                    job.release();
+                }
             }
             schema::save(tx, seq, &job, None)?;
             let weight: i64 =
                 tx.prepare_cached("SELECT weight FROM jobs WHERE seq = ?1")?.query_row(params![seq], |r| r.get(0))?;
             let waiting = Waiting { id, kind: job.kind, seq, weight: weight as usize, payload: None };
-            Done::Release { reply, released: Some((id, waiting)) }
+            Done::Release { reply, released: Some((id, waiting, was)) }
         }
         Op::Expire { now, reply } => {
             let cutoff = micros(now).saturating_sub(shared.ttl.as_micros() as i64);
@@ -346,6 +363,18 @@ impl Evicted {
         self.statuses.push(status);
         self.result_bytes += result_bytes.unwrap_or(0).max(0) as usize;
     }
+}
+
+/// The job, if this process holds it (claimed by this owner, not ended) with this attempt: the
+/// fence every write about a run goes through.
+fn held(tx: &Connection, shared: &Shared, id: JobId, attempt: u32) -> rusqlite::Result<Option<(i64, Job)>> {
+    let Some((seq, job)) = schema::load(tx, id)? else { return Ok(None) };
+    if job.status.is_terminal() || job.attempts != attempt {
+        return Ok(None);
+    }
+    let owner: Option<String> =
+        tx.prepare_cached("SELECT owner FROM jobs WHERE seq = ?1")?.query_row(params![seq], |r| r.get(0))?;
+    Ok((owner.as_deref() == Some(shared.owner.as_str())).then_some((seq, job)))
 }
 
 /// Writes a job's final state: the row, no more payload, the webhook owed if it has a callback.
@@ -410,15 +439,14 @@ fn complete(done: Done, shared: &Shared) {
         Done::Claim { reply, claimed, taken } => {
             shared.with_state(|s| {
                 for w in &taken.skipped {
-                    s.dequeued(w);
+                    s.dropped(w);
                 }
                 for w in &taken.failed {
-                    s.dequeued(w);
+                    s.dropped(w);
                     s.stats.by_status.moved(JobStatus::Queued, JobStatus::Failed);
                 }
                 if let Some((_, waiting)) = &claimed {
-                    s.dequeued(waiting);
-                    s.stats.by_status.moved(JobStatus::Queued, JobStatus::Running);
+                    s.claimed(waiting);
                 }
             });
             let _ = reply.send(Ok(claimed.map(|(c, _)| c)));
@@ -426,21 +454,23 @@ fn complete(done: Done, shared: &Shared) {
         Done::Finish { reply, ended, evicted } => {
             shared.with_state(|s| {
                 s.evicted(&evicted.statuses, evicted.result_bytes);
-                if let Some((job, bytes)) = &ended {
-                    s.stats.by_status.moved(JobStatus::Running, job.status);
+                if let Some((job, bytes, before)) = &ended {
+                    s.unclaim(job.id);
+                    s.stats.by_status.moved(*before, job.status);
                     s.stats.result_bytes += bytes;
                 }
             });
-            if let Some((job, _)) = &ended {
+            if let Some((job, _, _)) = &ended {
                 shared.forget_progress(job.id);
             }
-            let _ = reply.send(Ok(ended.map(|(job, _)| job)));
+            let _ = reply.send(Ok(ended.map(|(job, _, _)| job)));
         }
         Done::Cancel { reply, outcome, was } => {
             if let (CancelOutcome::Cancelled(job), Some(was)) = (&outcome, was) {
                 shared.with_state(|s| {
                     if was == JobStatus::Queued {
                         s.forget_queued(job.id);
+                        s.unclaim(job.id);
                     }
                     s.stats.by_status.moved(was, JobStatus::Cancelled);
                 });
@@ -450,14 +480,21 @@ fn complete(done: Done, shared: &Shared) {
         }
         Done::Release { reply, released } => {
             let changed = released.is_some();
-            if let Some((id, waiting)) = released {
+            if let Some((id, waiting, was)) = released {
                 shared.forget_progress(id);
                 shared.with_state(|s| {
-                    s.stats.by_status.moved(JobStatus::Running, JobStatus::Queued);
+                    s.unclaim(id);
+                    s.stats.by_status.moved(was, JobStatus::Queued);
                     s.enqueue_front(waiting);
                 });
             }
             let _ = reply.send(Ok(changed));
+        }
+        Done::Start { reply, started } => {
+            if started {
+                shared.with_state(|s| s.stats.by_status.moved(JobStatus::Queued, JobStatus::Running));
+            }
+            let _ = reply.send(Ok(started));
         }
         Done::Expire { reply, evicted } => {
             let n = evicted.statuses.len();
@@ -484,6 +521,7 @@ fn fail(done: Done, shared: &Shared, message: &str) {
         Done::Finish { reply, .. } => drop(reply.send(Err(error()))),
         Done::Cancel { reply, .. } => drop(reply.send(Err(error()))),
         Done::Release { reply, .. } => drop(reply.send(Err(error()))),
+        Done::Start { reply, .. } => drop(reply.send(Err(error()))),
         Done::Expire { reply, .. } => drop(reply.send(Err(error()))),
         Done::Nothing => {}
     }
