@@ -155,9 +155,15 @@ fn start_dispatcher(
 ) -> Addr<Dispatcher> {
     let pdf_workers = settings.pdf_workers();
     let (nice, sched) = (settings.worker_nice, settings.worker_sched);
-    let pdf = SyncArbiter::start(pdf_workers, move || JobWorker::on_pool_thread(c"pdf-worker", nice, sched));
+    let hook = store.start_hook();
+    let on_start = hook.clone();
+    let pdf = SyncArbiter::start(pdf_workers, move || {
+        JobWorker::on_pool_thread(c"pdf-worker", nice, sched, on_start.clone())
+    });
     let image_workers = settings.image_workers();
-    let image = SyncArbiter::start(image_workers, move || JobWorker::on_pool_thread(c"image-worker", nice, sched));
+    let image = SyncArbiter::start(image_workers, move || {
+        JobWorker::on_pool_thread(c"image-worker", nice, sched, hook.clone())
+    });
     let mut pools = HashMap::new();
     pools.insert(JobKind::Pdf, Pool::new(pdf.recipient(), pdf_workers));
     pools.insert(JobKind::Image, Pool::new(image.recipient(), image_workers));

@@ -224,15 +224,14 @@ impl Dispatcher {
         if !self.may_claim() {
             return;
         }
-        let queued = self.store.stats().queued(kind);
-        let Some(pool) = self.pools.get_mut(&kind) else { return };
-        let room = pool.capacity().saturating_sub(pool.in_flight + pool.claiming);
-        // Claims already asked for take from the queue first; a claim that finds nothing is
-        // harmless, and every answer pumps again.
-        let wanted = room.min(queued.saturating_sub(pool.claiming));
-        pool.claiming += wanted;
-        for _ in 0..wanted {
-            let claim = self.store.claim(kind);
+        loop {
+            let Some(pool) = self.pools.get_mut(&kind) else { return };
+            if pool.in_flight + pool.claiming >= pool.capacity() {
+                return;
+            }
+            // The job leaves the store's queue count now and is counted in `claiming` instead.
+            let Some(claim) = self.store.claim(kind) else { return };
+            pool.claiming += 1;
             ctx.spawn(claim.into_actor(self).map(move |res, this, ctx| this.on_claimed(kind, res, ctx)));
         }
     }
@@ -458,7 +457,8 @@ impl Dispatcher {
             if !durable {
                 // Nothing of a memory store outlives the process: queued jobs fail now.
                 for kind in JobKind::ALL {
-                    while let Ok(Some(claimed)) = store.claim(kind).await {
+                    while let Some(claim) = store.claim(kind) {
+                        let Ok(Some(claimed)) = claim.await else { continue };
                         let (id, attempt) = (claimed.job.id, claimed.job.attempts);
                         if let Ok(Some(job)) = store.finish(id, attempt, Final::Failed(shutdown_error())).await {
                             ended.push(job);

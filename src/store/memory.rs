@@ -171,7 +171,7 @@ impl JobStore for MemoryStore {
         ready(Ok(Inserted::Created(created)))
     }
 
-    fn claim(&self, kind: JobKind) -> Pending<Option<Claimed>> {
+    fn claim(&self, kind: JobKind) -> Option<Pending<Option<Claimed>>> {
         let mut s = self.lock();
         while let Some(id) = s.queues[kind_index(kind)].pop_front() {
             let still_queued = s.entries.get(&id).is_some_and(|e| e.job.status == JobStatus::Queued);
@@ -186,9 +186,9 @@ impl JobStore for MemoryStore {
             entry.claimed_weight = weight;
             entry.job.claim();
             let job = entry.job.clone();
-            return ready(Ok(Some(Claimed { job, payload })));
+            return Some(ready(Ok(Some(Claimed { job, payload }))));
         }
-        ready(Ok(None))
+        None
     }
 
     fn start(&self, id: JobId, attempt: u32, at: SystemTime) -> Pending<bool> {
@@ -350,7 +350,7 @@ mod tests {
     }
 
     fn claim(s: &MemoryStore) -> Job {
-        let mut job = block_on(s.claim(JobKind::Pdf)).unwrap().expect("a queued job").job;
+        let mut job = block_on(s.claim(JobKind::Pdf).expect("a queued job")).unwrap().unwrap().job;
         assert!(block_on(s.start(job.id, job.attempts, SystemTime::now())).unwrap());
         job.start(SystemTime::now());
         job
@@ -374,7 +374,7 @@ mod tests {
         assert_eq!(s.stats().queued(JobKind::Pdf), 2);
         assert_eq!(claim(&s).id, a);
         assert_eq!(claim(&s).id, c);
-        assert!(block_on(s.claim(JobKind::Pdf)).unwrap().is_none());
+        assert!(s.claim(JobKind::Pdf).is_none());
         assert_eq!(s.stats().queued_bytes, 0);
         assert_eq!(counts(&s).running, 2);
     }

@@ -186,9 +186,10 @@ pub trait JobStore: Send + Sync + 'static {
     /// Creates jobs, all or none, with their payloads; with a key, at most once per key.
     fn insert(&self, jobs: Vec<NewJob>, key: Option<IdempotencyKey>) -> Pending<Inserted>;
     /// Takes the oldest queued job of `kind` for this process, attempt + 1 (committed before a
-    /// worker can run it). `None` when nothing was claimable (the caller may ask again while
-    /// `stats().queued(kind) > 0`).
-    fn claim(&self, kind: JobKind) -> Pending<Option<Claimed>>;
+    /// worker can run it). `None` at once when nothing is queued: the job leaves
+    /// `stats().queued` during this call. The write answers `None` when the job turned out not
+    /// claimable (cancelled meanwhile); ask again.
+    fn claim(&self, kind: JobKind) -> Option<Pending<Option<Claimed>>>;
     /// A worker started the claimed job at `at`: queued → running. Readers see it at once; the
     /// write is not waited for by anyone (the attempt was already counted at the claim).
     fn start(&self, id: JobId, attempt: u32, at: SystemTime) -> Pending<bool>;
@@ -207,6 +208,12 @@ pub trait JobStore: Send + Sync + 'static {
     fn webhook_done(&self, id: JobId);
     /// Webhooks owed from before this start (a durable store after a crash).
     fn owed_webhooks(&self) -> Result<Vec<OwedWebhook>, StoreError>;
+
+    /// What worker threads call right before a job runs (a durable store notes the start so that
+    /// a run that takes the process down is counted as an attempt); `None` if nothing is needed.
+    fn start_hook(&self) -> Option<crate::workers::StartHook> {
+        None
+    }
 
     /// Progress of a running job, kept in memory only.
     fn progress(&self, id: JobId, fraction: f32, stage: Option<String>);

@@ -150,9 +150,15 @@ impl JobContext {
     }
 }
 
-/// The actor each pool thread runs. Stateless: all job state lives with the Dispatcher.
-#[derive(Default)]
-pub struct JobWorker;
+/// Called on the worker thread right before a job runs: lets a durable store note the start
+/// where a crash of the process cannot lose it (see `store::sqlite::StartLog`).
+pub type StartHook = Arc<dyn Fn(JobId) + Send + Sync>;
+
+/// The actor each pool thread runs. Stateless: all job state lives with the Dispatcher and
+/// the store.
+pub struct JobWorker {
+    on_start: Option<StartHook>,
+}
 
 impl JobWorker {
     /// The pool factory: called on each pool thread as it starts. Lowers the thread's scheduling
@@ -160,10 +166,10 @@ impl JobWorker {
     /// [`WorkerSched::Idle`] the `SCHED_IDLE` class, so that when the workers keep every core busy,
     /// HTTP and event-loop threads still run first and stay responsive. Names the thread `name`
     /// (≤ 15 bytes) so that `top -H`, `perf` and `/proc` tell workers from HTTP threads.
-    pub fn on_pool_thread(name: &std::ffi::CStr, nice: i32, sched: WorkerSched) -> Self {
+    pub fn on_pool_thread(name: &std::ffi::CStr, nice: i32, sched: WorkerSched, on_start: Option<StartHook>) -> Self {
         crate::process::name_thread(name);
         crate::process::lower_priority(nice, sched);
-        JobWorker
+        JobWorker { on_start }
     }
 }
 
@@ -181,6 +187,9 @@ impl Handler<Execute> for JobWorker {
         let outcome = match job.checkpoint() {
             Err(stopped) => Err(stopped),
             Ok(()) => {
+                if let Some(hook) = &self.on_start {
+                    hook(id);
+                }
                 events.do_send(WorkerEvent::Started { id });
                 run_guarded(|| execute(payload, &mut job))
             }

@@ -16,6 +16,7 @@
 //! `max_attempts` times.
 
 mod schema;
+mod startlog;
 mod writer;
 
 use std::collections::{HashMap, VecDeque};
@@ -37,6 +38,7 @@ use crate::domain::callback::{CallbackPolicy, CallbackUrl};
 use crate::domain::JobPayload;
 use crate::error::ErrorBody;
 use crate::job::{Job, JobId, JobKind, JobStatus, ResultMeta};
+pub use startlog::StartLog;
 use writer::Op;
 
 /// How hard a commit tries to reach the disk.
@@ -77,6 +79,8 @@ pub struct SqliteStore {
     /// Reader connections, reused.
     readers: Mutex<Vec<Connection>>,
     path: PathBuf,
+    /// Which job each worker thread started last.
+    start_log: Arc<StartLog>,
     /// Held open for the lock on the data directory (released when the process ends).
     _lock: File,
 }
@@ -145,7 +149,9 @@ impl State {
         self.stats.queued_bytes += w.weight;
     }
 
-    /// Takes the oldest waiting job of `kind` out of the queue. Its bytes stay counted: see
+    /// Takes the oldest waiting job of `kind` out of the queue (on the caller's thread, so the
+    /// Dispatcher's count of claims in progress and this queue's count never overlap). Its
+    /// bytes stay counted: see
     /// [`State::claimed`], [`State::dropped`] and [`State::put_back`] for how the claim ends.
     pub(crate) fn pop_queued(&mut self, kind: JobKind) -> Option<Waiting> {
         while let Some(id) = self.queues[kind_index(kind)].pop_front() {
@@ -262,7 +268,10 @@ impl SqliteStore {
         configure(&conn, options.sync).map_err(|e| format!("cannot configure {}: {e}", path.display()))?;
         schema::migrate(&mut conn)?;
         let owner = format!("{}:{}", std::process::id(), JobId::random());
-        let recovered = recover(&mut conn, options.max_attempts).map_err(|e| format!("recovery failed: {e}"))?;
+        let (start_log, started) =
+            StartLog::open(dir).map_err(|e| format!("cannot open the start log in {}: {e}", dir.display()))?;
+        let recovered =
+            recover(&mut conn, options.max_attempts, &started).map_err(|e| format!("recovery failed: {e}"))?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 queues: Default::default(),
@@ -304,7 +313,7 @@ impl SqliteStore {
             finished = stats.by_status.succeeded + stats.by_status.failed + stats.by_status.cancelled,
             "store opened"
         );
-        Ok(SqliteStore { ops, shared, readers: Mutex::new(Vec::new()), path, _lock: lock })
+        Ok(SqliteStore { ops, shared, readers: Mutex::new(Vec::new()), path, start_log, _lock: lock })
     }
 
     fn send<T: Send + 'static>(&self, make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op) -> Pending<T> {
@@ -402,8 +411,14 @@ struct Recovered {
     lost: usize,
 }
 
-/// Jobs that were running when the last process died run again, or fail past `max_attempts`.
-fn recover(conn: &mut Connection, max_attempts: u32) -> rusqlite::Result<Recovered> {
+/// Jobs that were running when the last process died run again, or fail past `max_attempts`;
+/// jobs it had claimed but not started (per the database and the start log) are queued as if
+/// never claimed.
+fn recover(
+    conn: &mut Connection,
+    max_attempts: u32,
+    started: &std::collections::HashSet<JobId>,
+) -> rusqlite::Result<Recovered> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let running: Vec<(i64, Job)> = {
         // Running, or claimed by the process that died (its start may not have been written).
@@ -416,6 +431,11 @@ fn recover(conn: &mut Connection, max_attempts: u32) -> rusqlite::Result<Recover
     let (mut requeued, mut lost) = (0, 0);
     let now = SystemTime::now();
     for (seq, mut job) in running {
+        if job.status == JobStatus::Queued && !started.contains(&job.id) {
+            job.attempts = job.attempts.saturating_sub(1);
+            schema::save(&tx, seq, &job, None)?;
+            continue;
+        }
         if job.attempts >= max_attempts {
             job.fail(super::worker_lost(job.attempts), now);
             writer::end(&tx, seq, &job)?;
@@ -475,8 +495,9 @@ impl JobStore for SqliteStore {
         self.send(|reply| Op::Insert { jobs, key, reply })
     }
 
-    fn claim(&self, kind: JobKind) -> Pending<Option<Claimed>> {
-        self.send(|reply| Op::Claim { kind, reply })
+    fn claim(&self, kind: JobKind) -> Option<Pending<Option<Claimed>>> {
+        let waiting = self.shared.with_state(|s| s.pop_queued(kind))?;
+        Some(self.send(|reply| Op::Claim { waiting, reply }))
     }
 
     fn start(&self, id: JobId, attempt: u32, at: SystemTime) -> Pending<bool> {
@@ -521,6 +542,11 @@ impl JobStore for SqliteStore {
             }
             Ok(owed)
         })
+    }
+
+    fn start_hook(&self) -> Option<crate::workers::StartHook> {
+        let log = self.start_log.clone();
+        Some(Arc::new(move |id| log.mark(id)))
     }
 
     fn progress(&self, id: JobId, fraction: f32, stage: Option<String>) {
@@ -651,22 +677,26 @@ mod tests {
     #[test]
     fn jobs_results_and_attempts_survive_a_reopen_and_runs_cut_off_are_counted() {
         let dir = temp_dir("reopen");
-        let (done, cut) = {
+        let (done, cut, waiting) = {
             let store = SqliteStore::open(&options(&dir)).unwrap();
-            let Inserted::Created(jobs) = block_on(store.insert(vec![new_job(), new_job()], None)).unwrap() else {
+            let Inserted::Created(jobs) = block_on(store.insert(vec![new_job(), new_job(), new_job()], None)).unwrap()
+            else {
                 panic!("created")
             };
-            let first = block_on(store.claim(JobKind::Pdf)).unwrap().unwrap().job;
+            let first = block_on(store.claim(JobKind::Pdf).unwrap()).unwrap().unwrap().job;
             assert_eq!(first.id, jobs[0].id, "oldest first");
             assert!(block_on(store.start(first.id, first.attempts, SystemTime::now())).unwrap());
             let outcome = Final::Succeeded { meta: meta(), bytes: Bytes::from_static(b"pdf") };
             let stale = block_on(store.finish(first.id, first.attempts + 1, Final::Failed(ErrorBody::new("x", "y"))));
             assert!(stale.unwrap().is_none(), "fenced on the attempt");
             let ended = block_on(store.finish(first.id, first.attempts, outcome)).unwrap().unwrap();
-            // Claimed, never started (or its start not written): still counted at recovery.
-            let second = block_on(store.claim(JobKind::Pdf)).unwrap().unwrap().job;
-            (ended, second.id)
-            // Dropped here with `second` claimed, as a crash would leave it.
+            // Claimed and started on a worker thread, its start not written yet: counted.
+            let second = block_on(store.claim(JobKind::Pdf).unwrap()).unwrap().unwrap().job;
+            store.start_hook().expect("a start hook")(second.id);
+            // Claimed, waiting in a pool's mailbox: not started, not counted.
+            let third = block_on(store.claim(JobKind::Pdf).unwrap()).unwrap().unwrap().job;
+            (ended, second.id, third.id)
+            // Dropped here with both claimed, as a crash would leave them.
         };
         let store = loop {
             // The lock goes with the file handle; the writer thread may still hold a connection.
@@ -683,7 +713,9 @@ mod tests {
         assert_eq!(store.result(done.id).unwrap().unwrap().1, Bytes::from_static(b"pdf"));
         let requeued = store.get(cut).unwrap().unwrap();
         assert_eq!((requeued.status, requeued.attempts), (JobStatus::Queued, 1));
-        let claimed = block_on(store.claim(JobKind::Pdf)).unwrap().unwrap();
+        let never_started = store.get(waiting).unwrap().unwrap();
+        assert_eq!((never_started.status, never_started.attempts), (JobStatus::Queued, 0));
+        let claimed = block_on(store.claim(JobKind::Pdf).unwrap()).unwrap().unwrap();
         assert_eq!((claimed.job.id, claimed.job.attempts), (cut, 2));
         assert!(matches!(claimed.payload, JobPayload::Pdf(ref spec) if spec.title == "stored"));
     }

@@ -27,7 +27,7 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 /// A write waiting for the writer thread.
 pub enum Op {
     Insert { jobs: Vec<NewJob>, key: Option<IdempotencyKey>, reply: Reply<Inserted> },
-    Claim { kind: JobKind, reply: Reply<Option<Claimed>> },
+    Claim { waiting: Waiting, reply: Reply<Option<Claimed>> },
     Start { id: JobId, attempt: u32, at: SystemTime, reply: Reply<bool> },
     Finish { id: JobId, attempt: u32, outcome: Final, reply: Reply<Option<Job>> },
     Cancel { id: JobId, reason: ErrorBody, reply: Reply<CancelOutcome> },
@@ -83,41 +83,40 @@ impl Taken {
     }
 }
 
-/// Takes the oldest claimable job of `kind`: queued → running (attempt + 1), owned by this process.
+/// Claims `waiting` (already taken from the in-memory queue by the caller): attempt + 1, owned
+/// by this process. `None` if it is not claimable after all (gone, cancelled, unreadable).
 fn claim(
     tx: &Connection,
     shared: &Shared,
-    kind: JobKind,
-    now: SystemTime,
+    mut waiting: Waiting,
     taken: &mut Taken,
 ) -> rusqlite::Result<Option<(Claimed, Waiting)>> {
-    while let Some(mut waiting) = shared.with_state(|s| s.pop_queued(kind)) {
-        let Some((seq, mut job)) = schema::load(tx, waiting.id)? else {
-            taken.skipped.push(waiting);
-            continue;
-        };
-        if !job.claim() {
-            taken.skipped.push(waiting);
-            continue;
+    let now = SystemTime::now();
+    let Some((seq, mut job)) = schema::load(tx, waiting.id)? else {
+        taken.skipped.push(waiting);
+        return Ok(None);
+    };
+    if !job.claim() {
+        taken.skipped.push(waiting);
+        return Ok(None);
+    }
+    let payload = match waiting.payload.take() {
+        Some(payload) => Ok(payload),
+        None => load_payload(tx, seq, waiting.kind)?,
+    };
+    match payload {
+        Ok(payload) => {
+            schema::save(tx, seq, &job, Some(&shared.owner))?;
+            Ok(Some((Claimed { job, payload }, waiting)))
         }
-        let payload = match waiting.payload.take() {
-            Some(payload) => Ok(payload),
-            None => load_payload(tx, seq, kind)?,
-        };
-        match payload {
-            Ok(payload) => {
-                schema::save(tx, seq, &job, Some(&shared.owner))?;
-                return Ok(Some((Claimed { job, payload }, waiting)));
-            }
-            Err(message) => {
-                tracing::error!(job = %waiting.id, "stored payload unreadable: {message}");
-                job.fail(ErrorBody::new("payload_unreadable", message), now);
-                end(tx, seq, &job)?;
-                taken.failed.push(waiting);
-            }
+        Err(message) => {
+            tracing::error!(job = %waiting.id, "stored payload unreadable: {message}");
+            job.fail(ErrorBody::new("payload_unreadable", message), now);
+            end(tx, seq, &job)?;
+            taken.failed.push(waiting);
+            Ok(None)
         }
     }
-    Ok(None)
 }
 
 /// Finished jobs deleted (by TTL or for room): their statuses and result bytes.
@@ -248,13 +247,16 @@ fn apply(tx: &Connection, op: Op, shared: &Shared) -> rusqlite::Result<Done> {
             }
             Done::Insert { reply, outcome: Ok(Inserted::Created(created)), queued }
         }
-        Op::Claim { kind, reply } => {
+        Op::Claim { waiting, reply } => {
             let mut taken = Taken::default();
-            match claim(tx, shared, kind, now, &mut taken) {
+            let (id, kind, seq, weight) = (waiting.id, waiting.kind, waiting.seq, waiting.weight);
+            match claim(tx, shared, waiting, &mut taken) {
                 Ok(claimed) => Done::Claim { reply, claimed, taken },
                 Err(e) => {
-                    // Nothing of this transaction will stay: the popped jobs are queued again.
-                    shared.with_state(|s| taken.put_back(s, None));
+                    // Nothing of this transaction will stay: the job is queued again (its
+                    // payload, if it was cached, is read from disk at the next claim).
+                    let w = Waiting { id, kind, seq, weight, payload: None };
+                    shared.with_state(|s| s.put_back(w));
                     return Err(e);
                 }
             }
