@@ -102,7 +102,9 @@ mod tests {
     fn keys_are_one_to_255_visible_ascii_characters() {
         let long = "k".repeat(256);
         let longest = "k".repeat(255);
-        let cases: [(&[u8], Result<Option<&str>, ()>); 7] = [
+        // (header bytes, the key parsed, or None when refused)
+        type Case<'a> = (&'a [u8], Result<Option<&'a str>, ()>);
+        let cases: [Case; 7] = [
             (b"abc-123_XYZ:~", Ok(Some("abc-123_XYZ:~"))),
             (longest.as_bytes(), Ok(Some(longest.as_str()))),
             (b"", Err(())),

@@ -55,7 +55,7 @@ impl Op {
 /// What to do once the batch's fate is known.
 enum Done {
     Insert { reply: Reply<Inserted>, outcome: Result<Inserted, StoreError>, queued: Vec<(JobId, Waiting)> },
-    Claim { reply: Reply<Option<Claimed>>, claimed: Option<(Claimed, Waiting)>, taken: Taken },
+    Claim { reply: Reply<Option<Claimed>>, claimed: Option<Box<(Claimed, Waiting)>>, taken: Taken },
     Finish { reply: Reply<Option<Job>>, ended: Option<(Job, usize, JobStatus)>, evicted: Evicted },
     Cancel { reply: Reply<CancelOutcome>, outcome: CancelOutcome, was: Option<JobStatus> },
     Release { reply: Reply<bool>, released: Option<(JobId, Waiting, JobStatus)> },
@@ -149,7 +149,14 @@ pub fn run(mut conn: Connection, ops: Receiver<Op>, shared: Arc<Shared>) {
                 Err(_) => break,
             }
         }
-        commit_batch(&mut conn, batch, &shared);
+        // A bug in one write must not stop every later one: the batch is rolled back (the
+        // transaction's drop) and its waiters see their answers dropped (`Unavailable`).
+        let committed =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| commit_batch(&mut conn, batch, &shared)));
+        if let Err(panic) = committed {
+            let message = crate::process::panic_message(panic.as_ref()).to_string();
+            tracing::error!("store writer panicked; the batch was not kept: {message}");
+        }
     }
 }
 
@@ -251,7 +258,7 @@ fn apply(tx: &Connection, op: Op, shared: &Shared) -> rusqlite::Result<Done> {
             let mut taken = Taken::default();
             let (id, kind, seq, weight) = (waiting.id, waiting.kind, waiting.seq, waiting.weight);
             match claim(tx, shared, waiting, &mut taken) {
-                Ok(claimed) => Done::Claim { reply, claimed, taken },
+                Ok(claimed) => Done::Claim { reply, claimed: claimed.map(Box::new), taken },
                 Err(e) => {
                     // Nothing of this transaction will stay: the job is queued again (its
                     // payload, if it was cached, is read from disk at the next claim).
@@ -447,11 +454,11 @@ fn complete(done: Done, shared: &Shared) {
                     s.dropped(w);
                     s.stats.by_status.moved(JobStatus::Queued, JobStatus::Failed);
                 }
-                if let Some((_, waiting)) = &claimed {
-                    s.claimed(waiting);
+                if let Some(claimed) = &claimed {
+                    s.claimed(&claimed.1);
                 }
             });
-            let _ = reply.send(Ok(claimed.map(|(c, _)| c)));
+            let _ = reply.send(Ok(claimed.map(|c| c.0)));
         }
         Done::Finish { reply, ended, evicted } => {
             shared.with_state(|s| {
@@ -513,7 +520,8 @@ fn fail(done: Done, shared: &Shared, message: &str) {
     match done {
         Done::Insert { reply, .. } => drop(reply.send(Err(error()))),
         Done::Claim { reply, claimed, taken } => {
-            let claimed = claimed.map(|(claimed, mut waiting)| {
+            let claimed = claimed.map(|c| {
+                let (claimed, mut waiting) = *c;
                 waiting.payload = Some(claimed.payload);
                 waiting
             });
