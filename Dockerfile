@@ -6,14 +6,18 @@ COPY src ./src
 RUN cargo build --release --locked && cp target/release/offload /offload
 
 FROM debian:bookworm-slim
-RUN useradd --system --uid 10001 --no-create-home offload
+RUN useradd --system --uid 10001 --no-create-home offload \
+    && mkdir /data && chown offload /data
 WORKDIR /app
 COPY --from=build /offload /usr/local/bin/offload
 COPY static ./static
 USER offload
 ENV OFFLOAD_BIND=0.0.0.0:8080 \
     OFFLOAD_STATIC_DIR=/app/static \
+    OFFLOAD_DATA_DIR=/data \
     OFFLOAD_LOG_FORMAT=json
+# Accepted jobs, uploads and results: mount a volume here to keep them across containers.
+VOLUME /data
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 CMD ["offload", "--healthcheck"]
 STOPSIGNAL SIGTERM

@@ -16,6 +16,14 @@ async fn main() -> std::io::Result<()> {
         std::process::exit(if offload::healthcheck::probe(settings.bind) { 0 } else { 1 });
     }
     telemetry::init(settings.log_format);
-    let app = Application::build(settings).await?;
+    let app = match Application::build(settings).await {
+        Ok(app) => app,
+        Err(e) => {
+            // E.g. the data directory is in use, or the port is taken: say so plainly.
+            tracing::error!("cannot start: {e}");
+            eprintln!("offload: cannot start: {e}");
+            std::process::exit(1);
+        }
+    };
     app.run_until_stopped().await
 }

@@ -8,7 +8,8 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { mkdirSync } from "node:fs";
+import { mkdirSync, mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { deflateSync } from "node:zlib";
@@ -63,7 +64,9 @@ function png(w, h) {
 }
 
 before(async () => {
-  server = spawn(bin, ["--bind", "127.0.0.1:0", "--static-dir", join(root, "static")], {
+  // The page runs against the default, durable store, in a data directory of its own.
+  const dataDir = mkdtempSync(join(tmpdir(), "offload-browser-"));
+  server = spawn(bin, ["--bind", "127.0.0.1:0", "--static-dir", join(root, "static"), "--data-dir", dataDir], {
     stdio: ["ignore", "pipe", "inherit"],
   });
   base = await new Promise((resolveBase, reject) => {
