@@ -3,13 +3,17 @@
 # Python peers (FastAPI BackgroundTasks, FastAPI + Celery + Redis, run by their own bench.sh),
 # RUNS times each, then the medians and ratios (bench/summary.py).
 #
-#   bench/all.sh [RUNS]     # default 3; about 8 minutes a run plus 3 for overload and fan-out
+#   bench/all.sh [RUNS]     # default 3; about 8 minutes a run plus 3 for overload and fan-out,
+#                           # plus bench/durability.sh (~25 minutes with the default CHURN=600s)
 #
 # Each run: bench/pdf_batch.sh (500 x 1 page, 50 x 20 pages, raw loop), bench/thumbnails.sh on
 # the peers' 1920x1080 JPEG and on a 4000x3000 one (raw loop each), bench/responsiveness.sh
 # (/healthz idle and saturated, 15 s each, as the peers), then the peers' tests t2 (batches,
 # thumbnails) and t3 (/healthz) for `bg` and `celery`. Once: bench/overload.sh (default limits,
-# then with room for all 20,000 jobs) and bench/ws_fanout.sh (10,000 clients). Results go to $OUT (default bench/results/all-<date>),
+# then with room for all 20,000 jobs) and bench/ws_fanout.sh (10,000 clients). Then
+# bench/durability.sh RUNS (memory vs sqlite --sync full/normal: PDF batches, submit throughput
+# and restart RUNS times in-run, RSS with 100,000 jobs + 1 GiB of results and the CHURN-long
+# churn (default 600s) once). Results go to $OUT (default bench/results/all-<date>),
 # one JSON line per measurement; the summary is printed and written to $OUT/summary.md.
 # Needs what the scripts need: oha, curl, python3, and root or redis-server for the peers.
 set -euo pipefail
@@ -42,5 +46,7 @@ echo "== submit throughput with room for every job"
 FLAGS="--max-pending 30000 --max-queued-bytes 1GiB" bash bench/overload.sh | tee "$OUT/submit.txt" || true
 echo "== WebSocket fan-out"
 CLIENTS=10000 bash bench/ws_fanout.sh | tee "$OUT/ws-fanout.txt" || true
+echo "== durable store: memory vs sqlite (full, normal)"
+CHURN=${CHURN:-600s} bash bench/durability.sh "$RUNS" | tee "$OUT/durability.txt" || true
 
 python3 bench/summary.py "$OUT" | tee "$OUT/summary.md"

@@ -97,6 +97,55 @@ print("|" + "---|" * len(head))
 for r in rows:
     print("| " + " | ".join(r) + " |")
 
+dur = lines("durability.jsonl")
+if dur:
+    stores = ("memory", "sqlite_full", "sqlite_normal")
+    by = lambda scenario: [d for d in dur if d["scenario"] == scenario]
+    in_run = lambda runs, key: "–" if med([r.get(key) for r in runs]) is None else f"{med([r.get(key) for r in runs]):.2f}"
+    drows = []
+    for pages, n, target in ((1, 500, "full / memory ≥ 0.9"), (20, 50, "full / memory ≥ 0.95")):
+        runs = [d for d in by("pdf") if d["pages"] == pages]
+        drows.append((f"completed {pages}-page PDF jobs/s ({n} jobs)",
+                      *(fmt(med([r[s]["jobs_per_s"] for r in runs])) for s in stores),
+                      in_run(runs, "ratio_full"), in_run(runs, "ratio_normal"), target))
+    runs = by("submit")
+    drows.append(("submit req/s, 20,000 at c 64, room for every job",
+                  *(fmt(med([r[s]["req_per_s"] for r in runs]), 0) for s in stores),
+                  in_run(runs, "ratio_full"), in_run(runs, "ratio_normal"), "full / memory ≥ 0.5"))
+    for q, target in (("p50", ""), ("p99", "sqlite ≤ 15 ms")):
+        drows.append((f"submit {q} ms", *(fmt(med([r[s][f"{q}_ms"] for r in runs]), 2) for s in stores),
+                      "", "", target))
+    drows.append(("submit: every response 202, every job ended",
+                  *(("yes" if all(r[s]["only_202"] and r[s]["all_ended"] for r in runs) else "NO") if runs else "–"
+                    for s in stores), "", "", "all"))
+    runs = by("restart")
+    if runs:
+        jobs, db = runs[0]["jobs"], runs[0]["db_bytes"]
+        drows.append((f"restart to `/readyz` 200, s ({jobs:,} jobs, offload.db {db / 2**20:,.0f} MiB; memory: empty)",
+                      *(fmt(med([r[s]["ready_s"] for r in runs]), 3) for s in stores), "", "", "≤ 1 s"))
+    for r in by("rss")[-1:]:
+        drows.append((f"restart, s ({r['jobs']:,} jobs, {r['result_bytes'] / 2**30:.2f} GiB of results; one run)", "",
+                      fmt(r["restart"]["ready_s"], 3), "", "", "", "≤ 1 s"))
+        drows.append((f"RSS MiB after restart + GETs, VmHWM / VmRSS ({r['jobs']:,} jobs, "
+                      f"{r['result_bytes'] / 2**30:.2f} GiB of results; one run)", "",
+                      f"{fmt(r['vmhwm_mib'])} / {fmt(r['vmrss_mib'])}", "", "", "", "≤ 64 MiB"))
+    for r in by("churn")[-1:]:
+        mib = lambda b: None if b is None else b / 2**20
+        label = f"churn {r['duration_s']} s at {r['rate']}/s, TTL {r['ttl_s']} s (one run)"
+        drows.append((f"{label}: max offload.db-wal MiB", "", fmt(mib(r["max_wal_bytes"])), "", "", "", "≤ 64 MiB"))
+        drows.append((f"{label}: offload.db MiB at {r['first_t']} s → {r['last_t']} s", "",
+                      f"{fmt(mib(r['db_bytes_first']))} → {fmt(mib(r['db_bytes_last']))}", "", "", "", "flat"))
+        drows.append((f"{label}: every response 202", "", "yes" if r["only_202"] else f"NO {r['codes']}", "", "", "",
+                      "all"))
+    dhead = ("durable store (bench/durability.sh)", "memory", "sqlite full", "sqlite normal",
+             "full / memory (in-run median)", "normal / memory (in-run median)", "target")
+    print(f"\nDurable store: medians of {len(by('submit'))} runs (memory, sqlite --sync full, sqlite --sync normal, "
+          f"data dirs on {dur[0].get('fs', '?')})\n")
+    print("| " + " | ".join(dhead) + " |")
+    print("|" + "---|" * len(dhead))
+    for r in drows:
+        print("| " + " | ".join(r) + " |")
+
 print("\nCPU per completed PDF job (median ms; schedstat of the server's threads vs the raw loop's busy time):\n")
 for pages in (1, 20):
     runs = [r for r in pdf if r["pages"] == pages]

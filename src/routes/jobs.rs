@@ -11,7 +11,7 @@ use super::ApiError;
 use crate::dispatch::{CancelError, CancelJob, Dispatcher};
 use crate::job::JobId;
 use crate::job::JobView;
-use crate::store::{JobStore, ListFilter, StatusCounts};
+use crate::store::{JobStore, ListFilter, ResultBody, ResultReader, StatusCounts};
 
 /// Most jobs one `GET /jobs` returns.
 const MAX_LIST: usize = 1000;
@@ -43,7 +43,7 @@ pub async fn get_result(
         }
     })
     .await??;
-    let (meta, bytes) = match found {
+    let (meta, body) = match found {
         Ok(found) => found,
         Err(None) => return Err(ApiError::JobNotFound),
         Err(Some(job)) => return Err(ApiError::ResultNotReady(Box::new(job))),
@@ -52,11 +52,35 @@ pub async fn get_result(
         disposition: DispositionType::Attachment,
         parameters: vec![DispositionParam::Filename(meta.filename.clone())],
     };
-    Ok(HttpResponse::Ok()
-        .content_type(meta.content_type)
+    let mut res = HttpResponse::Ok();
+    res.content_type(meta.content_type)
         .insert_header(disposition)
-        .insert_header((header::CACHE_CONTROL, "private, max-age=3600, immutable"))
-        .body(bytes))
+        .insert_header((header::CACHE_CONTROL, "private, max-age=3600, immutable"));
+    Ok(match body {
+        ResultBody::Whole(bytes) => res.body(bytes),
+        ResultBody::Stream { len, reader } => res.no_chunking(len as u64).streaming(stream_result(len, reader)),
+    })
+}
+
+/// Bytes of a large result sent as they are read, one piece at a time on the blocking pool: a
+/// download holds one piece in memory, however large the result.
+fn stream_result(
+    len: usize,
+    reader: Box<dyn ResultReader>,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, actix_web::Error>> {
+    const PIECE: usize = 256 << 10;
+    futures::stream::try_unfold((0usize, reader), move |(offset, mut reader)| async move {
+        if offset >= len {
+            return Ok(None);
+        }
+        let (piece, reader) = web::block(move || (reader.read_at(offset, PIECE), reader)).await?;
+        let piece = piece.map_err(|e| actix_web::error::ErrorServiceUnavailable(e.to_string()))?;
+        if piece.is_empty() {
+            return Err(actix_web::error::ErrorServiceUnavailable("the result is gone"));
+        }
+        let next = offset + piece.len();
+        Ok(Some((piece, (next, reader))))
+    })
 }
 
 pub async fn cancel_job(

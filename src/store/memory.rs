@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use super::{
     apply_final, kind_index, ready, result_too_large, CancelOutcome, Claimed, Final, IdempotencyKey, Inserted,
-    JobStore, ListFilter, NewJob, OwedWebhook, Pending, Retention, StoreError, StoreStats,
+    JobStore, ListFilter, NewJob, OwedWebhook, Pending, ResultBody, Retention, StoreError, StoreStats,
 };
 use crate::domain::JobPayload;
 use crate::error::ErrorBody;
@@ -290,9 +290,9 @@ impl JobStore for MemoryStore {
             .collect())
     }
 
-    fn result(&self, id: JobId) -> Result<Option<(ResultMeta, Bytes)>, StoreError> {
+    fn result(&self, id: JobId) -> Result<Option<(ResultMeta, ResultBody)>, StoreError> {
         let s = self.lock();
-        Ok(s.entries.get(&id).and_then(|e| Some((e.job.result.clone()?, e.result.clone()?))))
+        Ok(s.entries.get(&id).and_then(|e| Some((e.job.result.clone()?, ResultBody::Whole(e.result.clone()?)))))
     }
 
     fn replay(&self, key: &IdempotencyKey) -> Result<Option<Vec<Job>>, StoreError> {

@@ -93,6 +93,18 @@ pub enum CancelOutcome {
     Unknown,
 }
 
+/// A result's bytes: whole, or (large ones) read from disk piece by piece as they are sent.
+pub enum ResultBody {
+    Whole(Bytes),
+    Stream { len: usize, reader: Box<dyn ResultReader> },
+}
+
+/// Reads a stored result piece by piece (each read may touch the disk: call it off the event loop).
+pub trait ResultReader: Send {
+    /// Up to `max` bytes from `offset`.
+    fn read_at(&mut self, offset: usize, max: usize) -> Result<Bytes, StoreError>;
+}
+
 /// A webhook owed: written with the job's final state, removed once delivered or given up.
 #[derive(Clone, Debug)]
 pub struct OwedWebhook {
@@ -223,7 +235,7 @@ pub trait JobStore: Send + Sync + 'static {
     /// Jobs matching `filter`, newest first.
     fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, StoreError>;
     /// A succeeded job's result.
-    fn result(&self, id: JobId) -> Result<Option<(ResultMeta, Bytes)>, StoreError>;
+    fn result(&self, id: JobId) -> Result<Option<(ResultMeta, ResultBody)>, StoreError>;
     /// The jobs a key was first used for, if the key is known; `KeyReused` for another request.
     fn replay(&self, key: &IdempotencyKey) -> Result<Option<Vec<Job>>, StoreError>;
 

@@ -471,3 +471,35 @@ async fn bad_uploads_get_json_errors() {
     let none = app.request("POST", "/images", Some("multipart/form-data; boundary=x"), b"garbage".to_vec()).await;
     assert!(matches!(none.status.as_u16(), 400 | 422), "{}", none.status);
 }
+
+/// A `w`×`h` PNG of pseudo-random pixels: it does not compress, so its result is about 3 bytes a pixel.
+fn noise_png(w: u32, h: u32) -> Vec<u8> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let img = RgbImage::from_fn(w, h, |_, _| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        Rgb([state as u8, (state >> 8) as u8, (state >> 16) as u8])
+    });
+    encode(&DynamicImage::ImageRgb8(img), ImageFormat::Png)
+}
+
+#[actix_web::test]
+async fn a_result_of_several_mebibytes_downloads_whole_with_its_length() {
+    // Results over 1 MiB are streamed from the store in pieces: the bytes must be all there, in order.
+    let app = spawn_app().await;
+    let input = noise_png(1200, 1000);
+    let parts = [
+        Part::file("noise.png", "image/png", input.clone()),
+        Part::text("ops", r#"[{"op":"flip","axis":"horizontal"},{"op":"flip","axis":"horizontal"}]"#),
+    ];
+    let job = &app.submit_images(&parts).await[0];
+    let (done, result) = finished_result(&app, job).await;
+    let bytes = done["result"]["bytes"].as_u64().unwrap() as usize;
+    assert!(bytes > 3 << 20, "the result should be several MiB, is {bytes}");
+    assert_eq!(result.body.len(), bytes);
+    assert_eq!(result.header("content-length").as_deref(), Some(bytes.to_string().as_str()));
+    let got = image::load_from_memory(&result.body).expect("a PNG").to_rgb8();
+    let want = image::load_from_memory(&input).unwrap().to_rgb8();
+    assert!(got == want, "two horizontal flips give back the input, pixel for pixel");
+}

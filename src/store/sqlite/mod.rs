@@ -32,7 +32,7 @@ use tokio::sync::oneshot;
 
 use super::{
     kind_index, CancelOutcome, Claimed, Final, IdempotencyKey, Inserted, JobStore, ListFilter, NewJob, OwedWebhook,
-    Pending, StatusCounts, StoreError, StoreStats,
+    Pending, ResultBody, ResultReader, StatusCounts, StoreError, StoreStats,
 };
 use crate::domain::callback::{CallbackPolicy, CallbackUrl};
 use crate::domain::JobPayload;
@@ -71,14 +71,15 @@ const WAL_LIMIT: i64 = 64 << 20;
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// Reader connections kept open for reuse.
 const IDLE_READERS: usize = 8;
+/// Results larger than this are streamed from disk in pieces rather than read whole.
+const STREAM_ABOVE: usize = 1 << 20;
 
 pub struct SqliteStore {
     /// To the writer thread.
     ops: mpsc::Sender<Op>,
     shared: Arc<Shared>,
     /// Reader connections, reused.
-    readers: Mutex<Vec<Connection>>,
-    path: PathBuf,
+    readers: Arc<Readers>,
     /// Which job each worker thread started last.
     start_log: Arc<StartLog>,
     /// Held open for the lock on the data directory (released when the process ends).
@@ -313,7 +314,8 @@ impl SqliteStore {
             finished = stats.by_status.succeeded + stats.by_status.failed + stats.by_status.cancelled,
             "store opened"
         );
-        Ok(SqliteStore { ops, shared, readers: Mutex::new(Vec::new()), path, start_log, _lock: lock })
+        let readers = Arc::new(Readers { idle: Mutex::new(Vec::new()), path });
+        Ok(SqliteStore { ops, shared, readers, start_log, _lock: lock })
     }
 
     fn send<T: Send + 'static>(&self, make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op) -> Pending<T> {
@@ -327,19 +329,50 @@ impl SqliteStore {
         })
     }
 
-    /// Runs `f` on a reader connection (opened on demand, kept for reuse).
     fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
-        let pooled = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        self.readers.read(f)
+    }
+}
+
+/// Read-only connections, opened on demand and kept for reuse: readers never wait for the
+/// writer (WAL) nor for each other.
+struct Readers {
+    idle: Mutex<Vec<Connection>>,
+    path: PathBuf,
+}
+
+impl Readers {
+    /// Runs `f` on a reader connection.
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let conn = match pooled {
             Some(c) => c,
             None => open_reader(&self.path).map_err(sql_error)?,
         };
         let out = f(&conn).map_err(sql_error);
-        let mut idle = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < IDLE_READERS {
             idle.push(conn);
         }
         out
+    }
+}
+
+/// A large result read piece by piece, each piece in a short read of its own (a result never
+/// changes once written; if its job is deleted meanwhile, the read fails and the download ends).
+struct BlobReader {
+    readers: Arc<Readers>,
+    seq: i64,
+}
+
+impl ResultReader for BlobReader {
+    fn read_at(&mut self, offset: usize, max: usize) -> Result<Bytes, StoreError> {
+        self.readers.read(|conn| {
+            let blob = conn.blob_open(rusqlite::MAIN_DB, "results", "bytes", self.seq, true)?;
+            let mut buf = vec![0; max.min(blob.len().saturating_sub(offset))];
+            blob.read_at_exact(&mut buf, offset)?;
+            Ok(Bytes::from(buf))
+        })
     }
 }
 
@@ -587,16 +620,30 @@ impl JobStore for SqliteStore {
         Ok(jobs.into_iter().map(|j| self.shared.live(j)).collect())
     }
 
-    fn result(&self, id: JobId) -> Result<Option<(ResultMeta, Bytes)>, StoreError> {
-        self.read(|conn| {
+    fn result(&self, id: JobId) -> Result<Option<(ResultMeta, ResultBody)>, StoreError> {
+        let found = self.read(|conn| {
             let Some((seq, job)) = schema::load(conn, id)? else { return Ok(None) };
             let Some(meta) = job.result.filter(|_| job.status == JobStatus::Succeeded) else { return Ok(None) };
-            let bytes: Option<Vec<u8>> = conn
-                .prepare_cached("SELECT bytes FROM results WHERE seq = ?1")?
+            let len: Option<i64> = conn
+                .prepare_cached("SELECT length(bytes) FROM results WHERE seq = ?1")?
                 .query_row(params![seq], |r| r.get(0))
                 .optional()?;
-            Ok(bytes.map(|b| (meta, Bytes::from(b))))
-        })
+            let Some(len) = len.map(|l| l as usize) else { return Ok(None) };
+            if len > STREAM_ABOVE {
+                return Ok(Some((meta, seq, len, None)));
+            }
+            let bytes: Vec<u8> = conn
+                .prepare_cached("SELECT bytes FROM results WHERE seq = ?1")?
+                .query_row(params![seq], |r| r.get(0))?;
+            Ok(Some((meta, seq, len, Some(Bytes::from(bytes)))))
+        })?;
+        Ok(found.map(|(meta, seq, len, whole)| {
+            let body = match whole {
+                Some(bytes) => ResultBody::Whole(bytes),
+                None => ResultBody::Stream { len, reader: Box::new(BlobReader { readers: self.readers.clone(), seq }) },
+            };
+            (meta, body)
+        }))
     }
 
     fn replay(&self, key: &IdempotencyKey) -> Result<Option<Vec<Job>>, StoreError> {
@@ -710,7 +757,7 @@ mod tests {
         assert_eq!((again.status, again.attempts), (JobStatus::Succeeded, 1));
         let shown = |j: &Job| j.finished_at.map(crate::job::rfc3339);
         assert_eq!(shown(&again), shown(&done), "finished_at as the API shows it");
-        assert_eq!(store.result(done.id).unwrap().unwrap().1, Bytes::from_static(b"pdf"));
+        assert!(matches!(store.result(done.id).unwrap().unwrap().1, ResultBody::Whole(b) if b == "pdf"));
         let requeued = store.get(cut).unwrap().unwrap();
         assert_eq!((requeued.status, requeued.attempts), (JobStatus::Queued, 1));
         let never_started = store.get(waiting).unwrap().unwrap();
