@@ -44,7 +44,7 @@ impl Application {
     pub fn with_listener(settings: Settings, listener: TcpListener) -> std::io::Result<Self> {
         let address = listener.local_addr()?;
         let metrics = Arc::new(Metrics::new());
-        let store = open_store(&settings)?;
+        let store = open_store(&settings, metrics.clone())?;
         let io = async_io::start(&settings, metrics.clone(), store.clone());
         let owed = store.owed_webhooks().map_err(|e| std::io::Error::other(e.to_string()))?;
         if !owed.is_empty() {
@@ -126,7 +126,7 @@ impl Application {
 }
 
 /// The store `--store` names. The embedded one refuses to open a data directory in use.
-fn open_store(settings: &Settings) -> std::io::Result<Arc<dyn JobStore>> {
+fn open_store(settings: &Settings, metrics: Arc<Metrics>) -> std::io::Result<Arc<dyn JobStore>> {
     Ok(match settings.store {
         StoreKind::Memory => Arc::new(MemoryStore::new(Retention {
             ttl: settings.result_ttl(),
@@ -141,7 +141,7 @@ fn open_store(settings: &Settings) -> std::io::Result<Arc<dyn JobStore>> {
                 ttl: settings.result_ttl(),
                 result_bytes: settings.result_disk.bytes(),
             };
-            Arc::new(SqliteStore::open(&options).map_err(std::io::Error::other)?)
+            Arc::new(SqliteStore::open(&options, metrics).map_err(std::io::Error::other)?)
         }
     })
 }

@@ -727,6 +727,8 @@ pub struct LoadStats {
     /// Per pool: (kind, queued, in flight, threads).
     pub pools: Vec<(JobKind, usize, usize, usize)>,
     pub by_status: StatusCounts,
+    pub result_bytes: usize,
+    pub store_healthy: bool,
 }
 
 impl Handler<GetLoad> for Dispatcher {
@@ -734,7 +736,8 @@ impl Handler<GetLoad> for Dispatcher {
     fn handle(&mut self, _: GetLoad, _: &mut Context<Self>) -> LoadStats {
         let stats = self.store.stats();
         let pools = self.pools.iter().map(|(kind, p)| (*kind, stats.queued(*kind), p.in_flight, p.workers)).collect();
-        LoadStats { pools, by_status: stats.by_status }
+        let store_healthy = self.store.health().is_ok();
+        LoadStats { pools, by_status: stats.by_status, result_bytes: stats.result_bytes, store_healthy }
     }
 }
 

@@ -56,7 +56,20 @@ pub struct Metrics {
     pub http_requests: HistogramVec,
     /// Time from an analytics hand-off to the event being counted.
     pub analytics_lag: Histogram,
+    /// Embedded store: time of one group commit (the transaction and its fsync).
+    pub store_commit: Histogram,
+    /// Embedded store: writes in one group commit.
+    pub store_batch: Histogram,
+    /// Embedded store: group commits that failed (nothing of them was kept).
+    pub store_write_errors: IntCounter,
+    /// 1 while the store writes, 0 while writes fail (set when scraped).
+    pub store_healthy: IntGauge,
+    /// Bytes of results the store keeps (set when scraped).
+    pub store_result_bytes: IntGauge,
 }
+
+/// Writes per group commit: 1 to 1024.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
 
 /// Job run times: 1 ms to 5 min.
 const JOB_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
@@ -143,6 +156,26 @@ impl Metrics {
                 HTTP_BUCKETS,
             ),
             analytics_lag,
+            store_commit: histogram_vec(
+                "store_commit_seconds",
+                "Embedded store: time of one group commit, fsync included",
+                &[],
+                HTTP_BUCKETS,
+            )
+            .with_label_values::<&str>(&[]),
+            store_batch: histogram_vec(
+                "store_commit_writes",
+                "Embedded store: writes in one group commit",
+                &[],
+                BATCH_BUCKETS,
+            )
+            .with_label_values::<&str>(&[]),
+            store_write_errors: counter(
+                "store_write_errors_total",
+                "Embedded store: group commits that failed (nothing of them was kept)",
+            ),
+            store_healthy: gauge("store_healthy", "1 while the store takes writes, 0 while writes fail"),
+            store_result_bytes: gauge("store_result_bytes", "Bytes of stored results"),
             registry,
         }
     }

@@ -18,6 +18,8 @@ pub async fn metrics(metrics: web::Data<Arc<Metrics>>, dispatcher: web::Data<Add
             metrics.pool_in_flight.with_label_values(&pool).set(in_flight as i64);
             metrics.pool_workers.with_label_values(&pool).set(workers as i64);
         }
+        metrics.store_healthy.set(i64::from(load.store_healthy));
+        metrics.store_result_bytes.set(load.result_bytes as i64);
         let s = load.by_status;
         let held = [
             ("queued", s.queued),

@@ -98,6 +98,7 @@ pub(crate) struct Shared {
     pub(crate) owner: String,
     pub(crate) ttl: Duration,
     pub(crate) result_budget: usize,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
     /// Test hook: writes fail while this file exists.
     #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
     fail_file: PathBuf,
@@ -260,7 +261,7 @@ fn sql_error(e: rusqlite::Error) -> StoreError {
 impl SqliteStore {
     /// Opens (creating if needed) the store in `options.dir`, locks it, migrates it and
     /// recovers what the last process left running. The error text is meant for the operator.
-    pub fn open(options: &SqliteOptions) -> Result<Self, String> {
+    pub fn open(options: &SqliteOptions, metrics: Arc<crate::metrics::Metrics>) -> Result<Self, String> {
         let dir = &options.dir;
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create the data directory {}: {e}", dir.display()))?;
         let lock = lock_dir(dir)?;
@@ -285,6 +286,7 @@ impl SqliteStore {
             owner,
             ttl: options.ttl,
             result_budget: options.result_bytes,
+            metrics,
             fail_file: dir.join("fail-writes"),
         });
         shared.with_state(|s| {
@@ -716,8 +718,8 @@ mod tests {
     #[test]
     fn a_second_open_of_the_same_directory_is_refused() {
         let dir = temp_dir("lock");
-        let _first = SqliteStore::open(&options(&dir)).unwrap();
-        let err = SqliteStore::open(&options(&dir)).err().expect("refused");
+        let _first = SqliteStore::open(&options(&dir), Default::default()).unwrap();
+        let err = SqliteStore::open(&options(&dir), Default::default()).err().expect("refused");
         assert!(err.contains("in use"), "{err}");
     }
 
@@ -725,7 +727,7 @@ mod tests {
     fn jobs_results_and_attempts_survive_a_reopen_and_runs_cut_off_are_counted() {
         let dir = temp_dir("reopen");
         let (done, cut, waiting) = {
-            let store = SqliteStore::open(&options(&dir)).unwrap();
+            let store = SqliteStore::open(&options(&dir), Default::default()).unwrap();
             let Inserted::Created(jobs) = block_on(store.insert(vec![new_job(), new_job(), new_job()], None)).unwrap()
             else {
                 panic!("created")
@@ -747,7 +749,7 @@ mod tests {
         };
         let store = loop {
             // The lock goes with the file handle; the writer thread may still hold a connection.
-            match SqliteStore::open(&options(&dir)) {
+            match SqliteStore::open(&options(&dir), Default::default()) {
                 Ok(s) => break s,
                 Err(e) if e.contains("in use") => std::thread::yield_now(),
                 Err(e) => panic!("{e}"),
@@ -770,7 +772,7 @@ mod tests {
     #[test]
     fn idempotency_keys_replay_and_refuse_another_request() {
         let dir = temp_dir("idem");
-        let store = SqliteStore::open(&options(&dir)).unwrap();
+        let store = SqliteStore::open(&options(&dir), Default::default()).unwrap();
         let key = IdempotencyKey { key: "abc".into(), fingerprint: [7; 32] };
         let Inserted::Created(first) = block_on(store.insert(vec![new_job()], Some(key.clone()))).unwrap() else {
             panic!("created")

@@ -161,6 +161,8 @@ pub fn run(mut conn: Connection, ops: Receiver<Op>, shared: Arc<Shared>) {
 }
 
 fn commit_batch(conn: &mut Connection, batch: Vec<Op>, shared: &Shared) {
+    let began = std::time::Instant::now();
+    shared.metrics.store_batch.observe(batch.len() as f64);
     let mut done = Vec::with_capacity(batch.len());
     let result = (|| -> Result<(), String> {
         shared.check_fail_hook()?;
@@ -172,6 +174,7 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Op>, shared: &Shared) {
     })();
     match result {
         Ok(()) => {
+            shared.metrics.store_commit.observe(began.elapsed().as_secs_f64());
             shared.set_health(None);
             for d in done {
                 complete(d, shared);
@@ -179,6 +182,7 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Op>, shared: &Shared) {
         }
         Err(message) => {
             tracing::error!("store write failed, nothing of the batch was kept: {message}");
+            shared.metrics.store_write_errors.inc();
             shared.set_health(Some(message.clone()));
             for d in done {
                 fail(d, shared, &message);
