@@ -88,8 +88,20 @@ struct Running {
     timer: SpawnHandle,
 }
 
+/// Where the runs of jobs cut off by the last process's death are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Suspect {
+    /// None is being claimed or running.
+    Idle,
+    Claiming,
+    /// This one runs, alone.
+    Running(JobId),
+}
+
 pub struct Dispatcher {
     store: Arc<dyn JobStore>,
+    /// Suspects (see [`JobStore::claim_suspect`]) run one at a time with nothing beside them.
+    suspect: Suspect,
     pools: HashMap<JobKind, Pool>,
     running: HashMap<JobId, Running>,
     admission: Admission,
@@ -127,6 +139,7 @@ impl Dispatcher {
         let sweep_every = (ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(10));
         Dispatcher {
             store,
+            suspect: Suspect::Idle,
             pools,
             running: HashMap::new(),
             admission,
@@ -219,10 +232,23 @@ impl Dispatcher {
         self.draining.is_none() || !self.store.durable()
     }
 
-    /// Claims queued jobs of `kind` while its pool has room.
+    /// Claims queued jobs of `kind` while its pool has room. Jobs cut off by a crash go first,
+    /// each alone: nothing else is claimed while one waits to run or runs.
     fn pump(&mut self, kind: JobKind, ctx: &mut Context<Self>) {
-        if !self.may_claim() {
+        if !self.may_claim() || self.suspect != Suspect::Idle {
             return;
+        }
+        if self.store.stats().suspects > 0 {
+            let idle = self.running.is_empty() && self.pools.values().all(|p| p.claiming == 0);
+            if idle {
+                if let Some(claim) = self.store.claim_suspect() {
+                    self.suspect = Suspect::Claiming;
+                    ctx.spawn(claim.into_actor(self).map(|res, this, ctx| this.on_suspect_claimed(res, ctx)));
+                    return;
+                }
+            } else {
+                return;
+            }
         }
         loop {
             let Some(pool) = self.pools.get_mut(&kind) else { return };
@@ -253,6 +279,34 @@ impl Dispatcher {
         self.check_drained();
     }
 
+    fn on_suspect_claimed(&mut self, res: Result<Option<Claimed>, StoreError>, ctx: &mut Context<Self>) {
+        self.suspect = Suspect::Idle;
+        match res {
+            Ok(Some(claimed)) => {
+                let id = claimed.job.id;
+                tracing::warn!(job = %id, attempt = claimed.job.attempts, "running a job cut off by a crash, alone");
+                self.hand_to_pool(claimed, ctx);
+                if self.running.contains_key(&id) {
+                    self.suspect = Suspect::Running(id);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!("cannot claim a job cut off by a crash: {e}");
+                self.retry_pump(JobKind::Pdf, ctx);
+                return;
+            }
+        }
+        self.pump_all(ctx);
+        self.check_drained();
+    }
+
+    fn pump_all(&mut self, ctx: &mut Context<Self>) {
+        for kind in JobKind::ALL {
+            self.pump(kind, ctx);
+        }
+    }
+
     fn retry_pump(&mut self, kind: JobKind, ctx: &mut Context<Self>) {
         let Some(pool) = self.pools.get_mut(&kind) else { return };
         if !pool.retry_scheduled {
@@ -261,7 +315,7 @@ impl Dispatcher {
                 if let Some(pool) = this.pools.get_mut(&kind) {
                     pool.retry_scheduled = false;
                 }
-                this.pump(kind, ctx);
+                this.pump_all(ctx);
             });
         }
     }
@@ -390,7 +444,12 @@ impl Dispatcher {
         if let Some(outcome) = outcome {
             self.finish(id, running.job.attempts, outcome, ctx);
         }
-        self.pump(kind, ctx);
+        if self.suspect == Suspect::Running(id) {
+            self.suspect = Suspect::Idle;
+            self.pump_all(ctx);
+        } else {
+            self.pump(kind, ctx);
+        }
         self.check_drained();
     }
 
@@ -510,14 +569,10 @@ impl Actor for Dispatcher {
                 Err(e) => tracing::warn!("expiry sweep failed: {e}"),
             }));
             // A safety net: claims resume by themselves whatever stopped them.
-            for kind in JobKind::ALL {
-                this.pump(kind, ctx);
-            }
+            this.pump_all(ctx);
         });
         // Jobs recovered from the store run at once.
-        for kind in JobKind::ALL {
-            self.pump(kind, ctx);
-        }
+        self.pump_all(ctx);
     }
 }
 
@@ -666,7 +721,9 @@ impl Handler<WorkerEvent> for Dispatcher {
         match event {
             WorkerEvent::Started { id } => self.on_started(id, ctx),
             WorkerEvent::Progress { id, fraction, stage } => {
-                let Some(running) = self.running.get_mut(&id).filter(|r| r.job.status == JobStatus::Running) else {
+                // Not after a cancel, a timeout or a shutdown: the run's end is being written.
+                let live = |r: &&mut Running| r.job.status == JobStatus::Running && r.control.interrupted().is_none();
+                let Some(running) = self.running.get_mut(&id).filter(live) else {
                     return;
                 };
                 if running.job.advance(fraction, Some(stage.clone())) {

@@ -174,6 +174,8 @@ pub struct StoreStats {
     pub queued_bytes: usize,
     /// Bytes of stored results.
     pub result_bytes: usize,
+    /// Queued jobs that were running when the last process died (counted in `queued` too).
+    pub suspects: usize,
 }
 
 impl StoreStats {
@@ -202,6 +204,13 @@ pub trait JobStore: Send + Sync + 'static {
     /// `stats().queued` during this call. The write answers `None` when the job turned out not
     /// claimable (cancelled meanwhile); ask again.
     fn claim(&self, kind: JobKind) -> Option<Pending<Option<Claimed>>>;
+    /// Claims the oldest *suspect*: a job that was running when the last process died, so it
+    /// may be what killed it. The caller runs it alone (nothing else running or claimed), so a
+    /// job that crashes the process takes no other job's attempts with it. `None` when there is
+    /// none (always, for a store that does not survive the process).
+    fn claim_suspect(&self) -> Option<Pending<Option<Claimed>>> {
+        None
+    }
     /// A worker started the claimed job at `at`: queued → running. Readers see it at once; the
     /// write is not waited for by anyone (the attempt was already counted at the claim).
     fn start(&self, id: JobId, attempt: u32, at: SystemTime) -> Pending<bool>;

@@ -270,6 +270,29 @@ async fn a_job_that_crashes_the_process_fails_with_worker_lost_after_max_attempt
     assert_eq!(ready.status.as_u16(), 200, "{}", String::from_utf8_lossy(&ready.body));
 }
 
+#[actix_web::test]
+async fn a_job_running_beside_a_poison_job_is_rerun_alone_and_succeeds() {
+    // Two workers: an innocent slow job runs while the poison aborts the process. After the
+    // restart both were cut off; each reruns alone, so the innocent one succeeds and only the
+    // poison uses up its attempts.
+    let service = Service::new(&["--max-attempts", "2", "--pdf-workers", "2"]);
+    let mut p = service.start();
+    let innocent = submit(&p.app, &slow("beside the poison", 400)).await;
+    p.app.wait_for(&innocent, Duration::from_secs(10), |j| j["status"] == "running").await;
+    let poison = submit(&p.app, &json!({"title": "x", "test_hook": "abort"})).await;
+    let status = p.wait_exit(Duration::from_secs(20)).await;
+    assert!(!status.success(), "the poison job should have crashed the process, which exited {status}");
+    drop(p);
+    // Start 2: the innocent job (older) runs alone and succeeds; then the poison, alone, crashes.
+    expect_crash(service.spawn()).await;
+    let p = service.start();
+    let job = p.app.wait_for(&poison, Duration::from_secs(10), is_finished).await;
+    assert_eq!((job["status"].as_str(), job["error"]["code"].as_str()), (Some("failed"), Some("worker_lost")), "{job}");
+    let innocent = p.app.wait_for(&innocent, Duration::from_secs(10), is_finished).await;
+    assert_eq!(innocent["status"], "succeeded", "{innocent}");
+    assert_eq!(attempts(&innocent), 2, "cut off once by the poison, then run alone: {innocent}");
+}
+
 const JSON: (&str, &[u8]) = ("content-type", b"application/json");
 
 async fn post_pdf_with_key(app: &TestApp, key: &[u8], spec: &Value) -> Reply {

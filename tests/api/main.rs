@@ -11,5 +11,6 @@ mod pdf;
 mod process;
 mod reliability;
 mod shutdown;
+mod storage;
 mod webhooks;
 mod ws;

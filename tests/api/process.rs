@@ -144,6 +144,11 @@ impl Drop for Spawned {
 }
 
 impl Process {
+    /// The process id (for reading `/proc/PID/...`).
+    pub fn pid(&self) -> u32 {
+        self.inner.child.id()
+    }
+
     /// Sends SIGTERM (graceful shutdown).
     pub fn sigterm(&self) {
         signal(&self.inner.child, libc::SIGTERM);

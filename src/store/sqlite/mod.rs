@@ -116,6 +116,9 @@ pub(crate) struct Live {
 pub(crate) struct State {
     /// Queued ids per kind, oldest first; an id without a `waiting` entry is skipped.
     queues: [VecDeque<JobId>; 2],
+    /// Jobs cut off by the last process's death, oldest first: each runs alone (see
+    /// [`JobStore::claim_suspect`]).
+    suspects: VecDeque<JobId>,
     waiting: HashMap<JobId, Waiting>,
     /// Claimed jobs not started yet → their payload weight, still counted in `queued_bytes`
     /// (the payload waits in a pool's mailbox).
@@ -131,24 +134,47 @@ pub(crate) struct Waiting {
     pub(crate) weight: usize,
     /// The payload, for jobs accepted by this process (saves a read at claim).
     pub(crate) payload: Option<JobPayload>,
+    /// It was running when the last process died: it may be what killed it, so it runs alone.
+    pub(crate) suspect: bool,
 }
 
 impl State {
     pub(crate) fn enqueue_back(&mut self, w: Waiting) {
         self.count_in(&w);
-        self.queues[kind_index(w.kind)].push_back(w.id);
+        self.queue_of(&w).push_back(w.id);
         self.waiting.insert(w.id, w);
     }
 
     pub(crate) fn enqueue_front(&mut self, w: Waiting) {
         self.count_in(&w);
-        self.queues[kind_index(w.kind)].push_front(w.id);
+        self.queue_of(&w).push_front(w.id);
         self.waiting.insert(w.id, w);
+    }
+
+    fn queue_of(&mut self, w: &Waiting) -> &mut VecDeque<JobId> {
+        if w.suspect {
+            &mut self.suspects
+        } else {
+            &mut self.queues[kind_index(w.kind)]
+        }
     }
 
     fn count_in(&mut self, w: &Waiting) {
         self.stats.queued[kind_index(w.kind)] += 1;
         self.stats.queued_bytes += w.weight;
+        self.stats.suspects += usize::from(w.suspect);
+    }
+
+    /// The oldest suspect, taken out of its queue as [`State::pop_queued`] does.
+    pub(crate) fn pop_suspect(&mut self) -> Option<Waiting> {
+        while let Some(id) = self.suspects.pop_front() {
+            if let Some(w) = self.waiting.remove(&id) {
+                self.stats.queued[kind_index(w.kind)] -= 1;
+                self.stats.suspects -= 1;
+                return Some(w);
+            }
+        }
+        None
     }
 
     /// Takes the oldest waiting job of `kind` out of the queue (on the caller's thread, so the
@@ -178,7 +204,8 @@ impl State {
     /// The claim did not commit: the popped job is queued again, at the front.
     pub(crate) fn put_back(&mut self, w: Waiting) {
         self.stats.queued[kind_index(w.kind)] += 1;
-        self.queues[kind_index(w.kind)].push_front(w.id);
+        self.stats.suspects += usize::from(w.suspect);
+        self.queue_of(&w).push_front(w.id);
         self.waiting.insert(w.id, w);
     }
 
@@ -194,6 +221,7 @@ impl State {
         if let Some(w) = self.waiting.remove(&id) {
             self.stats.queued[kind_index(w.kind)] -= 1;
             self.stats.queued_bytes -= w.weight;
+            self.stats.suspects -= usize::from(w.suspect);
         }
     }
 
@@ -274,9 +302,11 @@ impl SqliteStore {
             StartLog::open(dir).map_err(|e| format!("cannot open the start log in {}: {e}", dir.display()))?;
         let recovered =
             recover(&mut conn, options.max_attempts, &started).map_err(|e| format!("recovery failed: {e}"))?;
+        start_log.clear().map_err(|e| format!("cannot clear the start log: {e}"))?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 queues: Default::default(),
+                suspects: VecDeque::new(),
                 waiting: HashMap::new(),
                 claimed: HashMap::new(),
                 stats: recovered.stats,
@@ -293,6 +323,7 @@ impl SqliteStore {
             // enqueue_back counts them in again.
             s.stats.queued = [0; 2];
             s.stats.queued_bytes = 0;
+            s.stats.suspects = 0;
             for w in recovered.queued {
                 s.enqueue_back(w);
             }
@@ -464,6 +495,7 @@ fn recover(
         rows.collect::<rusqlite::Result<_>>()?
     };
     let (mut requeued, mut lost) = (0, 0);
+    let mut suspects = std::collections::HashSet::new();
     let now = SystemTime::now();
     for (seq, mut job) in running {
         if job.status == JobStatus::Queued && !started.contains(&job.id) {
@@ -479,6 +511,7 @@ fn recover(
         } else {
             job.release();
             schema::save(&tx, seq, &job, None)?;
+            suspects.insert(job.id);
             requeued += 1;
         }
     }
@@ -507,12 +540,14 @@ fn recover(
     let queued = {
         let mut stmt = tx.prepare("SELECT id, kind, seq, weight FROM jobs WHERE status = 0 ORDER BY seq")?;
         let rows = stmt.query_map([], |r| {
+            let id = JobId::from_bytes(r.get(0)?);
             Ok(Waiting {
-                id: JobId::from_bytes(r.get(0)?),
+                id,
                 kind: schema::kind_of(r.get(1)?)?,
                 seq: r.get(2)?,
                 weight: r.get::<_, i64>(3)? as usize,
                 payload: None,
+                suspect: suspects.contains(&id),
             })
         })?;
         rows.collect::<rusqlite::Result<Vec<_>>>()?
@@ -532,6 +567,11 @@ impl JobStore for SqliteStore {
 
     fn claim(&self, kind: JobKind) -> Option<Pending<Option<Claimed>>> {
         let waiting = self.shared.with_state(|s| s.pop_queued(kind))?;
+        Some(self.send(|reply| Op::Claim { waiting, reply }))
+    }
+
+    fn claim_suspect(&self) -> Option<Pending<Option<Claimed>>> {
+        let waiting = self.shared.with_state(|s| s.pop_suspect())?;
         Some(self.send(|reply| Op::Claim { waiting, reply }))
     }
 
@@ -764,8 +804,13 @@ mod tests {
         assert_eq!((requeued.status, requeued.attempts), (JobStatus::Queued, 1));
         let never_started = store.get(waiting).unwrap().unwrap();
         assert_eq!((never_started.status, never_started.attempts), (JobStatus::Queued, 0));
+        assert_eq!(store.stats().suspects, 1, "the run cut off is a suspect");
         let claimed = block_on(store.claim(JobKind::Pdf).unwrap()).unwrap().unwrap();
+        assert_eq!(claimed.job.id, waiting, "suspects are not claimed with the others");
+        assert!(store.claim(JobKind::Pdf).is_none());
+        let claimed = block_on(store.claim_suspect().unwrap()).unwrap().unwrap();
         assert_eq!((claimed.job.id, claimed.job.attempts), (cut, 2));
+        assert_eq!(store.stats().suspects, 0);
         assert!(matches!(claimed.payload, JobPayload::Pdf(ref spec) if spec.title == "stored"));
     }
 

@@ -33,7 +33,8 @@ thread_local! {
 const ID_BYTES: u64 = 16;
 
 impl StartLog {
-    /// Opens the log in `dir` and returns it with the ids the last process had started.
+    /// Opens the log in `dir` and returns it with the ids the last process had started; call
+    /// [`StartLog::clear`] once they are accounted for (recovery committed).
     pub fn open(dir: &Path) -> std::io::Result<(Arc<Self>, HashSet<JobId>)> {
         let path = dir.join("started");
         let file = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(path)?;
@@ -44,8 +45,12 @@ impl StartLog {
             .filter(|c| c.iter().any(|b| *b != 0))
             .map(|c| JobId::from_bytes(c.try_into().expect("16-byte chunk")))
             .collect();
-        file.set_len(0)?;
         Ok((Arc::new(StartLog { file, next_slot: AtomicU64::new(0) }), started))
+    }
+
+    /// Forgets what the last process started.
+    pub fn clear(&self) -> std::io::Result<()> {
+        self.file.set_len(0)
     }
 
     /// Notes that the calling thread starts `id` now.
@@ -74,15 +79,19 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let (log, before) = StartLog::open(&dir).unwrap();
         assert!(before.is_empty());
+        log.clear().unwrap();
         let (a, b, c) = (JobId::random(), JobId::random(), JobId::random());
         log.mark(a);
         log.mark(b); // the same thread: replaces a
         let other = log.clone();
         std::thread::spawn(move || other.mark(c)).join().unwrap();
         drop(log);
-        let (_, started) = StartLog::open(&dir).unwrap();
+        let (log, started) = StartLog::open(&dir).unwrap();
         assert_eq!(started, HashSet::from([b, c]));
+        let (_, kept) = StartLog::open(&dir).unwrap();
+        assert_eq!(kept, started, "kept until cleared");
+        log.clear().unwrap();
         let (_, again) = StartLog::open(&dir).unwrap();
-        assert!(again.is_empty(), "the log is cleared once read");
+        assert!(again.is_empty(), "cleared");
     }
 }

@@ -240,8 +240,14 @@ fn apply(tx: &Connection, op: Op, shared: &Shared) -> rusqlite::Result<Done> {
                     new.record.spec,
                     new.record.data.as_deref()
                 ])?;
-                let waiting =
-                    Waiting { id: new.job.id, kind: new.job.kind, seq, weight: new.weight, payload: Some(new.payload) };
+                let waiting = Waiting {
+                    id: new.job.id,
+                    kind: new.job.kind,
+                    seq,
+                    weight: new.weight,
+                    payload: Some(new.payload),
+                    suspect: false,
+                };
                 queued.push((new.job.id, waiting));
                 created.push(new.job);
             }
@@ -260,13 +266,14 @@ fn apply(tx: &Connection, op: Op, shared: &Shared) -> rusqlite::Result<Done> {
         }
         Op::Claim { waiting, reply } => {
             let mut taken = Taken::default();
-            let (id, kind, seq, weight) = (waiting.id, waiting.kind, waiting.seq, waiting.weight);
+            let (id, kind, seq, weight, suspect) =
+                (waiting.id, waiting.kind, waiting.seq, waiting.weight, waiting.suspect);
             match claim(tx, shared, waiting, &mut taken) {
                 Ok(claimed) => Done::Claim { reply, claimed: claimed.map(Box::new), taken },
                 Err(e) => {
                     // Nothing of this transaction will stay: the job is queued again (its
                     // payload, if it was cached, is read from disk at the next claim).
-                    let w = Waiting { id, kind, seq, weight, payload: None };
+                    let w = Waiting { id, kind, seq, weight, payload: None, suspect };
                     shared.with_state(|s| s.put_back(w));
                     return Err(e);
                 }
@@ -340,7 +347,7 @@ fn apply(tx: &Connection, op: Op, shared: &Shared) -> rusqlite::Result<Done> {
             schema::save(tx, seq, &job, None)?;
             let weight: i64 =
                 tx.prepare_cached("SELECT weight FROM jobs WHERE seq = ?1")?.query_row(params![seq], |r| r.get(0))?;
-            let waiting = Waiting { id, kind: job.kind, seq, weight: weight as usize, payload: None };
+            let waiting = Waiting { id, kind: job.kind, seq, weight: weight as usize, payload: None, suspect: false };
             Done::Release { reply, released: Some((id, waiting, was)) }
         }
         Op::Expire { now, reply } => {
