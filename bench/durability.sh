@@ -112,9 +112,11 @@ serve() {
   return 1
 }
 
-stop() {  # SIGTERM (the server drains, then exits) and wait
+stop() {  # SIGTERM (the server drains, then exits) and wait; says so if it exits with an error
+  local rc=0
   kill -TERM "$PID"
-  wait "$PID" 2>/dev/null || true
+  wait "$PID" 2>/dev/null || rc=$?
+  [ "$rc" = 0 ] || echo "offload (pid $PID) exited with status $rc after SIGTERM" >&2
   PID=""
 }
 
@@ -291,6 +293,7 @@ stats = json.loads(stats)
 line = {"scenario": "restart", "run": int(run), "fill_once": True, "jobs": stats["jobs"],
         "db_bytes": stats["db_bytes"], "wal_bytes": stats["wal_bytes"], "result_bytes": stats["result_bytes"],
         "memory": json.loads(mem), "sqlite_full": json.loads(full), "sqlite_normal": json.loads(normal), "fs": fs}
+line["loadavg"] = open("/proc/loadavg").read().split()[:3]  # the machine is shared
 open(out, "a").write(json.dumps(line) + "\n")
 print(f"restart run {run}: {stats['jobs']} jobs, offload.db {stats['db_bytes'] / 2**20:.1f} MiB: /readyz 200 after "
       f"full {line['sqlite_full']['ready_s']} s, normal {line['sqlite_normal']['ready_s']} s "
@@ -359,6 +362,7 @@ line = {"scenario": "rss", "runs": 1, "note": "one run whatever RUNS", "jobs": b
         "vmhwm_mib": round(st["VmHWM"] / 1024, 1), "vmrss_mib": round(st["VmRSS"] / 1024, 1),
         "list_all_1000": listing(get1), "list_succeeded_pdf_100": listing(get2), "gets": json.loads(gets),
         "after": json.loads(after), "fs": fs}
+line["loadavg"] = open("/proc/loadavg").read().split()[:3]  # the machine is shared
 open(out, "a").write(json.dumps(line) + "\n")
 print(f"rss: {line['jobs']} jobs, {line['result_bytes'] / 2**30:.2f} GiB of results, offload.db "
       f"{line['db_bytes'] / 2**30:.2f} GiB: restart {line['restart']['ready_s']} s; after the GETs VmHWM "
@@ -389,10 +393,15 @@ churn_once() {
   wait "$SAMPLER" 2>/dev/null || true
   SAMPLER=""
   wait_drained "$PORT" || true
-  python3 - "$samples" "$OUT/durability-churn-oha.json" "$CHURN_S" "$CHURN_RATE" "$WARMUP" "$(peak_rss_kib)" \
-    "$COUNTS" "$FS" "$JSONL" <<'PY'
+  sleep 5  # idle: the checkpointer has had ten turns
+  local idle_wal hwm
+  idle_wal=$(file_bytes "$DIR/offload.db-wal")
+  hwm=$(peak_rss_kib)
+  stop
+  python3 - "$samples" "$OUT/durability-churn-oha.json" "$CHURN_S" "$CHURN_RATE" "$WARMUP" "$hwm" \
+    "$COUNTS" "$FS" "$idle_wal" "$(file_bytes "$DIR/offload.db-wal")" "$JSONL" <<'PY'
 import json, sys
-path, oha, duration, rate, warmup, hwm, counts, fs, out = sys.argv[1:]
+path, oha, duration, rate, warmup, hwm, counts, fs, idle_wal, stopped_wal, out = sys.argv[1:]
 samples = [json.loads(l) for l in open(path)]
 oha = json.load(open(oha))
 after = [s for s in samples if s["t"] >= int(warmup)] or samples[-1:]
@@ -406,16 +415,18 @@ line = {"scenario": "churn", "runs": 1, "store": "sqlite_full", "duration_s": in
         "db_bytes_first": after[0]["db"] if after else None, "db_bytes_last": after[-1]["db"] if after else None,
         "first_t": after[0]["t"] if after else None, "last_t": after[-1]["t"] if after else None,
         "max_db_bytes": max((s["db"] for s in samples), default=None),
+        "wal_bytes_idle_5s": int(idle_wal), "wal_bytes_after_stop": int(stopped_wal),
         "peak_rss_mib": round(int(hwm) / 1024, 1), "final_counts": json.loads(counts) if counts else None,
         "samples": samples, "fs": fs}
+line["loadavg"] = open("/proc/loadavg").read().split()[:3]  # the machine is shared
 open(out, "a").write(json.dumps(line) + "\n")
 mib = lambda b: "–" if b is None else f"{b / 2**20:.1f}"
 print(f"churn {duration} s at {rate}/s (TTL 5 s): {line['req_per_s']} req/s, codes {line['codes']}, p99 "
       f"{line['p99_ms']} ms; max WAL {mib(line['max_wal_bytes'])} MiB; offload.db {mib(line['db_bytes_first'])} MiB "
       f"at {line['first_t']} s -> {mib(line['db_bytes_last'])} MiB at {line['last_t']} s (max {mib(line['max_db_bytes'])}); "
-      f"peak RSS {line['peak_rss_mib']} MiB")
+      f"WAL {mib(line['wal_bytes_idle_5s'])} MiB 5 s after the load, {mib(line['wal_bytes_after_stop'])} MiB "
+      f"after SIGTERM; peak RSS {line['peak_rss_mib']} MiB")
 PY
-  stop
 }
 
 echo "durability: $RUNS runs, data dirs on $FS ($(dirname "$(mktemp -u)")), results to $JSONL"
@@ -432,6 +443,7 @@ m, f, s = json.loads(m), json.loads(f), json.loads(s)
 line = {"scenario": "pdf", "run": int(run), "pages": int(pages), "n": int(n), "memory": m, "sqlite_full": f,
         "sqlite_normal": s, "ratio_full": round(f["jobs_per_s"] / m["jobs_per_s"], 3),
         "ratio_normal": round(s["jobs_per_s"] / m["jobs_per_s"], 3), "fs": fs}
+line["loadavg"] = open("/proc/loadavg").read().split()[:3]  # the machine is shared
 open(out, "a").write(json.dumps(line) + "\n")
 print(f"run {run}: {n} x {pages}-page jobs/s: memory {m['jobs_per_s']}, sqlite full {f['jobs_per_s']} "
       f"({line['ratio_full']:.2f}x), normal {s['jobs_per_s']} ({line['ratio_normal']:.2f}x); succeeded "
@@ -450,6 +462,7 @@ m, f, s = json.loads(m), json.loads(f), json.loads(s)
 line = {"scenario": "submit", "run": int(run), "n": 20000, "c": 64, "memory": m, "sqlite_full": f, "sqlite_normal": s,
         "ratio_full": round(f["req_per_s"] / m["req_per_s"], 3), "ratio_normal": round(s["req_per_s"] / m["req_per_s"], 3),
         "fs": fs}
+line["loadavg"] = open("/proc/loadavg").read().split()[:3]  # the machine is shared
 open(out, "a").write(json.dumps(line) + "\n")
 for name, r in (("memory", m), ("sqlite full", f), ("sqlite normal", s)):
     print(f"run {run}: submit, {name}: {r['req_per_s']:.0f} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
@@ -464,3 +477,6 @@ for run in $(seq "$RUNS"); do
 done
 rss_once
 churn_once
+echo "warnings and errors in the server logs ($LOGS):"
+grep -c -E ' (WARN|ERROR) ' "$LOGS"/*.log || true
+grep -h -E ' (WARN|ERROR) ' "$LOGS"/*.log | sed -E 's/^[^ ]+ +//' | sort | uniq -c | sort -rn | head -10 || true

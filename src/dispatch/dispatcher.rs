@@ -115,6 +115,8 @@ pub struct Dispatcher {
     finishing: usize,
     /// How often finished jobs are checked for expiry.
     sweep_every: Duration,
+    /// An expiry sweep is in progress.
+    sweeping: bool,
     /// Set once a drain starts: the callers waiting for it to end.
     draining: Option<Vec<oneshot::Sender<()>>>,
     /// When progress of a job was last pushed, and whether a delayed push is scheduled.
@@ -148,6 +150,7 @@ impl Dispatcher {
             releasing: 0,
             finishing: 0,
             sweep_every,
+            sweeping: false,
             draining: None,
             progress_pushed: HashMap::new(),
             observers,
@@ -535,6 +538,27 @@ impl Dispatcher {
         }));
     }
 
+    /// Deletes finished jobs past their TTL; a store deletes them in bounded batches (short
+    /// transactions), so while a batch found some, the next follows at once.
+    fn sweep(&mut self, ctx: &mut Context<Self>) {
+        if self.sweeping {
+            return;
+        }
+        self.sweeping = true;
+        let expire = self.store.expire(SystemTime::now());
+        ctx.spawn(expire.into_actor(self).map(|res, this, ctx| {
+            this.sweeping = false;
+            match res {
+                Ok(0) => {}
+                Ok(expired) => {
+                    tracing::debug!(expired, "finished jobs expired");
+                    this.sweep(ctx);
+                }
+                Err(e) => tracing::warn!("expiry sweep failed: {e}"),
+            }
+        }));
+    }
+
     fn retry_after(&self, kind: JobKind) -> u64 {
         let Some(pool) = self.pools.get(&kind) else { return 1 };
         let backlog = self.pending_of(kind) as f64;
@@ -562,12 +586,7 @@ impl Actor for Dispatcher {
         // Handlers wait when the mailbox is full; keep it deep enough for bursts.
         ctx.set_mailbox_capacity(1024);
         ctx.run_interval(self.sweep_every, |this, ctx| {
-            let expire = this.store.expire(SystemTime::now());
-            ctx.spawn(expire.into_actor(this).map(|res, _, _| match res {
-                Ok(0) => {}
-                Ok(expired) => tracing::debug!(expired, "finished jobs expired"),
-                Err(e) => tracing::warn!("expiry sweep failed: {e}"),
-            }));
+            this.sweep(ctx);
             // A safety net: claims resume by themselves whatever stopped them.
             this.pump_all(ctx);
         });

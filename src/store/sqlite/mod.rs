@@ -439,6 +439,7 @@ fn configure(conn: &Connection, sync: SyncMode) -> rusqlite::Result<()> {
     // Checkpoints run on the checkpointer thread, not inside the writer's commits.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.pragma_update(None, "cache_size", -8192)?;
+    conn.set_prepared_statement_cache_capacity(64);
     Ok(())
 }
 
@@ -446,6 +447,7 @@ fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "cache_size", -2048)?;
+    conn.set_prepared_statement_cache_capacity(32);
     Ok(conn)
 }
 
@@ -812,6 +814,23 @@ mod tests {
         assert_eq!((claimed.job.id, claimed.job.attempts), (cut, 2));
         assert_eq!(store.stats().suspects, 0);
         assert!(matches!(claimed.payload, JobPayload::Pdf(ref spec) if spec.title == "stored"));
+    }
+
+    #[test]
+    fn a_database_from_a_newer_release_is_refused() {
+        let dir = temp_dir("newer");
+        drop(SqliteStore::open(&options(&dir), Default::default()).unwrap());
+        let conn = Connection::open(dir.join(DB_FILE)).unwrap();
+        conn.pragma_update(None, "user_version", schema::SCHEMA_VERSION + 1).unwrap();
+        drop(conn);
+        let err = loop {
+            match SqliteStore::open(&options(&dir), Default::default()) {
+                Err(e) if e.contains("in use") => std::thread::yield_now(),
+                Err(e) => break e,
+                Ok(_) => panic!("a newer schema was opened"),
+            }
+        };
+        assert!(err.contains("newer than this binary"), "{err}");
     }
 
     #[test]
