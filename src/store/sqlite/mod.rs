@@ -22,6 +22,7 @@ mod writer;
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
@@ -67,6 +68,8 @@ pub struct SqliteOptions {
 const DB_FILE: &str = "offload.db";
 /// Largest the WAL file is left at after a checkpoint.
 const WAL_LIMIT: i64 = 64 << 20;
+/// WAL length past which the writer restarts it (a RESTART checkpoint between two batches).
+const RESTART_WAL_AT: i64 = WAL_LIMIT / 2;
 /// How often the checkpointer runs.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// Reader connections kept open for reuse.
@@ -94,6 +97,8 @@ pub(crate) struct Shared {
     progress: Mutex<HashMap<JobId, Live>>,
     /// The last write error, while writes fail.
     failing: Mutex<Option<String>>,
+    /// Set by the checkpointer when the WAL grew long: the writer restarts it.
+    pub(crate) restart_wal: AtomicBool,
     /// This process's name as a lease owner.
     pub(crate) owner: String,
     pub(crate) ttl: Duration,
@@ -313,6 +318,7 @@ impl SqliteStore {
             }),
             progress: Mutex::new(HashMap::new()),
             failing: Mutex::new(None),
+            restart_wal: AtomicBool::new(false),
             owner,
             ttl: options.ttl,
             result_budget: options.result_bytes,
@@ -458,12 +464,19 @@ fn start_checkpointer(path: &Path, shared: Weak<Shared>) -> Result<(), String> {
         .name("store-checkpoint".into())
         .spawn(move || {
             crate::process::name_thread(c"store-checkpt");
-            while shared.strong_count() > 0 {
+            let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap_or(4096);
+            let restart_at = RESTART_WAL_AT / page.max(512);
+            loop {
                 std::thread::sleep(CHECKPOINT_EVERY);
-                // PASSIVE never blocks the writer or readers; the WAL restarts from its start
-                // (and is cut back to journal_size_limit) once everything was copied.
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::debug!("checkpoint skipped: {e}");
+                let Some(shared) = shared.upgrade() else { return };
+                // PASSIVE never blocks the writer or readers. The WAL restarts from its start (and
+                // is cut back to journal_size_limit) only when a write begins with every frame
+                // copied back, which a steady stream of writes never allows: past RESTART_WAL_AT
+                // the writer is asked to restart it between two batches.
+                match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
+                    Ok(frames) if frames > restart_at => shared.restart_wal.store(true, Ordering::Relaxed),
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!("checkpoint skipped: {e}"),
                 }
             }
         })

@@ -157,6 +157,9 @@ pub fn run(mut conn: Connection, ops: Receiver<Op>, shared: Arc<Shared>) {
             let message = crate::process::panic_message(panic.as_ref()).to_string();
             tracing::error!("store writer panicked; the batch was not kept: {message}");
         }
+        if shared.restart_wal.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            restart_wal(&conn);
+        }
     }
 }
 
@@ -190,6 +193,20 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Op>, shared: &Shared) {
             // Ops not applied yet were dropped with the closure: their waiters see a closed
             // channel, which the store maps to `Unavailable` as well.
         }
+    }
+}
+
+/// Copies what is left of the WAL back and makes the next write start it from the beginning
+/// (the checkpointer has copied most of it already, so this is short). Waits for readers still
+/// on an old snapshot (their reads are short) within the busy timeout.
+fn restart_wal(conn: &Connection) {
+    let began = std::time::Instant::now();
+    match conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))) {
+        Ok((busy, frames)) => {
+            let ms = began.elapsed().as_secs_f64() * 1000.0;
+            tracing::debug!(busy, frames, ms, "WAL restarted");
+        }
+        Err(e) => tracing::warn!("WAL restart failed: {e}"),
     }
 }
 
