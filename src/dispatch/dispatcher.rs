@@ -275,6 +275,7 @@ impl Dispatcher {
             Err(e) => {
                 tracing::warn!(kind = kind.as_str(), "cannot claim a job: {e}");
                 self.retry_pump(kind, ctx);
+                self.check_drained();
                 return;
             }
         }
@@ -297,6 +298,7 @@ impl Dispatcher {
             Err(e) => {
                 tracing::warn!("cannot claim a job cut off by a crash: {e}");
                 self.retry_pump(JobKind::Pdf, ctx);
+                self.check_drained();
                 return;
             }
         }
@@ -337,6 +339,10 @@ impl Dispatcher {
             return;
         }
         pool.in_flight += 1;
+        if self.draining.is_some() && self.store.durable() {
+            // Claimed just before the drain began: it never starts, and goes back to the queue.
+            control.interrupt(Interrupt::Shutdown);
+        }
         let timer = ctx.run_later(self.admission.job_timeout, move |this, ctx| this.time_out(id, ctx));
         self.running.insert(id, Running { job, control, timer });
     }
@@ -344,6 +350,11 @@ impl Dispatcher {
     /// A worker started a job: it is running now (readers and watchers see it at once).
     fn on_started(&mut self, id: JobId, ctx: &mut Context<Self>) {
         let Some(running) = self.running.get_mut(&id) else { return };
+        // Cancelled, timed out or stopped while its worker picked it up: its end is being
+        // written; it must not be shown running again.
+        if running.control.interrupted().is_some() {
+            return;
+        }
         let now = SystemTime::now();
         if !running.job.start(now) {
             return;

@@ -32,11 +32,13 @@ impl Hub {
     }
 
     /// Follows `ids` for connection `conn`: each known job's current state (from `current`) goes
-    /// into `outbox` first, then every published change. Returns the ids that are not known jobs.
+    /// into `outbox`, and every change published from the moment it is registered. Returns the
+    /// ids that are not known jobs.
     ///
-    /// `current` is read while the hub is locked, so a change published meanwhile is queued
-    /// after the snapshot, never before it (clients never see a job go backwards). It may read
-    /// the disk: call this off the event loop.
+    /// The watcher is registered first and the snapshot read after, without holding the hub's
+    /// lock (the read may touch the disk: call this off the event loop); a change published in
+    /// between reaches the outbox before the snapshot, and the outbox drops a snapshot older than
+    /// what it already holds, so nothing is missed and a job never goes backwards.
     pub fn subscribe(
         &self,
         conn: u64,
@@ -44,17 +46,23 @@ impl Hub {
         ids: Vec<JobId>,
         mut current: impl FnMut(JobId) -> Option<Job>,
     ) -> Vec<JobId> {
-        let mut inner = self.lock();
+        {
+            let mut inner = self.lock();
+            for id in &ids {
+                if inner.followed.entry(conn).or_default().insert(*id) {
+                    inner.watchers.entry(*id).or_default().push(Watcher { conn, outbox: outbox.clone() });
+                }
+            }
+        }
         let mut unknown = Vec::new();
         for id in ids {
-            let Some(job) = current(id) else {
-                unknown.push(id);
-                continue;
-            };
-            outbox.push(job);
-            if inner.followed.entry(conn).or_default().insert(id) {
-                inner.watchers.entry(id).or_default().push(Watcher { conn, outbox: outbox.clone() });
+            match current(id) {
+                Some(job) => outbox.push(job),
+                None => unknown.push(id),
             }
+        }
+        if !unknown.is_empty() {
+            self.unsubscribe(conn, Some(unknown.clone()));
         }
         unknown
     }
@@ -75,7 +83,13 @@ impl Hub {
         };
         for id in ids {
             if let Some(list) = inner.watchers.get_mut(&id) {
-                list.retain(|w| w.conn != conn);
+                list.retain(|w| {
+                    let other = w.conn != conn;
+                    if !other {
+                        w.outbox.forget(id);
+                    }
+                    other
+                });
                 if list.is_empty() {
                     inner.watchers.remove(&id);
                 }

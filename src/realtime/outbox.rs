@@ -24,6 +24,23 @@ struct Pending {
     /// Jobs with pending snapshots, in the order they first became pending.
     order: VecDeque<JobId>,
     snapshots: HashMap<JobId, Vec<Job>>,
+    /// How far along the newest snapshot taken for each followed job was: an older one (a
+    /// subscription's snapshot read before a change that was already pushed) is dropped, so
+    /// a client never sees a job go backwards.
+    newest: HashMap<JobId, Version>,
+}
+
+/// How far along a job is: its attempt, then queued < running < ended, then its progress.
+type Version = (u32, u8, u32);
+
+fn version(job: &Job) -> Version {
+    let rank = match job.status {
+        crate::job::JobStatus::Queued => 0,
+        crate::job::JobStatus::Running => 1,
+        _ => 2,
+    };
+    // Progress is in [0, 1]: the bits of a non-negative float order like the float.
+    (job.attempts, rank, job.progress.max(0.0).to_bits())
 }
 
 impl Outbox {
@@ -36,7 +53,14 @@ impl Outbox {
         {
             let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             let id = job.id;
-            let Pending { order, snapshots } = &mut *p;
+            let Pending { order, snapshots, newest } = &mut *p;
+            let v = version(&job);
+            match newest.get(&id) {
+                Some(seen) if *seen > v => return,
+                _ => {
+                    newest.insert(id, v);
+                }
+            }
             let list = snapshots.entry(id).or_insert_with(|| {
                 order.push_back(id);
                 Vec::new()
@@ -49,6 +73,11 @@ impl Outbox {
         self.ready.notify_one();
     }
 
+    /// The job is no longer followed: forget how far along it was.
+    pub fn forget(&self, id: JobId) {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).newest.remove(&id);
+    }
+
     /// Waits until something is pending (returns at once if something was added since the last
     /// [`Outbox::take`]).
     pub async fn ready(&self) {
@@ -58,7 +87,7 @@ impl Outbox {
     /// Everything pending, oldest job first, each job's snapshots in order.
     pub fn take(&self) -> Vec<Job> {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let Pending { order, snapshots } = &mut *p;
+        let Pending { order, snapshots, .. } = &mut *p;
         let mut out = Vec::new();
         for id in order.drain(..) {
             if let Some(list) = snapshots.remove(&id) {
@@ -95,6 +124,28 @@ mod tests {
         assert_eq!(statuses, ["queued", "running", "failed"]);
         assert!((out[1].progress - 0.99).abs() < 1e-6, "the latest progress is kept");
         assert!(outbox.take().is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_older_than_what_was_pushed_is_dropped() {
+        let now = SystemTime::now();
+        let outbox = Outbox::new();
+        let mut job = Job::new(JobId::random(), JobKind::Pdf, now);
+        let queued = job.clone();
+        job.claim();
+        job.start(now);
+        job.advance(0.5, None);
+        outbox.push(job.clone());
+        outbox.push(queued.clone());
+        let mut older = job.clone();
+        older.progress = 0.2;
+        outbox.push(older);
+        let out = outbox.take();
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].status.as_str(), out[0].progress), ("running", 0.5));
+        outbox.forget(job.id);
+        outbox.push(queued);
+        assert_eq!(outbox.take().len(), 1, "forgotten once unsubscribed");
     }
 
     #[test]

@@ -210,6 +210,9 @@ async fn handle_frame(
         follow.hub.unsubscribe(conn, Some(ids));
         return replies;
     }
+    // One id named twice is one subscription (and counts once against the cap).
+    let mut seen = HashSet::new();
+    ids.retain(|id| seen.insert(*id));
     let new: Vec<JobId> = ids.iter().copied().filter(|id| !following.contains(id)).collect();
     if following.len() + new.len() > settings.max_subscriptions {
         let message = format!("a connection may follow at most {} jobs", settings.max_subscriptions);

@@ -26,7 +26,7 @@ pub async fn generate_pdf(
     let callback = spec.callback_url.take().map(|raw| CallbackUrl::parse(&raw, **policy)).transpose()?;
     let spec = DocumentSpec::parse(spec, &limits)?;
     let submitted = submit(&req, vec![JobPayload::Pdf(spec)], callback, &store, &dispatcher).await?;
-    let job = &submitted.jobs[0];
+    let job = submitted.jobs.first().ok_or(ApiError::JobNotFound)?;
     let mut res = HttpResponse::Accepted();
     res.insert_header((header::LOCATION, format!("/jobs/{}", job.id)));
     if submitted.replayed {

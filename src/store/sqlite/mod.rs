@@ -273,6 +273,11 @@ impl Shared {
         job
     }
 
+    /// Whether a worker started this claimed job (whether or not that write was committed).
+    pub(crate) fn is_started(&self, id: JobId) -> bool {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner()).get(&id).is_some_and(|l| l.started.is_some())
+    }
+
     pub(crate) fn forget_progress(&self, id: JobId) {
         self.progress.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
     }
@@ -510,7 +515,6 @@ fn recover(
         rows.collect::<rusqlite::Result<_>>()?
     };
     let (mut requeued, mut lost) = (0, 0);
-    let mut suspects = std::collections::HashSet::new();
     let now = SystemTime::now();
     for (seq, mut job) in running {
         if job.status == JobStatus::Queued && !started.contains(&job.id) {
@@ -526,7 +530,7 @@ fn recover(
         } else {
             job.release();
             schema::save(&tx, seq, &job, None)?;
-            suspects.insert(job.id);
+            tx.execute("UPDATE jobs SET suspect = 1 WHERE seq = ?1", params![seq])?;
             requeued += 1;
         }
     }
@@ -553,16 +557,17 @@ fn recover(
             })? as usize;
     }
     let queued = {
-        let mut stmt = tx.prepare("SELECT id, kind, seq, weight FROM jobs WHERE status = 0 ORDER BY seq")?;
+        // Suspects stay suspects until a run of theirs ends (a kill or a deploy before they ran
+        // alone does not clear them).
+        let mut stmt = tx.prepare("SELECT id, kind, seq, weight, suspect FROM jobs WHERE status = 0 ORDER BY seq")?;
         let rows = stmt.query_map([], |r| {
-            let id = JobId::from_bytes(r.get(0)?);
             Ok(Waiting {
-                id,
+                id: JobId::from_bytes(r.get(0)?),
                 kind: schema::kind_of(r.get(1)?)?,
                 seq: r.get(2)?,
                 weight: r.get::<_, i64>(3)? as usize,
                 payload: None,
-                suspect: suspects.contains(&id),
+                suspect: r.get(4)?,
             })
         })?;
         rows.collect::<rusqlite::Result<Vec<_>>>()?
@@ -618,7 +623,7 @@ impl JobStore for SqliteStore {
 
     fn owed_webhooks(&self) -> Result<Vec<OwedWebhook>, StoreError> {
         self.read(|conn| {
-            let mut stmt = conn.prepare("SELECT job_id, url, body FROM webhooks ORDER BY seq")?;
+            let mut stmt = conn.prepare("SELECT job_id, url, body FROM webhooks ORDER BY id")?;
             let rows = stmt.query_map([], |r| {
                 Ok((JobId::from_bytes(r.get(0)?), r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?))
             })?;
@@ -724,6 +729,8 @@ impl JobStore for SqliteStore {
         match known {
             None => Ok(None),
             Some(Err(e)) => Err(e),
+            // The jobs were deleted between the two reads: the key goes with them.
+            Some(Ok(jobs)) if jobs.is_empty() => Ok(None),
             Some(Ok(jobs)) => Ok(Some(jobs.into_iter().map(|j| self.shared.live(j)).collect())),
         }
     }

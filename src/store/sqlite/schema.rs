@@ -15,7 +15,7 @@ pub const SCHEMA_VERSION: i64 = 1;
 /// Migration `n` takes the schema from version `n` to `n + 1`.
 const MIGRATIONS: [&str; 1] = [r#"
 CREATE TABLE jobs (
-    seq INTEGER PRIMARY KEY,          -- creation order
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, -- creation order; never reused (results and payloads are keyed by it)
     id BLOB NOT NULL UNIQUE,          -- 16 random bytes
     kind INTEGER NOT NULL,
     status INTEGER NOT NULL,
@@ -34,7 +34,8 @@ CREATE TABLE jobs (
     result_width INTEGER,
     result_height INTEGER,
     callback TEXT,
-    weight INTEGER NOT NULL           -- payload bytes counted against the queued-bytes budget
+    weight INTEGER NOT NULL,          -- payload bytes counted against the queued-bytes budget
+    suspect INTEGER NOT NULL DEFAULT 0 -- was running when a process died: runs alone until it ends
 );
 CREATE INDEX jobs_by_status ON jobs (status, seq);
 CREATE INDEX jobs_by_finish ON jobs (finished_at) WHERE finished_at IS NOT NULL;
@@ -42,7 +43,7 @@ CREATE INDEX jobs_by_finish ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 CREATE TABLE payloads (seq INTEGER PRIMARY KEY, spec BLOB NOT NULL, data BLOB);
 CREATE TABLE results (seq INTEGER PRIMARY KEY, bytes BLOB NOT NULL);
 -- Webhooks owed: written with the final state, deleted once delivered or given up.
-CREATE TABLE webhooks (seq INTEGER PRIMARY KEY, job_id BLOB NOT NULL UNIQUE, url TEXT NOT NULL, body BLOB NOT NULL);
+CREATE TABLE webhooks (id INTEGER PRIMARY KEY, job_id BLOB NOT NULL UNIQUE, url TEXT NOT NULL, body BLOB NOT NULL);
 CREATE TABLE idempotency (key TEXT PRIMARY KEY, fingerprint BLOB NOT NULL, first_seq INTEGER NOT NULL, ids BLOB NOT NULL);
 CREATE INDEX idempotency_by_job ON idempotency (first_seq);
 CREATE TABLE meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;

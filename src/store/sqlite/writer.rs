@@ -59,7 +59,7 @@ enum Done {
     Finish { reply: Reply<Option<Job>>, ended: Option<(Job, usize, JobStatus)>, evicted: Evicted },
     Cancel { reply: Reply<CancelOutcome>, outcome: CancelOutcome, was: Option<JobStatus> },
     Release { reply: Reply<bool>, released: Option<(JobId, Waiting, JobStatus)> },
-    Start { reply: Reply<bool>, started: bool },
+    Start { reply: Reply<bool>, started: bool, id: JobId },
     Expire { reply: Reply<usize>, evicted: Evicted },
     Nothing,
 }
@@ -167,11 +167,25 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Op>, shared: &Shared) {
     let began = std::time::Instant::now();
     shared.metrics.store_batch.observe(batch.len() as f64);
     let mut done = Vec::with_capacity(batch.len());
+    let mut ops = batch.into_iter();
     let result = (|| -> Result<(), String> {
         shared.check_fail_hook()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| e.to_string())?;
-        for op in batch {
-            done.push(apply(&tx, op, shared).map_err(|e| e.to_string())?);
+        for op in ops.by_ref() {
+            // A claim carries a job taken out of the in-memory queue: if its write goes wrong in
+            // any way, panics included, the job goes back.
+            let rescue = op.claimed_waiting();
+            let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| apply(&tx, op, shared)));
+            match applied {
+                Ok(Ok(d)) => done.push(d),
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(panic) => {
+                    if let Some(w) = rescue {
+                        shared.with_state(|s| s.put_back(w));
+                    }
+                    return Err(format!("a write panicked: {}", crate::process::panic_message(panic.as_ref())));
+                }
+            }
         }
         tx.commit().map_err(|e| e.to_string())
     })();
@@ -190,9 +204,46 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Op>, shared: &Shared) {
             for d in done {
                 fail(d, shared, &message);
             }
-            // Ops not applied yet were dropped with the closure: their waiters see a closed
-            // channel, which the store maps to `Unavailable` as well.
+            // Writes not applied yet: answered too, and their claimed jobs queued again.
+            for op in ops {
+                abandon(op, shared, &message);
+            }
         }
+    }
+}
+
+impl Op {
+    /// The queue entry a claim took, rebuilt without its payload (read again from disk).
+    fn claimed_waiting(&self) -> Option<Waiting> {
+        match self {
+            Op::Claim { waiting: w, .. } => Some(Waiting {
+                id: w.id,
+                kind: w.kind,
+                seq: w.seq,
+                weight: w.weight,
+                payload: None,
+                suspect: w.suspect,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// A write the batch did not get to: its job (a claim's) goes back to the queue, its waiter
+/// hears `Unavailable`.
+fn abandon(op: Op, shared: &Shared, message: &str) {
+    let error = || StoreError::Unavailable(message.to_string());
+    match op {
+        Op::Claim { waiting, reply } => {
+            shared.with_state(|s| s.put_back(waiting));
+            let _ = reply.send(Err(error()));
+        }
+        Op::Insert { reply, .. } => drop(reply.send(Err(error()))),
+        Op::Start { reply, .. } | Op::Release { reply, .. } => drop(reply.send(Err(error()))),
+        Op::Finish { reply, .. } => drop(reply.send(Err(error()))),
+        Op::Cancel { reply, .. } => drop(reply.send(Err(error()))),
+        Op::Expire { reply, .. } => drop(reply.send(Err(error()))),
+        Op::WebhookDone { .. } => {}
     }
 }
 
@@ -298,13 +349,13 @@ fn apply(tx: &Connection, op: Op, shared: &Shared) -> rusqlite::Result<Done> {
         }
         Op::Start { id, attempt, at, reply } => {
             let Some((seq, mut job)) = held(tx, shared, id, attempt)? else {
-                return Ok(Done::Start { reply, started: false });
+                return Ok(Done::Start { reply, started: false, id });
             };
             let started = job.start(at);
             if started {
                 schema::save(tx, seq, &job, Some(&shared.owner))?;
             }
-            Done::Start { reply, started }
+            Done::Start { reply, started, id }
         }
         Op::Finish { id, attempt, outcome, reply } => {
             let Some((seq, mut job)) = held(tx, shared, id, attempt)? else {
@@ -341,8 +392,9 @@ fn apply(tx: &Connection, op: Op, shared: &Shared) -> rusqlite::Result<Done> {
             let Some((seq, mut job)) = schema::load(tx, id)? else {
                 return Ok(Done::Cancel { reply, outcome: CancelOutcome::Unknown, was: None });
             };
-            job = shared.live(job);
+            // Counts move from the state on disk; the job keeps its live progress.
             let was = job.status;
+            job = shared.live(job);
             if !apply_final(&mut job, Final::Cancelled(Some(reason)), now) {
                 return Ok(Done::Cancel { reply, outcome: CancelOutcome::Finished(job), was: None });
             }
@@ -354,17 +406,19 @@ fn apply(tx: &Connection, op: Op, shared: &Shared) -> rusqlite::Result<Done> {
                 return Ok(Done::Release { reply, released: None });
             };
             let was = job.status;
-            match was {
+            match (was, shared.is_started(id)) {
                 // Claimed, never started: as if it had not been claimed.
-                JobStatus::Queued => job.attempts -= 1,
+                (JobStatus::Queued, false) => job.attempts -= 1,
+                // Started (even if that write did not make it): the attempt stays counted.
                 _ => {
                     job.release();
                 }
             }
             schema::save(tx, seq, &job, None)?;
-            let weight: i64 =
-                tx.prepare_cached("SELECT weight FROM jobs WHERE seq = ?1")?.query_row(params![seq], |r| r.get(0))?;
-            let waiting = Waiting { id, kind: job.kind, seq, weight: weight as usize, payload: None, suspect: false };
+            let (weight, suspect): (i64, bool) = tx
+                .prepare_cached("SELECT weight, suspect FROM jobs WHERE seq = ?1")?
+                .query_row(params![seq], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let waiting = Waiting { id, kind: job.kind, seq, weight: weight as usize, payload: None, suspect };
             Done::Release { reply, released: Some((id, waiting, was)) }
         }
         Op::Expire { now, reply } => {
@@ -420,8 +474,8 @@ pub fn end(tx: &Connection, seq: i64, job: &Job) -> rusqlite::Result<()> {
     tx.prepare_cached("DELETE FROM payloads WHERE seq = ?1")?.execute(params![seq])?;
     if let Some(url) = &job.callback {
         let body = serde_json::to_vec(&job.view()).unwrap_or_default();
-        tx.prepare_cached("INSERT OR REPLACE INTO webhooks (seq, job_id, url, body) VALUES (?1, ?2, ?3, ?4)")?
-            .execute(params![seq, job.id.to_bytes(), url.as_str(), body])?;
+        tx.prepare_cached("INSERT OR REPLACE INTO webhooks (job_id, url, body) VALUES (?1, ?2, ?3)")?
+            .execute(params![job.id.to_bytes(), url.as_str(), body])?;
     }
     Ok(())
 }
@@ -527,9 +581,12 @@ fn complete(done: Done, shared: &Shared) {
             }
             let _ = reply.send(Ok(changed));
         }
-        Done::Start { reply, started } => {
+        Done::Start { reply, started, id } => {
             if started {
                 shared.with_state(|s| s.stats.by_status.moved(JobStatus::Queued, JobStatus::Running));
+            } else {
+                // Ended meanwhile (cancel, timeout): nothing live to show.
+                shared.forget_progress(id);
             }
             let _ = reply.send(Ok(started));
         }
