@@ -211,8 +211,9 @@ pub trait JobStore: Send + Sync + 'static {
     fn claim_suspect(&self) -> Option<Pending<Option<Claimed>>> {
         None
     }
-    /// A worker started the claimed job at `at`: queued → running. Readers see it at once; the
-    /// write is not waited for by anyone (the attempt was already counted at the claim).
+    /// A worker started the claimed job at `at`: queued → running. Readers see it at once; a
+    /// store need not write it on its own (the attempt was counted at the claim, the end records
+    /// `started_at`).
     fn start(&self, id: JobId, attempt: u32, at: SystemTime) -> Pending<bool>;
     /// Ends a run, fenced: applies only while this process holds the job with this `attempt`. The
     /// result, and the webhook owed when the job has a callback, are written with the state.

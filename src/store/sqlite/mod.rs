@@ -19,7 +19,7 @@ mod schema;
 mod startlog;
 mod writer;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,8 +32,8 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::oneshot;
 
 use super::{
-    kind_index, CancelOutcome, Claimed, Final, IdempotencyKey, Inserted, JobStore, ListFilter, NewJob, OwedWebhook,
-    Pending, ResultBody, ResultReader, StatusCounts, StoreError, StoreStats,
+    kind_index, ready, CancelOutcome, Claimed, Final, IdempotencyKey, Inserted, JobStore, ListFilter, NewJob,
+    OwedWebhook, Pending, ResultBody, ResultReader, StatusCounts, StoreError, StoreStats,
 };
 use crate::domain::callback::{CallbackPolicy, CallbackUrl};
 use crate::domain::JobPayload;
@@ -128,6 +128,10 @@ pub(crate) struct State {
     /// Claimed jobs not started yet → their payload weight, still counted in `queued_bytes`
     /// (the payload waits in a pool's mailbox).
     claimed: HashMap<JobId, usize>,
+    /// Claimed jobs a worker started. A start is not written on its own (the final write
+    /// records it; the start log covers a crash), so on disk they are still `queued`: this is
+    /// where `running` is known, for counts, listings and readers.
+    pub(crate) started: HashSet<JobId>,
     pub(crate) stats: StoreStats,
 }
 
@@ -214,11 +218,25 @@ impl State {
         self.waiting.insert(w.id, w);
     }
 
-    /// A claimed job started, ended or was released: its payload bytes no longer count.
-    pub(crate) fn unclaim(&mut self, id: JobId) {
+    /// A worker started a claimed job: whether it was still claimed (not ended or released).
+    pub(crate) fn start_claimed(&mut self, id: JobId) -> bool {
+        let Some(weight) = self.claimed.remove(&id) else { return false };
+        self.stats.queued_bytes -= weight;
+        self.started.insert(id);
+        self.stats.by_status.moved(JobStatus::Queued, JobStatus::Running);
+        true
+    }
+
+    /// A held job ended or was released: it is no longer claimed or started. Returns the
+    /// status it had as far as the counts know.
+    pub(crate) fn settle(&mut self, id: JobId) -> JobStatus {
+        if self.started.remove(&id) {
+            return JobStatus::Running;
+        }
         if let Some(weight) = self.claimed.remove(&id) {
             self.stats.queued_bytes -= weight;
         }
+        JobStatus::Queued
     }
 
     /// A queued job was cancelled.
@@ -273,11 +291,6 @@ impl Shared {
         job
     }
 
-    /// Whether a worker started this claimed job (whether or not that write was committed).
-    pub(crate) fn is_started(&self, id: JobId) -> bool {
-        self.progress.lock().unwrap_or_else(|p| p.into_inner()).get(&id).is_some_and(|l| l.started.is_some())
-    }
-
     pub(crate) fn forget_progress(&self, id: JobId) {
         self.progress.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
     }
@@ -319,6 +332,7 @@ impl SqliteStore {
                 suspects: VecDeque::new(),
                 waiting: HashMap::new(),
                 claimed: HashMap::new(),
+                started: HashSet::new(),
                 stats: recovered.stats,
             }),
             progress: Mutex::new(HashMap::new()),
@@ -596,9 +610,18 @@ impl JobStore for SqliteStore {
     }
 
     fn start(&self, id: JobId, attempt: u32, at: SystemTime) -> Pending<bool> {
-        self.shared.progress.lock().unwrap_or_else(|p| p.into_inner()).entry(id).or_default().started = Some(at);
-        self.shared.with_state(|s| s.unclaim(id));
-        self.send(|reply| Op::Start { id, attempt, at, reply })
+        // No write: the start log has it for a crash, the final write records `started_at`.
+        let _ = attempt; // the claim is this process's own: `claimed` holds only those
+        let started = self.shared.with_state(|s| {
+            let started = s.start_claimed(id);
+            if started {
+                // Under the state lock: an end settled meanwhile cannot leave a live entry behind.
+                self.shared.progress.lock().unwrap_or_else(|p| p.into_inner()).entry(id).or_default().started =
+                    Some(at);
+            }
+            started
+        });
+        ready(Ok(started))
     }
 
     fn finish(&self, id: JobId, attempt: u32, outcome: Final) -> Pending<Option<Job>> {
@@ -661,6 +684,20 @@ impl JobStore for SqliteStore {
     }
 
     fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, StoreError> {
+        let started: Vec<JobId> = self.shared.with_state(|s| s.started.iter().copied().collect());
+        if filter.status == Some(JobStatus::Running) {
+            // Running is known in memory (on disk a started job is still `queued`).
+            let mut jobs = Vec::new();
+            for id in started {
+                if let Some(job) = self.get(id)?.filter(|j| j.status == JobStatus::Running) {
+                    jobs.push(job);
+                }
+            }
+            jobs.retain(|j| filter.kind.is_none_or(|k| j.kind == k));
+            jobs.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+            jobs.truncate(filter.limit);
+            return Ok(jobs);
+        }
         let mut sql = format!("SELECT {} FROM jobs", schema::JOB_COLUMNS);
         let mut clauses = Vec::new();
         if let Some(s) = filter.status {
@@ -674,12 +711,17 @@ impl JobStore for SqliteStore {
             sql.push_str(&clauses.join(" AND "));
         }
         sql.push_str(" ORDER BY seq DESC LIMIT ?1");
+        // Queued on disk includes the started ones: read enough to drop them.
+        let extra = if filter.status == Some(JobStatus::Queued) { started.len() } else { 0 };
         let jobs = self.read(|conn| {
             let mut stmt = conn.prepare_cached(&sql)?;
-            let rows = stmt.query_map(params![filter.limit as i64], schema::job_from_row)?;
+            let rows = stmt.query_map(params![(filter.limit + extra) as i64], schema::job_from_row)?;
             rows.map(|r| r.map(|(_, job)| job)).collect::<rusqlite::Result<Vec<_>>>()
         })?;
-        Ok(jobs.into_iter().map(|j| self.shared.live(j)).collect())
+        let mut jobs: Vec<Job> = jobs.into_iter().map(|j| self.shared.live(j)).collect();
+        jobs.retain(|j| filter.status.is_none_or(|s| j.status == s));
+        jobs.truncate(filter.limit);
+        Ok(jobs)
     }
 
     fn result(&self, id: JobId) -> Result<Option<(ResultMeta, ResultBody)>, StoreError> {

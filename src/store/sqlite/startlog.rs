@@ -3,10 +3,9 @@
 //!
 //! Why: an attempt must be counted before a job can take the process down (else a poison job
 //! crash-loops the service), but only jobs that really started count as attempts. A claim is
-//! committed before the job reaches a worker; the start itself is written to the database
-//! without anyone waiting for it, so a run that aborts the process at once may leave no trace
-//! there. At recovery, a claimed job whose start is not in the database counts as started only
-//! if its id is in this log. (An OS crash may lose the log; then such a job runs again with its
+//! committed before the job reaches a worker; the start itself is not written to the database
+//! (a write per job nobody needs to wait for: the final write records `started_at`). At
+//! recovery, a job claimed by the dead process counts as started only if its id is in this log. (An OS crash may lose the log; then such a job runs again with its
 //! attempt not counted, which is the safe side for a job that did not crash anything.)
 
 use std::cell::Cell;

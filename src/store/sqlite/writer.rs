@@ -28,7 +28,6 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 pub enum Op {
     Insert { jobs: Vec<NewJob>, key: Option<IdempotencyKey>, reply: Reply<Inserted> },
     Claim { waiting: Waiting, reply: Reply<Option<Claimed>> },
-    Start { id: JobId, attempt: u32, at: SystemTime, reply: Reply<bool> },
     Finish { id: JobId, attempt: u32, outcome: Final, reply: Reply<Option<Job>> },
     Cancel { id: JobId, reason: ErrorBody, reply: Reply<CancelOutcome> },
     Release { id: JobId, attempt: u32, reply: Reply<bool> },
@@ -56,10 +55,9 @@ impl Op {
 enum Done {
     Insert { reply: Reply<Inserted>, outcome: Result<Inserted, StoreError>, queued: Vec<(JobId, Waiting)> },
     Claim { reply: Reply<Option<Claimed>>, claimed: Option<Box<(Claimed, Waiting)>>, taken: Taken },
-    Finish { reply: Reply<Option<Job>>, ended: Option<(Job, usize, JobStatus)>, evicted: Evicted },
-    Cancel { reply: Reply<CancelOutcome>, outcome: CancelOutcome, was: Option<JobStatus> },
-    Release { reply: Reply<bool>, released: Option<(JobId, Waiting, JobStatus)> },
-    Start { reply: Reply<bool>, started: bool, id: JobId },
+    Finish { reply: Reply<Option<Job>>, ended: Option<(Job, usize)>, evicted: Evicted },
+    Cancel { reply: Reply<CancelOutcome>, outcome: CancelOutcome },
+    Release { reply: Reply<bool>, released: Option<(JobId, Waiting)> },
     Expire { reply: Reply<usize>, evicted: Evicted },
     Nothing,
 }
@@ -239,7 +237,7 @@ fn abandon(op: Op, shared: &Shared, message: &str) {
             let _ = reply.send(Err(error()));
         }
         Op::Insert { reply, .. } => drop(reply.send(Err(error()))),
-        Op::Start { reply, .. } | Op::Release { reply, .. } => drop(reply.send(Err(error()))),
+        Op::Release { reply, .. } => drop(reply.send(Err(error()))),
         Op::Finish { reply, .. } => drop(reply.send(Err(error()))),
         Op::Cancel { reply, .. } => drop(reply.send(Err(error()))),
         Op::Expire { reply, .. } => drop(reply.send(Err(error()))),
@@ -347,23 +345,12 @@ fn apply(tx: &Connection, op: Op, shared: &Shared) -> rusqlite::Result<Done> {
                 }
             }
         }
-        Op::Start { id, attempt, at, reply } => {
-            let Some((seq, mut job)) = held(tx, shared, id, attempt)? else {
-                return Ok(Done::Start { reply, started: false, id });
-            };
-            let started = job.start(at);
-            if started {
-                schema::save(tx, seq, &job, Some(&shared.owner))?;
-            }
-            Done::Start { reply, started, id }
-        }
         Op::Finish { id, attempt, outcome, reply } => {
             let Some((seq, mut job)) = held(tx, shared, id, attempt)? else {
                 return Ok(Done::Finish { reply, ended: None, evicted: Evicted::default() });
             };
-            let before = job.status;
-            // With its live state: the last progress a failed or cancelled job keeps, and its
-            // start if that write failed. Counts move from `before`, the state on disk.
+            // With its live state: its start (not written on its own) and the last progress a
+            // failed or cancelled job keeps.
             job = shared.live(job);
             let mut evicted = Evicted::default();
             let budget = shared.result_budget;
@@ -386,40 +373,36 @@ fn apply(tx: &Connection, op: Op, shared: &Shared) -> rusqlite::Result<Done> {
                     .execute(params![seq, bytes.as_ref()])?;
             }
             end(tx, seq, &job)?;
-            Done::Finish { reply, ended: Some((job, result_len, before)), evicted }
+            Done::Finish { reply, ended: Some((job, result_len)), evicted }
         }
         Op::Cancel { id, reason, reply } => {
             let Some((seq, mut job)) = schema::load(tx, id)? else {
-                return Ok(Done::Cancel { reply, outcome: CancelOutcome::Unknown, was: None });
+                return Ok(Done::Cancel { reply, outcome: CancelOutcome::Unknown });
             };
-            // Counts move from the state on disk; the job keeps its live progress.
-            let was = job.status;
+            // With its live state (started, progress); counts move when the batch commits.
             job = shared.live(job);
             if !apply_final(&mut job, Final::Cancelled(Some(reason)), now) {
-                return Ok(Done::Cancel { reply, outcome: CancelOutcome::Finished(job), was: None });
+                return Ok(Done::Cancel { reply, outcome: CancelOutcome::Finished(job) });
             }
             end(tx, seq, &job)?;
-            Done::Cancel { reply, outcome: CancelOutcome::Cancelled(job), was: Some(was) }
+            Done::Cancel { reply, outcome: CancelOutcome::Cancelled(job) }
         }
         Op::Release { id, attempt, reply } => {
             let Some((seq, mut job)) = held(tx, shared, id, attempt)? else {
                 return Ok(Done::Release { reply, released: None });
             };
-            let was = job.status;
-            match (was, shared.is_started(id)) {
+            // Started or not is known in memory only (a start is not written on its own).
+            if !shared.with_state(|s| s.started.contains(&id)) {
                 // Claimed, never started: as if it had not been claimed.
-                (JobStatus::Queued, false) => job.attempts -= 1,
-                // Started (even if that write did not make it): the attempt stays counted.
-                _ => {
-                    job.release();
-                }
+                job.attempts -= 1;
             }
+            job.release();
             schema::save(tx, seq, &job, None)?;
             let (weight, suspect): (i64, bool) = tx
                 .prepare_cached("SELECT weight, suspect FROM jobs WHERE seq = ?1")?
                 .query_row(params![seq], |r| Ok((r.get(0)?, r.get(1)?)))?;
             let waiting = Waiting { id, kind: job.kind, seq, weight: weight as usize, payload: None, suspect };
-            Done::Release { reply, released: Some((id, waiting, was)) }
+            Done::Release { reply, released: Some((id, waiting)) }
         }
         Op::Expire { now, reply } => {
             let cutoff = micros(now).saturating_sub(shared.ttl.as_micros() as i64);
@@ -545,24 +528,22 @@ fn complete(done: Done, shared: &Shared) {
         Done::Finish { reply, ended, evicted } => {
             shared.with_state(|s| {
                 s.evicted(&evicted.statuses, evicted.result_bytes);
-                if let Some((job, bytes, before)) = &ended {
-                    s.unclaim(job.id);
-                    s.stats.by_status.moved(*before, job.status);
+                if let Some((job, bytes)) = &ended {
+                    let before = s.settle(job.id);
+                    s.stats.by_status.moved(before, job.status);
                     s.stats.result_bytes += bytes;
                 }
             });
-            if let Some((job, _, _)) = &ended {
+            if let Some((job, _)) = &ended {
                 shared.forget_progress(job.id);
             }
-            let _ = reply.send(Ok(ended.map(|(job, _, _)| job)));
+            let _ = reply.send(Ok(ended.map(|(job, _)| job)));
         }
-        Done::Cancel { reply, outcome, was } => {
-            if let (CancelOutcome::Cancelled(job), Some(was)) = (&outcome, was) {
+        Done::Cancel { reply, outcome } => {
+            if let CancelOutcome::Cancelled(job) = &outcome {
                 shared.with_state(|s| {
-                    if was == JobStatus::Queued {
-                        s.forget_queued(job.id);
-                        s.unclaim(job.id);
-                    }
+                    s.forget_queued(job.id);
+                    let was = s.settle(job.id);
                     s.stats.by_status.moved(was, JobStatus::Cancelled);
                 });
                 shared.forget_progress(job.id);
@@ -571,24 +552,15 @@ fn complete(done: Done, shared: &Shared) {
         }
         Done::Release { reply, released } => {
             let changed = released.is_some();
-            if let Some((id, waiting, was)) = released {
+            if let Some((id, waiting)) = released {
                 shared.forget_progress(id);
                 shared.with_state(|s| {
-                    s.unclaim(id);
+                    let was = s.settle(id);
                     s.stats.by_status.moved(was, JobStatus::Queued);
                     s.enqueue_front(waiting);
                 });
             }
             let _ = reply.send(Ok(changed));
-        }
-        Done::Start { reply, started, id } => {
-            if started {
-                shared.with_state(|s| s.stats.by_status.moved(JobStatus::Queued, JobStatus::Running));
-            } else {
-                // Ended meanwhile (cancel, timeout): nothing live to show.
-                shared.forget_progress(id);
-            }
-            let _ = reply.send(Ok(started));
         }
         Done::Expire { reply, evicted } => {
             let n = evicted.statuses.len();
@@ -616,7 +588,6 @@ fn fail(done: Done, shared: &Shared, message: &str) {
         Done::Finish { reply, .. } => drop(reply.send(Err(error()))),
         Done::Cancel { reply, .. } => drop(reply.send(Err(error()))),
         Done::Release { reply, .. } => drop(reply.send(Err(error()))),
-        Done::Start { reply, .. } => drop(reply.send(Err(error()))),
         Done::Expire { reply, .. } => drop(reply.send(Err(error()))),
         Done::Nothing => {}
     }
