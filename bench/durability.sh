@@ -18,7 +18,7 @@
 #              (full, then normal; memory, empty, as the floor), timed from just before the
 #              process is started until GET /readyz answers 200 (curl every 5 ms). Target <= 1 s.
 # Once, whatever RUNS (the JSON says "runs": 1):
-#  4. rss:     the same dir plus RESULT_GIB (1) GiB of twenty-page results (~45 KB each), with
+#  4. rss:     the same dir plus RESULT_GIB (1) GiB of twenty-page results (~41 KB each), with
 #              --result-disk 2GiB --result-ttl 24h; restart (timed too), GETs of job listings,
 #              jobs and results, then VmHWM / VmRSS. Target <= 64 MiB.
 #  5. churn:   sqlite full with --result-ttl 5s, one-page jobs at CHURN_RATE/s (500) for CHURN
@@ -31,7 +31,8 @@
 #   {"scenario": "submit", "run": 1, "n": 20000, "c": 64, "memory": {...}, ..., "ratio_full": ...}
 #   {"scenario": "restart", "run": 1, "jobs": 100000, "db_bytes": ..., "memory": {"ready_s": ...}, ...}
 #   {"scenario": "rss", "runs": 1, ...}   {"scenario": "churn", "runs": 1, ...}
-# Each line carries "fs" (the data dirs' filesystem: TMPDIR decides where they go).
+# Each line carries "fs" (the data dirs' filesystem: TMPDIR decides where they go), "loadavg"
+# (the machine may be shared) and "commit" (HEAD, +uncommitted-src when src/ differs).
 # Env: OUT (bench/results), FLAGS (extra server flags for every server), KEEP_DATA=1 (keep the
 # data dirs), FILL_JOBS, RESULT_GIB, CHURN, CHURN_RATE, WARMUP.
 # Needs oha (cargo install oha --locked; bench/peers.sh prepare installs it), curl and python3.
@@ -48,13 +49,16 @@ CHURN_RATE=${CHURN_RATE:-500}
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")
 JSONL=$OUT/durability.jsonl
-LOGS=$OUT/durability-logs
+LOGS=$OUT/durability-logs  # this run's server logs
+rm -rf "$LOGS"
 mkdir -p "$LOGS"
 . bench/common.sh  # wait_drained, peak_rss_kib, cpu_by_thread (all read $PID)
 . bench/peers.sh   # offload_pdf_body
 command -v oha >/dev/null || { echo "needs oha: cargo install oha --locked (or bench/peers.sh prepare)" >&2; exit 1; }
 cargo build --release --locked -q --bin offload
-BIN=./target/release/offload
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || COMMIT+="+uncommitted-src"
+export COMMIT
 CHURN_S=$(python3 -c 'import sys; s = sys.argv[1]; print(int(s[:-1]) * {"s": 1, "m": 60, "h": 3600}[s[-1]] if s[-1] in "smh" else int(s))' "$CHURN")
 WARMUP=${WARMUP:-$(( CHURN_S / 10 > 10 ? CHURN_S / 10 : 10 ))}
 BODY1=$(offload_pdf_body 1)
@@ -72,6 +76,9 @@ cleanup() {
 }
 trap cleanup EXIT
 FS=$(df --output=fstype "$ROOT" | tail -1)
+# One binary for the whole run, whatever rebuilds target/release meanwhile.
+BIN=$ROOT/offload
+cp target/release/offload "$BIN"
 
 fresh_dir() { DIR=$(mktemp -d "$ROOT/data.XXXXXX"); }  # sets DIR to a new empty data dir
 
@@ -124,7 +131,7 @@ stop() {  # SIGTERM (the server drains, then exits) and wait; says so if it exit
 wait_finished() {
   local re='"queued":([0-9]+),"running":([0-9]+)'
   for _ in $(seq "$1"); do
-    COUNTS=$(curl -sf "http://127.0.0.1:$PORT/jobs?limit=1" | grep -o '"counts":{[^}]*}' | cut -d: -f2-)
+    COUNTS=$(curl -sf "http://127.0.0.1:$PORT/jobs?limit=1" | grep -o '"counts":{[^}]*}' | cut -d: -f2- || true)
     if [[ $COUNTS =~ $re ]] && [ "${BASH_REMATCH[1]}" = 0 ] && [ "${BASH_REMATCH[2]}" = 0 ]; then
       return 0
     fi
@@ -146,7 +153,7 @@ pdf_batch() {  # pdf_batch STORE PAGES N: one fresh server, one batch; prints a 
   local store=$1 pages=$2 n=$3 body cpu_before
   body=$(offload_pdf_body "$pages")
   store_flags "$store"
-  serve "$LOGS/pdf-$store.log" "${SFLAGS[@]}" --max-pending $((n + 64))
+  serve "$LOGS/pdf-$store-p$pages-r$run.log" "${SFLAGS[@]}" --max-pending $((n + 64))
   submit /dev/null 16 4 "$body"  # warm-up, as bench/pdf_batch.sh
   wait_drained "$PORT"
   cpu_before=$(cpu_by_thread)
@@ -177,7 +184,7 @@ PY
 # ---- 2. submit throughput ----------------------------------------------------------------------
 submit_burst() {  # submit_burst STORE: 20,000 one-page submissions, c 64; prints a JSON object
   store_flags "$1"
-  serve "$LOGS/submit-$1.log" "${SFLAGS[@]}" --max-pending 30000 --max-queued-bytes 1GiB
+  serve "$LOGS/submit-$1-r$run.log" "${SFLAGS[@]}" --max-pending 30000 --max-queued-bytes 1GiB
   submit "$OUT/durability-oha.json" 20000 64 "$BODY1"
   wait_drained "$PORT" || true
   python3 - "$OUT/durability-oha.json" "$COUNTS" "$(peak_rss_kib)" <<'PY'
@@ -277,13 +284,13 @@ fill_small() {
 restart_run() {  # restart_run RUN: one timed start each of memory (empty), full and normal on $BIG
   local stats mem full normal
   stats=$(db_stats "$BIG")
-  timed_start "$LOGS/restart-memory.log" --store memory
+  timed_start "$LOGS/restart-memory-r$1.log" --store memory
   mem=$READY
   stop
-  timed_start "$LOGS/restart-full.log" --store sqlite --data-dir "$BIG" --sync full "${BIG_FLAGS[@]}"
+  timed_start "$LOGS/restart-full-r$1.log" --store sqlite --data-dir "$BIG" --sync full "${BIG_FLAGS[@]}"
   full=$READY
   stop
-  timed_start "$LOGS/restart-normal.log" --store sqlite --data-dir "$BIG" --sync normal "${BIG_FLAGS[@]}"
+  timed_start "$LOGS/restart-normal-r$1.log" --store sqlite --data-dir "$BIG" --sync normal "${BIG_FLAGS[@]}"
   normal=$READY
   stop
   python3 - "$1" "$stats" "$mem" "$full" "$normal" "$FS" "$JSONL" <<'PY'
@@ -294,6 +301,7 @@ line = {"scenario": "restart", "run": int(run), "fill_once": True, "jobs": stats
         "db_bytes": stats["db_bytes"], "wal_bytes": stats["wal_bytes"], "result_bytes": stats["result_bytes"],
         "memory": json.loads(mem), "sqlite_full": json.loads(full), "sqlite_normal": json.loads(normal), "fs": fs}
 line["loadavg"] = open("/proc/loadavg").read().split()[:3]  # the machine is shared
+line["commit"] = __import__("os").environ.get("COMMIT")  # what was built
 open(out, "a").write(json.dumps(line) + "\n")
 print(f"restart run {run}: {stats['jobs']} jobs, offload.db {stats['db_bytes'] / 2**20:.1f} MiB: /readyz 200 after "
       f"full {line['sqlite_full']['ready_s']} s, normal {line['sqlite_normal']['ready_s']} s "
@@ -363,6 +371,7 @@ line = {"scenario": "rss", "runs": 1, "note": "one run whatever RUNS", "jobs": b
         "list_all_1000": listing(get1), "list_succeeded_pdf_100": listing(get2), "gets": json.loads(gets),
         "after": json.loads(after), "fs": fs}
 line["loadavg"] = open("/proc/loadavg").read().split()[:3]  # the machine is shared
+line["commit"] = __import__("os").environ.get("COMMIT")  # what was built
 open(out, "a").write(json.dumps(line) + "\n")
 print(f"rss: {line['jobs']} jobs, {line['result_bytes'] / 2**30:.2f} GiB of results, offload.db "
       f"{line['db_bytes'] / 2**30:.2f} GiB: restart {line['restart']['ready_s']} s; after the GETs VmHWM "
@@ -373,25 +382,27 @@ PY
 }
 
 # ---- 5. churn ----------------------------------------------------------------------------------
+churn_sample() {  # churn_sample FILE START: appends one JSON sample of $DIR's files and the server
+  local held rss
+  held=$(curl -sf "http://127.0.0.1:$PORT/jobs?limit=1" | grep -o '"counts":{[^}]*}' | cut -d: -f2- || true)
+  rss=$(awk '/VmRSS/ {print $2}' "/proc/$PID/status" 2>/dev/null || true)
+  echo "{\"t\": $(( $(date +%s) - $2 )), \"db\": $(file_bytes "$DIR/offload.db"), \"wal\": $(file_bytes "$DIR/offload.db-wal"), \"rss_kib\": ${rss:-0}, \"counts\": ${held:-null}}" >>"$1"
+}
+
 churn_once() {
   local samples=$OUT/durability-churn-samples.jsonl start
   fresh_dir
   serve "$LOGS/churn.log" --store sqlite --data-dir "$DIR" --result-ttl 5s
   : >"$samples"
   start=$(date +%s)
-  (
-    while sleep 10; do
-      held=$(curl -sf "http://127.0.0.1:$PORT/jobs?limit=1" | grep -o '"counts":{[^}]*}' | cut -d: -f2- || echo null)
-      rss=$(awk '/VmRSS/ {print $2}' "/proc/$PID/status" 2>/dev/null || echo 0)
-      echo "{\"t\": $(( $(date +%s) - start )), \"db\": $(file_bytes "$DIR/offload.db"), \"wal\": $(file_bytes "$DIR/offload.db-wal"), \"rss_kib\": ${rss:-0}, \"counts\": ${held:-null}}" >>"$samples"
-    done
-  ) &
+  (while sleep 10; do churn_sample "$samples" "$start"; done) &
   SAMPLER=$!
   oha -z "$CHURN" -q "$CHURN_RATE" -c 16 --no-tui --output-format json -m POST -H 'content-type: application/json' \
     -d "$BODY1" "http://127.0.0.1:$PORT/generate-pdf" >"$OUT/durability-churn-oha.json"
   kill "$SAMPLER" 2>/dev/null || true
   wait "$SAMPLER" 2>/dev/null || true
   SAMPLER=""
+  churn_sample "$samples" "$start"  # the last one: as the load ends
   wait_drained "$PORT" || true
   sleep 5  # idle: the checkpointer has had ten turns
   local idle_wal hwm
@@ -419,6 +430,7 @@ line = {"scenario": "churn", "runs": 1, "store": "sqlite_full", "duration_s": in
         "peak_rss_mib": round(int(hwm) / 1024, 1), "final_counts": json.loads(counts) if counts else None,
         "samples": samples, "fs": fs}
 line["loadavg"] = open("/proc/loadavg").read().split()[:3]  # the machine is shared
+line["commit"] = __import__("os").environ.get("COMMIT")  # what was built
 open(out, "a").write(json.dumps(line) + "\n")
 mib = lambda b: "–" if b is None else f"{b / 2**20:.1f}"
 print(f"churn {duration} s at {rate}/s (TTL 5 s): {line['req_per_s']} req/s, codes {line['codes']}, p99 "
@@ -444,6 +456,7 @@ line = {"scenario": "pdf", "run": int(run), "pages": int(pages), "n": int(n), "m
         "sqlite_normal": s, "ratio_full": round(f["jobs_per_s"] / m["jobs_per_s"], 3),
         "ratio_normal": round(s["jobs_per_s"] / m["jobs_per_s"], 3), "fs": fs}
 line["loadavg"] = open("/proc/loadavg").read().split()[:3]  # the machine is shared
+line["commit"] = __import__("os").environ.get("COMMIT")  # what was built
 open(out, "a").write(json.dumps(line) + "\n")
 print(f"run {run}: {n} x {pages}-page jobs/s: memory {m['jobs_per_s']}, sqlite full {f['jobs_per_s']} "
       f"({line['ratio_full']:.2f}x), normal {s['jobs_per_s']} ({line['ratio_normal']:.2f}x); succeeded "
@@ -463,6 +476,7 @@ line = {"scenario": "submit", "run": int(run), "n": 20000, "c": 64, "memory": m,
         "ratio_full": round(f["req_per_s"] / m["req_per_s"], 3), "ratio_normal": round(s["req_per_s"] / m["req_per_s"], 3),
         "fs": fs}
 line["loadavg"] = open("/proc/loadavg").read().split()[:3]  # the machine is shared
+line["commit"] = __import__("os").environ.get("COMMIT")  # what was built
 open(out, "a").write(json.dumps(line) + "\n")
 for name, r in (("memory", m), ("sqlite full", f), ("sqlite normal", s)):
     print(f"run {run}: submit, {name}: {r['req_per_s']:.0f} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
@@ -478,5 +492,5 @@ done
 rss_once
 churn_once
 echo "warnings and errors in the server logs ($LOGS):"
-grep -c -E ' (WARN|ERROR) ' "$LOGS"/*.log || true
+grep -c -E ' (WARN|ERROR) ' "$LOGS"/*.log | grep -v ':0$' || echo "    none"
 grep -h -E ' (WARN|ERROR) ' "$LOGS"/*.log | sed -E 's/^[^ ]+ +//' | sort | uniq -c | sort -rn | head -10 || true

@@ -120,8 +120,9 @@ if dur:
                     for s in stores), "", "", "all"))
     runs = by("restart")
     if runs:
-        jobs, db = runs[0]["jobs"], runs[0]["db_bytes"]
-        drows.append((f"restart to `/readyz` 200, s ({jobs:,} jobs, offload.db {db / 2**20:,.0f} MiB; memory: empty)",
+        jobs, db, wal = runs[0]["jobs"], runs[0]["db_bytes"], runs[0]["wal_bytes"]
+        drows.append((f"restart to `/readyz` 200, s ({jobs:,} jobs, offload.db {db / 2**20:,.0f} MiB + "
+                      f"WAL {wal / 2**20:,.0f} MiB; memory: empty)",
                       *(fmt(med([r[s]["ready_s"] for r in runs]), 3) for s in stores), "", "", "≤ 1 s"))
     for r in by("rss")[-1:]:
         drows.append((f"restart, s ({r['jobs']:,} jobs, {r['result_bytes'] / 2**30:.2f} GiB of results; one run)", "",

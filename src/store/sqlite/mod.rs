@@ -694,7 +694,7 @@ impl JobStore for SqliteStore {
                 }
             }
             jobs.retain(|j| filter.kind.is_none_or(|k| j.kind == k));
-            jobs.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+            jobs.sort_by_key(|j| std::cmp::Reverse(j.created_at));
             jobs.truncate(filter.limit);
             return Ok(jobs);
         }
