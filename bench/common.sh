@@ -2,13 +2,16 @@
 # Source it after `cd` to the repo root; needs curl and python3.
 
 # start_offload PORT LOG [FLAGS...]: builds and starts the server, sets PID, stops it on exit.
+# The server runs with the default, durable store, in a fresh data directory removed on exit
+# (FLAGS="--store memory" for the in-memory store).
 start_offload() {
   local port=$1 log=$2
   shift 2
   cargo build --release --locked -q
-  ./target/release/offload --bind "127.0.0.1:$port" "$@" >"$log" 2>&1 &
+  BENCH_DATA=$(mktemp -d "${TMPDIR:-/tmp}/offload-bench.XXXXXX")
+  ./target/release/offload --bind "127.0.0.1:$port" --data-dir "$BENCH_DATA" "$@" >"$log" 2>&1 &
   PID=$!
-  trap 'kill $PID 2>/dev/null || true' EXIT
+  trap 'kill $PID 2>/dev/null || true; wait $PID 2>/dev/null || true; rm -rf "$BENCH_DATA"' EXIT
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && return 0; sleep 0.05; done
   echo "offload did not start; see $log" >&2
   return 1

@@ -173,6 +173,31 @@ pub fn load(conn: &Connection, id: JobId) -> rusqlite::Result<Option<(i64, Job)>
     conn.prepare_cached(&sql)?.query_row(params![id.to_bytes()], job_from_row).optional()
 }
 
+/// One job by its row (the claim knows it from the queue): (job, owner).
+pub fn load_seq(conn: &Connection, seq: i64) -> rusqlite::Result<Option<(Job, Option<String>)>> {
+    let sql = format!("SELECT {JOB_COLUMNS}, owner FROM jobs WHERE seq = ?1");
+    conn.prepare_cached(&sql)?.query_row(params![seq], |r| Ok((job_from_row(r)?.1, r.get(18)?))).optional()
+}
+
+/// One job by id with its owner: (seq, job, owner).
+pub fn load_owned(conn: &Connection, id: JobId) -> rusqlite::Result<Option<(i64, Job, Option<String>)>> {
+    let sql = format!("SELECT {JOB_COLUMNS}, owner FROM jobs WHERE id = ?1");
+    conn.prepare_cached(&sql)?
+        .query_row(params![id.to_bytes()], |r| {
+            let (seq, job) = job_from_row(r)?;
+            Ok((seq, job, r.get(18)?))
+        })
+        .optional()
+}
+
+/// Records a claim: the attempt and the owner (nothing else changes).
+pub fn save_claim(conn: &Connection, seq: i64, attempts: u32, owner: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached("UPDATE jobs SET attempts = ?2, owner = ?3 WHERE seq = ?1")?.execute(params![
+        seq, attempts, owner
+    ])?;
+    Ok(())
+}
+
 /// A new job row; its sequence number.
 pub fn insert(conn: &Connection, job: &Job, weight: usize) -> rusqlite::Result<i64> {
     conn.prepare_cached(

@@ -38,6 +38,9 @@ pub enum Op {
 /// Most writes in one transaction, and most payload bytes (a large upload commits nearly alone).
 const MAX_BATCH: usize = 1024;
 const MAX_BATCH_BYTES: usize = 32 << 20;
+/// A batch smaller than this waits up to [`LINGER`] once for more writes.
+const LINGER_BELOW: usize = 8;
+const LINGER: Duration = Duration::from_micros(200);
 /// Expired jobs deleted per sweep transaction (keeps each short).
 const EXPIRE_BATCH: i64 = 2000;
 
@@ -90,7 +93,8 @@ fn claim(
     taken: &mut Taken,
 ) -> rusqlite::Result<Option<(Claimed, Waiting)>> {
     let now = SystemTime::now();
-    let Some((seq, mut job)) = schema::load(tx, waiting.id)? else {
+    let seq = waiting.seq;
+    let Some((mut job, _)) = schema::load_seq(tx, seq)?.filter(|(j, _)| j.id == waiting.id) else {
         taken.skipped.push(waiting);
         return Ok(None);
     };
@@ -104,7 +108,7 @@ fn claim(
     };
     match payload {
         Ok(payload) => {
-            schema::save(tx, seq, &job, Some(&shared.owner))?;
+            schema::save_claim(tx, seq, job.attempts, &shared.owner)?;
             Ok(Some((Claimed { job, payload }, waiting)))
         }
         Err(message) => {
@@ -138,13 +142,25 @@ pub fn run(mut conn: Connection, ops: Receiver<Op>, shared: Arc<Shared>) {
         };
         let mut batch_bytes = first.bytes();
         let mut batch = vec![first];
+        let mut lingered = false;
         while batch.len() < MAX_BATCH && batch_bytes < MAX_BATCH_BYTES {
-            match ops.try_recv() {
-                Ok(op) => {
+            let next = match ops.try_recv() {
+                Ok(op) => Some(op),
+                // A small batch waits once, briefly, for company: every commit rewrites the
+                // pages it touches (the B-tree's edge, its parents) into the WAL, so a few more
+                // writes per commit cost far less than a commit each.
+                Err(_) if !lingered && batch.len() < LINGER_BELOW => {
+                    lingered = true;
+                    ops.recv_timeout(LINGER).ok()
+                }
+                Err(_) => None,
+            };
+            match next {
+                Some(op) => {
                     batch_bytes += op.bytes();
                     batch.push(op);
                 }
-                Err(_) => break,
+                None => break,
             }
         }
         // A bug in one write must not stop every later one: the batch is rolled back (the
@@ -442,13 +458,9 @@ impl Evicted {
 /// The job, if this process holds it (claimed by this owner, not ended) with this attempt: the
 /// fence every write about a run goes through.
 fn held(tx: &Connection, shared: &Shared, id: JobId, attempt: u32) -> rusqlite::Result<Option<(i64, Job)>> {
-    let Some((seq, job)) = schema::load(tx, id)? else { return Ok(None) };
-    if job.status.is_terminal() || job.attempts != attempt {
-        return Ok(None);
-    }
-    let owner: Option<String> =
-        tx.prepare_cached("SELECT owner FROM jobs WHERE seq = ?1")?.query_row(params![seq], |r| r.get(0))?;
-    Ok((owner.as_deref() == Some(shared.owner.as_str())).then_some((seq, job)))
+    let Some((seq, job, owner)) = schema::load_owned(tx, id)? else { return Ok(None) };
+    let ours = !job.status.is_terminal() && job.attempts == attempt && owner.as_deref() == Some(&shared.owner);
+    Ok(ours.then_some((seq, job)))
 }
 
 /// Writes a job's final state: the row, no more payload, the webhook owed if it has a callback.
