@@ -19,7 +19,7 @@ mod schema;
 mod startlog;
 mod writer;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -99,8 +99,6 @@ pub(crate) struct Shared {
     failing: Mutex<Option<String>>,
     /// Set by the checkpointer when the WAL grew long: the writer restarts it.
     pub(crate) restart_wal: AtomicBool,
-    /// This process's name as a lease owner.
-    pub(crate) owner: String,
     pub(crate) ttl: Duration,
     pub(crate) result_budget: usize,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
@@ -109,10 +107,12 @@ pub(crate) struct Shared {
     fail_file: PathBuf,
 }
 
-/// What readers see of a claimed job before (or instead of) the disk.
+/// What readers see of a started job instead of the disk (where it is still `queued`).
 #[derive(Default)]
 pub(crate) struct Live {
     started: Option<SystemTime>,
+    /// The attempt it runs as (counted once it started).
+    attempt: u32,
     fraction: f32,
     stage: Option<String>,
 }
@@ -125,13 +125,13 @@ pub(crate) struct State {
     /// [`JobStore::claim_suspect`]).
     suspects: VecDeque<JobId>,
     waiting: HashMap<JobId, Waiting>,
-    /// Claimed jobs not started yet → their payload weight, still counted in `queued_bytes`
-    /// (the payload waits in a pool's mailbox).
-    claimed: HashMap<JobId, usize>,
-    /// Claimed jobs a worker started. A start is not written on its own (the final write
-    /// records it; the start log covers a crash), so on disk they are still `queued`: this is
-    /// where `running` is known, for counts, listings and readers.
-    pub(crate) started: HashSet<JobId>,
+    /// Claimed jobs not started yet → (attempt, payload weight, still counted in `queued_bytes`:
+    /// the payload waits in a pool's mailbox).
+    claimed: HashMap<JobId, (u32, usize)>,
+    /// Claimed jobs a worker started → attempt. Neither a claim nor a start is written (the
+    /// final write records both; the start log covers a crash), so on disk these jobs are still
+    /// `queued`: this is where `running` is known, for counts, listings, readers and fences.
+    pub(crate) started: HashMap<JobId, u32>,
     pub(crate) stats: StoreStats,
 }
 
@@ -141,8 +141,9 @@ pub(crate) struct Waiting {
     pub(crate) kind: JobKind,
     pub(crate) seq: i64,
     pub(crate) weight: usize,
-    /// The payload, for jobs accepted by this process (saves a read at claim).
+    /// The payload and the job, for jobs accepted by this process (a claim needs no read).
     pub(crate) payload: Option<JobPayload>,
+    pub(crate) job: Option<Job>,
     /// It was running when the last process died: it may be what killed it, so it runs alone.
     pub(crate) suspect: bool,
 }
@@ -200,9 +201,14 @@ impl State {
         None
     }
 
-    /// The claim of a popped job committed: its bytes count until it starts or ends.
-    pub(crate) fn claimed(&mut self, w: &Waiting) {
-        self.claimed.insert(w.id, w.weight);
+    /// A popped job is claimed with `attempt`: its bytes count until it starts or ends.
+    pub(crate) fn claimed(&mut self, w: &Waiting, attempt: u32) {
+        self.claimed.insert(w.id, (attempt, w.weight));
+    }
+
+    /// The attempt this process holds the job with (claimed or started), if it holds it.
+    pub(crate) fn held_attempt(&self, id: JobId) -> Option<u32> {
+        self.claimed.get(&id).map(|c| c.0).or_else(|| self.started.get(&id).copied())
     }
 
     /// A popped job turned out not runnable (gone, cancelled, unreadable).
@@ -219,10 +225,13 @@ impl State {
     }
 
     /// A worker started a claimed job: whether it was still claimed (not ended or released).
-    pub(crate) fn start_claimed(&mut self, id: JobId) -> bool {
-        let Some(weight) = self.claimed.remove(&id) else { return false };
+    pub(crate) fn start_claimed(&mut self, id: JobId, attempt: u32) -> bool {
+        if self.claimed.get(&id).map(|c| c.0) != Some(attempt) {
+            return false;
+        }
+        let (_, weight) = self.claimed.remove(&id).expect("checked");
         self.stats.queued_bytes -= weight;
-        self.started.insert(id);
+        self.started.insert(id, attempt);
         self.stats.by_status.moved(JobStatus::Queued, JobStatus::Running);
         true
     }
@@ -230,10 +239,10 @@ impl State {
     /// A held job ended or was released: it is no longer claimed or started. Returns the
     /// status it had as far as the counts know.
     pub(crate) fn settle(&mut self, id: JobId) -> JobStatus {
-        if self.started.remove(&id) {
+        if self.started.remove(&id).is_some() {
             return JobStatus::Running;
         }
-        if let Some(weight) = self.claimed.remove(&id) {
+        if let Some((_, weight)) = self.claimed.remove(&id) {
             self.stats.queued_bytes -= weight;
         }
         JobStatus::Queued
@@ -284,6 +293,7 @@ impl Shared {
         }
         if let Some(live) = self.progress.lock().unwrap_or_else(|p| p.into_inner()).get(&job.id) {
             if let Some(at) = live.started.filter(|_| job.status == JobStatus::Queued) {
+                job.attempts = job.attempts.max(live.attempt);
                 job.start(at);
             }
             job.advance(live.fraction, live.stage.clone());
@@ -320,7 +330,6 @@ impl SqliteStore {
         let mut conn = Connection::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         configure(&conn, options.sync).map_err(|e| format!("cannot configure {}: {e}", path.display()))?;
         schema::migrate(&mut conn)?;
-        let owner = format!("{}:{}", std::process::id(), JobId::random());
         let (start_log, started) =
             StartLog::open(dir).map_err(|e| format!("cannot open the start log in {}: {e}", dir.display()))?;
         let recovered =
@@ -332,13 +341,12 @@ impl SqliteStore {
                 suspects: VecDeque::new(),
                 waiting: HashMap::new(),
                 claimed: HashMap::new(),
-                started: HashSet::new(),
+                started: HashMap::new(),
                 stats: recovered.stats,
             }),
             progress: Mutex::new(HashMap::new()),
             failing: Mutex::new(None),
             restart_wal: AtomicBool::new(false),
-            owner,
             ttl: options.ttl,
             result_budget: options.result_bytes,
             metrics,
@@ -374,6 +382,22 @@ impl SqliteStore {
         );
         let readers = Arc::new(Readers { idle: Mutex::new(Vec::new()), path });
         Ok(SqliteStore { ops, shared, readers, start_log, _lock: lock })
+    }
+
+    /// Claims a job taken from the queue: at once when this process accepted it (job and payload
+    /// are in memory; nothing is written), else after the writer thread read them.
+    fn take(&self, mut waiting: Waiting) -> Pending<Option<Claimed>> {
+        match (waiting.job.take(), waiting.payload.take()) {
+            (Some(mut job), Some(payload)) => {
+                job.claim();
+                self.shared.with_state(|s| s.claimed(&waiting, job.attempts));
+                ready(Ok(Some(Claimed { job, payload })))
+            }
+            (_, payload) => {
+                waiting.payload = payload;
+                self.send(|reply| Op::Claim { waiting, reply })
+            }
+        }
     }
 
     fn send<T: Send + 'static>(&self, make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op) -> Pending<T> {
@@ -521,21 +545,24 @@ fn recover(
 ) -> rusqlite::Result<Recovered> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let running: Vec<(i64, Job)> = {
-        // Running, or claimed by the process that died (its start may not have been written).
-        let sql =
-            format!("SELECT {} FROM jobs WHERE status = 1 OR (status = 0 AND owner IS NOT NULL)", schema::JOB_COLUMNS);
+        // Started by the process that died: its worker threads noted them in the start log
+        // (neither claims nor starts are written). Rows marked running on disk count too.
+        let sql = format!("SELECT {} FROM jobs WHERE status = 1", schema::JOB_COLUMNS);
         let mut stmt = tx.prepare(&sql)?;
         let rows = stmt.query_map([], schema::job_from_row)?;
-        rows.collect::<rusqlite::Result<_>>()?
+        let mut found: Vec<(i64, Job)> = rows.collect::<rusqlite::Result<_>>()?;
+        for id in started {
+            if let Some((seq, mut job)) = schema::load(&tx, *id)?.filter(|(_, j)| j.status == JobStatus::Queued) {
+                // Its run counts as an attempt: it may be what took the process down.
+                job.attempts += 1;
+                found.push((seq, job));
+            }
+        }
+        found
     };
     let (mut requeued, mut lost) = (0, 0);
     let now = SystemTime::now();
     for (seq, mut job) in running {
-        if job.status == JobStatus::Queued && !started.contains(&job.id) {
-            job.attempts = job.attempts.saturating_sub(1);
-            schema::save(&tx, seq, &job, None)?;
-            continue;
-        }
         if job.attempts >= max_attempts {
             job.fail(super::worker_lost(job.attempts), now);
             writer::end(&tx, seq, &job)?;
@@ -543,7 +570,7 @@ fn recover(
             lost += 1;
         } else {
             job.release();
-            schema::save(&tx, seq, &job, None)?;
+            schema::save(&tx, seq, &job)?;
             tx.execute("UPDATE jobs SET suspect = 1 WHERE seq = ?1", params![seq])?;
             requeued += 1;
         }
@@ -581,6 +608,7 @@ fn recover(
                 seq: r.get(2)?,
                 weight: r.get::<_, i64>(3)? as usize,
                 payload: None,
+                job: None,
                 suspect: r.get(4)?,
             })
         })?;
@@ -601,23 +629,24 @@ impl JobStore for SqliteStore {
 
     fn claim(&self, kind: JobKind) -> Option<Pending<Option<Claimed>>> {
         let waiting = self.shared.with_state(|s| s.pop_queued(kind))?;
-        Some(self.send(|reply| Op::Claim { waiting, reply }))
+        Some(self.take(waiting))
     }
 
     fn claim_suspect(&self) -> Option<Pending<Option<Claimed>>> {
         let waiting = self.shared.with_state(|s| s.pop_suspect())?;
-        Some(self.send(|reply| Op::Claim { waiting, reply }))
+        Some(self.take(waiting))
     }
 
     fn start(&self, id: JobId, attempt: u32, at: SystemTime) -> Pending<bool> {
         // No write: the start log has it for a crash, the final write records `started_at`.
-        let _ = attempt; // the claim is this process's own: `claimed` holds only those
         let started = self.shared.with_state(|s| {
-            let started = s.start_claimed(id);
+            let started = s.start_claimed(id, attempt);
             if started {
                 // Under the state lock: an end settled meanwhile cannot leave a live entry behind.
-                self.shared.progress.lock().unwrap_or_else(|p| p.into_inner()).entry(id).or_default().started =
-                    Some(at);
+                let mut live = self.shared.progress.lock().unwrap_or_else(|p| p.into_inner());
+                let entry = live.entry(id).or_default();
+                entry.started = Some(at);
+                entry.attempt = attempt;
             }
             started
         });
@@ -684,7 +713,7 @@ impl JobStore for SqliteStore {
     }
 
     fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, StoreError> {
-        let started: Vec<JobId> = self.shared.with_state(|s| s.started.iter().copied().collect());
+        let started: Vec<JobId> = self.shared.with_state(|s| s.started.keys().copied().collect());
         if filter.status == Some(JobStatus::Running) {
             // Running is known in memory (on disk a started job is still `queued`).
             let mut jobs = Vec::new();

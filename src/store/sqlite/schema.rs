@@ -20,7 +20,6 @@ CREATE TABLE jobs (
     kind INTEGER NOT NULL,
     status INTEGER NOT NULL,
     attempts INTEGER NOT NULL,
-    owner TEXT,                       -- the process that claimed it (lease owner)
     progress REAL NOT NULL,
     stage TEXT,
     created_at INTEGER NOT NULL,      -- microseconds since the Unix epoch
@@ -173,29 +172,10 @@ pub fn load(conn: &Connection, id: JobId) -> rusqlite::Result<Option<(i64, Job)>
     conn.prepare_cached(&sql)?.query_row(params![id.to_bytes()], job_from_row).optional()
 }
 
-/// One job by its row (the claim knows it from the queue): (job, owner).
-pub fn load_seq(conn: &Connection, seq: i64) -> rusqlite::Result<Option<(Job, Option<String>)>> {
-    let sql = format!("SELECT {JOB_COLUMNS}, owner FROM jobs WHERE seq = ?1");
-    conn.prepare_cached(&sql)?.query_row(params![seq], |r| Ok((job_from_row(r)?.1, r.get(18)?))).optional()
-}
-
-/// One job by id with its owner: (seq, job, owner).
-pub fn load_owned(conn: &Connection, id: JobId) -> rusqlite::Result<Option<(i64, Job, Option<String>)>> {
-    let sql = format!("SELECT {JOB_COLUMNS}, owner FROM jobs WHERE id = ?1");
-    conn.prepare_cached(&sql)?
-        .query_row(params![id.to_bytes()], |r| {
-            let (seq, job) = job_from_row(r)?;
-            Ok((seq, job, r.get(18)?))
-        })
-        .optional()
-}
-
-/// Records a claim: the attempt and the owner (nothing else changes).
-pub fn save_claim(conn: &Connection, seq: i64, attempts: u32, owner: &str) -> rusqlite::Result<()> {
-    conn.prepare_cached("UPDATE jobs SET attempts = ?2, owner = ?3 WHERE seq = ?1")?.execute(params![
-        seq, attempts, owner
-    ])?;
-    Ok(())
+/// One job by its row (the claim knows it from the queue).
+pub fn load_seq(conn: &Connection, seq: i64) -> rusqlite::Result<Option<Job>> {
+    let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE seq = ?1");
+    conn.prepare_cached(&sql)?.query_row(params![seq], |r| Ok(job_from_row(r)?.1)).optional()
 }
 
 /// A new job row; its sequence number.
@@ -219,18 +199,17 @@ pub fn insert(conn: &Connection, job: &Job, weight: usize) -> rusqlite::Result<i
 }
 
 /// Writes every mutable field of `job` back to row `seq`.
-pub fn save(conn: &Connection, seq: i64, job: &Job, owner: Option<&str>) -> rusqlite::Result<()> {
+pub fn save(conn: &Connection, seq: i64, job: &Job) -> rusqlite::Result<()> {
     let result = job.result.as_ref();
     conn.prepare_cached(
-        "UPDATE jobs SET status = ?2, attempts = ?3, owner = ?4, progress = ?5, stage = ?6, started_at = ?7, \
-         finished_at = ?8, error_code = ?9, error_message = ?10, result_type = ?11, result_bytes = ?12, \
-         result_name = ?13, result_width = ?14, result_height = ?15 WHERE seq = ?1",
+        "UPDATE jobs SET status = ?2, attempts = ?3, progress = ?4, stage = ?5, started_at = ?6, \
+         finished_at = ?7, error_code = ?8, error_message = ?9, result_type = ?10, result_bytes = ?11, \
+         result_name = ?12, result_width = ?13, result_height = ?14 WHERE seq = ?1",
     )?
     .execute(params![
         seq,
         status_code(job.status),
         job.attempts,
-        owner,
         f64::from(job.progress),
         job.stage,
         job.started_at.map(micros),

@@ -84,17 +84,14 @@ impl Taken {
     }
 }
 
-/// Claims `waiting` (already taken from the in-memory queue by the caller): attempt + 1, owned
-/// by this process. `None` if it is not claimable after all (gone, cancelled, unreadable).
-fn claim(
-    tx: &Connection,
-    shared: &Shared,
-    mut waiting: Waiting,
-    taken: &mut Taken,
-) -> rusqlite::Result<Option<(Claimed, Waiting)>> {
+/// Claims `waiting` (already taken from the in-memory queue by the caller) when its job or
+/// payload must be read from disk first (jobs from before this start): attempt + 1, in memory
+/// (nothing is written; see [`super::StartLog`]). `None` if it is not claimable after all
+/// (gone, cancelled, unreadable).
+fn claim(tx: &Connection, mut waiting: Waiting, taken: &mut Taken) -> rusqlite::Result<Option<(Claimed, Waiting)>> {
     let now = SystemTime::now();
     let seq = waiting.seq;
-    let Some((mut job, _)) = schema::load_seq(tx, seq)?.filter(|(j, _)| j.id == waiting.id) else {
+    let Some(mut job) = schema::load_seq(tx, seq)?.filter(|j| j.id == waiting.id) else {
         taken.skipped.push(waiting);
         return Ok(None);
     };
@@ -107,10 +104,7 @@ fn claim(
         None => load_payload(tx, seq, waiting.kind)?,
     };
     match payload {
-        Ok(payload) => {
-            schema::save_claim(tx, seq, job.attempts, &shared.owner)?;
-            Ok(Some((Claimed { job, payload }, waiting)))
-        }
+        Ok(payload) => Ok(Some((Claimed { job, payload }, waiting))),
         Err(message) => {
             tracing::error!(job = %waiting.id, "stored payload unreadable: {message}");
             job.fail(ErrorBody::new("payload_unreadable", message), now);
@@ -236,6 +230,7 @@ impl Op {
                 seq: w.seq,
                 weight: w.weight,
                 payload: None,
+                job: None,
                 suspect: w.suspect,
             }),
             _ => None,
@@ -328,6 +323,7 @@ fn apply(tx: &Connection, op: Op, shared: &Shared) -> rusqlite::Result<Done> {
                     seq,
                     weight: new.weight,
                     payload: Some(new.payload),
+                    job: Some(new.job.clone()),
                     suspect: false,
                 };
                 queued.push((new.job.id, waiting));
@@ -350,12 +346,12 @@ fn apply(tx: &Connection, op: Op, shared: &Shared) -> rusqlite::Result<Done> {
             let mut taken = Taken::default();
             let (id, kind, seq, weight, suspect) =
                 (waiting.id, waiting.kind, waiting.seq, waiting.weight, waiting.suspect);
-            match claim(tx, shared, waiting, &mut taken) {
+            match claim(tx, waiting, &mut taken) {
                 Ok(claimed) => Done::Claim { reply, claimed: claimed.map(Box::new), taken },
                 Err(e) => {
                     // Nothing of this transaction will stay: the job is queued again (its
                     // payload, if it was cached, is read from disk at the next claim).
-                    let w = Waiting { id, kind, seq, weight, payload: None, suspect };
+                    let w = Waiting { id, kind, seq, weight, payload: None, job: None, suspect };
                     shared.with_state(|s| s.put_back(w));
                     return Err(e);
                 }
@@ -407,17 +403,16 @@ fn apply(tx: &Connection, op: Op, shared: &Shared) -> rusqlite::Result<Done> {
             let Some((seq, mut job)) = held(tx, shared, id, attempt)? else {
                 return Ok(Done::Release { reply, released: None });
             };
-            // Started or not is known in memory only (a start is not written on its own).
-            if !shared.with_state(|s| s.started.contains(&id)) {
-                // Claimed, never started: as if it had not been claimed.
-                job.attempts -= 1;
-            }
+            // With its live state: a started job carries its attempt (counted), one that never
+            // started keeps the attempts on disk.
+            job = shared.live(job);
             job.release();
-            schema::save(tx, seq, &job, None)?;
+            schema::save(tx, seq, &job)?;
             let (weight, suspect): (i64, bool) = tx
                 .prepare_cached("SELECT weight, suspect FROM jobs WHERE seq = ?1")?
                 .query_row(params![seq], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            let waiting = Waiting { id, kind: job.kind, seq, weight: weight as usize, payload: None, suspect };
+            let waiting =
+                Waiting { id, kind: job.kind, seq, weight: weight as usize, payload: None, job: None, suspect };
             Done::Release { reply, released: Some((id, waiting)) }
         }
         Op::Expire { now, reply } => {
@@ -455,17 +450,21 @@ impl Evicted {
     }
 }
 
-/// The job, if this process holds it (claimed by this owner, not ended) with this attempt: the
+/// The job, if this process holds it (claimed, not ended) with this attempt: the
 /// fence every write about a run goes through.
 fn held(tx: &Connection, shared: &Shared, id: JobId, attempt: u32) -> rusqlite::Result<Option<(i64, Job)>> {
-    let Some((seq, job, owner)) = schema::load_owned(tx, id)? else { return Ok(None) };
-    let ours = !job.status.is_terminal() && job.attempts == attempt && owner.as_deref() == Some(&shared.owner);
-    Ok(ours.then_some((seq, job)))
+    // The data directory is this process's alone (locked): what it holds, and with which
+    // attempt, is known in memory.
+    if shared.with_state(|s| s.held_attempt(id)) != Some(attempt) {
+        return Ok(None);
+    }
+    let Some((seq, job)) = schema::load(tx, id)? else { return Ok(None) };
+    Ok((!job.status.is_terminal()).then_some((seq, job)))
 }
 
 /// Writes a job's final state: the row, no more payload, the webhook owed if it has a callback.
 pub fn end(tx: &Connection, seq: i64, job: &Job) -> rusqlite::Result<()> {
-    schema::save(tx, seq, job, None)?;
+    schema::save(tx, seq, job)?;
     tx.prepare_cached("DELETE FROM payloads WHERE seq = ?1")?.execute(params![seq])?;
     if let Some(url) = &job.callback {
         let body = serde_json::to_vec(&job.view()).unwrap_or_default();
@@ -532,7 +531,7 @@ fn complete(done: Done, shared: &Shared) {
                     s.stats.by_status.moved(JobStatus::Queued, JobStatus::Failed);
                 }
                 if let Some(claimed) = &claimed {
-                    s.claimed(&claimed.1);
+                    s.claimed(&claimed.1, claimed.0.job.attempts);
                 }
             });
             let _ = reply.send(Ok(claimed.map(|c| c.0)));
