@@ -395,7 +395,7 @@ impl SqliteStore {
             }
             (_, payload) => {
                 waiting.payload = payload;
-                self.send(|reply| Op::Claim { waiting, reply })
+                self.send(|reply| Op::Claim { waiting: Box::new(waiting), reply })
             }
         }
     }

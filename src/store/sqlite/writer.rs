@@ -27,7 +27,7 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 /// A write waiting for the writer thread.
 pub enum Op {
     Insert { jobs: Vec<NewJob>, key: Option<IdempotencyKey>, reply: Reply<Inserted> },
-    Claim { waiting: Waiting, reply: Reply<Option<Claimed>> },
+    Claim { waiting: Box<Waiting>, reply: Reply<Option<Claimed>> },
     Finish { id: JobId, attempt: u32, outcome: Final, reply: Reply<Option<Job>> },
     Cancel { id: JobId, reason: ErrorBody, reply: Reply<CancelOutcome> },
     Release { id: JobId, attempt: u32, reply: Reply<bool> },
@@ -244,7 +244,7 @@ fn abandon(op: Op, shared: &Shared, message: &str) {
     let error = || StoreError::Unavailable(message.to_string());
     match op {
         Op::Claim { waiting, reply } => {
-            shared.with_state(|s| s.put_back(waiting));
+            shared.with_state(|s| s.put_back(*waiting));
             let _ = reply.send(Err(error()));
         }
         Op::Insert { reply, .. } => drop(reply.send(Err(error()))),
@@ -346,7 +346,7 @@ fn apply(tx: &Connection, op: Op, shared: &Shared) -> rusqlite::Result<Done> {
             let mut taken = Taken::default();
             let (id, kind, seq, weight, suspect) =
                 (waiting.id, waiting.kind, waiting.seq, waiting.weight, waiting.suspect);
-            match claim(tx, waiting, &mut taken) {
+            match claim(tx, *waiting, &mut taken) {
                 Ok(claimed) => Done::Claim { reply, claimed: claimed.map(Box::new), taken },
                 Err(e) => {
                     // Nothing of this transaction will stay: the job is queued again (its
