@@ -180,8 +180,9 @@ impl Job {
         }
     }
 
-    /// A worker is about to get the job: the attempt is counted now (before it can run, so a run
-    /// that takes the process down is counted too); the job stays queued until it starts.
+    /// A worker is about to get the job: the attempt is counted (a store makes it durable before
+    /// the job can run, so a run that takes the process down is counted too); the job stays
+    /// queued until it starts.
     pub fn claim(&mut self) -> bool {
         if self.status != JobStatus::Queued {
             return false;

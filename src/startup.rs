@@ -29,6 +29,8 @@ pub struct Application {
     port: u16,
     server: Server,
     dispatcher: Addr<Dispatcher>,
+    /// Told when the process is about to exit cleanly.
+    store: Arc<dyn JobStore>,
     /// How long accepted jobs get to finish after a shutdown signal.
     grace: Duration,
 }
@@ -54,6 +56,7 @@ impl Application {
             io.webhooks.do_send(Deliver { job: w.job, url: w.url, body: w.body });
         }
         let hub = Arc::new(Hub::new());
+        let app_store = store.clone();
         let dispatcher = start_dispatcher(&settings, &io, metrics.clone(), store.clone(), hub.clone());
         let policy = CallbackPolicy { allow_private: settings.allow_private_webhooks };
         let analytics_limits = routes::AnalyticsLimits { max_batch: settings.analytics_max_batch.max(1) };
@@ -111,7 +114,7 @@ impl Application {
             http_workers = settings.http_workers(),
             "listening on http://{address}"
         );
-        Ok(Application { port: address.port(), server, dispatcher, grace: settings.shutdown_grace() })
+        Ok(Application { port: address.port(), server, dispatcher, store: app_store, grace: settings.shutdown_grace() })
     }
 
     pub fn port(&self) -> u16 {
@@ -120,7 +123,7 @@ impl Application {
 
     /// Serves until SIGTERM/SIGINT, then drains (see [`shutdown`]) and returns.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        actix_rt::spawn(shutdown::on_signal(self.dispatcher, self.server.handle(), self.grace));
+        actix_rt::spawn(shutdown::on_signal(self.dispatcher, self.store, self.server.handle(), self.grace));
         self.server.await
     }
 }

@@ -5,9 +5,11 @@
 //! - [`sqlite`]: [`SqliteStore`], the embedded durable store (the default): one writer thread
 //!   with group commit, reader connections of their own, recovery at start.
 //!
-//! The shape is the one a shared database needs too (PostgreSQL, next): a job is *claimed*
-//! (queued → running, attempt + 1, by an owner), and its end is *fenced* on that attempt, so a
-//! late or duplicate completion changes nothing. Writes return a future that resolves once the
+//! The shape is the one a shared database needs too (PostgreSQL, next): a job is *claimed* for
+//! a worker (attempt + 1; a shared database writes it with a lease owner, the embedded store,
+//! alone on its directory, keeps it in memory and counts started runs from its start log after
+//! a crash), and its end is *fenced* on that attempt, so a late or duplicate completion changes
+//! nothing. Writes return a future that resolves once the
 //! change is committed; reads are plain calls that never queue behind writes (call them off the
 //! event loop, e.g. in `web::block`). State transitions are [`Job`]'s methods, in one place.
 //! Progress is kept in memory only: it is not worth a write.
@@ -199,10 +201,11 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// Creates jobs, all or none, with their payloads; with a key, at most once per key.
     fn insert(&self, jobs: Vec<NewJob>, key: Option<IdempotencyKey>) -> Pending<Inserted>;
-    /// Takes the oldest queued job of `kind` for this process, attempt + 1 (committed before a
-    /// worker can run it). `None` at once when nothing is queued: the job leaves
-    /// `stats().queued` during this call. The write answers `None` when the job turned out not
-    /// claimable (cancelled meanwhile); ask again.
+    /// Takes the oldest queued job of `kind` for this process, attempt + 1 (a run that takes
+    /// the process down must still be counted: each store makes sure of it before the job can
+    /// run). `None` at once when nothing is queued: the job leaves `stats().queued` during this
+    /// call. The answer is `None` when the job turned out not claimable (cancelled meanwhile);
+    /// ask again.
     fn claim(&self, kind: JobKind) -> Option<Pending<Option<Claimed>>>;
     /// Claims the oldest *suspect*: a job that was running when the last process died, so it
     /// may be what killed it. The caller runs it alone (nothing else running or claimed), so a
@@ -235,6 +238,12 @@ pub trait JobStore: Send + Sync + 'static {
     /// a run that takes the process down is counted as an attempt); `None` if nothing is needed.
     fn start_hook(&self) -> Option<crate::workers::StartHook> {
         None
+    }
+
+    /// The process is about to exit cleanly: leave the disk tidy (the embedded store copies its
+    /// WAL back into the database and empties it).
+    fn close(&self) -> Pending<()> {
+        ready(Ok(()))
     }
 
     /// Progress of a running job, kept in memory only.

@@ -213,6 +213,9 @@ async fn sigterm_with_a_long_queue_keeps_unfinished_jobs_queued_exits_zero_and_t
     let status = p.wait_exit(Duration::from_secs(20)).await;
     assert_eq!(status.code(), Some(0), "exit status {status}\n{}", p.output_after_exit());
     drop(p);
+    // A clean exit leaves the WAL copied back and empty.
+    let wal = std::fs::metadata(service.dir.path().join("offload.db-wal")).map_or(0, |m| m.len());
+    assert_eq!(wal, 0, "offload.db-wal after a clean exit");
 
     let p = service.start();
     // Right after the restart nothing has failed and the newest job still waits its turn.

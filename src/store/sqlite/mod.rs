@@ -6,9 +6,10 @@
 //! never waits behind the writer. A checkpointer thread copies the WAL back into the database
 //! off the hot path, and `journal_size_limit` keeps the WAL file bounded.
 //!
-//! The queue of jobs waiting for a worker is also kept in memory (ids, weights, and the
-//! payloads of jobs accepted by this process), rebuilt from the database at start; the
-//! database stays the truth (every claim is a committed `UPDATE`).
+//! The queue of jobs waiting for a worker is kept in memory (ids, weights, and the jobs and
+//! payloads accepted by this process), rebuilt from the database at start. The directory is
+//! this process's alone, so claims and starts live in memory too: per job only the insert and
+//! the end are written; a [`StartLog`] tells recovery which jobs had started.
 //!
 //! At start ([`SqliteStore::open`]): the data directory is locked (a second process refuses to
 //! start), the schema is migrated, and jobs that were running when the last process died are
@@ -667,6 +668,10 @@ impl JobStore for SqliteStore {
 
     fn expire(&self, now: SystemTime) -> Pending<usize> {
         self.send(|reply| Op::Expire { now, reply })
+    }
+
+    fn close(&self) -> Pending<()> {
+        self.send(|reply| Op::Close { reply })
     }
 
     fn webhook_done(&self, id: JobId) {

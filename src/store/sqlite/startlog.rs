@@ -2,10 +2,10 @@
 //! cannot lose it (the page cache: a plain `pwrite`, no fsync, a few microseconds).
 //!
 //! Why: an attempt must be counted before a job can take the process down (else a poison job
-//! crash-loops the service), but only jobs that really started count as attempts. A claim is
-//! committed before the job reaches a worker; the start itself is not written to the database
-//! (a write per job nobody needs to wait for: the final write records `started_at`). At
-//! recovery, a job claimed by the dead process counts as started only if its id is in this log. (An OS crash may lose the log; then such a job runs again with its
+//! crash-loops the service), but only jobs that really started count as attempts. Neither the
+//! claim nor the start is written to the database (two writes per job nobody needs to wait
+//! for: the final write records both). At recovery, a job that is not finished on disk counts
+//! one more attempt if its id is in this log. (An OS crash may lose the log; then such a job runs again with its
 //! attempt not counted, which is the safe side for a job that did not crash anything.)
 
 use std::cell::Cell;

@@ -26,13 +26,42 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// A write waiting for the writer thread.
 pub enum Op {
-    Insert { jobs: Vec<NewJob>, key: Option<IdempotencyKey>, reply: Reply<Inserted> },
-    Claim { waiting: Box<Waiting>, reply: Reply<Option<Claimed>> },
-    Finish { id: JobId, attempt: u32, outcome: Final, reply: Reply<Option<Job>> },
-    Cancel { id: JobId, reason: ErrorBody, reply: Reply<CancelOutcome> },
-    Release { id: JobId, attempt: u32, reply: Reply<bool> },
-    Expire { now: SystemTime, reply: Reply<usize> },
-    WebhookDone { id: JobId },
+    Insert {
+        jobs: Vec<NewJob>,
+        key: Option<IdempotencyKey>,
+        reply: Reply<Inserted>,
+    },
+    Claim {
+        waiting: Box<Waiting>,
+        reply: Reply<Option<Claimed>>,
+    },
+    Finish {
+        id: JobId,
+        attempt: u32,
+        outcome: Final,
+        reply: Reply<Option<Job>>,
+    },
+    Cancel {
+        id: JobId,
+        reason: ErrorBody,
+        reply: Reply<CancelOutcome>,
+    },
+    Release {
+        id: JobId,
+        attempt: u32,
+        reply: Reply<bool>,
+    },
+    Expire {
+        now: SystemTime,
+        reply: Reply<usize>,
+    },
+    WebhookDone {
+        id: JobId,
+    },
+    /// Checkpoint and empty the WAL (a clean exit).
+    Close {
+        reply: Reply<()>,
+    },
 }
 
 /// Most writes in one transaction, and most payload bytes (a large upload commits nearly alone).
@@ -62,6 +91,7 @@ enum Done {
     Cancel { reply: Reply<CancelOutcome>, outcome: CancelOutcome },
     Release { reply: Reply<bool>, released: Option<(JobId, Waiting)> },
     Expire { reply: Reply<usize>, evicted: Evicted },
+    Closed { reply: Reply<()> },
     Nothing,
 }
 
@@ -156,6 +186,13 @@ pub fn run(mut conn: Connection, ops: Receiver<Op>, shared: Arc<Shared>) {
                 }
                 None => break,
             }
+        }
+        if let [Op::Close { .. }] = batch.as_slice() {
+            if let Some(Op::Close { reply }) = batch.pop() {
+                let done = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+                let _ = reply.send(done.map_err(|e| StoreError::Unavailable(e.to_string())));
+            }
+            continue;
         }
         // A bug in one write must not stop every later one: the batch is rolled back (the
         // transaction's drop) and its waiters see their answers dropped (`Unavailable`).
@@ -253,6 +290,7 @@ fn abandon(op: Op, shared: &Shared, message: &str) {
         Op::Cancel { reply, .. } => drop(reply.send(Err(error()))),
         Op::Expire { reply, .. } => drop(reply.send(Err(error()))),
         Op::WebhookDone { .. } => {}
+        Op::Close { reply } => drop(reply.send(Err(error()))),
     }
 }
 
@@ -435,6 +473,8 @@ fn apply(tx: &Connection, op: Op, shared: &Shared) -> rusqlite::Result<Done> {
             tx.prepare_cached("DELETE FROM webhooks WHERE job_id = ?1")?.execute(params![id.to_bytes()])?;
             Done::Nothing
         }
+        // Batched with other writes (it normally comes alone): answered after their commit.
+        Op::Close { reply } => Done::Closed { reply },
     })
 }
 
@@ -578,6 +618,7 @@ fn complete(done: Done, shared: &Shared) {
             shared.with_state(|s| s.evicted(&evicted.statuses, evicted.result_bytes));
             let _ = reply.send(Ok(n));
         }
+        Done::Closed { reply } => drop(reply.send(Ok(()))),
         Done::Nothing => {}
     }
 }
@@ -600,6 +641,7 @@ fn fail(done: Done, shared: &Shared, message: &str) {
         Done::Cancel { reply, .. } => drop(reply.send(Err(error()))),
         Done::Release { reply, .. } => drop(reply.send(Err(error()))),
         Done::Expire { reply, .. } => drop(reply.send(Err(error()))),
+        Done::Closed { reply } => drop(reply.send(Err(error()))),
         Done::Nothing => {}
     }
 }
