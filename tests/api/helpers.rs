@@ -453,6 +453,11 @@ impl Scrape {
         self.0.iter().any(|s| s.name == name)
     }
 
+    /// How many series `name` has.
+    pub fn series(&self, name: &str) -> usize {
+        self.0.iter().filter(|s| s.name == name).count()
+    }
+
     /// The samples, for failure messages.
     pub fn dump(&self) -> String {
         self.0.iter().map(|s| format!("{} {:?} {}\n", s.name, s.labels, s.value)).collect()

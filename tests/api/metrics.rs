@@ -55,3 +55,20 @@ async fn metrics_parse_and_follow_the_work() {
     drop(ws);
     app.wait_metrics(Duration::from_secs(5), |m| m.value("offload_websocket_connections", &[]) == 0.0).await;
 }
+
+#[actix_rt::test]
+async fn made_up_http_methods_add_no_series() {
+    // Any token is a valid method: 200 different ones must not make 200 series.
+    let app = spawn_app().await;
+    let count = "offload_http_request_duration_seconds_count";
+    app.get("/healthz").await;
+    let before = app.metrics().await.series(count);
+    for n in 0..200 {
+        let reply = app.request(&format!("BREW{n}"), "/jobs", None, Vec::new()).await;
+        assert_eq!(reply.status.as_u16(), 405, "BREW{n}");
+    }
+    let m = app.metrics().await;
+    let other = m.value(count, &[("method", "other"), ("route", "/jobs"), ("status", "405")]);
+    assert_eq!(other, 200.0, "{}", m.dump());
+    assert!(m.series(count) <= before + 2, "{} series before, {} after", before, m.series(count));
+}

@@ -277,3 +277,23 @@ async fn the_subscription_cap_and_the_origin_allowlist_hold() {
         assert_ne!(frame["type"], "error", "{frame}");
     }
 }
+
+#[actix_web::test]
+async fn one_id_named_many_times_in_a_frame_is_one_subscription() {
+    let mut s = settings();
+    s.ws_max_subscriptions = 2;
+    let app = spawn_app_with(s).await;
+    let (_, mut socket) = app.client.ws(app.url("/ws")).connect().await.unwrap();
+    let a = id_of(&app.submit_pdf(&json!({"title": "a"})).await).to_string();
+    let b = id_of(&app.submit_pdf(&json!({"title": "b"})).await).to_string();
+    // 1,001 copies of one id, then two of another: two subscriptions, within a cap of 2.
+    send(&mut socket, json!({"subscribe": vec![a.clone(); 1001]})).await;
+    send(&mut socket, json!({"subscribe": [b.clone(), b.clone()]})).await;
+    let (mut seen_a, mut seen_b) = (false, false);
+    while !(seen_a && seen_b) {
+        let frame = next(&mut socket, Duration::from_secs(5)).await;
+        assert_eq!(frame["type"], "job", "no error expected: {frame}");
+        seen_a |= id_of(&frame["job"]) == a;
+        seen_b |= id_of(&frame["job"]) == b;
+    }
+}
