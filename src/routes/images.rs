@@ -1,6 +1,7 @@
 //! `POST /images`: a multipart upload streamed under a size limit and a deadline, checked file by
 //! file without decoding, then submitted as one job per file (all or none).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +33,8 @@ pub struct UploadLimits {
     pub image: ImageLimits,
 }
 
+/// Longest filename of a part (the result's name keeps at most 64 characters of it anyway).
+const MAX_FILENAME: usize = 1024;
 /// Largest `ops` or `format` field.
 const MAX_TEXT_FIELD: usize = 64 * 1024;
 
@@ -71,14 +74,21 @@ pub async fn upload_images(
     if declared.is_some_and(|n| n > limits.max_bytes) {
         return Err(too_large(limits.max_bytes).into());
     }
-    let multipart = Multipart::new(req.headers(), payload);
-    let upload = actix_rt::time::timeout(limits.timeout, read_upload(multipart, &limits)).await.map_err(|_| {
-        ImageError::new(
-            408,
-            "request_timeout",
-            format!("the upload did not arrive within {} s", limits.timeout.as_secs_f64()),
-        )
-    })??;
+    // Every byte counts against the limit, part headers included: the parser buffers a part's
+    // headers (a filename may be any length) before the handler sees the part.
+    let over = Arc::new(AtomicBool::new(false));
+    let multipart = Multipart::new(req.headers(), capped(payload, limits.max_bytes, over.clone()));
+    let read = actix_rt::time::timeout(limits.timeout, read_upload(multipart, &limits));
+    let upload = read
+        .await
+        .map_err(|_| {
+            ImageError::new(
+                408,
+                "request_timeout",
+                format!("the upload did not arrive within {} s", limits.timeout.as_secs_f64()),
+            )
+        })?
+        .map_err(|e| if over.load(Ordering::Relaxed) { too_large(limits.max_bytes) } else { e })?;
 
     let callback = upload.callback_url.as_deref().map(|raw| CallbackUrl::parse(raw, **policy)).transpose()?;
     let limits = **limits;
@@ -95,6 +105,24 @@ pub async fn upload_images(
     Ok(res.json(Accepted { jobs: submitted.jobs.iter().map(|j| j.view()).collect() }))
 }
 
+/// The request body, cut off with an error once more than `max` bytes arrived (`over` says so).
+fn capped(
+    payload: web::Payload,
+    max: usize,
+    over: Arc<AtomicBool>,
+) -> impl futures::Stream<Item = Result<Bytes, actix_web::error::PayloadError>> {
+    let mut seen = 0usize;
+    payload.map(move |chunk| {
+        let chunk = chunk?;
+        seen += chunk.len();
+        if seen > max {
+            over.store(true, Ordering::Relaxed);
+            return Err(actix_web::error::PayloadError::Overflow);
+        }
+        Ok(chunk)
+    })
+}
+
 fn too_large(max: usize) -> ImageError {
     ImageError::new(413, "payload_too_large", format!("the upload is larger than the {max} byte limit"))
 }
@@ -106,6 +134,13 @@ async fn read_upload(mut multipart: Multipart, limits: &UploadLimits) -> Result<
         let mut field = field.map_err(bad_multipart)?;
         let name = field.name().unwrap_or_default().to_string();
         let filename = field.content_disposition().and_then(|cd| cd.get_filename()).unwrap_or_default().to_string();
+        if filename.len() > MAX_FILENAME {
+            return Err(ImageError::new(
+                422,
+                "invalid_field",
+                format!("{name}: the filename is longer than {MAX_FILENAME} bytes"),
+            ));
+        }
         if !matches!(name.as_str(), "file" | "ops" | "format" | "callback_url") {
             return Err(ImageError::new(
                 422,

@@ -503,3 +503,37 @@ async fn a_result_of_several_mebibytes_downloads_whole_with_its_length() {
     let want = image::load_from_memory(&input).unwrap().to_rgb8();
     assert!(got == want, "two horizontal flips give back the input, pixel for pixel");
 }
+
+#[actix_web::test]
+async fn part_headers_count_against_the_upload_limit_and_long_filenames_are_refused() {
+    let mut s = settings();
+    s.max_upload = "1MiB".parse().unwrap();
+    let app = spawn_app_with(s).await;
+    let long = format!("{}.png", "n".repeat(2048));
+    app.upload(&[Part::file(&long, "image/png", png(8, 8))]).await.assert_error(422, "invalid_field");
+
+    // A chunked body (no Content-Length to refuse it by) whose one part header carries an 8 MiB
+    // filename: the parser would buffer it whole; the limit cuts it off at 1 MiB.
+    let body = crate::helpers::multipart(&[Part::file(&"n".repeat(8 << 20), "image/png", png(8, 8))]);
+    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> =
+        body.chunks(64 << 10).map(|c| Ok(bytes::Bytes::copy_from_slice(c))).collect();
+    let sent = app
+        .client
+        .post(app.url("/images"))
+        .insert_header(("content-type", format!("multipart/form-data; boundary={BOUNDARY}")))
+        .send_stream(futures::stream::iter(chunks))
+        .await;
+    match sent {
+        Ok(mut res) => {
+            assert_eq!(res.status().as_u16(), 413, "{:?}", res.body().await);
+            let body: Value = serde_json::from_slice(&res.body().await.unwrap()).unwrap();
+            assert_eq!(body["error"]["code"], "payload_too_large");
+        }
+        // The server answers and closes while the rest is still being sent.
+        Err(e) => {
+            assert!(e.to_string().to_lowercase().contains("broken pipe") || e.to_string().contains("reset"), "{e}")
+        }
+    }
+    let listed = app.get("/jobs").await.json();
+    assert_eq!(listed["jobs"].as_array().unwrap().len(), 0, "nothing was accepted: {listed}");
+}
