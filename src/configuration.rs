@@ -148,9 +148,9 @@ pub struct Settings {
     #[arg(long, env = "OFFLOAD_MAX_UPLOAD", default_value = "64MiB")]
     pub max_upload: ByteSize,
 
-    /// An upload body that takes longer than this to arrive is refused with 408.
-    #[arg(long, env = "OFFLOAD_UPLOAD_TIMEOUT", default_value = "60s")]
-    pub upload_timeout: humantime::Duration,
+    /// Every request body (JSON or multipart) must arrive within this, else 408 `request_timeout`.
+    #[arg(long, visible_alias = "upload-timeout", env = "OFFLOAD_BODY_TIMEOUT", default_value = "60s")]
+    pub body_timeout: humantime::Duration,
 
     /// Most files in one upload.
     #[arg(long, env = "OFFLOAD_MAX_FILES", default_value_t = 100)]
@@ -286,8 +286,8 @@ impl Settings {
         self.image_workers.unwrap_or_else(cores).max(1)
     }
 
-    pub fn upload_timeout(&self) -> Duration {
-        self.upload_timeout.into()
+    pub fn body_timeout(&self) -> Duration {
+        self.body_timeout.into()
     }
 
     pub fn http_workers(&self) -> usize {

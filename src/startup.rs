@@ -68,7 +68,7 @@ impl Application {
         };
         let uploads = routes::UploadLimits {
             max_bytes: settings.max_upload.bytes(),
-            timeout: settings.upload_timeout(),
+            timeout: settings.body_timeout(),
             max_files: settings.max_files,
             image: ImageLimits { max_pixels: settings.max_pixels, max_jpeg_scans: settings.max_jpeg_scans },
         };
@@ -81,6 +81,7 @@ impl Application {
             send_timeout: Duration::from_secs(10),
         };
         let json_limit = settings.max_json_body.bytes();
+        let body_timeout = routes::BodyTimeout(settings.body_timeout());
         let static_dir = settings.static_dir.clone();
         let app_dispatcher = dispatcher.clone();
         let server = HttpServer::new(move || {
@@ -89,7 +90,9 @@ impl Application {
             App::new()
                 .wrap(routes::json_errors())
                 .wrap(middleware::Logger::new("%r %s %b %Dms").log_target("offload::http"))
+                .wrap(middleware::from_fn(routes::body_deadline))
                 .wrap(middleware::from_fn(metrics::middleware::record))
+                .app_data(web::Data::new(body_timeout))
                 .app_data(web::Data::new(app_dispatcher.clone()))
                 .app_data(web::Data::new(store.clone()))
                 .app_data(web::Data::new(hub.clone()))

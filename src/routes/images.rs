@@ -189,6 +189,11 @@ async fn read_upload(mut multipart: Multipart, limits: &UploadLimits) -> Result<
 }
 
 fn bad_multipart(e: actix_multipart::MultipartError) -> ImageError {
+    if let actix_multipart::MultipartError::Payload(p) = &e {
+        if super::deadline::is_timeout(p) {
+            return ImageError::new(408, "request_timeout", "the upload did not arrive in time");
+        }
+    }
     ImageError::new(400, "malformed_multipart", format!("the multipart body cannot be read: {e}"))
 }
 

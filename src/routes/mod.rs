@@ -4,6 +4,7 @@
 //! unknown route, wrong method) is turned into the API's JSON error format.
 
 mod analytics;
+mod deadline;
 mod errors;
 mod health;
 mod images;
@@ -22,6 +23,7 @@ use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
 use actix_web::{guard, web, HttpRequest, HttpResponse};
 
 pub use analytics::AnalyticsLimits;
+pub use deadline::{body_deadline, BodyTimeout};
 pub use errors::ApiError;
 pub use images::UploadLimits;
 
@@ -143,6 +145,10 @@ fn json_config(limit: usize) -> web::JsonConfig {
             JsonPayloadError::Deserialize(e) if e.is_data() => {
                 (StatusCode::UNPROCESSABLE_ENTITY, ErrorBody::new("invalid_field", e.to_string()))
             }
+            JsonPayloadError::Payload(e) if deadline::is_timeout(e) => (
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorBody::new("request_timeout", "the request body did not arrive in time"),
+            ),
             JsonPayloadError::Deserialize(e) => {
                 (StatusCode::BAD_REQUEST, ErrorBody::new("malformed_json", format!("the body is not valid JSON: {e}")))
             }

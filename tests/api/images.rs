@@ -299,6 +299,7 @@ async fn hostile_uploads_are_answered_quickly_and_harm_nothing() {
     let png = encode(&picture(300, 200), ImageFormat::Png);
     let jpeg = encode(&picture(300, 200), ImageFormat::Jpeg);
     let long_name = format!("{}.png", "n".repeat(10_000));
+    let longest_name = format!("{}.png", "n".repeat(1020));
     let long_stem = "n".repeat(64);
     let cases: Vec<(&str, Part, Expect)> = vec![
         (
@@ -338,7 +339,12 @@ async fn hostile_uploads_are_answered_quickly_and_harm_nothing() {
             Part::file("a.png%00.php", "image/png", png.clone()),
             Expect::Succeeds("a-png-00.png"),
         ),
-        ("10,000-character name", Part::file(&long_name, "image/png", png.clone()), Expect::Succeeds(&long_stem)),
+        (
+            "10,000-character name",
+            Part::file(&long_name, "image/png", png.clone()),
+            Expect::Refused(422, "invalid_field"),
+        ),
+        ("1,024-character name", Part::file(&longest_name, "image/png", png.clone()), Expect::Succeeds(&long_stem)),
     ];
     let before = rss_kib();
     for (what, part, expect) in cases {
@@ -380,38 +386,44 @@ async fn hostile_uploads_are_answered_quickly_and_harm_nothing() {
 }
 
 #[actix_web::test]
-async fn a_body_that_arrives_too_slowly_gets_408() {
+async fn a_body_that_arrives_too_slowly_gets_408_on_every_route_that_takes_one() {
     let mut s = settings();
-    s.upload_timeout = duration(Duration::from_millis(500));
+    s.body_timeout = duration(Duration::from_millis(500));
     let app = spawn_app_with(s).await;
-    let addr = app.address.trim_start_matches("http://").to_string();
-    let started = Instant::now();
-    let response = actix_web::rt::task::spawn_blocking(move || {
-        let mut stream = std::net::TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let head = format!(
-            "POST /images HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: 100000\r\n\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"slow.png\"\r\n\r\n"
-        );
-        stream.write_all(head.as_bytes()).unwrap();
-        // ...and then nothing more: the rest of the body never comes.
-        let mut response = Vec::new();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stream.read(&mut buf) {
-            if n == 0 {
-                break;
+    let multipart_head = format!(
+        "Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: 100000\r\n\r\n--{BOUNDARY}\r\n\
+         Content-Disposition: form-data; name=\"file\"; filename=\"slow.png\"\r\n\r\n"
+    );
+    let json_head = "Content-Type: application/json\r\nContent-Length: 8000000\r\n\r\n{\"title\": \"".to_string();
+    // Each declares a body, sends its start, and then nothing more.
+    let rows = [("/images", multipart_head), ("/generate-pdf", json_head.clone()), ("/analytics/events", json_head)];
+    for (path, rest) in rows {
+        let addr = app.address.trim_start_matches("http://").to_string();
+        let started = Instant::now();
+        let request = format!("POST {path} HTTP/1.1\r\nHost: x\r\n{rest}");
+        let response = actix_web::rt::task::spawn_blocking(move || {
+            let mut stream = std::net::TcpStream::connect(addr).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            stream.write_all(request.as_bytes()).unwrap();
+            let mut response = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                response.extend_from_slice(&buf[..n]);
+                if response.windows(4).any(|w| w == b"\r\n\r\n") && response.ends_with(b"}}") {
+                    break;
+                }
             }
-            response.extend_from_slice(&buf[..n]);
-            if response.windows(4).any(|w| w == b"\r\n\r\n") && response.ends_with(b"}}") {
-                break;
-            }
-        }
-        String::from_utf8_lossy(&response).to_string()
-    })
-    .await
-    .unwrap();
-    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
-    assert!(response.contains("\"code\":\"request_timeout\""), "{response}");
-    assert!(started.elapsed() < Duration::from_secs(5));
+            String::from_utf8_lossy(&response).to_string()
+        })
+        .await
+        .unwrap();
+        assert!(response.starts_with("HTTP/1.1 408"), "{path}: {response}");
+        assert!(response.contains("\"code\":\"request_timeout\""), "{path}: {response}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{path}: {:?}", started.elapsed());
+    }
 }
 
 /// A small JPEG with `extra` more (tiny) scans before its end: thousands of them would make any
