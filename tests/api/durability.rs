@@ -282,13 +282,21 @@ async fn a_job_running_beside_a_poison_job_is_rerun_alone_and_succeeds() {
     let mut p = service.start();
     let innocent = submit(&p.app, &slow("beside the poison", 400)).await;
     p.app.wait_for(&innocent, Duration::from_secs(10), |j| j["status"] == "running").await;
-    let poison = submit(&p.app, &json!({"title": "x", "test_hook": "abort"})).await;
+    // The poison may take the process down before its 202 is on the wire (a free worker starts
+    // it at once): whatever the answer, it was committed first; its id is read after the restart.
+    let url = p.app.url("/generate-pdf");
+    let _ = p.app.client.post(url).send_json(&json!({"title": "x", "test_hook": "abort"})).await;
     let status = p.wait_exit(Duration::from_secs(20)).await;
     assert!(!status.success(), "the poison job should have crashed the process, which exited {status}");
     drop(p);
     // Start 2: the innocent job (older) runs alone and succeeds; then the poison, alone, crashes.
     expect_crash(service.spawn()).await;
     let p = service.start();
+    let listed = p.app.get("/jobs").await.json();
+    let others: Vec<String> =
+        listed["jobs"].as_array().unwrap().iter().map(|j| id_of(j).to_string()).filter(|id| *id != innocent).collect();
+    assert_eq!(others.len(), 1, "the innocent job and the poison: {listed}");
+    let poison = others[0].clone();
     let job = p.app.wait_for(&poison, Duration::from_secs(10), is_finished).await;
     assert_eq!((job["status"].as_str(), job["error"]["code"].as_str()), (Some("failed"), Some("worker_lost")), "{job}");
     let innocent = p.app.wait_for(&innocent, Duration::from_secs(10), is_finished).await;
