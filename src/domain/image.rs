@@ -401,6 +401,9 @@ impl ImageTask {
                 format!("{field}: {w}x{h} is over the {} pixel limit", limits.max_pixels),
             ));
         }
+        if format == ImageFormat::Gif {
+            check_gif_frames(&bytes, field, limits.max_pixels)?;
+        }
         if format == ImageFormat::Jpeg {
             let scans = jpeg_scan_count(&bytes);
             if scans > limits.max_jpeg_scans {
@@ -538,6 +541,37 @@ fn format_from_name(name: &str) -> Option<ImageFormat> {
         "tiff" => ImageFormat::Tiff,
         _ => return None,
     })
+}
+
+/// Most frames a GIF upload may have.
+pub const MAX_GIF_FRAMES: usize = 10_000;
+
+/// Every frame of a GIF within the pixel limit, read from the frame descriptors without
+/// decoding any pixels: the logical screen (all the header says) bounds nothing, and a decoder
+/// allocates a frame's own size (a 12000×12000 frame on a 1×1 screen is 144 megapixels).
+pub fn check_gif_frames(bytes: &[u8], field: &str, max_pixels: u64) -> Result<(), ImageError> {
+    let invalid =
+        |e: gif::DecodingError| ImageError::new(422, "invalid_image", format!("{field}: the GIF cannot be read: {e}"));
+    let mut options = gif::DecodeOptions::new();
+    options.skip_frame_decoding(true);
+    options.set_memory_limit(gif::MemoryLimit::Bytes(std::num::NonZeroU64::new(16 << 20).expect("non-zero")));
+    let mut decoder = options.read_info(Cursor::new(bytes)).map_err(invalid)?;
+    let mut frames = 0usize;
+    while let Some(frame) = decoder.next_frame_info().map_err(invalid)? {
+        let (w, h) = (frame.width, frame.height);
+        if u64::from(w) * u64::from(h) > max_pixels {
+            return Err(ImageError::new(
+                422,
+                "image_too_large",
+                format!("{field}: frame {frames} is {w}x{h}, over the {max_pixels} pixel limit"),
+            ));
+        }
+        frames += 1;
+        if frames > MAX_GIF_FRAMES {
+            return Err(ImageError::new(422, "invalid_image", format!("{field}: more than {MAX_GIF_FRAMES} frames")));
+        }
+    }
+    Ok(())
 }
 
 /// Whether an EXIF orientation turns the image on its side.

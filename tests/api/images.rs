@@ -250,6 +250,22 @@ async fn several_files_make_jobs_in_order() {
     }
 }
 
+/// A GIF whose logical screen is 1×1 and whose one frame declares `w`×`h` (its data is a
+/// couple of bytes: nothing checks them before a decoder allocates the frame).
+fn gif_with_frame(w: u16, h: u16) -> Vec<u8> {
+    let mut g = b"GIF89a".to_vec();
+    g.extend_from_slice(&[1, 0, 1, 0, 0x80, 0, 0]); // 1x1 screen, a 2-colour global table
+    g.extend_from_slice(&[0, 0, 0, 255, 255, 255]);
+    g.push(0x2C); // image descriptor
+    g.extend_from_slice(&[0, 0, 0, 0]);
+    g.extend_from_slice(&w.to_le_bytes());
+    g.extend_from_slice(&h.to_le_bytes());
+    g.push(0);
+    g.extend_from_slice(&[2, 2, 0x4C, 0x01, 0]); // LZW minimum code size, one data block, end
+    g.push(0x3B);
+    g
+}
+
 /// CRC-32 of PNG chunks.
 fn crc32(data: &[u8]) -> u32 {
     let mut crc = 0xFFFF_FFFFu32;
@@ -343,6 +359,11 @@ async fn hostile_uploads_are_answered_quickly_and_harm_nothing() {
             "10,000-character name",
             Part::file(&long_name, "image/png", png.clone()),
             Expect::Refused(422, "invalid_field"),
+        ),
+        (
+            "a GIF frame larger than its 1x1 screen",
+            Part::file("huge.gif", "image/gif", gif_with_frame(12_000, 12_000)),
+            Expect::Refused(422, "image_too_large"),
         ),
         ("1,024-character name", Part::file(&longest_name, "image/png", png.clone()), Expect::Succeeds(&long_stem)),
     ];
