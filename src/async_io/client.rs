@@ -35,7 +35,12 @@ impl Resolve for CheckedResolver {
         port: u16,
     ) -> LocalBoxFuture<'a, Result<Vec<SocketAddr>, Box<dyn StdError>>> {
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+            // A literal address (an IPv6 one comes bracketed, as in the URL) is not a name.
+            let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+            let addrs: Vec<SocketAddr> = match literal.parse::<std::net::IpAddr>() {
+                Ok(ip) => vec![SocketAddr::new(ip, port)],
+                Err(_) => tokio::net::lookup_host((host, port)).await?.collect(),
+            };
             if let Some(bad) = addrs.iter().find(|a| self.public_only && !is_public(a.ip())) {
                 return Err(Box::new(NotPublic { host: host.to_string(), ip: bad.ip() }) as Box<dyn StdError>);
             }

@@ -112,6 +112,19 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         return is_public_v4(v4);
     }
     let s = ip.segments();
+    let embedded = |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
+    // IPv4-translated (::ffff:0:a.b.c.d, RFC 2765) and 6to4 (2002:aabb:ccdd::/48, RFC 3056) carry
+    // an IPv4 address too, judged as such.
+    if s[..4] == [0; 4] && s[4] == 0xffff && s[5] == 0 {
+        return is_public_v4(embedded(s[6], s[7]));
+    }
+    if s[0] == 0x2002 {
+        return is_public_v4(embedded(s[1], s[2]));
+    }
+    // Local-use NAT64 (64:ff9b:1::/48, RFC 8215) is never globally routable.
+    if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
+        return false;
+    }
     // NAT64 (64:ff9b::/96) and the deprecated IPv4-compatible form (::a.b.c.d) carry an IPv4 address.
     if (s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0; 4]) || s[..6] == [0; 6] {
         let [.., hi, lo] = s;
@@ -140,7 +153,8 @@ mod tests {
 
     #[test]
     fn public_and_non_public_addresses() {
-        let public = ["8.8.8.8", "1.1.1.1", "172.32.0.1", "100.128.0.1", "2606:4700::1111", "::ffff:8.8.8.8"];
+        let public =
+            ["8.8.8.8", "1.1.1.1", "172.32.0.1", "100.128.0.1", "2606:4700::1111", "::ffff:8.8.8.8", "2002:808:808::1"];
         for ip in public {
             assert!(is_public(ip.parse().unwrap()), "{ip} is public");
         }
@@ -208,6 +222,10 @@ mod tests {
             ("http://0x7f000001/", "callback_not_allowed"),
             ("http://2130706433/", "callback_not_allowed"),
             ("http://[::ffff:192.168.0.1]/", "callback_not_allowed"),
+            ("http://[::ffff:0:7f00:1]/", "callback_not_allowed"),
+            ("http://[64:ff9b:1::7f00:1]/", "callback_not_allowed"),
+            ("http://[2002:7f00:1::1]/", "callback_not_allowed"),
+            ("http://[2002:a00:1::1]/", "callback_not_allowed"),
         ];
         for (raw, code) in cases {
             let err = CallbackUrl::parse(raw, STRICT).expect_err(raw);

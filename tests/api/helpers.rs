@@ -357,9 +357,15 @@ struct ReceiverLog {
 
 impl Receiver {
     pub async fn start(behaviour: Behaviour) -> Receiver {
+        Self::start_on("127.0.0.1:0", behaviour).await
+    }
+
+    /// A receiver listening on `addr` (e.g. `[::1]:0` for IPv6 loopback).
+    pub async fn start_on(addr: &str, behaviour: Behaviour) -> Receiver {
         use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-        let port = listener.local_addr().unwrap().port();
+        let listener = TcpListener::bind(addr).expect("bind port 0");
+        let bound = listener.local_addr().unwrap();
+        let port = bound.port();
         let log = std::sync::Arc::new(ReceiverLog { behaviour: behaviour.into(), ..Default::default() });
         let server_log = log.clone();
         let server = HttpServer::new(move || {
@@ -393,7 +399,7 @@ impl Receiver {
         .expect("listen")
         .run();
         actix_rt::spawn(server);
-        Receiver { url: format!("http://127.0.0.1:{port}"), port, log }
+        Receiver { url: format!("http://{bound}"), port, log }
     }
 
     /// Answers the requests from now on as `behaviour` says (`fail_first` still counts every

@@ -130,6 +130,9 @@ async fn private_and_malformed_callbacks_are_refused_at_submit() {
         ("http://169.254.169.254/latest/meta-data/", "callback_not_allowed"),
         ("http://0x7f.1/", "callback_not_allowed"),
         ("http://[::ffff:127.0.0.1]/", "callback_not_allowed"),
+        ("http://[::ffff:0:7f00:1]/", "callback_not_allowed"),
+        ("http://[64:ff9b:1::7f00:1]/", "callback_not_allowed"),
+        ("http://[2002:7f00:1::1]/", "callback_not_allowed"),
         ("ftp://example.com/", "invalid_callback_url"),
         ("not a url", "invalid_callback_url"),
         ("/relative/path", "invalid_callback_url"),
@@ -150,6 +153,18 @@ async fn private_and_malformed_callbacks_are_refused_at_submit() {
     reply.expect_error(422, "callback_not_allowed", "image upload");
     let jobs = app.get("/jobs").await.json();
     assert_eq!(jobs["jobs"].as_array().unwrap().len(), 0, "no job was created");
+}
+
+#[actix_rt::test]
+async fn an_ipv6_literal_callback_is_delivered() {
+    // The URL's host is `[::1]`: a literal address, not a name to resolve.
+    let receiver = Receiver::start_on("[::1]:0", Behaviour::default()).await;
+    let app = spawn_app_with(webhook_settings()).await;
+    let url = format!("{}/hook", receiver.url);
+    assert!(url.starts_with("http://[::1]:"), "{url}");
+    let job = app.submit_pdf(&with_callback(report(1), &url)).await;
+    let requests = receiver.wait_until(Duration::from_secs(10), |r| !r.is_empty()).await;
+    assert_eq!(requests[0].json()["id"], id_of(&job));
 }
 
 #[actix_rt::test]
