@@ -195,6 +195,14 @@ pub struct Settings {
     #[arg(long, env = "OFFLOAD_ANALYTICS_QUEUE", default_value_t = 10_000)]
     pub analytics_queue: usize,
 
+    /// Analytics: most bytes of events waiting to be counted (503 past it), whatever their number.
+    #[arg(long, env = "OFFLOAD_ANALYTICS_QUEUE_BYTES", default_value = "64MiB")]
+    pub analytics_queue_bytes: ByteSize,
+
+    /// Analytics: largest `properties` of one event, as JSON (422 beyond).
+    #[arg(long, env = "OFFLOAD_ANALYTICS_MAX_PROPERTIES", default_value = "16KiB")]
+    pub analytics_max_properties: ByteSize,
+
     /// Analytics: most distinct event names counted one by one; the rest count under `(other)`.
     #[arg(long, env = "OFFLOAD_ANALYTICS_MAX_NAMES", default_value_t = 1000)]
     pub analytics_max_names: usize,
@@ -218,6 +226,10 @@ pub struct Settings {
     /// Analytics sink: most events held for forwarding; past it the oldest are dropped (counted).
     #[arg(long, env = "OFFLOAD_ANALYTICS_BUFFER", default_value_t = 20_000)]
     pub analytics_buffer: usize,
+
+    /// Analytics sink: most bytes held for forwarding; past it the oldest are dropped (counted).
+    #[arg(long, env = "OFFLOAD_ANALYTICS_BUFFER_BYTES", default_value = "64MiB")]
+    pub analytics_buffer_bytes: ByteSize,
 
     /// Analytics sink: attempts per batch before it is dropped (counted).
     #[arg(long, env = "OFFLOAD_ANALYTICS_SINK_ATTEMPTS", default_value_t = 5)]

@@ -59,7 +59,10 @@ impl Application {
         let app_store = store.clone();
         let dispatcher = start_dispatcher(&settings, &io, metrics.clone(), store.clone(), hub.clone());
         let policy = CallbackPolicy { allow_private: settings.allow_private_webhooks };
-        let analytics_limits = routes::AnalyticsLimits { max_batch: settings.analytics_max_batch.max(1) };
+        let analytics_limits = routes::AnalyticsLimits {
+            max_batch: settings.analytics_max_batch.max(1),
+            max_properties: settings.analytics_max_properties.bytes(),
+        };
         let analytics = io.analytics.clone();
         let limits = SpecLimits {
             max_rows: settings.max_rows,

@@ -44,11 +44,16 @@ pub fn start(settings: &Settings, metrics: Arc<Metrics>, store: Arc<dyn JobStore
         batch_size: settings.analytics_batch_size.max(1),
         flush_interval: Duration::from(settings.analytics_flush_interval).max(Duration::from_millis(10)),
         buffer: settings.analytics_buffer.max(1),
+        buffer_bytes: settings.analytics_buffer_bytes.bytes().max(1),
         attempts: settings.analytics_sink_attempts.max(1),
         timeout: settings.analytics_sink_timeout.into(),
         backoff: Backoff { first: settings.analytics_sink_backoff.into(), max: Duration::from_secs(30) },
     });
-    let analytics = analytics::start(&arbiter.handle(), limits, settings.analytics_queue, sink, metrics.clone());
+    let queue = analytics::QueueLimits {
+        events: settings.analytics_queue.max(1),
+        bytes: settings.analytics_queue_bytes.bytes().max(1),
+    };
+    let analytics = analytics::start(&arbiter.handle(), limits, queue, sink, metrics.clone());
     let webhook_settings = WebhookSettings {
         secret: settings.webhook_secret.clone().filter(|s| !s.is_empty()),
         max_attempts: settings.webhook_max_attempts.max(1),

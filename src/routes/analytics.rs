@@ -11,6 +11,8 @@ use crate::error::ErrorBody;
 #[derive(Clone, Copy, Debug)]
 pub struct AnalyticsLimits {
     pub max_batch: usize,
+    /// Largest `properties` of one event, in bytes of JSON.
+    pub max_properties: usize,
 }
 
 /// Parses and hands the events over; never waits for them to be counted.
@@ -19,7 +21,7 @@ pub async fn ingest(
     limits: web::Data<AnalyticsLimits>,
     analytics: web::Data<AnalyticsHandle>,
 ) -> Result<HttpResponse, ApiError> {
-    let events = parse_events(body.into_inner(), limits.max_batch)?;
+    let events = parse_events(body.into_inner(), limits.max_batch, limits.max_properties)?;
     let accepted = analytics.submit(events)?;
     Ok(HttpResponse::Accepted().json(json!({ "accepted": accepted })))
 }

@@ -79,6 +79,7 @@ async fn bad_events_are_refused_and_change_nothing() {
     let mut s = settings();
     s.analytics_max_batch = 3;
     s.max_json_body = offload::configuration::ByteSize(4096);
+    s.analytics_max_properties = offload::configuration::ByteSize(1024);
     let app = spawn_app_with(s).await;
     let json_ct = Some("application/json");
     let big = json!({"name": "x", "properties": {"blob": "y".repeat(5000)}}).to_string();
@@ -101,6 +102,13 @@ async fn bad_events_are_refused_and_change_nothing() {
         ("numeric name", json_ct, r#"{"name":5}"#.into(), 422, "invalid_event"),
         ("bad timestamp", json_ct, r#"{"name":"a","timestamp":"2026-11-21 10:00"}"#.into(), 422, "invalid_event"),
         ("properties not an object", json_ct, r#"{"name":"a","properties":"x"}"#.into(), 422, "invalid_event"),
+        (
+            "properties over the limit (1 KiB here)",
+            json_ct,
+            json!({"name": "a", "properties": {"k": "x".repeat(2000)}}).to_string(),
+            422,
+            "invalid_event",
+        ),
         ("unknown field", json_ct, r#"{"name":"a","usr":"u"}"#.into(), 422, "invalid_event"),
         ("one bad in a batch", json_ct, r#"[{"name":"a"},{"nam":"b"}]"#.into(), 422, "invalid_event"),
         ("too large", json_ct, big, 413, "payload_too_large"),
@@ -178,6 +186,26 @@ async fn failed_sink_requests_are_retried() {
     assert_eq!(forwarded(&requests).len(), 5);
     let s = app.wait_summary(Duration::from_secs(5), |s| s["forwarded"] == 5).await;
     assert_eq!((s["sink_errors"].clone(), s["dropped"].clone()), (json!(2), json!(0)));
+}
+
+#[actix_rt::test]
+async fn a_dead_sink_keeps_at_most_its_byte_budget_of_large_events() {
+    // 40 events of ~500 KB for a sink that never answers: a 2 MiB buffer keeps four at most,
+    // however many events it may hold by count.
+    let mut s = sink_settings(&format!("http://127.0.0.1:{}/", closed_port()));
+    s.analytics_max_properties = "1MiB".parse().unwrap();
+    s.analytics_buffer_bytes = "2MiB".parse().unwrap();
+    s.analytics_sink_attempts = 1;
+    s.analytics_batch_size = 1000;
+    s.analytics_flush_interval = duration(Duration::from_secs(3600));
+    let app = spawn_app_with(s).await;
+    for _ in 0..40 {
+        let event = json!({"name": "big", "properties": {"k": "x".repeat(500_000)}});
+        assert_eq!(app.post_json("/analytics/events", &event).await.status, StatusCode::ACCEPTED);
+    }
+    let s = app.wait_summary(Duration::from_secs(10), |s| s["total"] == 40).await;
+    assert!(s["buffered"].as_u64().unwrap() <= 4, "{s}");
+    assert!(s["dropped"].as_u64().unwrap() >= 36, "{s}");
 }
 
 #[actix_rt::test]

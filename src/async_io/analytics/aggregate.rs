@@ -99,7 +99,7 @@ mod tests {
         if let Some(user) = user {
             body["user"] = json!(user);
         }
-        parse_events(body, 1).unwrap().remove(0)
+        parse_events(body, 1, 1 << 20).unwrap().remove(0)
     }
 
     #[test]

@@ -22,6 +22,10 @@ pub struct Event {
     /// When it happened: the client's timestamp, else when the service received it (RFC 3339).
     #[serde(serialize_with = "rfc3339")]
     pub timestamp: OffsetDateTime,
+    /// About how many bytes it holds (its name, user and properties as JSON): what the
+    /// hand-off queue counts.
+    #[serde(skip)]
+    pub bytes: usize,
 }
 
 /// Why a request's events were refused (the whole request is refused: none are taken).
@@ -48,7 +52,8 @@ struct RawEvent {
 impl Event {
     /// An event the service records about itself.
     pub fn internal(name: &str, properties: Map<String, Value>) -> Self {
-        Event { name: name.to_string(), user: None, properties, timestamp: now() }
+        let bytes = name.len() + json_len(&properties) + 64;
+        Event { name: name.to_string(), user: None, properties, timestamp: now(), bytes }
     }
 
     /// Whole minutes since the Unix epoch of [`Event::timestamp`].
@@ -58,7 +63,7 @@ impl Event {
 }
 
 /// Parses a request body: one event object, or an array of 1 to `max_batch` of them.
-pub fn parse_events(body: Value, max_batch: usize) -> Result<Vec<Event>, EventError> {
+pub fn parse_events(body: Value, max_batch: usize, max_properties: usize) -> Result<Vec<Event>, EventError> {
     let received = now();
     match body {
         Value::Array(items) => {
@@ -69,14 +74,15 @@ pub fn parse_events(body: Value, max_batch: usize) -> Result<Vec<Event>, EventEr
                 let n = items.len();
                 return Err(invalid("too_many_events", format!("{n} events in one request, the limit is {max_batch}")));
             }
-            items.into_iter().enumerate().map(|(i, item)| parse_one(item, &format!("[{i}]"), received)).collect()
+            let parse = |(i, item)| parse_one(item, &format!("[{i}]"), received, max_properties);
+            items.into_iter().enumerate().map(parse).collect()
         }
-        item @ Value::Object(_) => Ok(vec![parse_one(item, "", received)?]),
+        item @ Value::Object(_) => Ok(vec![parse_one(item, "", received, max_properties)?]),
         _ => Err(invalid("invalid_event", "send an event object or an array of event objects".into())),
     }
 }
 
-fn parse_one(item: Value, at: &str, received: OffsetDateTime) -> Result<Event, EventError> {
+fn parse_one(item: Value, at: &str, received: OffsetDateTime, max_properties: usize) -> Result<Event, EventError> {
     if !item.is_object() {
         return Err(invalid("invalid_event", format!("{at}: an event must be a JSON object")));
     }
@@ -98,12 +104,37 @@ fn parse_one(item: Value, at: &str, received: OffsetDateTime) -> Result<Event, E
         Some(Value::Object(map)) => map,
         Some(_) => return Err(invalid("invalid_event", format!("{at}.properties: must be a JSON object"))),
     };
+    let properties_bytes = json_len(&properties);
+    if properties_bytes > max_properties {
+        return Err(invalid(
+            "invalid_event",
+            format!("{at}.properties: {properties_bytes} bytes as JSON, the limit is {max_properties}"),
+        ));
+    }
     let timestamp = match raw.timestamp {
         None => received,
         Some(text) => OffsetDateTime::parse(&text, &Rfc3339)
             .map_err(|_| invalid("invalid_event", format!("{at}.timestamp: `{text}` is not an RFC 3339 date-time")))?,
     };
-    Ok(Event { name: name.to_string(), user: raw.user, properties, timestamp })
+    let bytes = name.len() + raw.user.as_ref().map_or(0, String::len) + properties_bytes + 64;
+    Ok(Event { name: name.to_string(), user: raw.user, properties, timestamp, bytes })
+}
+
+/// How long `value` is as compact JSON, counted without building the text.
+fn json_len(value: &impl Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
 }
 
 fn invalid(code: &'static str, message: String) -> EventError {
@@ -136,7 +167,7 @@ mod tests {
 
     #[test]
     fn one_event_or_an_array() {
-        let one = parse_events(json!({"name": "page_view"}), 10).unwrap();
+        let one = parse_events(json!({"name": "page_view"}), 10, 1 << 20).unwrap();
         assert_eq!(one.len(), 1);
         assert_eq!(one[0].name, "page_view");
         assert!(one[0].properties.is_empty());
@@ -146,6 +177,7 @@ mod tests {
                 {"name": "b", "properties": null}
             ]),
             10,
+            1 << 20,
         )
         .unwrap();
         assert_eq!(many.len(), 2);
@@ -156,7 +188,8 @@ mod tests {
 
     #[test]
     fn forwarded_form_has_a_timestamp() {
-        let e = parse_events(json!({"name": "a", "timestamp": "2026-01-02T03:04:05.678Z"}), 1).unwrap().remove(0);
+        let e =
+            parse_events(json!({"name": "a", "timestamp": "2026-01-02T03:04:05.678Z"}), 1, 1 << 20).unwrap().remove(0);
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(v, json!({"name": "a", "properties": {}, "timestamp": "2026-01-02T03:04:05.678Z"}));
     }
@@ -183,9 +216,14 @@ mod tests {
             (json!({"name": "a", "nmae": "b"}), "invalid_event", "unknown field `nmae`"),
             (json!([{"name": "a"}, 3]), "invalid_event", "[1]: an event must be"),
             (json!([{"name": "a"}, {"name": ""}]), "invalid_event", "[1].name"),
+            (
+                json!({"name": "a", "properties": {"k": "x".repeat(2 << 20)}}),
+                "invalid_event",
+                ".properties: 2097160 bytes",
+            ),
         ];
         for (body, code, text) in cases {
-            let err = parse_events(body.clone(), 2).expect_err(&body.to_string());
+            let err = parse_events(body.clone(), 2, 1 << 20).expect_err(&body.to_string());
             assert_eq!(err.code, code, "{body}: {}", err.message);
             assert!(err.message.contains(text), "{body}: {}", err.message);
         }

@@ -27,10 +27,17 @@ use crate::metrics::Metrics;
 
 /// Events handed over and not yet counted.
 struct IngestQueue {
-    /// The events, and when the oldest of them arrived.
-    inner: Mutex<(Vec<Event>, Option<Instant>)>,
-    /// Most events held.
-    capacity: usize,
+    /// The events, when the oldest of them arrived, and the bytes they hold.
+    inner: Mutex<(Vec<Event>, Option<Instant>, usize)>,
+    limits: QueueLimits,
+}
+
+/// How much the hand-off queue holds at most: events, and bytes (a few huge events must not
+/// hold what many small ones may).
+#[derive(Clone, Copy, Debug)]
+pub struct QueueLimits {
+    pub events: usize,
+    pub bytes: usize,
 }
 
 /// The hand-off queue is full: the actor is behind.
@@ -60,12 +67,14 @@ impl AnalyticsHandle {
         let n = events.len();
         let was_empty = {
             let mut guard = self.queue.inner.lock().unwrap_or_else(|p| p.into_inner());
-            let (queued, since) = &mut *guard;
-            if queued.len() + n > self.queue.capacity {
+            let (queued, since, held) = &mut *guard;
+            let bytes: usize = events.iter().map(|e| e.bytes).sum();
+            if queued.len() + n > self.queue.limits.events || *held + bytes > self.queue.limits.bytes {
                 drop(guard);
                 self.metrics.analytics_rejected.inc_by(n as u64);
-                return Err(IngestError { capacity: self.queue.capacity });
+                return Err(IngestError { capacity: self.queue.limits.events });
             }
+            *held += bytes;
             let was_empty = queued.is_empty();
             if was_empty {
                 *since = Some(Instant::now());
@@ -118,11 +127,11 @@ pub struct Analytics {
 pub fn start(
     arbiter: &ArbiterHandle,
     limits: AggregateLimits,
-    queue_capacity: usize,
+    queue_limits: QueueLimits,
     sink: Option<SinkSettings>,
     metrics: Arc<Metrics>,
 ) -> AnalyticsHandle {
-    let queue = Arc::new(IngestQueue { inner: Mutex::new((Vec::new(), None)), capacity: queue_capacity.max(1) });
+    let queue = Arc::new(IngestQueue { inner: Mutex::new((Vec::new(), None, 0)), limits: queue_limits });
     let actor_queue = queue.clone();
     let actor_metrics = metrics.clone();
     let addr = Supervisor::start_in_arbiter(arbiter, move |_| Analytics {
@@ -140,6 +149,7 @@ impl Analytics {
     fn drain(&mut self) {
         let (events, since) = {
             let mut guard = self.queue.inner.lock().unwrap_or_else(|p| p.into_inner());
+            guard.2 = 0;
             (std::mem::take(&mut guard.0), guard.1.take())
         };
         if let Some(since) = since {

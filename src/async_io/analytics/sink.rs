@@ -17,6 +17,8 @@ pub struct SinkSettings {
     pub batch_size: usize,
     pub flush_interval: Duration,
     pub buffer: usize,
+    /// Most bytes held, whatever the number of events.
+    pub buffer_bytes: usize,
     pub attempts: u32,
     pub timeout: Duration,
     pub backoff: Backoff,
@@ -27,6 +29,8 @@ pub struct SinkBuffer {
     settings: SinkSettings,
     /// One serialized event each, oldest first.
     events: VecDeque<Bytes>,
+    /// Bytes held in `events`.
+    bytes: usize,
     /// Whether a batch is being sent (one at a time keeps the order and bounds the sink's load).
     pub in_flight: bool,
     metrics: Arc<Metrics>,
@@ -40,7 +44,7 @@ pub struct Batch {
 
 impl SinkBuffer {
     pub fn new(settings: SinkSettings, metrics: Arc<Metrics>) -> Self {
-        SinkBuffer { settings, events: VecDeque::new(), in_flight: false, metrics }
+        SinkBuffer { settings, events: VecDeque::new(), bytes: 0, in_flight: false, metrics }
     }
 
     pub fn settings(&self) -> &SinkSettings {
@@ -55,12 +59,19 @@ impl SinkBuffer {
         self.events.is_empty()
     }
 
-    /// Keeps `event` for forwarding; drops the oldest one if the buffer is full.
+    /// Keeps `event` for forwarding; drops the oldest ones while the buffer is full (in events or
+    /// in bytes).
     pub fn push(&mut self, event: Bytes) {
-        if self.events.len() >= self.settings.buffer.max(1) {
-            self.events.pop_front();
+        while !self.events.is_empty()
+            && (self.events.len() >= self.settings.buffer.max(1)
+                || self.bytes + event.len() > self.settings.buffer_bytes)
+        {
+            if let Some(old) = self.events.pop_front() {
+                self.bytes -= old.len();
+            }
             self.metrics.analytics_dropped.inc();
         }
+        self.bytes += event.len();
         self.events.push_back(event);
     }
 
@@ -76,6 +87,7 @@ impl SinkBuffer {
         }
         let n = self.events.len().min(self.settings.batch_size.max(1));
         let size: usize = self.events.iter().take(n).map(|e| e.len() + 1).sum();
+        self.bytes -= size - n;
         let mut body = BytesMut::with_capacity(size + 1);
         body.put_u8(b'[');
         for (i, event) in self.events.drain(..n).enumerate() {
@@ -141,6 +153,7 @@ mod tests {
             batch_size,
             flush_interval: Duration::from_secs(1),
             buffer: capacity,
+            buffer_bytes: 1 << 20,
             attempts: 3,
             timeout: Duration::from_secs(1),
             backoff: Backoff { first: Duration::from_millis(10), max: Duration::from_millis(100) },
@@ -163,6 +176,21 @@ mod tests {
         let second = b.take_batch().unwrap();
         let parsed: serde_json::Value = serde_json::from_slice(&second.body).unwrap();
         assert_eq!(parsed, serde_json::json!([{"n": 2}]));
+    }
+
+    #[test]
+    fn a_buffer_full_in_bytes_drops_the_oldest_however_few_events_it_holds() {
+        let mut b = buffer(100, 1000);
+        b.settings.buffer_bytes = 10;
+        for event in [&b"aaaa"[..], b"bbbb", b"cccc"] {
+            b.push(Bytes::copy_from_slice(event));
+        }
+        assert_eq!(b.len(), 2, "12 bytes do not fit in 10");
+        assert_eq!(b.metrics.analytics_dropped.get(), 1);
+        let batch = b.take_batch().unwrap();
+        assert_eq!(&batch.body[..], b"[bbbb,cccc]");
+        b.push(Bytes::from_static(b"dddddddddd"));
+        assert_eq!(b.len(), 1, "the batch taken frees its bytes");
     }
 
     #[test]
