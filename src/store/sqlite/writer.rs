@@ -86,7 +86,7 @@ impl Op {
 /// What to do once the batch's fate is known.
 enum Done {
     Insert { reply: Reply<Inserted>, outcome: Result<Inserted, StoreError>, queued: Vec<(JobId, Waiting)> },
-    Claim { reply: Reply<Option<Claimed>>, claimed: Option<Box<(Claimed, Waiting)>>, taken: Taken },
+    Claim { reply: Reply<Option<Claimed>>, took: Took },
     Finish { reply: Reply<Option<Job>>, ended: Option<(Job, usize)>, evicted: Evicted },
     Cancel { reply: Reply<CancelOutcome>, outcome: CancelOutcome },
     Release { reply: Reply<bool>, released: Option<(JobId, Waiting)> },
@@ -95,52 +95,37 @@ enum Done {
     Nothing,
 }
 
-/// Jobs a claim took from the in-memory queue without running them: not claimable after all
-/// (`skipped`: cancelled or gone), or failed because their stored payload is unreadable.
-#[derive(Default)]
-struct Taken {
-    skipped: Vec<Waiting>,
-    failed: Vec<Waiting>,
-}
-
-impl Taken {
-    /// The transaction did not commit: everything taken goes back to the front, in order.
-    fn put_back(self, s: &mut super::State, claimed: Option<Waiting>) {
-        let mut all: Vec<Waiting> = self.skipped.into_iter().chain(self.failed).chain(claimed).collect();
-        all.sort_by_key(|w| std::cmp::Reverse(w.seq));
-        for w in all {
-            s.put_back(w);
-        }
-    }
+/// What a claim did with the job it took from the in-memory queue.
+enum Took {
+    Claimed(Box<(Claimed, Waiting)>),
+    /// Not claimable after all (cancelled or gone).
+    Skipped(Waiting),
+    /// Failed: its stored payload is unreadable.
+    Failed(Waiting),
 }
 
 /// Claims `waiting` (already taken from the in-memory queue by the caller) when its job or
 /// payload must be read from disk first (jobs from before this start): attempt + 1, in memory
-/// (nothing is written; see [`super::StartLog`]). `None` if it is not claimable after all
-/// (gone, cancelled, unreadable).
-fn claim(tx: &Connection, mut waiting: Waiting, taken: &mut Taken) -> rusqlite::Result<Option<(Claimed, Waiting)>> {
-    let now = SystemTime::now();
+/// (nothing is written; see [`super::StartLog`]).
+fn claim(tx: &Connection, mut waiting: Waiting) -> rusqlite::Result<Took> {
     let seq = waiting.seq;
     let Some(mut job) = schema::load_seq(tx, seq)?.filter(|j| j.id == waiting.id) else {
-        taken.skipped.push(waiting);
-        return Ok(None);
+        return Ok(Took::Skipped(waiting));
     };
     if !job.claim() {
-        taken.skipped.push(waiting);
-        return Ok(None);
+        return Ok(Took::Skipped(waiting));
     }
     let payload = match waiting.payload.take() {
         Some(payload) => Ok(payload),
         None => load_payload(tx, seq, waiting.kind)?,
     };
     match payload {
-        Ok(payload) => Ok(Some((Claimed { job, payload }, waiting))),
+        Ok(payload) => Ok(Took::Claimed(Box::new((Claimed { job, payload }, waiting)))),
         Err(message) => {
             tracing::error!(job = %waiting.id, "stored payload unreadable: {message}");
-            job.fail(ErrorBody::new("payload_unreadable", message), now);
+            job.fail(ErrorBody::new("payload_unreadable", message), SystemTime::now());
             end(tx, seq, &job)?;
-            taken.failed.push(waiting);
-            Ok(None)
+            Ok(Took::Failed(waiting))
         }
     }
 }
@@ -221,16 +206,18 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Op>, shared: &Shared) {
             // any way, panics included, the job goes back.
             let rescue = op.claimed_waiting();
             let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| apply(&tx, op, shared)));
-            match applied {
-                Ok(Ok(d)) => done.push(d),
-                Ok(Err(e)) => return Err(e.to_string()),
-                Err(panic) => {
-                    if let Some(w) = rescue {
-                        shared.with_state(|s| s.put_back(w));
-                    }
-                    return Err(format!("a write panicked: {}", crate::process::panic_message(panic.as_ref())));
+            let error = match applied {
+                Ok(Ok(d)) => {
+                    done.push(d);
+                    continue;
                 }
+                Ok(Err(e)) => e.to_string(),
+                Err(panic) => format!("a write panicked: {}", crate::process::panic_message(panic.as_ref())),
+            };
+            if let Some(w) = rescue {
+                shared.with_state(|s| s.put_back(w));
             }
+            return Err(error);
         }
         tx.commit().map_err(|e| e.to_string())
     })();
@@ -380,21 +367,8 @@ fn apply(tx: &Connection, op: Op, shared: &Shared) -> rusqlite::Result<Done> {
             }
             Done::Insert { reply, outcome: Ok(Inserted::Created(created)), queued }
         }
-        Op::Claim { waiting, reply } => {
-            let mut taken = Taken::default();
-            let (id, kind, seq, weight, suspect) =
-                (waiting.id, waiting.kind, waiting.seq, waiting.weight, waiting.suspect);
-            match claim(tx, *waiting, &mut taken) {
-                Ok(claimed) => Done::Claim { reply, claimed: claimed.map(Box::new), taken },
-                Err(e) => {
-                    // Nothing of this transaction will stay: the job is queued again (its
-                    // payload, if it was cached, is read from disk at the next claim).
-                    let w = Waiting { id, kind, seq, weight, payload: None, job: None, suspect };
-                    shared.with_state(|s| s.put_back(w));
-                    return Err(e);
-                }
-            }
-        }
+        // On an error the batch's caller queues the job again (see `commit_batch`).
+        Op::Claim { waiting, reply } => Done::Claim { reply, took: claim(tx, *waiting)? },
         Op::Finish { id, attempt, outcome, reply } => {
             let Some((seq, mut job)) = held(tx, shared, id, attempt)? else {
                 return Ok(Done::Finish { reply, ended: None, evicted: Evicted::default() });
@@ -561,20 +535,24 @@ fn complete(done: Done, shared: &Shared) {
             });
             let _ = reply.send(outcome);
         }
-        Done::Claim { reply, claimed, taken } => {
-            shared.with_state(|s| {
-                for w in &taken.skipped {
-                    s.dropped(w);
+        Done::Claim { reply, took } => {
+            let claimed = shared.with_state(|s| match took {
+                Took::Claimed(c) => {
+                    let (claimed, waiting) = *c;
+                    s.claimed(&waiting, claimed.job.attempts);
+                    Some(claimed)
                 }
-                for w in &taken.failed {
-                    s.dropped(w);
+                Took::Skipped(w) => {
+                    s.dropped(&w);
+                    None
+                }
+                Took::Failed(w) => {
+                    s.dropped(&w);
                     s.stats.by_status.moved(JobStatus::Queued, JobStatus::Failed);
-                }
-                if let Some(claimed) = &claimed {
-                    s.claimed(&claimed.1, claimed.0.job.attempts);
+                    None
                 }
             });
-            let _ = reply.send(Ok(claimed.map(|c| c.0)));
+            let _ = reply.send(Ok(claimed));
         }
         Done::Finish { reply, ended, evicted } => {
             shared.with_state(|s| {
@@ -628,13 +606,17 @@ fn fail(done: Done, shared: &Shared, message: &str) {
     let error = || StoreError::Unavailable(message.to_string());
     match done {
         Done::Insert { reply, .. } => drop(reply.send(Err(error()))),
-        Done::Claim { reply, claimed, taken } => {
-            let claimed = claimed.map(|c| {
-                let (claimed, mut waiting) = *c;
-                waiting.payload = Some(claimed.payload);
-                waiting
-            });
-            shared.with_state(|s| taken.put_back(s, claimed));
+        Done::Claim { reply, took } => {
+            // Nothing of it was kept: the job is queued again.
+            let waiting = match took {
+                Took::Claimed(c) => {
+                    let (claimed, mut waiting) = *c;
+                    waiting.payload = Some(claimed.payload);
+                    waiting
+                }
+                Took::Skipped(w) | Took::Failed(w) => w,
+            };
+            shared.with_state(|s| s.put_back(waiting));
             let _ = reply.send(Err(error()));
         }
         Done::Finish { reply, .. } => drop(reply.send(Err(error()))),
