@@ -43,6 +43,31 @@ pub enum StoreKind {
 
 pub use crate::store::SyncMode;
 
+/// A setting that must never be printed (API keys): parsing never fails, so an error message
+/// cannot echo it, and `Debug` shows nothing of it. It is checked where it is used.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
 /// All settings. Field docs double as `--help` text.
 #[derive(Clone, Debug, Parser)]
 #[command(
@@ -270,6 +295,12 @@ pub struct Settings {
     /// Webhooks: allow callback URLs on loopback, private and link-local addresses.
     #[arg(long, env = "OFFLOAD_ALLOW_PRIVATE_WEBHOOKS")]
     pub allow_private_webhooks: bool,
+
+    /// API keys, `KEY[,KEY…]` or `@path` (a file, one key a line): every API route then needs
+    /// `Authorization: Bearer KEY`, and each key sees only the jobs it submitted. Without keys
+    /// the service is open. A key is 16–256 visible ASCII characters.
+    #[arg(long, env = "OFFLOAD_API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<Secret>,
 
     /// Directory with the browser page served at `/`.
     #[arg(long, env = "OFFLOAD_STATIC_DIR", default_value = "static")]

@@ -56,6 +56,27 @@ impl Serialize for JobId {
     }
 }
 
+/// Who submitted a job when the service runs with API keys: a digest of the key (never the key
+/// itself, so a copy of the database gives no access). Jobs of one owner are invisible to others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Owner([u8; 16]);
+
+impl Owner {
+    pub fn to_bytes(self) -> [u8; 16] {
+        self.0
+    }
+
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Owner(bytes)
+    }
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
 /// What a job does; each kind has its own worker pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -160,6 +181,8 @@ pub struct Job {
     /// Where the final job object is POSTed when the job ends (not part of the job object: a URL
     /// may carry a token).
     pub callback: Option<CallbackUrl>,
+    /// The API key's owner that submitted it (`None` when the service runs without keys).
+    pub owner: Option<Owner>,
 }
 
 impl Job {
@@ -177,6 +200,7 @@ impl Job {
             error: None,
             result: None,
             callback: None,
+            owner: None,
         }
     }
 

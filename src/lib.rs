@@ -9,6 +9,7 @@
 //! WebSocket outboxes) and the async I/O arbiter (job events, webhooks).
 //!
 //! Crate map:
+//! - [`access`]: API keys: who is calling (the `Caller` extractor), which jobs they see.
 //! - [`async_io`]: the async I/O arbiter: analytics (count, forward to a sink) and webhooks.
 //! - [`configuration`]: every setting, as a flag and an `OFFLOAD_*` environment variable.
 //! - [`telemetry`]: `tracing` subscriber (human-readable or JSON) and the panic hook.
@@ -26,6 +27,7 @@
 //! - [`job`]: the job vocabulary (id, kind, status, the state machine); imports nothing above it.
 //! - [`process`]: OS-level helpers (thread names and priorities, no transparent huge pages, panic text).
 
+pub mod access;
 pub mod async_io;
 pub mod configuration;
 pub mod dispatch;

@@ -10,6 +10,7 @@ use actix::prelude::*;
 use actix_web::dev::Server;
 use actix_web::{middleware, web, App, HttpServer};
 
+use crate::access::ApiKeys;
 use crate::async_io::webhooks::Deliver;
 use crate::async_io::{self, AsyncIo};
 use crate::configuration::{Settings, StoreKind};
@@ -45,6 +46,16 @@ impl Application {
     /// Builds everything on an already bound listener. Needs a running actix `System`.
     pub fn with_listener(settings: Settings, listener: TcpListener) -> std::io::Result<Self> {
         let address = listener.local_addr()?;
+        let keys = settings.api_keys.as_ref().map(|k| k.expose().parse::<ApiKeys>()).transpose();
+        let keys = keys.map_err(|e| std::io::Error::other(format!("--api-keys: {e}")))?;
+        let access = crate::access::Access { keys: keys.map(Arc::new) };
+        match &access.keys {
+            Some(keys) => tracing::info!(keys = keys.len(), "API keys required on every API route"),
+            None if !address.ip().is_loopback() => tracing::warn!(
+                "no --api-keys: the service is open to anyone who can reach {address}, and every client sees every job"
+            ),
+            None => {}
+        }
         let metrics = Arc::new(Metrics::new());
         let store = open_store(&settings, metrics.clone())?;
         let io = async_io::start(&settings, metrics.clone(), store.clone());
@@ -92,10 +103,16 @@ impl Application {
             crate::process::name_thread(c"http-worker");
             App::new()
                 .wrap(routes::json_errors())
-                .wrap(middleware::Logger::new("%r %s %b %Dms").log_target("offload::http"))
+                // The path without its query: `/ws?access_token=` carries an API key.
+                .wrap(
+                    middleware::Logger::new("%{request}xi %s %b %Dms")
+                        .custom_request_replace("request", |req| format!("{} {}", req.method(), req.path()))
+                        .log_target("offload::http"),
+                )
                 .wrap(middleware::from_fn(routes::body_deadline))
                 .wrap(middleware::from_fn(metrics::middleware::record))
                 .app_data(web::Data::new(body_timeout))
+                .app_data(web::Data::new(access.clone()))
                 .app_data(web::Data::new(app_dispatcher.clone()))
                 .app_data(web::Data::new(store.clone()))
                 .app_data(web::Data::new(hub.clone()))

@@ -10,9 +10,44 @@ const $ = (id) => document.getElementById(id);
 let socket = null;
 let retryMs = 500;
 
+// ---- API key (when the service runs with --api-keys) -------------------------------------------
+
+const KEY_SLOT = "offload-api-key";
+let apiKey = sessionStorage.getItem(KEY_SLOT) || "";
+
+function authHeaders(headers = {}) {
+  return apiKey ? { ...headers, authorization: `Bearer ${apiKey}` } : headers;
+}
+
+function askForKey(message) {
+  $("key-form").hidden = false;
+  $("key-error").textContent = message || "";
+  $("conn-state").textContent = "waiting for an API key";
+  $("api-key").focus();
+}
+
+/** Checks access with a cheap request, then opens the WebSocket (or asks for a key). */
+async function start() {
+  let response;
+  try {
+    response = await fetch("/jobs?limit=1", { headers: authHeaders() });
+  } catch {
+    setTimeout(start, 2000);
+    return;
+  }
+  if (response.status === 401) {
+    askForKey(apiKey ? "The service refused this key." : "");
+    return;
+  }
+  $("key-form").hidden = true;
+  if (!socket) connect();
+}
+
 function connect() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  socket = new WebSocket(`${scheme}://${location.host}/ws`);
+  // A browser cannot set headers on a WebSocket: the key goes in the query.
+  const token = apiKey ? `?access_token=${encodeURIComponent(apiKey)}` : "";
+  socket = new WebSocket(`${scheme}://${location.host}/ws${token}`);
   socket.addEventListener("open", () => {
     retryMs = 500;
     $("conn-state").textContent = "connected";
@@ -101,21 +136,33 @@ function createJobElement(entry) {
   return li;
 }
 
-function showResult(el, job, name) {
+async function showResult(el, job, name) {
   const box = document.createElement("div");
   box.className = "result";
+  el.append(box);
+  // Links and images cannot send a key: with one, the result is fetched and shown from memory.
+  let url = job.result.url;
+  if (apiKey) {
+    try {
+      const response = await fetch(job.result.url, { headers: authHeaders() });
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      url = URL.createObjectURL(await response.blob());
+    } catch (err) {
+      box.textContent = `The result could not be fetched: ${err.message}`;
+      return;
+    }
+  }
   const link = document.createElement("a");
-  link.href = job.result.url;
+  link.href = url;
   link.textContent = `Download ${job.result.content_type.split("/")[1].toUpperCase()} (${formatBytes(job.result.bytes)})`;
-  link.setAttribute("download", "");
+  link.setAttribute("download", job.result.filename || "");
   box.append(link);
   if (job.kind === "image") {
     const img = document.createElement("img");
-    img.src = job.result.url;
+    img.src = url;
     img.alt = `Result for ${name}, ${job.result.width}×${job.result.height}`;
     box.prepend(img, document.createElement("br"));
   }
-  el.append(box);
 }
 
 function showJobError(id, message) {
@@ -129,8 +176,9 @@ function formatBytes(n) {
 
 // ---- Actions ------------------------------------------------------------------------------------
 
-async function request(url, options) {
-  const response = await fetch(url, options);
+async function request(url, options = {}) {
+  const response = await fetch(url, { ...options, headers: authHeaders(options.headers) });
+  if (response.status === 401) askForKey("The service refused the key.");
   const body = await response.json().catch(() => null);
   if (!response.ok) {
     const message = body && body.error ? body.error.message : `HTTP ${response.status}`;
@@ -247,4 +295,11 @@ drop.addEventListener("keydown", (e) => {
 $("files").addEventListener("change", (e) => pick(e.target.files));
 $("image-form").addEventListener("submit", submitImages);
 $("pdf-form").addEventListener("submit", submitPdf);
-connect();
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  apiKey = $("api-key").value.trim();
+  sessionStorage.setItem(KEY_SLOT, apiKey);
+  if (socket) socket.close(); // reopened with the new key
+  start();
+});
+start();

@@ -21,7 +21,7 @@ use crate::async_io::webhooks::Deliver;
 use crate::domain::callback::CallbackUrl;
 use crate::domain::{JobPayload, PayloadRecord};
 use crate::error::ErrorBody;
-use crate::job::{Job, JobId, JobKind, JobStatus, ResultMeta};
+use crate::job::{Job, JobId, JobKind, JobStatus, Owner, ResultMeta};
 use crate::metrics::Metrics;
 use crate::realtime::Hub;
 use crate::store::{
@@ -618,6 +618,8 @@ pub struct Submit {
     /// Where each job's final state is POSTed.
     pub callback: Option<CallbackUrl>,
     pub key: Option<IdempotencyKey>,
+    /// The API key's owner (the service runs with keys).
+    pub owner: Option<Owner>,
 }
 
 /// The jobs of an accepted submission.
@@ -735,6 +737,7 @@ impl Dispatcher {
             .map(|(payload, record)| {
                 let mut job = Job::new(JobId::random(), payload.kind(), now);
                 job.callback = msg.callback.clone();
+                job.owner = msg.owner;
                 let weight = payload.approx_bytes();
                 NewJob { job, payload, record, weight }
             })

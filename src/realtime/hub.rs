@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use super::Outbox;
+use crate::access::Caller;
 use crate::job::{Job, JobId};
 
 #[derive(Default)]
@@ -24,6 +25,10 @@ struct Inner {
 struct Watcher {
     conn: u64,
     outbox: Arc<Outbox>,
+    /// Who follows: a change reaches the outbox only if the job exists for this caller, so a
+    /// subscription to another key's job (refused as unknown) never sees it, not even in the
+    /// moment between being registered and refused.
+    caller: Caller,
 }
 
 impl Hub {
@@ -31,9 +36,9 @@ impl Hub {
         Self::default()
     }
 
-    /// Follows `ids` for connection `conn`: each known job's current state (from `current`) goes
-    /// into `outbox`, and every change published from the moment it is registered. Returns the
-    /// ids that are not known jobs.
+    /// Follows `ids` for connection `conn` of `caller`: each known job's current state (from
+    /// `current`) goes into `outbox`, and every change published from the moment it is
+    /// registered. Returns the ids that are not known jobs (or not the caller's).
     ///
     /// The watcher is registered first and the snapshot read after, without holding the hub's
     /// lock (the read may touch the disk: call this off the event loop); a change published in
@@ -44,19 +49,20 @@ impl Hub {
         conn: u64,
         outbox: &Arc<Outbox>,
         ids: Vec<JobId>,
+        caller: Caller,
         mut current: impl FnMut(JobId) -> Option<Job>,
     ) -> Vec<JobId> {
         {
             let mut inner = self.lock();
             for id in &ids {
                 if inner.followed.entry(conn).or_default().insert(*id) {
-                    inner.watchers.entry(*id).or_default().push(Watcher { conn, outbox: outbox.clone() });
+                    inner.watchers.entry(*id).or_default().push(Watcher { conn, outbox: outbox.clone(), caller });
                 }
             }
         }
         let mut unknown = Vec::new();
         for id in ids {
-            match current(id) {
+            match current(id).filter(|job| caller.may_see(job)) {
                 Some(job) => outbox.push(job),
                 None => unknown.push(id),
             }
@@ -105,7 +111,7 @@ impl Hub {
     /// A job changed: its snapshot goes to every connection following it.
     pub fn publish(&self, job: &Job) {
         if let Some(watchers) = self.lock().watchers.get(&job.id) {
-            for w in watchers {
+            for w in watchers.iter().filter(|w| w.caller.may_see(job)) {
                 w.outbox.push(job.clone());
             }
         }
@@ -121,7 +127,7 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::job::JobKind;
+    use crate::job::{JobKind, Owner};
 
     #[test]
     fn subscribers_get_the_snapshot_then_changes_until_they_leave() {
@@ -129,7 +135,8 @@ mod tests {
         let outbox = Arc::new(Outbox::new());
         let job = Job::new(JobId::random(), JobKind::Pdf, SystemTime::now());
         let missing = JobId::random();
-        let unknown = hub.subscribe(1, &outbox, vec![job.id, missing], |id| (id == job.id).then(|| job.clone()));
+        let unknown =
+            hub.subscribe(1, &outbox, vec![job.id, missing], Caller::Open, |id| (id == job.id).then(|| job.clone()));
         assert_eq!(unknown, vec![missing]);
         let mut running = job.clone();
         running.start(SystemTime::now());
@@ -140,5 +147,24 @@ mod tests {
         assert!(!hub.is_watched(job.id));
         hub.publish(&running);
         assert!(outbox.take().is_empty());
+    }
+
+    #[test]
+    fn a_keyed_caller_never_sees_another_keys_job() {
+        let hub = Hub::new();
+        let (mine, theirs) = (Owner::from_bytes([1; 16]), Owner::from_bytes([2; 16]));
+        let mut job = Job::new(JobId::random(), JobKind::Pdf, SystemTime::now());
+        job.owner = Some(theirs);
+        let outbox = Arc::new(Outbox::new());
+        // A change published while the refused subscription is registered is not delivered.
+        let unknown = hub.subscribe(1, &outbox, vec![job.id], Caller::Key(mine), |_| {
+            hub.publish(&job);
+            Some(job.clone())
+        });
+        assert_eq!(unknown, vec![job.id]);
+        assert!(outbox.take().is_empty());
+        let theirs_box = Arc::new(Outbox::new());
+        assert!(hub.subscribe(2, &theirs_box, vec![job.id], Caller::Key(theirs), |_| Some(job.clone())).is_empty());
+        assert_eq!(theirs_box.take().len(), 1);
     }
 }

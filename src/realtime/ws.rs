@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 
 use super::Hub;
 use super::Outbox;
+use crate::access::{Caller, WsCaller};
 use crate::error::ErrorBody;
 use crate::job::JobId;
 use crate::metrics::Metrics;
@@ -44,11 +45,14 @@ pub struct WsSettings {
 struct Follow {
     hub: Arc<Hub>,
     store: Arc<dyn JobStore>,
+    /// Whose jobs this connection may follow.
+    caller: Caller,
 }
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
 pub async fn connect(
+    WsCaller(caller): WsCaller,
     req: HttpRequest,
     body: web::Payload,
     settings: web::Data<WsSettings>,
@@ -67,7 +71,7 @@ pub async fn connect(
     let stream =
         stream.max_frame_size(settings.max_frame).aggregate_continuations().max_continuation_size(settings.max_frame);
     let settings = settings.get_ref().clone();
-    let follow = Follow { hub: hub.get_ref().clone(), store: store.get_ref().clone() };
+    let follow = Follow { hub: hub.get_ref().clone(), store: store.get_ref().clone(), caller };
     let metrics = metrics.get_ref().clone();
     actix_rt::spawn(async move {
         metrics.ws_connections.inc();
@@ -219,11 +223,11 @@ async fn handle_frame(
         replies.push(error_frame("too_many_subscriptions", &message, None));
         return replies;
     }
-    let (hub, store, outbox) = (follow.hub.clone(), follow.store.clone(), outbox.clone());
+    let (hub, store, outbox, caller) = (follow.hub.clone(), follow.store.clone(), outbox.clone(), follow.caller);
     // The snapshots are store reads: off the event loop.
     let subscribed = web::block(move || {
         let mut failed = false;
-        let unknown = hub.subscribe(conn, &outbox, ids, |id| match store.get(id) {
+        let unknown = hub.subscribe(conn, &outbox, ids, caller, |id| match store.get(id) {
             Ok(job) => job,
             Err(_) => {
                 failed = true;

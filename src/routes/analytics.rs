@@ -4,6 +4,7 @@ use actix_web::{web, HttpResponse};
 use serde_json::{json, Value};
 
 use super::ApiError;
+use crate::access::Caller;
 use crate::async_io::analytics::{parse_events, AnalyticsHandle, GetSummary};
 use crate::error::ErrorBody;
 
@@ -16,7 +17,9 @@ pub struct AnalyticsLimits {
 }
 
 /// Parses and hands the events over; never waits for them to be counted.
+/// Analytics are the service's, not a key's: any valid key may send events and read the summary.
 pub async fn ingest(
+    _caller: Caller,
     body: web::Json<Value>,
     limits: web::Data<AnalyticsLimits>,
     analytics: web::Data<AnalyticsHandle>,
@@ -26,7 +29,7 @@ pub async fn ingest(
     Ok(HttpResponse::Accepted().json(json!({ "accepted": accepted })))
 }
 
-pub async fn summary(analytics: web::Data<AnalyticsHandle>) -> HttpResponse {
+pub async fn summary(_caller: Caller, analytics: web::Data<AnalyticsHandle>) -> HttpResponse {
     match analytics.addr().send(GetSummary).await {
         Ok(Some(summary)) => HttpResponse::Ok().insert_header(("cache-control", "no-store")).json(summary),
         _ => ErrorBody::new("unavailable", "analytics is restarting; retry shortly")

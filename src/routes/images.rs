@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use super::submit::{submit, REPLAYED};
 use super::ApiError;
+use crate::access::Caller;
 use crate::dispatch::Dispatcher;
 use crate::domain::callback::{CallbackPolicy, CallbackUrl};
 use crate::domain::image::{default_ops, parse_ops, ImageError, ImageLimits, ImageOp, ImageTask, OutputFormat};
@@ -52,6 +53,7 @@ struct Accepted<'a> {
 }
 
 pub async fn upload_images(
+    caller: Caller,
     req: HttpRequest,
     payload: web::Payload,
     limits: web::Data<UploadLimits>,
@@ -97,7 +99,7 @@ pub async fn upload_images(
         .await
         .map_err(|_| ImageError::new(500, "internal_error", "the upload could not be checked"))??;
     let payloads = tasks.into_iter().map(JobPayload::Image).collect();
-    let submitted = submit(&req, payloads, callback, &store, &dispatcher).await?;
+    let submitted = submit(&req, caller, payloads, callback, &store, &dispatcher).await?;
     let mut res = HttpResponse::Accepted();
     if submitted.replayed {
         res.insert_header((REPLAYED, "true"));

@@ -8,9 +8,9 @@ use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 
 use super::ApiError;
+use crate::access::Caller;
 use crate::dispatch::{CancelError, CancelJob, Dispatcher};
-use crate::job::JobId;
-use crate::job::JobView;
+use crate::job::{Job, JobId, JobView};
 use crate::store::{JobStore, ListFilter, ResultBody, ResultReader, StatusCounts};
 
 /// Most jobs one `GET /jobs` returns.
@@ -22,14 +22,24 @@ fn job_id(raw: &str) -> Result<JobId, ApiError> {
     raw.parse().map_err(|_| ApiError::JobNotFound)
 }
 
-pub async fn get_job(path: web::Path<String>, store: web::Data<Arc<dyn JobStore>>) -> Result<HttpResponse, ApiError> {
+/// The job, if it exists for this caller (another key's job does not).
+fn visible(store: &dyn JobStore, id: JobId, caller: Caller) -> Result<Option<Job>, ApiError> {
+    Ok(store.get(id)?.filter(|job| caller.may_see(job)))
+}
+
+pub async fn get_job(
+    caller: Caller,
+    path: web::Path<String>,
+    store: web::Data<Arc<dyn JobStore>>,
+) -> Result<HttpResponse, ApiError> {
     let id = job_id(&path)?;
     let store = store.get_ref().clone();
-    let job = web::block(move || store.get(id)).await??.ok_or(ApiError::JobNotFound)?;
+    let job = web::block(move || visible(&*store, id, caller)).await??.ok_or(ApiError::JobNotFound)?;
     Ok(HttpResponse::Ok().insert_header((header::CACHE_CONTROL, "no-store")).json(job.view()))
 }
 
 pub async fn get_result(
+    caller: Caller,
     path: web::Path<String>,
     store: web::Data<Arc<dyn JobStore>>,
 ) -> Result<HttpResponse, ApiError> {
@@ -37,6 +47,9 @@ pub async fn get_result(
     let store = store.get_ref().clone();
     // Read from disk on the blocking pool, never through the Dispatcher's mailbox.
     let found = web::block(move || -> Result<_, ApiError> {
+        if caller != Caller::Open && visible(&*store, id, caller)?.is_none() {
+            return Ok(Err(None));
+        }
         match store.result(id)? {
             Some(found) => Ok(Ok(found)),
             None => Ok(Err(store.get(id)?)),
@@ -84,10 +97,17 @@ fn stream_result(
 }
 
 pub async fn cancel_job(
+    caller: Caller,
     path: web::Path<String>,
+    store: web::Data<Arc<dyn JobStore>>,
     dispatcher: web::Data<Addr<Dispatcher>>,
 ) -> Result<HttpResponse, ApiError> {
     let id = job_id(&path)?;
+    if caller != Caller::Open {
+        // The owner never changes: checked once, before the Dispatcher is asked.
+        let store = store.get_ref().clone();
+        web::block(move || visible(&*store, id, caller)).await??.ok_or(ApiError::JobNotFound)?;
+    }
     let job = dispatcher.send(CancelJob(id)).await?.map_err(|e| match e {
         CancelError::NotFound => ApiError::JobNotFound,
         CancelError::AlreadyFinished(job) => ApiError::AlreadyFinished(job),
@@ -106,17 +126,26 @@ pub struct ListQuery {
 #[derive(Serialize)]
 struct JobList<'a> {
     jobs: Vec<JobView<'a>>,
-    /// All jobs held now (not only the listed ones), by status.
+    /// All jobs held now (not only the listed ones; with API keys, the caller's), by status.
     counts: StatusCounts,
 }
 
 pub async fn list_jobs(
+    caller: Caller,
     query: web::Query<ListQuery>,
     store: web::Data<Arc<dyn JobStore>>,
 ) -> Result<HttpResponse, ApiError> {
-    let filter = parse_filter(&query)?;
+    let mut filter = parse_filter(&query)?;
+    filter.owner = caller.owner();
     let store = store.get_ref().clone();
-    let (jobs, counts) = web::block(move || store.list(&filter).map(|jobs| (jobs, store.stats().by_status))).await??;
+    let (jobs, counts) = web::block(move || {
+        let counts = match caller.owner() {
+            None => store.stats().by_status,
+            Some(owner) => store.counts(owner)?,
+        };
+        store.list(&filter).map(|jobs| (jobs, counts))
+    })
+    .await??;
     Ok(HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .json(JobList { jobs: jobs.iter().map(|j| j.view()).collect(), counts }))
@@ -137,5 +166,5 @@ fn parse_filter(q: &ListQuery) -> Result<ListFilter, ApiError> {
             _ => return Err(invalid("limit", "must be a whole number from 1 to 1000")),
         },
     };
-    Ok(ListFilter { status, kind, limit })
+    Ok(ListFilter { status, kind, limit, owner: None })
 }

@@ -5,10 +5,16 @@ use std::sync::Arc;
 use actix::Addr;
 use actix_web::{web, HttpResponse};
 
+use crate::access::Caller;
 use crate::dispatch::{Dispatcher, GetLoad};
 use crate::metrics::{Metrics, CONTENT_TYPE};
 
-pub async fn metrics(metrics: web::Data<Arc<Metrics>>, dispatcher: web::Data<Addr<Dispatcher>>) -> HttpResponse {
+/// With API keys, any valid key may scrape (Prometheus sends it as a bearer token).
+pub async fn metrics(
+    _caller: Caller,
+    metrics: web::Data<Arc<Metrics>>,
+    dispatcher: web::Data<Addr<Dispatcher>>,
+) -> HttpResponse {
     // Queue sizes and jobs held are the Dispatcher's state: read them now. If it does not answer,
     // the rest is still worth serving.
     if let Ok(load) = dispatcher.send(GetLoad).await {

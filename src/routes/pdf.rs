@@ -8,6 +8,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::submit::{submit, REPLAYED};
 use super::ApiError;
+use crate::access::Caller;
 use crate::dispatch::Dispatcher;
 use crate::domain::callback::{CallbackPolicy, CallbackUrl};
 use crate::domain::pdf::{DocumentSpec, PdfRequest, SpecLimits};
@@ -15,6 +16,7 @@ use crate::domain::JobPayload;
 use crate::store::JobStore;
 
 pub async fn generate_pdf(
+    caller: Caller,
     req: HttpRequest,
     body: web::Json<PdfRequest>,
     limits: web::Data<SpecLimits>,
@@ -25,7 +27,7 @@ pub async fn generate_pdf(
     let mut spec = body.into_inner();
     let callback = spec.callback_url.take().map(|raw| CallbackUrl::parse(&raw, **policy)).transpose()?;
     let spec = DocumentSpec::parse(spec, &limits)?;
-    let submitted = submit(&req, vec![JobPayload::Pdf(spec)], callback, &store, &dispatcher).await?;
+    let submitted = submit(&req, caller, vec![JobPayload::Pdf(spec)], callback, &store, &dispatcher).await?;
     let job = submitted.jobs.first().ok_or(ApiError::JobNotFound)?;
     let mut res = HttpResponse::Accepted();
     res.insert_header((header::LOCATION, format!("/jobs/{}", job.id)));

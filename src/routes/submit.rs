@@ -8,6 +8,7 @@ use actix_web::{web, HttpRequest};
 use sha2::{Digest, Sha256};
 
 use super::ApiError;
+use crate::access::Caller;
 use crate::dispatch::{Dispatcher, Submit, Submitted};
 use crate::domain::callback::CallbackUrl;
 use crate::domain::{JobPayload, PayloadRecord};
@@ -58,12 +59,18 @@ fn fingerprint(records: &[PayloadRecord], kinds: &[&str], callback: Option<&Call
 /// bothering the Dispatcher, else hands the jobs to it.
 pub async fn submit(
     req: &HttpRequest,
+    caller: Caller,
     payloads: Vec<JobPayload>,
     callback: Option<CallbackUrl>,
     store: &Arc<dyn JobStore>,
     dispatcher: &Addr<Dispatcher>,
 ) -> Result<Submitted, ApiError> {
-    let key = idempotency_key(req)?;
+    // Keys are per API key: one client's key never names another's jobs. A space cannot occur
+    // in a key, so the scoped form cannot collide with an unscoped one.
+    let key = idempotency_key(req)?.map(|key| match caller.owner() {
+        Some(owner) => format!("{owner} {key}"),
+        None => key,
+    });
     // Only a durable store or a key needs the stored form of the payloads.
     let records: Vec<PayloadRecord> = if store.durable() || key.is_some() {
         payloads.iter().map(JobPayload::encode).collect()
@@ -89,7 +96,7 @@ pub async fn submit(
         }
     };
     let jobs = payloads.into_iter().zip(records).collect();
-    Ok(dispatcher.send(Submit { jobs, callback, key }).await??)
+    Ok(dispatcher.send(Submit { jobs, callback, key, owner: caller.owner() }).await??)
 }
 
 #[cfg(test)]

@@ -9,11 +9,11 @@ use bytes::Bytes;
 
 use super::{
     apply_final, kind_index, ready, result_too_large, CancelOutcome, Claimed, Final, IdempotencyKey, Inserted,
-    JobStore, ListFilter, NewJob, OwedWebhook, Pending, ResultBody, Retention, StoreError, StoreStats,
+    JobStore, ListFilter, NewJob, OwedWebhook, Pending, ResultBody, Retention, StatusCounts, StoreError, StoreStats,
 };
 use crate::domain::JobPayload;
 use crate::error::ErrorBody;
-use crate::job::{Job, JobId, JobKind, JobStatus, ResultMeta};
+use crate::job::{Job, JobId, JobKind, JobStatus, Owner, ResultMeta};
 
 pub struct MemoryStore {
     inner: Mutex<Inner>,
@@ -285,6 +285,7 @@ impl JobStore for MemoryStore {
             .map(|e| &e.job)
             .filter(|j| filter.status.is_none_or(|st| j.status == st))
             .filter(|j| filter.kind.is_none_or(|k| j.kind == k))
+            .filter(|j| filter.owner.is_none_or(|o| j.owner == Some(o)))
             .take(filter.limit)
             .cloned()
             .collect())
@@ -306,6 +307,15 @@ impl JobStore for MemoryStore {
 
     fn stats(&self) -> StoreStats {
         self.lock().stats
+    }
+
+    fn counts(&self, owner: Owner) -> Result<StatusCounts, StoreError> {
+        let s = self.lock();
+        let mut counts = StatusCounts::default();
+        for entry in s.entries.values().filter(|e| e.job.owner == Some(owner)) {
+            *counts.slot(entry.job.status) += 1;
+        }
+        Ok(counts)
     }
 
     fn health(&self) -> Result<(), StoreError> {

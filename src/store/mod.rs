@@ -25,7 +25,7 @@ use futures::future::BoxFuture;
 use crate::domain::callback::CallbackUrl;
 use crate::domain::{JobPayload, PayloadRecord};
 use crate::error::ErrorBody;
-use crate::job::{Job, JobId, JobKind, JobStatus, ResultMeta};
+use crate::job::{Job, JobId, JobKind, JobStatus, Owner, ResultMeta};
 
 pub use memory::MemoryStore;
 pub use sqlite::{SqliteOptions, SqliteStore, SyncMode};
@@ -121,6 +121,8 @@ pub struct OwedWebhook {
 pub struct ListFilter {
     pub status: Option<JobStatus>,
     pub kind: Option<JobKind>,
+    /// Only this owner's jobs (the service runs with API keys); `None`: every job.
+    pub owner: Option<Owner>,
     pub limit: usize,
 }
 
@@ -259,6 +261,8 @@ pub trait JobStore: Send + Sync + 'static {
     fn replay(&self, key: &IdempotencyKey) -> Result<Option<Vec<Job>>, StoreError>;
 
     fn stats(&self) -> StoreStats;
+    /// How many of `owner`'s jobs are in each status (the service-wide counts are in `stats`).
+    fn counts(&self, owner: Owner) -> Result<StatusCounts, StoreError>;
     /// `Err` while writes fail (disk full, I/O errors); clears once a write succeeds again.
     fn health(&self) -> Result<(), StoreError>;
 }

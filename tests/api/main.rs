@@ -6,6 +6,7 @@ mod errors;
 mod helpers;
 mod images;
 mod jobs;
+mod keys;
 mod metrics;
 mod pdf;
 mod process;

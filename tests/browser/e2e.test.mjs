@@ -22,6 +22,7 @@ const shots = join(here, "screenshots");
 
 let server;
 let base;
+let keyed; // a second server, with API keys
 let browser;
 
 /** A w×h PNG: red left half, blue right half. */
@@ -63,16 +64,17 @@ function png(w, h) {
   ]);
 }
 
-before(async () => {
+/** Starts offload with `args` on a fresh data directory; resolves to [process, base URL]. */
+async function startServer(args = []) {
   // The page runs against the default, durable store, in a data directory of its own.
   const dataDir = mkdtempSync(join(tmpdir(), "offload-browser-"));
-  server = spawn(bin, ["--bind", "127.0.0.1:0", "--static-dir", join(root, "static"), "--data-dir", dataDir], {
+  const child = spawn(bin, ["--bind", "127.0.0.1:0", "--static-dir", join(root, "static"), "--data-dir", dataDir, ...args], {
     stdio: ["ignore", "pipe", "inherit"],
   });
-  base = await new Promise((resolveBase, reject) => {
+  const url = await new Promise((resolveBase, reject) => {
     const timer = setTimeout(() => reject(new Error("offload did not log its address")), 20000);
     let seen = "";
-    server.stdout.on("data", (chunk) => {
+    child.stdout.on("data", (chunk) => {
       seen += chunk;
       const m = seen.match(/listening on (http:\/\/\S+)/);
       if (m) {
@@ -80,8 +82,13 @@ before(async () => {
         resolveBase(m[1]);
       }
     });
-    server.on("exit", (code) => reject(new Error(`offload exited with ${code}`)));
+    child.on("exit", (code) => reject(new Error(`offload exited with ${code}`)));
   });
+  return [child, url];
+}
+
+before(async () => {
+  [server, base] = await startServer();
   browser = await chromium.launch({
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
     args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"],
@@ -91,6 +98,7 @@ before(async () => {
 after(async () => {
   if (browser) await browser.close();
   if (server) server.kill("SIGTERM");
+  if (keyed) keyed.kill("SIGTERM");
 });
 
 test("upload an image and generate a PDF, following both live", async () => {
@@ -147,4 +155,48 @@ test("upload an image and generate a PDF, following both live", async () => {
   assert.deepEqual(unlabelled, []);
 
   assert.deepEqual(problems, [], "console errors on the page");
+});
+
+test("with API keys the page asks for one, keeps it for the tab and uses it everywhere", async () => {
+  const key = "browser-key-0123456789abcdef";
+  let keyedBase;
+  [keyed, keyedBase] = await startServer(["--api-keys", key]);
+  const page = await browser.newPage();
+  const problems = [];
+  page.on("pageerror", (e) => problems.push(e.message));
+  await page.goto(keyedBase + "/");
+  const form = page.locator("#key-form");
+  await form.waitFor({ state: "visible", timeout: 10000 });
+
+  // A wrong key is refused and the form stays.
+  await page.fill("#api-key", "not-the-key-0123456789abcdef");
+  await page.getByRole("button", { name: "Use key" }).click();
+  await page.waitForFunction(() => document.getElementById("key-error").textContent.includes("refused"));
+  assert.ok(await form.isVisible());
+
+  await page.fill("#api-key", key);
+  await page.getByRole("button", { name: "Use key" }).click();
+  await page.waitForFunction(() => document.getElementById("conn-state").textContent === "connected");
+  assert.ok(await form.isHidden());
+
+  // A job submitted, followed over the WebSocket and downloaded, all with the key.
+  await page.fill("#title", "Keyed report");
+  await page.getByRole("button", { name: "Generate PDF" }).click();
+  const job = page.locator("li.job", { hasText: "Keyed report.pdf" });
+  await job.locator(".status-succeeded").waitFor({ timeout: 20000 });
+  const link = job.locator(".result a");
+  await link.waitFor({ timeout: 10000 });
+  assert.match(await link.getAttribute("href"), /^blob:/);
+  const head = await link.evaluate(async (a) => new Uint8Array(await (await fetch(a.href)).arrayBuffer()).slice(0, 5));
+  assert.equal(String.fromCharCode(...Object.values(head)), "%PDF-");
+
+  // The key is kept for the tab: a reload connects without asking.
+  await page.reload();
+  await page.waitForFunction(() => document.getElementById("conn-state").textContent === "connected");
+  assert.ok(await form.isHidden());
+  assert.equal(await page.evaluate(() => sessionStorage.getItem("offload-api-key")), key);
+  // Without the key, the API refuses.
+  const anonymous = await page.request.get(keyedBase + "/jobs");
+  assert.equal(anonymous.status(), 401);
+  assert.deepEqual(problems, [], "errors on the page");
 });

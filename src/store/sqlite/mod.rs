@@ -39,7 +39,7 @@ use super::{
 use crate::domain::callback::{CallbackPolicy, CallbackUrl};
 use crate::domain::JobPayload;
 use crate::error::ErrorBody;
-use crate::job::{Job, JobId, JobKind, JobStatus, ResultMeta};
+use crate::job::{Job, JobId, JobKind, JobStatus, Owner, ResultMeta};
 pub use startlog::StartLog;
 use writer::Op;
 
@@ -728,6 +728,7 @@ impl JobStore for SqliteStore {
                 }
             }
             jobs.retain(|j| filter.kind.is_none_or(|k| j.kind == k));
+            jobs.retain(|j| filter.owner.is_none_or(|o| j.owner == Some(o)));
             jobs.sort_by_key(|j| std::cmp::Reverse(j.created_at));
             jobs.truncate(filter.limit);
             return Ok(jobs);
@@ -740,6 +741,9 @@ impl JobStore for SqliteStore {
         if let Some(k) = filter.kind {
             clauses.push(format!("kind = {}", schema::kind_code(k)));
         }
+        if filter.owner.is_some() {
+            clauses.push("owner = ?2".to_string());
+        }
         if !clauses.is_empty() {
             sql.push_str(" WHERE ");
             sql.push_str(&clauses.join(" AND "));
@@ -749,7 +753,11 @@ impl JobStore for SqliteStore {
         let extra = if filter.status == Some(JobStatus::Queued) { started.len() } else { 0 };
         let jobs = self.read(|conn| {
             let mut stmt = conn.prepare_cached(&sql)?;
-            let rows = stmt.query_map(params![(filter.limit + extra) as i64], schema::job_from_row)?;
+            let limit = (filter.limit + extra) as i64;
+            let rows = match filter.owner {
+                Some(owner) => stmt.query_map(params![limit, owner.to_bytes()], schema::job_from_row)?,
+                None => stmt.query_map(params![limit], schema::job_from_row)?,
+            };
             rows.map(|r| r.map(|(_, job)| job)).collect::<rusqlite::Result<Vec<_>>>()
         })?;
         let mut jobs: Vec<Job> = jobs.into_iter().map(|j| self.shared.live(j)).collect();
@@ -813,6 +821,27 @@ impl JobStore for SqliteStore {
 
     fn stats(&self) -> StoreStats {
         self.shared.stats()
+    }
+
+    fn counts(&self, owner: Owner) -> Result<StatusCounts, StoreError> {
+        let mut counts = StatusCounts::default();
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT status, count(*) FROM jobs WHERE owner = ?1 GROUP BY status")?;
+            let rows = stmt.query_map(params![owner.to_bytes()], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+            for row in rows {
+                let (code, n) = row?;
+                *counts.slot(schema::status_of(code)?) += n as usize;
+            }
+            Ok(())
+        })?;
+        // On disk a started job is still queued; the running ones are known in memory.
+        let started: Vec<JobId> = self.shared.with_state(|s| s.started.keys().copied().collect());
+        for id in started {
+            if self.get(id)?.is_some_and(|j| j.owner == Some(owner) && j.status == JobStatus::Running) {
+                counts.moved(JobStatus::Queued, JobStatus::Running);
+            }
+        }
+        Ok(counts)
     }
 
     fn health(&self) -> Result<(), StoreError> {

@@ -6,14 +6,15 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::domain::callback::{CallbackPolicy, CallbackUrl};
 use crate::error::ErrorBody;
-use crate::job::{Job, JobId, JobKind, JobStatus, ResultMeta};
+use crate::job::{Job, JobId, JobKind, JobStatus, Owner, ResultMeta};
 
 /// The schema this binary writes. Older databases are migrated on start; a newer one (written by
 /// a later release) is refused rather than misread.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Migration `n` takes the schema from version `n` to `n + 1`.
-const MIGRATIONS: [&str; 1] = [r#"
+const MIGRATIONS: [&str; 2] = [
+    r#"
 CREATE TABLE jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, -- creation order; never reused (results and payloads are keyed by it)
     id BLOB NOT NULL UNIQUE,          -- 16 random bytes
@@ -46,7 +47,15 @@ CREATE TABLE webhooks (id INTEGER PRIMARY KEY, job_id BLOB NOT NULL UNIQUE, url 
 CREATE TABLE idempotency (key TEXT PRIMARY KEY, fingerprint BLOB NOT NULL, first_seq INTEGER NOT NULL, ids BLOB NOT NULL);
 CREATE INDEX idempotency_by_job ON idempotency (first_seq);
 CREATE TABLE meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
-"#];
+"#,
+    // API keys: the owner of each job (NULL when the service runs open). The indexes are partial,
+    // so a service without keys pays nothing for them on insert.
+    r#"
+ALTER TABLE jobs ADD COLUMN owner BLOB;
+CREATE INDEX jobs_by_owner ON jobs (owner, seq) WHERE owner IS NOT NULL;
+CREATE INDEX jobs_by_owner_status ON jobs (owner, status, seq) WHERE owner IS NOT NULL;
+"#,
+];
 
 /// Brings the schema to [`SCHEMA_VERSION`], in one transaction.
 pub fn migrate(conn: &mut Connection) -> Result<(), String> {
@@ -70,7 +79,7 @@ pub fn migrate(conn: &mut Connection) -> Result<(), String> {
 
 /// The columns [`job_from_row`] reads, in order.
 pub const JOB_COLUMNS: &str = "seq, id, kind, status, attempts, progress, stage, created_at, started_at, finished_at, \
-     error_code, error_message, result_type, result_bytes, result_name, result_width, result_height, callback";
+     error_code, error_message, result_type, result_bytes, result_name, result_width, result_height, callback, owner";
 
 pub fn status_code(s: JobStatus) -> i64 {
     match s {
@@ -82,7 +91,7 @@ pub fn status_code(s: JobStatus) -> i64 {
     }
 }
 
-fn status_of(code: i64) -> rusqlite::Result<JobStatus> {
+pub fn status_of(code: i64) -> rusqlite::Result<JobStatus> {
     Ok(match code {
         0 => JobStatus::Queued,
         1 => JobStatus::Running,
@@ -162,6 +171,7 @@ pub fn job_from_row(r: &Row<'_>) -> rusqlite::Result<(i64, Job)> {
         error,
         result,
         callback,
+        owner: r.get::<_, Option<[u8; 16]>>(18)?.map(Owner::from_bytes),
     };
     Ok((r.get(0)?, job))
 }
@@ -181,8 +191,8 @@ pub fn load_seq(conn: &Connection, seq: i64) -> rusqlite::Result<Option<Job>> {
 /// A new job row; its sequence number.
 pub fn insert(conn: &Connection, job: &Job, weight: usize) -> rusqlite::Result<i64> {
     conn.prepare_cached(
-        "INSERT INTO jobs (id, kind, status, attempts, progress, stage, created_at, callback, weight) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        "INSERT INTO jobs (id, kind, status, attempts, progress, stage, created_at, callback, weight, owner) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?
     .execute(params![
         job.id.to_bytes(),
@@ -194,6 +204,7 @@ pub fn insert(conn: &Connection, job: &Job, weight: usize) -> rusqlite::Result<i
         micros(job.created_at),
         job.callback.as_ref().map(|c| c.as_str()),
         weight as i64,
+        job.owner.map(Owner::to_bytes),
     ])?;
     Ok(conn.last_insert_rowid())
 }
@@ -245,4 +256,38 @@ pub fn pack_ids(ids: impl Iterator<Item = JobId>) -> Vec<u8> {
 
 pub fn unpack_ids(bytes: &[u8]) -> Vec<JobId> {
     bytes.chunks_exact(16).map(|c| JobId::from_bytes(c.try_into().expect("16-byte chunk"))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_1_database_is_migrated_with_its_jobs_kept_and_no_owner() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        let id = JobId::random();
+        conn.execute(
+            "INSERT INTO jobs (id, kind, status, attempts, progress, created_at, weight) VALUES (?1, 0, 0, 0, 0, 1, 5)",
+            params![id.to_bytes()],
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let (_, job) = load(&conn, id).unwrap().expect("the job is kept");
+        assert_eq!((job.status, job.owner), (JobStatus::Queued, None));
+        migrate(&mut conn).expect("migrating again changes nothing");
+    }
+
+    #[test]
+    fn the_owner_is_stored_and_read_back() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        let mut job = Job::new(JobId::random(), JobKind::Image, SystemTime::now());
+        job.owner = Some(Owner::from_bytes([7; 16]));
+        insert(&conn, &job, 10).unwrap();
+        assert_eq!(load(&conn, job.id).unwrap().unwrap().1.owner, job.owner);
+    }
 }
