@@ -8,9 +8,12 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use offload::domain::pdf::{DocumentSpec, PdfRequest, SpecLimits};
+use offload::domain::pdf::{DocumentSpec, PdfRequest, RenderBudget, SpecLimits};
 use offload::workers::pdf::render;
 use offload::workers::JobContext;
+
+/// The service's default render budget.
+const BUDGET: RenderBudget = RenderBudget { max_pages: 1000, max_lines: 200_000 };
 
 /// The service's allocator (src/main.rs), so that the ratio compares like with like.
 #[global_allocator]
@@ -45,13 +48,13 @@ fn main() {
     let pages = args.first().copied().unwrap_or(1);
     let jobs = args.get(1).copied().unwrap_or(if pages == 1 { 500 } else { 50 });
     let threads = args.get(2).copied().unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let limits = SpecLimits { max_rows: 100_000, max_columns: 50, max_cell_chars: 1000 };
+    let limits = SpecLimits { max_rows: 100_000, max_columns: 50, max_cell_chars: 1000, render: BUDGET };
     let spec = || {
         let req: PdfRequest = serde_json::from_value(body(pages)).unwrap();
         DocumentSpec::parse(req, &limits).unwrap()
     };
     // Warm up (page metrics, allocator) outside the timing.
-    render(&spec(), &mut JobContext::detached()).expect("renders");
+    render(&spec(), BUDGET, &mut JobContext::detached()).expect("renders");
     let next = AtomicUsize::new(0);
     let started = Instant::now();
     let busy_ms: f64 = std::thread::scope(|s| {
@@ -62,7 +65,7 @@ fn main() {
                     while next.fetch_add(1, Ordering::Relaxed) < jobs {
                         // Parse included: the service parses each request too (on an HTTP thread).
                         let t = Instant::now();
-                        let pdf = render(&spec(), &mut JobContext::detached()).expect("renders");
+                        let pdf = render(&spec(), BUDGET, &mut JobContext::detached()).expect("renders");
                         assert!(pdf.bytes.starts_with(b"%PDF"));
                         busy += t.elapsed().as_secs_f64() * 1000.0;
                     }

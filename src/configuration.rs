@@ -169,6 +169,18 @@ pub struct Settings {
     #[arg(long, env = "OFFLOAD_MAX_CELL_CHARS", default_value_t = 1000)]
     pub max_cell_chars: usize,
 
+    /// Most pages one PDF may render to. A PDF job's memory grows with what it renders (every
+    /// page and line is kept until the file is written), so this and `--max-pdf-lines` bound it.
+    /// A document that must be longer is refused at submit (422 `document_too_large`); one that
+    /// turns out longer once laid out fails with the same code.
+    #[arg(long, env = "OFFLOAD_MAX_PDF_PAGES", default_value_t = 1000)]
+    pub max_pdf_pages: usize,
+
+    /// Most lines of text one PDF may render (every line of every cell, header cell and
+    /// paragraph): see `--max-pdf-pages`.
+    #[arg(long, env = "OFFLOAD_MAX_PDF_LINES", default_value_t = 200_000)]
+    pub max_pdf_lines: usize,
+
     /// Largest `POST /images` body, enforced while it streams in.
     #[arg(long, env = "OFFLOAD_MAX_UPLOAD", default_value = "64MiB")]
     pub max_upload: ByteSize,
@@ -327,6 +339,10 @@ impl Settings {
 
     pub fn image_workers(&self) -> usize {
         self.image_workers.unwrap_or_else(cores).max(1)
+    }
+
+    pub fn pdf_budget(&self) -> crate::domain::pdf::RenderBudget {
+        crate::domain::pdf::RenderBudget { max_pages: self.max_pdf_pages.max(1), max_lines: self.max_pdf_lines }
     }
 
     pub fn body_timeout(&self) -> Duration {

@@ -79,6 +79,7 @@ impl Application {
             max_rows: settings.max_rows,
             max_columns: settings.max_columns,
             max_cell_chars: settings.max_cell_chars,
+            render: settings.pdf_budget(),
         };
         let uploads = routes::UploadLimits {
             max_bytes: settings.max_upload.bytes(),
@@ -180,15 +181,15 @@ fn start_dispatcher(
     hub: Arc<Hub>,
 ) -> Addr<Dispatcher> {
     let pdf_workers = settings.pdf_workers();
-    let (nice, sched) = (settings.worker_nice, settings.worker_sched);
+    let (nice, sched, budget) = (settings.worker_nice, settings.worker_sched, settings.pdf_budget());
     let hook = store.start_hook();
     let on_start = hook.clone();
     let pdf = SyncArbiter::start(pdf_workers, move || {
-        JobWorker::on_pool_thread(c"pdf-worker", nice, sched, on_start.clone())
+        JobWorker::on_pool_thread(c"pdf-worker", nice, sched, on_start.clone(), budget)
     });
     let image_workers = settings.image_workers();
     let image = SyncArbiter::start(image_workers, move || {
-        JobWorker::on_pool_thread(c"image-worker", nice, sched, hook.clone())
+        JobWorker::on_pool_thread(c"image-worker", nice, sched, hook.clone(), budget)
     });
     let mut pools = HashMap::new();
     pools.insert(JobKind::Pdf, Pool::new(pdf.recipient(), pdf_workers));

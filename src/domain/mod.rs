@@ -155,10 +155,12 @@ mod tests {
             ),
             ("unknown page size", JobKind::Pdf, edited(&pdf, |j| j["page_size"] = "a3".into()), "not a valid document"),
             (
-                "a table row narrower than the header",
+                "a table row wider than the header",
                 JobKind::Pdf,
-                edited(&pdf, |j| j["table"] = serde_json::json!({"columns": ["a", "b"], "rows": [["1", "2"], ["3"]]})),
-                "table row 1 has 1 cells, but the table has 2 columns",
+                edited(&pdf, |j| {
+                    j["table"] = serde_json::json!({"columns": ["a", "b"], "rows": [["1"], ["3", "4", "5"]]})
+                }),
+                "table row 1 has 3 cells, but the table has 2 columns",
             ),
             (
                 "a table without columns",

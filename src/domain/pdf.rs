@@ -9,6 +9,20 @@ pub struct SpecLimits {
     pub max_rows: usize,
     pub max_columns: usize,
     pub max_cell_chars: usize,
+    /// What the document may render to (checked against a lower bound at submit).
+    pub render: RenderBudget,
+}
+
+/// What one document may render to, from configuration. A PDF job's memory grows with the text
+/// lines and pages it renders (every line is a text operation kept until the file is written),
+/// not with the request's bytes: a 400 KB request of empty rows is thousands of pages. A request
+/// that must exceed the budget is refused at submit (`422 document_too_large`, from a cheap
+/// lower bound); the layout enforces it exactly and fails the job the same way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RenderBudget {
+    pub max_pages: usize,
+    /// Lines of text (each line of a cell, a header cell or a paragraph).
+    pub max_lines: usize,
 }
 
 /// Characters allowed in the title.
@@ -150,7 +164,7 @@ impl PageSize {
 }
 
 /// A document that is valid by construction: every limit checked, text cleaned of control
-/// characters, every row as wide as the header.
+/// characters, no row wider than the header (missing cells are empty; they are not stored).
 ///
 /// Serialize/Deserialize are its stored form (see [`super::JobPayload::encode`]), not a way to
 /// read requests: clients' JSON goes through [`PdfRequest`] and [`DocumentSpec::parse`]. Unknown
@@ -174,7 +188,7 @@ pub struct DocumentSpec {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Table {
     pub columns: Vec<String>,
-    /// Each row has exactly `columns.len()` cells.
+    /// Each row has at most `columns.len()` cells; the missing ones are empty.
     pub rows: Vec<Vec<String>>,
 }
 
@@ -256,14 +270,18 @@ impl DocumentSpec {
         total += self.paragraphs.iter().map(text).sum::<usize>();
         if let Some(t) = &self.table {
             total += t.columns.iter().map(text).sum::<usize>();
-            total += t.rows.iter().map(|r| r.iter().map(text).sum::<usize>() + 24).sum::<usize>();
+            total += t
+                .rows
+                .iter()
+                .map(|r| r.iter().map(|c| c.len()).sum::<usize>() + r.capacity() * STRING + 24)
+                .sum::<usize>();
         }
         total
     }
 }
 
 /// Reads a stored spec (JSON of [`DocumentSpec`]) and checks what the layout relies on: a table
-/// has columns and every row is as wide as the header. Limits are not checked again: they were
+/// has columns and no row is wider than the header. Limits are not checked again: they were
 /// checked when the job was accepted, and may have changed since.
 pub(super) fn decode_stored(spec: &[u8]) -> Result<DocumentSpec, String> {
     let doc: DocumentSpec =
@@ -272,7 +290,7 @@ pub(super) fn decode_stored(spec: &[u8]) -> Result<DocumentSpec, String> {
         if table.columns.is_empty() {
             return Err("stored PDF spec: the table has no columns".into());
         }
-        if let Some(r) = table.rows.iter().position(|row| row.len() != table.columns.len()) {
+        if let Some(r) = table.rows.iter().position(|row| row.len() > table.columns.len()) {
             return Err(format!(
                 "stored PDF spec: table row {r} has {} cells, but the table has {} columns",
                 table.rows[r].len(),
@@ -322,11 +340,19 @@ fn parse_table(t: TableRequest, limits: &SpecLimits) -> Result<Table, SpecError>
                 format!("table.rows[{r}]: {} cells, but the table has {width} columns", row.len()),
             ));
         }
-        let mut cells = Vec::with_capacity(width);
+        let mut cells = Vec::with_capacity(row.len());
         for (c, value) in row.into_iter().enumerate() {
             cells.push(cell(&|| format!("table.rows[{r}][{c}]"), value)?);
         }
-        cells.resize(width, String::new());
+        // Trailing empty cells take no memory: a row of `[]` or `["", "", …]` under 50 columns
+        // holds nothing.
+        let len = cells.len();
+        while cells.last().is_some_and(String::is_empty) {
+            cells.pop();
+        }
+        if cells.len() < len {
+            cells.shrink_to_fit();
+        }
         rows.push(cells);
     }
     Ok(Table { columns, rows })
@@ -362,7 +388,9 @@ fn clean_paragraph(s: &str) -> String {
 mod tests {
     use super::*;
 
-    const LIMITS: SpecLimits = SpecLimits { max_rows: 3, max_columns: 2, max_cell_chars: 5 };
+    const NO_BUDGET: RenderBudget = RenderBudget { max_pages: usize::MAX, max_lines: usize::MAX };
+
+    const LIMITS: SpecLimits = SpecLimits { max_rows: 3, max_columns: 2, max_cell_chars: 5, render: NO_BUDGET };
 
     fn parse(json: serde_json::Value) -> Result<DocumentSpec, SpecError> {
         let req: PdfRequest = serde_json::from_value(json).expect("well-formed request");
@@ -381,7 +409,7 @@ mod tests {
         assert_eq!(spec.paragraphs, vec!["a\nb c"]);
         assert_eq!(spec.page_size, PageSize::Letter);
         let table = spec.table.unwrap();
-        assert_eq!(table.rows, vec![vec!["W", "3"], vec!["true", ""], vec!["", "1.5"]]);
+        assert_eq!(table.rows, vec![vec!["W", "3"], vec!["true"], vec!["", "1.5"]]);
     }
 
     #[test]
@@ -440,8 +468,10 @@ mod tests {
             let table: Result<TableRequest, _> = serde_json::from_str(&json);
             match (table, want) {
                 (Ok(t), Some(text)) => {
-                    let limits = SpecLimits { max_rows: 10, max_columns: 10, max_cell_chars: 100 };
-                    assert_eq!(parse_table(t, &limits).unwrap().rows, vec![vec![text]], "{cell}");
+                    let limits = SpecLimits { max_rows: 10, max_columns: 10, max_cell_chars: 100, render: NO_BUDGET };
+                    // An empty last cell is not stored (missing cells are empty).
+                    let want: Vec<&str> = [text].into_iter().filter(|t| !t.is_empty()).collect();
+                    assert_eq!(parse_table(t, &limits).unwrap().rows, vec![want], "{cell}");
                 }
                 (Err(e), None) => assert!(e.to_string().contains("table cell"), "{cell}: {e}"),
                 (got, want) => panic!("{cell}: got {got:?}, want {want:?}"),

@@ -11,9 +11,10 @@ use super::ApiError;
 use crate::access::Caller;
 use crate::dispatch::Dispatcher;
 use crate::domain::callback::{CallbackPolicy, CallbackUrl};
-use crate::domain::pdf::{DocumentSpec, PdfRequest, SpecLimits};
+use crate::domain::pdf::{DocumentSpec, PdfRequest, SpecError, SpecLimits};
 use crate::domain::JobPayload;
 use crate::store::JobStore;
+use crate::workers::pdf::layout;
 
 pub async fn generate_pdf(
     caller: Caller,
@@ -27,6 +28,9 @@ pub async fn generate_pdf(
     let mut spec = body.into_inner();
     let callback = spec.callback_url.take().map(|raw| CallbackUrl::parse(&raw, **policy)).transpose()?;
     let spec = DocumentSpec::parse(spec, &limits)?;
+    // A document that cannot fit what one PDF may render is refused now, not after a worker
+    // spent seconds and hundreds of MiB on it (one pass over the text).
+    layout::check_budget(&spec, limits.render).map_err(|message| SpecError { code: "document_too_large", message })?;
     let submitted = submit(&req, caller, vec![JobPayload::Pdf(spec)], callback, &store, &dispatcher).await?;
     let job = submitted.jobs.first().ok_or(ApiError::JobNotFound)?;
     let mut res = HttpResponse::Accepted();

@@ -16,6 +16,7 @@ use actix::prelude::*;
 use bytes::Bytes;
 
 use crate::configuration::WorkerSched;
+use crate::domain::pdf::RenderBudget;
 use crate::domain::JobPayload;
 use crate::error::ErrorBody;
 use crate::job::JobId;
@@ -158,6 +159,8 @@ pub type StartHook = Arc<dyn Fn(JobId) + Send + Sync>;
 /// the store.
 pub struct JobWorker {
     on_start: Option<StartHook>,
+    /// What one PDF may render to (bounds a PDF job's memory).
+    pdf_budget: RenderBudget,
 }
 
 impl JobWorker {
@@ -166,10 +169,16 @@ impl JobWorker {
     /// [`WorkerSched::Idle`] the `SCHED_IDLE` class, so that when the workers keep every core busy,
     /// HTTP and event-loop threads still run first and stay responsive. Names the thread `name`
     /// (≤ 15 bytes) so that `top -H`, `perf` and `/proc` tell workers from HTTP threads.
-    pub fn on_pool_thread(name: &std::ffi::CStr, nice: i32, sched: WorkerSched, on_start: Option<StartHook>) -> Self {
+    pub fn on_pool_thread(
+        name: &std::ffi::CStr,
+        nice: i32,
+        sched: WorkerSched,
+        on_start: Option<StartHook>,
+        pdf_budget: RenderBudget,
+    ) -> Self {
         crate::process::name_thread(name);
         crate::process::lower_priority(nice, sched);
-        JobWorker { on_start }
+        JobWorker { on_start, pdf_budget }
     }
 }
 
@@ -191,16 +200,17 @@ impl Handler<Execute> for JobWorker {
                     hook(id);
                 }
                 events.do_send(WorkerEvent::Started { id });
-                run_guarded(|| execute(payload, &mut job))
+                let budget = self.pdf_budget;
+                run_guarded(|| execute(payload, budget, &mut job))
             }
         };
         events.do_send(WorkerEvent::Finished { id, outcome, elapsed: started.elapsed() });
     }
 }
 
-fn execute(payload: JobPayload, job: &mut JobContext) -> Outcome {
+fn execute(payload: JobPayload, budget: RenderBudget, job: &mut JobContext) -> Outcome {
     match payload {
-        JobPayload::Pdf(spec) => pdf::render(&spec, job),
+        JobPayload::Pdf(spec) => pdf::render(&spec, budget, job),
         JobPayload::Image(task) => image::process(&task, job),
     }
 }

@@ -109,3 +109,83 @@ async fn progress_is_reported_per_page_and_never_goes_backwards() {
     }
     assert!(saw_page_stage, "never saw a \"page N of M\" stage while running");
 }
+
+/// What a costly document must come to.
+enum Cost {
+    /// Refused at submit with 422 and this code.
+    Refused(&'static str),
+    /// Accepted, then failed with this code once laid out.
+    Fails(&'static str),
+    Succeeds,
+}
+
+/// Documents whose rendering costs far more than their bytes (issue: a 400 KB body of empty rows
+/// peaked one job at 2 GB) are refused at submit or stopped by the render budget, and the
+/// server's peak memory stays bounded.
+#[actix_web::test]
+async fn documents_that_render_far_more_than_their_bytes_are_refused_and_memory_stays_bounded() {
+    let dir = crate::helpers::fresh_data_dir();
+    let p = crate::process::start(&dir, &["--max-pdf-pages", "300", "--max-pdf-lines", "6000"]);
+    let app = &p.app;
+    let columns: Vec<String> = (0..50).map(|i| format!("c{i}")).collect();
+    let words = "w ".repeat(40);
+    let cases: Vec<(&str, serde_json::Value, Cost)> = vec![
+        (
+            "50 columns, 100,000 empty rows (400 KB)",
+            json!({"title": "amp", "table": {"columns": columns, "rows": vec![json!([]); 100_000]}}),
+            Cost::Refused("document_too_large"),
+        ),
+        (
+            "rows of empty strings",
+            json!({"title": "amp", "table": {"columns": columns, "rows": vec![json!(vec![""; 50]); 20_000]}}),
+            Cost::Refused("document_too_large"),
+        ),
+        (
+            "20 paragraphs of 99,999 line breaks (2 MB)",
+            json!({"title": "nl", "paragraphs": vec!["\n".repeat(99_999); 20]}),
+            Cost::Refused("document_too_large"),
+        ),
+        (
+            "more non-empty cells than lines allowed",
+            json!({"title": "t", "table": {"columns": ["a", "b"], "rows": vec![json!(["x", "y"]); 3_100]}}),
+            Cost::Refused("document_too_large"),
+        ),
+        (
+            "cells that wrap past the line budget once laid out",
+            json!({"title": "t", "table": {"columns": ["a", "b"], "rows": vec![json!([words, words]); 2_000]}}),
+            Cost::Fails("document_too_large"),
+        ),
+        (
+            "a long document within the budget",
+            json!({"title": "t", "table": {"columns": ["a", "b", "c", "d", "e"], "rows": vec![json!(["x", 1, 2.5, true, "y"]); 1_000]}}),
+            Cost::Succeeds,
+        ),
+    ];
+    for (name, spec, want) in cases {
+        let reply = app.post_json("/generate-pdf", &spec).await;
+        match want {
+            Cost::Refused(code) => {
+                let message = reply.expect_error(422, code, name);
+                assert!(message.contains("limit is"), "{name}: {message}");
+            }
+            Cost::Fails(_) | Cost::Succeeds if reply.status != 202 => {
+                panic!("{name}: {} {}", reply.status, String::from_utf8_lossy(&reply.body))
+            }
+            Cost::Fails(code) => {
+                let done = app.wait_finished(id_of(&reply.json())).await;
+                assert_eq!(
+                    (done["status"].as_str(), done["error"]["code"].as_str()),
+                    (Some("failed"), Some(code)),
+                    "{name}: {done}"
+                );
+            }
+            Cost::Succeeds => {
+                let done = app.wait_finished(id_of(&reply.json())).await;
+                assert_eq!(done["status"], "succeeded", "{name}: {done}");
+                assert!(pdf_info(&app.get(&format!("/jobs/{}/result", id_of(&done))).await.body).contains("Pages:"));
+            }
+        }
+    }
+    let peak = p.memory("VmHWM");
+    assert!(peak < 160 << 20, "peak RSS {} MiB (one such job used to peak at 2 GB)", peak >> 20);
+}

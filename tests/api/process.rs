@@ -149,6 +149,18 @@ impl Process {
         self.inner.child.id()
     }
 
+    /// A memory figure of the process from `/proc/PID/status`, in bytes: `VmRSS` (resident now)
+    /// or `VmHWM` (the peak resident size so far).
+    pub fn memory(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("read /proc/PID/status");
+        let line = status
+            .lines()
+            .find(|l| l.strip_prefix(field).is_some_and(|rest| rest.starts_with(':')))
+            .unwrap_or_else(|| panic!("no {field}:\n{status}"));
+        let kib: u64 = line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{line}"));
+        kib * 1024
+    }
+
     /// Sends SIGTERM (graceful shutdown).
     pub fn sigterm(&self) {
         signal(&self.inner.child, libc::SIGTERM);

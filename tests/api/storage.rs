@@ -270,14 +270,6 @@ async fn a_full_disk_gives_503_storage_unavailable_loses_nothing_and_recovers_wi
     );
 }
 
-/// The child's resident set size (`VmRSS`), in bytes.
-fn vm_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap_or_else(|| panic!("no VmRSS:\n{status}"));
-    let kib: u64 = line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{line}"));
-    kib * 1024
-}
-
 async fn stored_result_bytes(app: &TestApp) -> u64 {
     app.metrics().await.value("offload_store_result_bytes", &[]) as u64
 }
@@ -333,14 +325,14 @@ async fn rss_stays_flat_while_thousands_of_results_are_stored() {
 
     let mut ids = Vec::new();
     submit_windowed(app, &spec, WARM_UP, WINDOW, &mut ids, Duration::from_secs(60)).await;
-    let rss_before = vm_rss(p.pid());
+    let rss_before = p.memory("VmRSS");
     let stored_before = stored_result_bytes(app).await;
     let warmed = started.elapsed();
 
     submit_windowed(app, &spec, MORE / 2, WINDOW, &mut ids, Duration::from_secs(120)).await;
-    let rss_half = vm_rss(p.pid());
+    let rss_half = p.memory("VmRSS");
     submit_windowed(app, &spec, MORE - MORE / 2, WINDOW, &mut ids, Duration::from_secs(120)).await;
-    let rss_after = vm_rss(p.pid());
+    let rss_after = p.memory("VmRSS");
     let stored_after = stored_result_bytes(app).await;
     let db = file_size(&dir.path().join("offload.db"));
     let wal = file_size(&dir.path().join("offload.db-wal"));

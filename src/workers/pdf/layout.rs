@@ -4,7 +4,7 @@
 //! PDF points measured from the page's top-left corner; the renderer flips them.
 
 use super::metrics::{text_width, Face};
-use crate::domain::pdf::{DocumentSpec, Table};
+use crate::domain::pdf::{DocumentSpec, PageSize, RenderBudget, Table};
 
 /// Something to draw.
 #[derive(Clone, Debug, PartialEq)]
@@ -49,20 +49,45 @@ const HEADER_FILL: f32 = 0.88;
 const ROWS_PER_CHECK: usize = 512;
 
 /// Lays out `spec`; `checkpoint` is called now and then so a cancelled job stops early.
-pub fn layout<E>(spec: &DocumentSpec, mut checkpoint: impl FnMut() -> Result<(), E>) -> Result<Layout, E> {
+/// Why a layout stopped before its end.
+#[derive(Debug, PartialEq)]
+pub enum Stop<E> {
+    /// The checkpoint said so (cancel, timeout, shutdown).
+    Checkpoint(E),
+    /// The document renders to more than the budget allows; the message says which limit.
+    TooLarge(String),
+}
+
+/// The budget ran out (carried up to [`Stop::TooLarge`]).
+#[derive(Debug)]
+struct OverBudget(String);
+
+impl<E> From<OverBudget> for Stop<E> {
+    fn from(o: OverBudget) -> Self {
+        Stop::TooLarge(o.0)
+    }
+}
+
+/// Lays `spec` out within `budget`, calling `checkpoint` every few hundred rows or lines.
+pub fn layout<E>(
+    spec: &DocumentSpec,
+    budget: RenderBudget,
+    mut checkpoint: impl FnMut() -> Result<(), E>,
+) -> Result<Layout, Stop<E>> {
     let (width, height) = spec.page_size.points();
-    let mut w = Writer::new(width, height);
-    w.text_block(&spec.title, TITLE, 6.0);
+    let mut w = Writer::new(width, height, budget);
+    let mut check = || checkpoint().map_err(Stop::Checkpoint);
+    w.text_block(&spec.title, TITLE, 6.0, &mut check)?;
     if let Some(subtitle) = &spec.subtitle {
-        w.text_block(subtitle, SUBTITLE, 8.0);
+        w.text_block(subtitle, SUBTITLE, 8.0, &mut check)?;
     }
     w.y += 6.0;
     for paragraph in &spec.paragraphs {
-        w.text_block(paragraph, BODY, 8.0);
+        w.text_block(paragraph, BODY, 8.0, &mut check)?;
     }
     if let Some(table) = &spec.table {
-        checkpoint()?;
-        w.table(table, &mut checkpoint)?;
+        check()?;
+        w.table(table, &mut check)?;
     }
     let mut pages = w.finish();
     let count = pages.len();
@@ -72,6 +97,47 @@ pub fn layout<E>(spec: &DocumentSpec, mut checkpoint: impl FnMut() -> Result<(),
         page.items.push(text_item(x, height - FOOTER, FOOTER_STYLE, text));
     }
     Ok(Layout { width, height, pages })
+}
+
+/// What a document renders to at least, cheap enough to compute at submit (one pass over the
+/// text, no wrapping): (pages, lines of text). Every row and every line of a paragraph takes at
+/// least its height, and every non-blank cell, header cell and paragraph line is at least one
+/// line of text (header cells once per page).
+pub fn at_least(spec: &DocumentSpec) -> (usize, usize) {
+    let blank = |t: &str| t.trim().is_empty();
+    let hard_lines = |t: &str| t.split('\n').filter(|l| !blank(l)).count();
+    let mut lines = usize::from(!blank(&spec.title)) + spec.subtitle.as_deref().map_or(0, |s| usize::from(!blank(s)));
+    let mut height = TITLE.line_height + spec.subtitle.as_ref().map_or(0.0, |_| SUBTITLE.line_height);
+    for p in &spec.paragraphs {
+        lines += hard_lines(p);
+        height += (p.bytes().filter(|&b| b == b'\n').count() + 1) as f32 * BODY.line_height;
+    }
+    let mut header_cells = 0;
+    if let Some(t) = &spec.table {
+        header_cells = t.columns.iter().filter(|c| !blank(c)).count();
+        lines += t.rows.iter().flatten().filter(|c| !blank(c)).count();
+        height += (t.rows.len() + 1) as f32 * (CELL.line_height + 2.0 * CELL_PAD_Y);
+    }
+    let pages = ((height / content_height(spec.page_size)).ceil() as usize).max(1);
+    (pages, lines + header_cells * pages)
+}
+
+/// Refuses a document that cannot fit `budget` (see [`at_least`]), naming the limit.
+pub fn check_budget(spec: &DocumentSpec, budget: RenderBudget) -> Result<(), String> {
+    let (pages, lines) = at_least(spec);
+    if pages > budget.max_pages {
+        return Err(format!("the document needs at least {pages} pages; the limit is {}", budget.max_pages));
+    }
+    if lines > budget.max_lines {
+        return Err(format!("the document needs at least {lines} lines of text; the limit is {}", budget.max_lines));
+    }
+    Ok(())
+}
+
+/// Height available for content on one page.
+fn content_height(size: PageSize) -> f32 {
+    let (_, height) = size.points();
+    height - 2.0 * MARGIN - FOOTER / 2.0
 }
 
 fn text_item(x: f32, baseline: f32, s: Style, text: String) -> Item {
@@ -91,10 +157,13 @@ struct Writer {
     y: f32,
     pages: Vec<PageLayout>,
     page: PageLayout,
+    budget: RenderBudget,
+    /// Lines of text placed so far (footers not counted: the page limit bounds them).
+    lines: usize,
 }
 
 impl Writer {
-    fn new(width: f32, height: f32) -> Self {
+    fn new(width: f32, height: f32, budget: RenderBudget) -> Self {
         Writer {
             width,
             top: MARGIN,
@@ -102,6 +171,8 @@ impl Writer {
             y: MARGIN,
             pages: Vec::new(),
             page: PageLayout::default(),
+            budget,
+            lines: 0,
         }
     }
 
@@ -109,28 +180,58 @@ impl Writer {
         self.width - 2.0 * MARGIN
     }
 
-    fn new_page(&mut self) {
+    fn new_page(&mut self) -> Result<(), OverBudget> {
+        if self.pages.len() + 2 > self.budget.max_pages {
+            let max = self.budget.max_pages;
+            return Err(OverBudget(format!("the document renders to more than {max} pages, the limit")));
+        }
         self.pages.push(std::mem::take(&mut self.page));
         self.y = self.top;
+        Ok(())
     }
 
     /// Starts a new page unless `height` still fits (or the page is empty anyway).
-    fn ensure(&mut self, height: f32) {
+    fn ensure(&mut self, height: f32) -> Result<(), OverBudget> {
         if self.y + height > self.bottom && self.y > self.top {
-            self.new_page();
+            self.new_page()?;
         }
+        Ok(())
     }
 
-    fn text_block(&mut self, text: &str, s: Style, space_after: f32) {
-        for line in wrap(text, s.face, s.size, self.content_width()) {
-            self.ensure(s.line_height);
-            self.page.items.push(text_item(MARGIN, baseline(self.y, s), s, line));
+    /// Places a line of text; a blank one takes its space but draws nothing.
+    fn text(&mut self, x: f32, baseline: f32, s: Style, text: String) -> Result<(), OverBudget> {
+        if text.trim().is_empty() {
+            return Ok(());
+        }
+        self.lines += 1;
+        if self.lines > self.budget.max_lines {
+            let max = self.budget.max_lines;
+            return Err(OverBudget(format!("the document renders to more than {max} lines of text, the limit")));
+        }
+        self.page.items.push(text_item(x, baseline, s, text));
+        Ok(())
+    }
+
+    fn text_block<E>(
+        &mut self,
+        text: &str,
+        s: Style,
+        space_after: f32,
+        checkpoint: &mut impl FnMut() -> Result<(), Stop<E>>,
+    ) -> Result<(), Stop<E>> {
+        for (n, line) in wrap(text, s.face, s.size, self.content_width()).into_iter().enumerate() {
+            if n % ROWS_PER_CHECK == ROWS_PER_CHECK - 1 {
+                checkpoint()?;
+            }
+            self.ensure(s.line_height)?;
+            self.text(MARGIN, baseline(self.y, s), s, line)?;
             self.y += s.line_height;
         }
         self.y += space_after;
+        Ok(())
     }
 
-    fn table<E>(&mut self, table: &Table, checkpoint: &mut impl FnMut() -> Result<(), E>) -> Result<(), E> {
+    fn table<E>(&mut self, table: &Table, checkpoint: &mut impl FnMut() -> Result<(), Stop<E>>) -> Result<(), Stop<E>> {
         let widths = column_widths(table, self.content_width());
         let mut xs = Vec::with_capacity(widths.len() + 1);
         xs.push(MARGIN);
@@ -150,8 +251,8 @@ impl Writer {
 
         let mut block_top = None;
         let first_row_h = table.rows.first().map_or(0.0, |_| CELL.line_height + 2.0 * CELL_PAD_Y);
-        self.ensure(header_h + first_row_h);
-        self.table_header(&header, &xs, header_h, &mut block_top);
+        self.ensure(header_h + first_row_h)?;
+        self.table_header(&header, &xs, header_h, &mut block_top)?;
         for (i, row) in table.rows.iter().enumerate() {
             if i % ROWS_PER_CHECK == ROWS_PER_CHECK - 1 {
                 checkpoint()?;
@@ -165,8 +266,8 @@ impl Writer {
             let row_h = lines as f32 * CELL.line_height + 2.0 * CELL_PAD_Y;
             if self.y + row_h > self.bottom {
                 self.close_table_block(&xs, &mut block_top);
-                self.new_page();
-                self.table_header(&header, &xs, header_h, &mut block_top);
+                self.new_page()?;
+                self.table_header(&header, &xs, header_h, &mut block_top)?;
             }
             for (col, lines) in cells.iter().enumerate() {
                 let numeric = row[col].trim().parse::<f64>().is_ok();
@@ -177,7 +278,7 @@ impl Writer {
                         xs[col] + CELL_PAD_X
                     };
                     let top = self.y + CELL_PAD_Y + n as f32 * CELL.line_height;
-                    self.page.items.push(text_item(x, baseline(top, CELL), CELL, line.clone()));
+                    self.text(x, baseline(top, CELL), CELL, line.clone())?;
                 }
             }
             self.y += row_h;
@@ -188,19 +289,26 @@ impl Writer {
         Ok(())
     }
 
-    fn table_header(&mut self, header: &[Vec<String>], xs: &[f32], height: f32, block_top: &mut Option<f32>) {
+    fn table_header(
+        &mut self,
+        header: &[Vec<String>],
+        xs: &[f32],
+        height: f32,
+        block_top: &mut Option<f32>,
+    ) -> Result<(), OverBudget> {
         let (left, right) = (xs[0], xs[xs.len() - 1]);
         *block_top = Some(self.y);
         self.page.items.push(Item::Fill { x: left, top: self.y, width: right - left, height, gray: HEADER_FILL });
         for (col, lines) in header.iter().enumerate() {
             for (n, line) in lines.iter().enumerate() {
                 let top = self.y + CELL_PAD_Y + n as f32 * HEADER.line_height;
-                self.page.items.push(text_item(xs[col] + CELL_PAD_X, baseline(top, HEADER), HEADER, line.clone()));
+                self.text(xs[col] + CELL_PAD_X, baseline(top, HEADER), HEADER, line.clone())?;
             }
         }
         self.rule(left, right, self.y);
         self.y += height;
         self.rule(left, right, self.y);
+        Ok(())
     }
 
     /// Draws the vertical rules of the part of the table on this page.
@@ -313,6 +421,8 @@ mod tests {
     use super::*;
     use crate::domain::pdf::{DocumentSpec, PageSize};
 
+    const BUDGET: RenderBudget = RenderBudget { max_pages: usize::MAX, max_lines: usize::MAX };
+
     fn texts(page: &PageLayout) -> Vec<&str> {
         page.items
             .iter()
@@ -337,13 +447,13 @@ mod tests {
         // The benchmark document the Python peers draw on one page.
         let mut spec = spec_with_rows(40);
         spec.title = "Benchmark report - page 1/1".into();
-        assert_eq!(layout::<()>(&spec, || Ok(())).unwrap().pages.len(), 1);
-        assert_eq!(layout::<()>(&spec_with_rows(41 * 2), || Ok(())).unwrap().pages.len(), 2);
+        assert_eq!(layout::<()>(&spec, BUDGET, || Ok(())).unwrap().pages.len(), 1);
+        assert_eq!(layout::<()>(&spec_with_rows(41 * 2), BUDGET, || Ok(())).unwrap().pages.len(), 2);
     }
 
     #[test]
     fn a_long_table_spans_pages_with_the_header_on_each() {
-        let layout = layout::<()>(&spec_with_rows(300), || Ok(())).unwrap();
+        let layout = layout::<()>(&spec_with_rows(300), BUDGET, || Ok(())).unwrap();
         assert!(layout.pages.len() >= 3, "{} pages", layout.pages.len());
         for (i, page) in layout.pages.iter().enumerate() {
             let t = texts(page);
@@ -361,7 +471,7 @@ mod tests {
         let mut spec = spec_with_rows(120);
         spec.page_size = PageSize::Letter;
         spec.paragraphs = vec!["word ".repeat(2000)];
-        let layout = layout::<()>(&spec, || Ok(())).unwrap();
+        let layout = layout::<()>(&spec, BUDGET, || Ok(())).unwrap();
         for page in &layout.pages {
             for item in &page.items {
                 if let Item::Text { x, baseline, face, size, text, .. } = item {
@@ -391,14 +501,67 @@ mod tests {
     fn a_cell_taller_than_a_page_is_cut_with_an_ellipsis() {
         let mut spec = DocumentSpec::titled("t");
         spec.table = Some(Table { columns: vec!["a".into(); 20], rows: vec![vec!["x ".repeat(500); 20]] });
-        let layout = layout::<()>(&spec, || Ok(())).unwrap();
+        let layout = layout::<()>(&spec, BUDGET, || Ok(())).unwrap();
         let all: Vec<&str> = layout.pages.iter().flat_map(texts).collect();
         assert!(all.iter().any(|t| t.ends_with('\u{2026}')));
     }
 
     #[test]
     fn the_checkpoint_can_stop_a_long_layout() {
-        let result = layout(&spec_with_rows(5000), || Err("stop"));
-        assert_eq!(result.unwrap_err(), "stop");
+        let result = layout(&spec_with_rows(5000), BUDGET, || Err("stop"));
+        assert_eq!(result.unwrap_err(), Stop::Checkpoint("stop"));
+        let mut spec = DocumentSpec::titled("t");
+        spec.paragraphs = vec!["line\n".repeat(5000)];
+        assert_eq!(layout(&spec, BUDGET, || Err("stop")).unwrap_err(), Stop::Checkpoint("stop"), "paragraphs too");
+    }
+
+    #[test]
+    fn blank_cells_and_lines_take_space_but_draw_nothing() {
+        let mut spec = DocumentSpec::titled("t");
+        spec.paragraphs = vec!["a\n\n   \nb".into()];
+        spec.table = Some(Table {
+            columns: vec!["A".into(), "B".into(), "C".into()],
+            rows: vec![vec![], vec!["".into(), "x".into()]],
+        });
+        let layout = layout::<()>(&spec, BUDGET, || Ok(())).unwrap();
+        let all: Vec<&str> = layout.pages.iter().flat_map(texts).collect();
+        assert_eq!(all, vec!["t", "a", "b", "A", "B", "C", "x", "Page 1 of 1"]);
+    }
+
+    #[test]
+    fn the_budget_stops_the_layout_and_the_floor_never_exceeds_the_real_size() {
+        // (spec, pages and lines it really renders)
+        let mut paragraphs = DocumentSpec::titled("t");
+        paragraphs.paragraphs = vec!["word ".repeat(3000), "\n".repeat(500)];
+        let mut empty_rows = DocumentSpec::titled("t");
+        empty_rows.table = Some(Table { columns: vec!["c".into(); 50], rows: vec![vec![]; 3000] });
+        let mut letter = spec_with_rows(700);
+        letter.page_size = PageSize::Letter;
+        // (spec, whether the page floor must be close: wrapping is not foreseen, rows are)
+        for (spec, close) in [
+            (spec_with_rows(40), true),
+            (spec_with_rows(2000), true),
+            (paragraphs, false),
+            (empty_rows, true),
+            (letter, true),
+        ] {
+            let done = layout::<()>(&spec, BUDGET, || Ok(())).unwrap();
+            let pages = done.pages.len();
+            let lines = done.pages.iter().map(|p| texts(p).len()).sum::<usize>() - pages;
+            let (min_pages, min_lines) = at_least(&spec);
+            assert!(
+                min_pages <= pages && min_lines <= lines,
+                "floor ({min_pages}, {min_lines}) > real ({pages}, {lines})"
+            );
+            assert!(!close || min_pages * 10 >= pages * 8, "the page floor is close: {min_pages} of {pages}");
+            let tight = RenderBudget { max_pages: pages - 1, max_lines: usize::MAX };
+            if pages > 1 {
+                assert!(matches!(layout::<()>(&spec, tight, || Ok(())), Err(Stop::TooLarge(m)) if m.contains("pages")));
+            }
+            let tight = RenderBudget { max_pages: usize::MAX, max_lines: lines - 1 };
+            assert!(matches!(layout::<()>(&spec, tight, || Ok(())), Err(Stop::TooLarge(m)) if m.contains("lines")));
+            let exact = RenderBudget { max_pages: pages, max_lines: lines };
+            assert!(layout::<()>(&spec, exact, || Ok(())).is_ok(), "the exact budget is enough");
+        }
     }
 }

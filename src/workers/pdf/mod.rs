@@ -10,20 +10,25 @@ use printpdf::{
     PdfSaveOptions, Point, Pt, Rect, TextItem, TextMatrix,
 };
 
-use self::layout::{Item, PageLayout};
+use self::layout::{Item, PageLayout, Stop};
 use self::metrics::Face;
-use super::{JobContext, JobOutput, Outcome};
-use crate::domain::pdf::DocumentSpec;
+use super::{JobContext, JobFailure, JobOutput, Outcome};
+use crate::domain::pdf::{DocumentSpec, RenderBudget};
+use crate::error::ErrorBody;
 
-/// Renders `spec` to PDF bytes, reporting progress per page.
-pub fn render(spec: &DocumentSpec, job: &mut JobContext) -> Outcome {
+/// Renders `spec` to PDF bytes within `budget`, reporting progress per page.
+pub fn render(spec: &DocumentSpec, budget: RenderBudget, job: &mut JobContext) -> Outcome {
     #[cfg(feature = "test-hooks")]
     test_hooks::before(spec, job)?;
     job.progress(0.0, || "laying out".into());
-    let layout = layout::layout(spec, || job.checkpoint())?;
+    let layout = layout::layout(spec, budget, || job.checkpoint()).map_err(|stop| match stop {
+        Stop::Checkpoint(failure) => failure,
+        Stop::TooLarge(message) => JobFailure::Error(ErrorBody::new("document_too_large", message)),
+    })?;
     let total = layout.pages.len();
     let mut pages = Vec::with_capacity(total);
-    for (i, page) in layout.pages.iter().enumerate() {
+    // Each page's layout is dropped once it became operations: the two never both exist whole.
+    for (i, page) in layout.pages.into_iter().enumerate() {
         job.checkpoint()?;
         #[cfg(feature = "test-hooks")]
         test_hooks::per_page(spec);
@@ -32,7 +37,7 @@ pub fn render(spec: &DocumentSpec, job: &mut JobContext) -> Outcome {
             media_box: size.clone(),
             trim_box: size.clone(),
             crop_box: size,
-            ops: page_ops(page, layout.height),
+            ops: page_ops(&page, layout.height),
         });
         let done = i + 1;
         job.progress(0.05 + 0.85 * done as f32 / total as f32, || format!("page {done} of {total}"));
