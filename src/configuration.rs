@@ -181,6 +181,12 @@ pub struct Settings {
     #[arg(long, env = "OFFLOAD_MAX_PDF_LINES", default_value_t = 200_000)]
     pub max_pdf_lines: usize,
 
+    /// Memory all request bodies being received may hold together (each counted by its
+    /// `Content-Length`, a chunked one as its route's largest body, from its head until its
+    /// answer); a request that does not fit gets 503 with `Retry-After` before its body is read.
+    #[arg(long, env = "OFFLOAD_MAX_BODY_MEMORY", default_value = "256MiB")]
+    pub max_body_memory: ByteSize,
+
     /// Largest `POST /images` body, enforced while it streams in.
     #[arg(long, env = "OFFLOAD_MAX_UPLOAD", default_value = "64MiB")]
     pub max_upload: ByteSize,

@@ -97,6 +97,8 @@ impl Application {
         };
         let json_limit = settings.max_json_body.bytes();
         let body_timeout = routes::BodyTimeout(settings.body_timeout());
+        let body_budget =
+            routes::BodyBudget::new(settings.max_body_memory.bytes(), json_limit, settings.max_upload.bytes());
         let static_dir = settings.static_dir.clone();
         let app_dispatcher = dispatcher.clone();
         let server = HttpServer::new(move || {
@@ -111,8 +113,10 @@ impl Application {
                         .log_target("offload::http"),
                 )
                 .wrap(middleware::from_fn(routes::body_deadline))
+                .wrap(middleware::from_fn(routes::body_budget))
                 .wrap(middleware::from_fn(metrics::middleware::record))
                 .app_data(web::Data::new(body_timeout))
+                .app_data(web::Data::new(body_budget.clone()))
                 .app_data(web::Data::new(access.clone()))
                 .app_data(web::Data::new(app_dispatcher.clone()))
                 .app_data(web::Data::new(store.clone()))

@@ -23,7 +23,7 @@ use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
 use actix_web::{guard, web, HttpRequest, HttpResponse};
 
 pub use analytics::AnalyticsLimits;
-pub use deadline::{body_deadline, BodyTimeout};
+pub use deadline::{body_budget, body_deadline, BodyBudget, BodyTimeout};
 pub use errors::ApiError;
 pub use images::UploadLimits;
 

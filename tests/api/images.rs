@@ -447,6 +447,70 @@ async fn a_body_that_arrives_too_slowly_gets_408_on_every_route_that_takes_one()
     }
 }
 
+/// Opens a connection that declares an 8 MB JSON body and returns whether the server refused it
+/// at once (503); if not, sends `send` bytes of the body and keeps the connection open.
+fn declare_big_body(addr: &str, send: usize) -> (bool, Option<std::net::TcpStream>) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let head =
+        "POST /generate-pdf HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 8000000\r\n\r\n";
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut buf = [0u8; 512];
+    match stream.read(&mut buf) {
+        Ok(n) if n > 0 => {
+            let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+            assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("overloaded"), "{answer}");
+            assert!(answer.to_ascii_lowercase().contains("retry-after: 1"), "{answer}");
+            (true, None)
+        }
+        _ => {
+            let mut body = b"{\"title\": \"".to_vec();
+            body.resize(send, b'a');
+            stream.write_all(&body).unwrap();
+            (false, Some(stream))
+        }
+    }
+}
+
+/// Many requests that declare large bodies and stall cannot hold more than `--max-body-memory`
+/// between them: past it they are refused before their bodies are read (they used to hold
+/// 8 MB each, 40 of them raised RSS by 380 MB).
+#[actix_web::test]
+async fn bodies_still_arriving_share_a_memory_budget_and_the_rest_get_503() {
+    let dir = crate::helpers::fresh_data_dir();
+    let p = crate::process::start(&dir, &["--max-body-memory", "64MiB", "--body-timeout", "60s"]);
+    let addr = p.app.address.trim_start_matches("http://").to_string();
+    let before = p.memory("VmHWM");
+    let opened = actix_web::rt::task::spawn_blocking(move || {
+        (0..40).map(|_| declare_big_body(&addr, 4_000_000)).collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let refused = opened.iter().filter(|(refused, _)| *refused).count();
+    // 64 MiB holds eight 8 MB declarations.
+    assert_eq!(refused, 32, "{refused} of 40 refused");
+    // A small request still fits beside them.
+    let job = p.app.submit_pdf(&serde_json::json!({"title": "small"})).await;
+    assert_eq!(p.app.wait_finished(id_of(&job)).await["status"], "succeeded");
+    let grown = p.memory("VmHWM").saturating_sub(before) >> 20;
+    assert!(grown < 80, "peak RSS grew by {grown} MiB");
+    // Once the stalled ones are gone, their budget is free again.
+    drop(opened);
+    let addr = p.app.address.trim_start_matches("http://").to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let addr = addr.clone();
+        let (refused, stream) =
+            actix_web::rt::task::spawn_blocking(move || declare_big_body(&addr, 1000)).await.unwrap();
+        drop(stream);
+        if !refused {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the budget was never returned");
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A small JPEG with `extra` more (tiny) scans before its end: thousands of them would make any
 /// decoder pass over the image thousands of times.
 fn many_scans(extra: usize) -> Vec<u8> {
