@@ -401,8 +401,11 @@ impl ImageTask {
                 format!("{field}: {w}x{h} is over the {} pixel limit", limits.max_pixels),
             ));
         }
-        if format == ImageFormat::Gif {
-            check_gif_frames(&bytes, field, limits.max_pixels)?;
+        match format {
+            ImageFormat::Gif => check_gif_frames(&bytes, field, limits.max_pixels)?,
+            ImageFormat::Tiff => check_tiff_pages(&bytes, field, limits.max_pixels)?,
+            ImageFormat::WebP => check_webp_frames(&bytes, field, (w, h))?,
+            _ => {}
         }
         if format == ImageFormat::Jpeg {
             let scans = jpeg_scan_count(&bytes);
@@ -543,8 +546,8 @@ fn format_from_name(name: &str) -> Option<ImageFormat> {
     })
 }
 
-/// Most frames a GIF upload may have.
-pub const MAX_GIF_FRAMES: usize = 10_000;
+/// Most frames of a GIF or an animated WebP, and pages of a TIFF, an upload may have.
+pub const MAX_FRAMES: usize = 10_000;
 
 /// Every frame of a GIF within the pixel limit, read from the frame descriptors without
 /// decoding any pixels: the logical screen (all the header says) bounds nothing, and a decoder
@@ -567,9 +570,77 @@ pub fn check_gif_frames(bytes: &[u8], field: &str, max_pixels: u64) -> Result<()
             ));
         }
         frames += 1;
-        if frames > MAX_GIF_FRAMES {
-            return Err(ImageError::new(422, "invalid_image", format!("{field}: more than {MAX_GIF_FRAMES} frames")));
+        if frames > MAX_FRAMES {
+            return Err(ImageError::new(422, "invalid_image", format!("{field}: more than {MAX_FRAMES} frames")));
         }
+    }
+    Ok(())
+}
+
+/// Checks the size of every page of a TIFF against the pixel limit, reading only the image
+/// directories (no pixel data): only the first page is decoded, but a file whose later pages are
+/// huge is not one to accept. At most [`MAX_FRAMES`] pages.
+pub fn check_tiff_pages(bytes: &[u8], field: &str, max_pixels: u64) -> Result<(), ImageError> {
+    let invalid =
+        |e: tiff::TiffError| ImageError::new(422, "invalid_image", format!("{field}: the TIFF cannot be read: {e}"));
+    let mut limits = tiff::decoder::Limits::default();
+    limits.ifd_value_size = 1 << 20;
+    let mut decoder = tiff::decoder::Decoder::new(Cursor::new(bytes)).map_err(invalid)?.with_limits(limits);
+    for page in 0.. {
+        let (w, h) = decoder.dimensions().map_err(invalid)?;
+        if u64::from(w) * u64::from(h) > max_pixels {
+            return Err(ImageError::new(
+                422,
+                "image_too_large",
+                format!("{field}: page {page} is {w}x{h}, over the {max_pixels} pixel limit"),
+            ));
+        }
+        if !decoder.more_images() {
+            break;
+        }
+        if page + 1 >= MAX_FRAMES {
+            return Err(ImageError::new(422, "invalid_image", format!("{field}: more than {MAX_FRAMES} pages")));
+        }
+        decoder.next_image().map_err(invalid)?;
+    }
+    Ok(())
+}
+
+/// Checks every frame of an animated WebP (its `ANMF` chunks) against the canvas the header
+/// declares (already checked against the pixel limit): a frame must lie inside it. At most
+/// [`MAX_FRAMES`] frames. Walks the RIFF chunks only; a still WebP has none to check.
+pub fn check_webp_frames(bytes: &[u8], field: &str, canvas: (u32, u32)) -> Result<(), ImageError> {
+    let invalid = |m: String| ImageError::new(422, "invalid_image", format!("{field}: {m}"));
+    let u24 = |b: &[u8]| u32::from(b[0]) | u32::from(b[1]) << 8 | u32::from(b[2]) << 16;
+    let mut at = 12; // "RIFF", size, "WEBP"
+    let mut frames = 0usize;
+    while at + 8 <= bytes.len() {
+        let fourcc = &bytes[at..at + 4];
+        let size = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes")) as usize;
+        let payload = &bytes[at + 8..bytes.len().min(at + 8 + size)];
+        if fourcc == b"ANMF" {
+            if payload.len() < 16 {
+                return Err(invalid(format!("animation frame {frames} is cut short")));
+            }
+            let (x, y) = (u24(&payload[0..3]) * 2, u24(&payload[3..6]) * 2);
+            let (w, h) = (u24(&payload[6..9]) + 1, u24(&payload[9..12]) + 1);
+            if u64::from(x) + u64::from(w) > u64::from(canvas.0) || u64::from(y) + u64::from(h) > u64::from(canvas.1) {
+                return Err(ImageError::new(
+                    422,
+                    "image_too_large",
+                    format!(
+                        "{field}: animation frame {frames} is {w}x{h} at ({x}, {y}), outside the {}x{} canvas",
+                        canvas.0, canvas.1
+                    ),
+                ));
+            }
+            frames += 1;
+            if frames > MAX_FRAMES {
+                return Err(invalid(format!("more than {MAX_FRAMES} frames")));
+            }
+        }
+        // Chunks are padded to an even size.
+        at = at.saturating_add(8).saturating_add(size).saturating_add(size & 1);
     }
     Ok(())
 }
@@ -788,5 +859,15 @@ mod tests {
         assert_eq!(safe_stem(""), "image");
         assert_eq!(safe_stem("Ωμέγα.png"), "image");
         assert!(safe_stem(&"a".repeat(10_000)).len() <= 64);
+    }
+
+    #[test]
+    fn malformed_webp_chunks_are_errors_or_ignored_never_panics() {
+        let riff = |chunks: &[u8]| [b"RIFF\0\0\0\0WEBP".as_slice(), chunks].concat();
+        let short = riff(b"ANMF\x04\0\0\0abcd");
+        assert_eq!(check_webp_frames(&short, "f", (1, 1)).unwrap_err().code, "invalid_image");
+        for harmless in [riff(b"JUNK\xff\xff\xff\xff"), riff(b"ANM"), riff(b""), b"RIFF".to_vec()] {
+            assert!(check_webp_frames(&harmless, "f", (1, 1)).is_ok(), "{harmless:?}");
+        }
     }
 }

@@ -266,6 +266,81 @@ fn gif_with_frame(w: u16, h: u16) -> Vec<u8> {
     g
 }
 
+/// A greyscale TIFF with one page per `(w, h)`: the first page's pixel (one byte) is real,
+/// later pages only declare their size (one byte of data each), as a file whose first page is
+/// small and whose next page is huge would.
+fn tiff_with_pages(pages: &[(u32, u32)]) -> Vec<u8> {
+    const ENTRIES: usize = 9;
+    let ifd_len = 2 + ENTRIES * 12 + 4;
+    let data_at = 8 + pages.len() * ifd_len;
+    let mut t = b"II".to_vec();
+    t.extend_from_slice(&42u16.to_le_bytes());
+    t.extend_from_slice(&8u32.to_le_bytes());
+    for (i, &(w, h)) in pages.iter().enumerate() {
+        t.extend_from_slice(&(ENTRIES as u16).to_le_bytes());
+        let bytes = if i == 0 { w * h } else { 1 };
+        // (tag, type: 3 SHORT or 4 LONG, value)
+        let entries: [(u16, u16, u32); ENTRIES] = [
+            (256, 4, w),
+            (257, 4, h),
+            (258, 3, 8),
+            (259, 3, 1),
+            (262, 3, 1),
+            (273, 4, data_at as u32),
+            (277, 3, 1),
+            (278, 4, h),
+            (279, 4, bytes),
+        ];
+        for (tag, kind, value) in entries {
+            t.extend_from_slice(&tag.to_le_bytes());
+            t.extend_from_slice(&kind.to_le_bytes());
+            t.extend_from_slice(&1u32.to_le_bytes());
+            t.extend_from_slice(&value.to_le_bytes());
+        }
+        let next = if i + 1 < pages.len() { 8 + (i + 1) * ifd_len } else { 0 };
+        t.extend_from_slice(&(next as u32).to_le_bytes());
+    }
+    let (w, h) = pages[0];
+    t.extend(std::iter::repeat_n(0x80u8, (w * h) as usize));
+    t
+}
+
+/// An animated WebP on a `canvas`, one lossless 1×1 picture per frame, each frame declaring
+/// `(x, y, w, h)` (x and y even).
+fn animated_webp(canvas: (u32, u32), frames: &[(u32, u32, u32, u32)]) -> Vec<u8> {
+    let still = encode(&picture(1, 1), ImageFormat::WebP);
+    let vp8l = &still[12..]; // the one chunk after "RIFF" size "WEBP"
+    let u24 = |v: u32| v.to_le_bytes()[..3].to_vec();
+    let chunk = |fourcc: &[u8], payload: &[u8]| {
+        let mut c = fourcc.to_vec();
+        c.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        c.extend_from_slice(payload);
+        if payload.len() % 2 == 1 {
+            c.push(0);
+        }
+        c
+    };
+    let mut vp8x = vec![0x02, 0, 0, 0]; // animation
+    vp8x.extend(u24(canvas.0 - 1));
+    vp8x.extend(u24(canvas.1 - 1));
+    let mut body = b"WEBP".to_vec();
+    body.extend(chunk(b"VP8X", &vp8x));
+    body.extend(chunk(b"ANIM", &[0, 0, 0, 0, 0, 0]));
+    for &(x, y, w, h) in frames {
+        let mut anmf = Vec::new();
+        for v in [x / 2, y / 2, w - 1, h - 1, 100] {
+            anmf.extend(u24(v));
+        }
+        anmf.push(0);
+        anmf.extend_from_slice(vp8l);
+        body.extend(chunk(b"ANMF", &anmf));
+    }
+    let mut riff = b"RIFF".to_vec();
+    riff.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    riff.extend(body);
+    riff
+}
+
 /// CRC-32 of PNG chunks.
 fn crc32(data: &[u8]) -> u32 {
     let mut crc = 0xFFFF_FFFFu32;
@@ -366,6 +441,26 @@ async fn hostile_uploads_are_answered_quickly_and_harm_nothing() {
             Expect::Refused(422, "image_too_large"),
         ),
         ("1,024-character name", Part::file(&longest_name, "image/png", png.clone()), Expect::Succeeds(&long_stem)),
+        (
+            "a TIFF whose second page is 12000x12000",
+            Part::file("pages.tif", "image/tiff", tiff_with_pages(&[(1, 1), (12_000, 12_000)])),
+            Expect::Refused(422, "image_too_large"),
+        ),
+        (
+            "a two-page TIFF within the limit",
+            Part::file("pages.tif", "image/tiff", tiff_with_pages(&[(1, 1), (20, 20)])),
+            Expect::Succeeds("pages.png"),
+        ),
+        (
+            "an animated WebP frame outside its 1x1 canvas",
+            Part::file("anim.webp", "image/webp", animated_webp((1, 1), &[(0, 0, 1, 1), (0, 0, 12_000, 12_000)])),
+            Expect::Refused(422, "image_too_large"),
+        ),
+        (
+            "an animated WebP within its canvas",
+            Part::file("anim.webp", "image/webp", animated_webp((4, 4), &[(0, 0, 1, 1), (2, 2, 1, 1)])),
+            Expect::Succeeds("anim.png"),
+        ),
     ];
     let before = rss_kib();
     for (what, part, expect) in cases {
