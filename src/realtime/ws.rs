@@ -197,21 +197,29 @@ async fn handle_frame(
     let Some(items) = list.as_array() else { return bad(&format!("{action}: expected an array of job ids")) };
     let mut replies = Vec::new();
     let mut ids = Vec::new();
+    // Ids that name no job: answered in one frame, however many (a frame of 12,000 bad ids once
+    // got 12,000 replies). At most `MAX_LISTED` distinct ones are kept, all are counted.
+    let mut unknown = Unknown::default();
+    let mut not_strings = 0;
     for item in items {
         let Some(raw) = item.as_str() else {
-            replies.push(error_frame("bad_frame", &format!("{action}: job ids are strings"), None));
+            not_strings += 1;
             continue;
         };
         match raw.parse::<JobId>() {
             Ok(id) => ids.push(id),
-            Err(()) => replies.push(error_frame("unknown_job", "no such job", Some(raw))),
+            Err(()) => unknown.add(raw),
         }
+    }
+    if not_strings > 0 {
+        replies.push(error_frame("bad_frame", &format!("{action}: job ids are strings ({not_strings} are not)"), None));
     }
     if action == "unsubscribe" {
         ids.iter().for_each(|id| {
             following.remove(id);
         });
         follow.hub.unsubscribe(conn, Some(ids));
+        replies.extend(unknown.frame());
         return replies;
     }
     // One id named twice is one subscription (and counts once against the cap).
@@ -241,13 +249,56 @@ async fn handle_frame(
         Ok((_, true)) => {
             replies.push(error_frame("storage_unavailable", "the job store cannot be read right now; retry", None))
         }
-        Ok((unknown, false)) => {
-            following.extend(new.into_iter().filter(|id| !unknown.contains(id)));
-            for id in unknown {
-                replies.push(error_frame("unknown_job", "no such job (it may have expired)", Some(&id.to_string())));
-            }
+        Ok((missing, false)) => {
+            following.extend(new.into_iter().filter(|id| !missing.contains(id)));
+            missing.iter().for_each(|id| unknown.add(&id.to_string()));
         }
         Err(_) => replies.push(error_frame("unavailable", "the subscription could not be made", None)),
     }
+    replies.extend(unknown.frame());
     replies
+}
+
+/// Most ids one `unknown_job` frame lists.
+const MAX_LISTED: usize = 100;
+
+/// The ids of one frame that name no job.
+#[derive(Default)]
+struct Unknown {
+    /// The first [`MAX_LISTED`] distinct ones.
+    listed: Vec<String>,
+    /// All of them, repeats included.
+    count: usize,
+}
+
+impl Unknown {
+    fn add(&mut self, raw: &str) {
+        self.count += 1;
+        if self.listed.len() < MAX_LISTED && !self.listed.iter().any(|l| l == raw) {
+            self.listed.push(raw.to_string());
+        }
+    }
+
+    /// One `unknown_job` frame: with `id` when one id was bad, with `ids` when more were.
+    fn frame(self) -> Option<Value> {
+        match self.count {
+            0 => None,
+            1 => Some(error_frame(
+                "unknown_job",
+                "no such job (it may have expired)",
+                self.listed.first().map(String::as_str),
+            )),
+            n => {
+                let shown = if self.listed.len() < n {
+                    format!("; {} distinct ones listed", self.listed.len())
+                } else {
+                    String::new()
+                };
+                let mut frame =
+                    error_frame("unknown_job", &format!("{n} ids name no job (they may have expired){shown}"), None);
+                frame["ids"] = json!(self.listed);
+                Some(frame)
+            }
+        }
+    }
 }

@@ -94,6 +94,38 @@ async fn a_late_subscriber_gets_the_final_state_at_once() {
 }
 
 #[actix_web::test]
+async fn a_frame_of_12000_bad_ids_gets_one_error_frame_listing_them() {
+    let app = spawn_app().await;
+    let job = app.submit_pdf(&json!({"title": "real"})).await;
+    let mut socket = open(&app).await;
+    let unknown = "0123456789abcdef0123456789abcdef";
+    let mut ids: Vec<String> = (0..12_000).map(|i| if i < 150 { format!("a{i}") } else { "1".into() }).collect();
+    ids.push(unknown.to_string());
+    ids.push(id_of(&job).to_string());
+    let frame = json!({"subscribe": ids});
+    assert!(frame.to_string().len() < 60_000);
+    send(&mut socket, frame).await;
+    // A marker after it: every reply to the big frame comes before the marker's.
+    send(&mut socket, json!({"subscribe": "marker"})).await;
+    let mut errors = Vec::new();
+    let mut job_frames = 0;
+    loop {
+        let reply = next(&mut socket, Duration::from_secs(10)).await;
+        match (reply["type"].as_str(), reply["code"].as_str()) {
+            (Some("error"), Some("bad_frame")) => break,
+            (Some("error"), _) => errors.push(reply),
+            (Some("job"), _) => job_frames += 1,
+            _ => panic!("{reply}"),
+        }
+    }
+    assert_eq!(errors.len(), 1, "one frame for all the bad ids: {errors:?}");
+    let listed = errors[0]["ids"].as_array().expect("ids");
+    assert_eq!(listed.len(), 100, "at most 100 distinct ids listed");
+    assert!(errors[0]["message"].as_str().unwrap().starts_with("12001 ids"), "{}", errors[0]);
+    assert!(job_frames >= 1, "the real job was followed");
+}
+
+#[actix_web::test]
 async fn bad_frames_and_unknown_ids_get_error_frames_and_the_socket_stays_usable() {
     let app = spawn_app().await;
     let mut socket = open(&app).await;
