@@ -62,7 +62,10 @@ function connect() {
       return;
     }
     if (frame.type === "job") update(frame.job);
-    else if (frame.type === "error" && frame.id && jobs.has(frame.id)) showJobError(frame.id, frame.message);
+    else if (frame.type === "error") {
+      // One error frame may name one id (`id`) or several (`ids`).
+      for (const id of frame.ids || (frame.id ? [frame.id] : [])) if (jobs.has(id)) showJobError(id, frame.message);
+    }
   });
   socket.addEventListener("close", () => {
     $("conn-state").textContent = `reconnecting in ${Math.round(retryMs / 100) / 10} s…`;
