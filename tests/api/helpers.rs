@@ -66,9 +66,27 @@ pub fn settings() -> Settings {
     s
 }
 
-/// A new, empty directory for one server's embedded store (under the system temp directory).
+/// A new, empty directory for one server's embedded store. All of one test run's directories
+/// are under `target/tmp/api-run-PID`; servers run until the test process exits, so they cannot
+/// be removed as each test ends: the first call of a run removes the directories of earlier runs
+/// whose process is gone.
 pub fn fresh_data_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("offload-test-{:032x}", rand::random::<u128>()));
+    static RUN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let run = RUN.get_or_init(|| {
+        let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+        for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let gone = name
+                .strip_prefix("api-run-")
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists());
+            if gone {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        root.join(format!("api-run-{}", std::process::id()))
+    });
+    let dir = run.join(format!("{:032x}", rand::random::<u128>()));
     std::fs::create_dir_all(&dir).expect("create a data directory");
     dir
 }

@@ -8,7 +8,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { mkdirSync, mkdtempSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -23,6 +23,7 @@ const shots = join(here, "screenshots");
 let server;
 let base;
 let keyed; // a second server, with API keys
+const dataDirs = []; // removed at the end
 let browser;
 
 /** A w×h PNG: red left half, blue right half. */
@@ -68,6 +69,7 @@ function png(w, h) {
 async function startServer(args = []) {
   // The page runs against the default, durable store, in a data directory of its own.
   const dataDir = mkdtempSync(join(tmpdir(), "offload-browser-"));
+  dataDirs.push(dataDir);
   const child = spawn(bin, ["--bind", "127.0.0.1:0", "--static-dir", join(root, "static"), "--data-dir", dataDir, ...args], {
     stdio: ["ignore", "pipe", "inherit"],
   });
@@ -99,6 +101,8 @@ after(async () => {
   if (browser) await browser.close();
   if (server) server.kill("SIGTERM");
   if (keyed) keyed.kill("SIGTERM");
+  await Promise.all([server, keyed].filter(Boolean).map((p) => new Promise((done) => (p.exitCode !== null ? done() : p.on("exit", done)))));
+  for (const dir of dataDirs) rmSync(dir, { recursive: true, force: true });
 });
 
 test("upload an image and generate a PDF, following both live", async () => {

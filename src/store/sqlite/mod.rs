@@ -866,10 +866,9 @@ mod tests {
         }
     }
 
-    fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("offload-store-{name}-{}", JobId::random()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    /// A directory removed when the test ends.
+    fn temp_dir(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new().prefix(&format!("offload-store-{name}-")).tempdir().unwrap()
     }
 
     fn new_job() -> NewJob {
@@ -885,8 +884,8 @@ mod tests {
     #[test]
     fn a_second_open_of_the_same_directory_is_refused() {
         let dir = temp_dir("lock");
-        let _first = SqliteStore::open(&options(&dir), Default::default()).unwrap();
-        let err = SqliteStore::open(&options(&dir), Default::default()).err().expect("refused");
+        let _first = SqliteStore::open(&options(dir.path()), Default::default()).unwrap();
+        let err = SqliteStore::open(&options(dir.path()), Default::default()).err().expect("refused");
         assert!(err.contains("in use"), "{err}");
     }
 
@@ -894,7 +893,7 @@ mod tests {
     fn jobs_results_and_attempts_survive_a_reopen_and_runs_cut_off_are_counted() {
         let dir = temp_dir("reopen");
         let (done, cut, waiting) = {
-            let store = SqliteStore::open(&options(&dir), Default::default()).unwrap();
+            let store = SqliteStore::open(&options(dir.path()), Default::default()).unwrap();
             let Inserted::Created(jobs) = block_on(store.insert(vec![new_job(), new_job(), new_job()], None)).unwrap()
             else {
                 panic!("created")
@@ -916,7 +915,7 @@ mod tests {
         };
         let store = loop {
             // The lock goes with the file handle; the writer thread may still hold a connection.
-            match SqliteStore::open(&options(&dir), Default::default()) {
+            match SqliteStore::open(&options(dir.path()), Default::default()) {
                 Ok(s) => break s,
                 Err(e) if e.contains("in use") => std::thread::yield_now(),
                 Err(e) => panic!("{e}"),
@@ -944,12 +943,12 @@ mod tests {
     #[test]
     fn a_database_from_a_newer_release_is_refused() {
         let dir = temp_dir("newer");
-        drop(SqliteStore::open(&options(&dir), Default::default()).unwrap());
-        let conn = Connection::open(dir.join(DB_FILE)).unwrap();
+        drop(SqliteStore::open(&options(dir.path()), Default::default()).unwrap());
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
         conn.pragma_update(None, "user_version", schema::SCHEMA_VERSION + 1).unwrap();
         drop(conn);
         let err = loop {
-            match SqliteStore::open(&options(&dir), Default::default()) {
+            match SqliteStore::open(&options(dir.path()), Default::default()) {
                 Err(e) if e.contains("in use") => std::thread::yield_now(),
                 Err(e) => break e,
                 Ok(_) => panic!("a newer schema was opened"),
@@ -961,7 +960,7 @@ mod tests {
     #[test]
     fn idempotency_keys_replay_and_refuse_another_request() {
         let dir = temp_dir("idem");
-        let store = SqliteStore::open(&options(&dir), Default::default()).unwrap();
+        let store = SqliteStore::open(&options(dir.path()), Default::default()).unwrap();
         let key = IdempotencyKey { key: "abc".into(), fingerprint: [7; 32] };
         let Inserted::Created(first) = block_on(store.insert(vec![new_job()], Some(key.clone()))).unwrap() else {
             panic!("created")

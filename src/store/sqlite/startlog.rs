@@ -74,9 +74,9 @@ mod tests {
 
     #[test]
     fn the_ids_each_thread_started_last_are_read_back_once() {
-        let dir = std::env::temp_dir().join(format!("offload-startlog-{}", JobId::random()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (log, before) = StartLog::open(&dir).unwrap();
+        let tmp = tempfile::Builder::new().prefix("offload-startlog-").tempdir().unwrap();
+        let dir = tmp.path();
+        let (log, before) = StartLog::open(dir).unwrap();
         assert!(before.is_empty());
         log.clear().unwrap();
         let (a, b, c) = (JobId::random(), JobId::random(), JobId::random());
@@ -85,12 +85,12 @@ mod tests {
         let other = log.clone();
         std::thread::spawn(move || other.mark(c)).join().unwrap();
         drop(log);
-        let (log, started) = StartLog::open(&dir).unwrap();
+        let (log, started) = StartLog::open(dir).unwrap();
         assert_eq!(started, HashSet::from([b, c]));
-        let (_, kept) = StartLog::open(&dir).unwrap();
+        let (_, kept) = StartLog::open(dir).unwrap();
         assert_eq!(kept, started, "kept until cleared");
         log.clear().unwrap();
-        let (_, again) = StartLog::open(&dir).unwrap();
+        let (_, again) = StartLog::open(dir).unwrap();
         assert!(again.is_empty(), "cleared");
     }
 }
