@@ -3,6 +3,7 @@
 
 pub mod callback;
 pub mod image;
+pub mod object;
 pub mod pdf;
 
 use bytes::Bytes;

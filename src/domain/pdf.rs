@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::object::Object;
+
 /// Limits on a document, from configuration.
 #[derive(Clone, Copy, Debug)]
 pub struct SpecLimits {
@@ -44,7 +46,7 @@ pub struct PdfRequest {
     #[serde(default)]
     pub paragraphs: Option<Vec<String>>,
     #[serde(default)]
-    pub table: Option<TableRequest>,
+    pub table: Option<Object<TableRequest>>,
     #[serde(default)]
     pub page_size: Option<String>,
     /// Parsed by the handler into a [`super::callback::CallbackUrl`] (it needs the policy).
@@ -243,7 +245,7 @@ impl DocumentSpec {
                 Ok(clean_paragraph(p))
             })
             .collect::<Result<Vec<_>, SpecError>>()?;
-        let table = req.table.map(|t| parse_table(t, limits)).transpose()?;
+        let table = req.table.map(|t| parse_table(t.into_inner(), limits)).transpose()?;
         let page_size = match req.page_size.as_deref().map(str::to_ascii_lowercase).as_deref() {
             None | Some("a4") => PageSize::A4,
             Some("letter") => PageSize::Letter,

@@ -11,6 +11,7 @@ use super::ApiError;
 use crate::access::Caller;
 use crate::dispatch::Dispatcher;
 use crate::domain::callback::{CallbackPolicy, CallbackUrl};
+use crate::domain::object::Object;
 use crate::domain::pdf::{DocumentSpec, PdfRequest, SpecError, SpecLimits};
 use crate::domain::JobPayload;
 use crate::store::JobStore;
@@ -19,13 +20,13 @@ use crate::workers::pdf::layout;
 pub async fn generate_pdf(
     caller: Caller,
     req: HttpRequest,
-    body: web::Json<PdfRequest>,
+    body: web::Json<Object<PdfRequest>>,
     limits: web::Data<SpecLimits>,
     policy: web::Data<CallbackPolicy>,
     store: web::Data<Arc<dyn JobStore>>,
     dispatcher: web::Data<Addr<Dispatcher>>,
 ) -> Result<HttpResponse, ApiError> {
-    let mut spec = body.into_inner();
+    let mut spec = body.into_inner().into_inner();
     let callback = spec.callback_url.take().map(|raw| CallbackUrl::parse(&raw, **policy)).transpose()?;
     let spec = DocumentSpec::parse(spec, &limits)?;
     // A document that cannot fit what one PDF may render is refused now, not after a worker

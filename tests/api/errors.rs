@@ -35,6 +35,23 @@ async fn bad_requests_get_json_errors_and_harm_nothing() {
         ("POST", "/generate-pdf".into(), Some("application/json"), json(json!({})), 422, "invalid_field"),
         ("POST", "/generate-pdf".into(), Some("application/json"), json(json!({"title": 5})), 422, "invalid_field"),
         ("POST", "/generate-pdf".into(), Some("application/json"), json(json!([1, 2])), 422, "invalid_field"),
+        // Fields by position (serde's derived structs take arrays): refused, whole body or nested.
+        (
+            "POST",
+            "/generate-pdf".into(),
+            Some("application/json"),
+            json(json!(["T", null, ["p"], [["A"]], "Letter"])),
+            422,
+            "invalid_field",
+        ),
+        (
+            "POST",
+            "/generate-pdf".into(),
+            Some("application/json"),
+            json(json!({"title": "t", "table": [["A", "B"], [["x", "y"]]]})),
+            422,
+            "invalid_field",
+        ),
         (
             "POST",
             "/generate-pdf".into(),
