@@ -31,6 +31,7 @@ use crate::error::{code_for_status, ErrorBody};
 
 /// Registers every route. `json_limit` bounds JSON bodies; `static_dir` holds the browser page.
 pub fn configure(cfg: &mut web::ServiceConfig, json_limit: usize, static_dir: &Path) {
+    let static_root = std::sync::Arc::new(static_dir.to_path_buf());
     cfg.app_data(json_config(json_limit))
         .app_data(web::QueryConfig::default().error_handler(query_error))
         .service(
@@ -45,19 +46,19 @@ pub fn configure(cfg: &mut web::ServiceConfig, json_limit: usize, static_dir: &P
         )
         .service(
             web::resource("/jobs")
-                .route(web::get().to(jobs::list_jobs))
-                .default_service(web::to(|| not_allowed("GET"))),
+                .route(get_or_head().to(jobs::list_jobs))
+                .default_service(web::to(|| not_allowed("GET, HEAD"))),
         )
         .service(
             web::resource("/jobs/{id}")
-                .route(web::get().to(jobs::get_job))
+                .route(get_or_head().to(jobs::get_job))
                 .route(web::delete().to(jobs::cancel_job))
-                .default_service(web::to(|| not_allowed("GET, DELETE"))),
+                .default_service(web::to(|| not_allowed("GET, HEAD, DELETE"))),
         )
         .service(
             web::resource("/jobs/{id}/result")
-                .route(web::get().to(jobs::get_result))
-                .default_service(web::to(|| not_allowed("GET"))),
+                .route(get_or_head().to(jobs::get_result))
+                .default_service(web::to(|| not_allowed("GET, HEAD"))),
         )
         .service(
             web::resource("/ws")
@@ -71,23 +72,23 @@ pub fn configure(cfg: &mut web::ServiceConfig, json_limit: usize, static_dir: &P
         )
         .service(
             web::resource("/analytics/summary")
-                .route(web::get().to(analytics::summary))
-                .default_service(web::to(|| not_allowed("GET"))),
+                .route(get_or_head().to(analytics::summary))
+                .default_service(web::to(|| not_allowed("GET, HEAD"))),
         )
         .service(
             web::resource("/metrics")
-                .route(web::get().to(metrics::metrics))
-                .default_service(web::to(|| not_allowed("GET"))),
+                .route(get_or_head().to(metrics::metrics))
+                .default_service(web::to(|| not_allowed("GET, HEAD"))),
         )
         .service(
             web::resource("/healthz")
-                .route(web::get().to(health::healthz))
-                .default_service(web::to(|| not_allowed("GET"))),
+                .route(get_or_head().to(health::healthz))
+                .default_service(web::to(|| not_allowed("GET, HEAD"))),
         )
         .service(
             web::resource("/readyz")
-                .route(web::get().to(health::readyz))
-                .default_service(web::to(|| not_allowed("GET"))),
+                .route(get_or_head().to(health::readyz))
+                .default_service(web::to(|| not_allowed("GET, HEAD"))),
         )
         .service(
             actix_files::Files::new("/", static_dir)
@@ -95,7 +96,24 @@ pub fn configure(cfg: &mut web::ServiceConfig, json_limit: usize, static_dir: &P
                 .guard(guard::Any(guard::Get()).or(guard::Head()))
                 .default_handler(web::to(not_found)),
         )
-        .default_service(web::to(not_found));
+        .default_service(web::to(move |req: HttpRequest| fallback(req, static_root.clone())));
+}
+
+/// A GET route that answers HEAD the same way (without the body, as HTTP wants).
+fn get_or_head() -> actix_web::Route {
+    web::route().guard(guard::Any(guard::Get()).or(guard::Head()))
+}
+
+/// What matched no route: a file of the page asked for with another method than GET or HEAD is
+/// `405` with `Allow`; anything else is `404`.
+async fn fallback(req: HttpRequest, static_root: std::sync::Arc<std::path::PathBuf>) -> HttpResponse {
+    let relative = req.path().trim_start_matches('/');
+    let safe = std::path::Path::new(relative).components().all(|c| matches!(c, std::path::Component::Normal(_)));
+    let is_page = relative.is_empty() || (safe && static_root.join(relative).is_file());
+    if is_page {
+        return not_allowed("GET, HEAD").await;
+    }
+    not_found(req).await
 }
 
 /// Rewrites any error response that is not already JSON (actix's own 400s, 404s from
@@ -158,9 +176,11 @@ fn json_config(limit: usize) -> web::JsonConfig {
     })
 }
 
+/// A query string that does not fit the route's parameters (a repeated one, say) is well-formed
+/// but invalid: 422, like a bad value.
 fn query_error(err: QueryPayloadError, _req: &HttpRequest) -> actix_web::Error {
     let body = ErrorBody::new("invalid_query", format!("the query string is not valid: {err}"));
-    InternalError::from_response(err, body.response(StatusCode::BAD_REQUEST)).into()
+    InternalError::from_response(err, body.response(StatusCode::UNPROCESSABLE_ENTITY)).into()
 }
 
 async fn not_found(req: HttpRequest) -> HttpResponse {

@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::helpers::{id_of, settings, spawn_app_with};
+use crate::helpers::{id_of, settings, spawn_app, spawn_app_with};
 
 /// method, path, content type, body, expected status, expected code
 type Case = (&'static str, String, Option<&'static str>, Vec<u8>, u16, &'static str);
@@ -115,10 +115,23 @@ async fn bad_requests_get_json_errors_and_harm_nothing() {
         ("GET", "/jobs?kind=video".into(), None, vec![], 422, "invalid_query"),
         ("GET", "/jobs?limit=0".into(), None, vec![], 422, "invalid_query"),
         ("GET", "/jobs?limit=lots".into(), None, vec![], 422, "invalid_query"),
+        ("GET", "/jobs?limit=5&limit=6".into(), None, vec![], 422, "invalid_query"),
         ("GET", "/static/../Cargo.toml".into(), None, vec![], 404, "not_found"),
+        // The page's files take GET and HEAD only; a file that is not there is not found.
+        ("POST", "/".into(), None, vec![], 405, "method_not_allowed"),
+        ("TRACE", "/".into(), None, vec![], 405, "method_not_allowed"),
+        ("PUT", "/app.js".into(), None, vec![], 405, "method_not_allowed"),
+        ("POST", "/no-such-file.js".into(), None, vec![], 404, "not_found"),
+        ("POST", "/../Cargo.toml".into(), None, vec![], 404, "not_found"),
+        ("HEAD", format!("/jobs/{unknown}"), None, vec![], 404, ""),
     ];
     for (method, path, content_type, body, status, code) in cases {
         let reply = app.request(method, &path, content_type, body).await;
+        if method == "HEAD" {
+            // The status of GET, without a body.
+            assert_eq!((reply.status.as_u16(), reply.body.len()), (status, 0), "{method} {path}");
+            continue;
+        }
         let message = reply.expect_error(status, code, &format!("{method} {path}"));
         if status == 405 {
             assert!(reply.header("allow").is_some(), "{method} {path}: 405 without Allow");
@@ -131,6 +144,34 @@ async fn bad_requests_get_json_errors_and_harm_nothing() {
     assert_eq!(app.get("/healthz").await.status.as_u16(), 200);
     let job = app.submit_pdf(&json!({"title": "still fine"})).await;
     assert_eq!(app.wait_finished(id_of(&job)).await["status"], "succeeded");
+}
+
+#[actix_web::test]
+async fn head_works_like_get_on_every_get_route_without_a_body() {
+    let app = spawn_app().await;
+    let job = app.submit_pdf(&json!({"title": "head"})).await;
+    app.wait_finished(id_of(&job)).await;
+    let id = id_of(&job);
+    for path in [
+        "/jobs".to_string(),
+        format!("/jobs/{id}"),
+        format!("/jobs/{id}/result"),
+        "/analytics/summary".into(),
+        "/metrics".into(),
+        "/healthz".into(),
+        "/readyz".into(),
+        "/".into(),
+        "/app.js".into(),
+    ] {
+        let get = app.get(&path).await;
+        let head = app.request("HEAD", &path, None, vec![]).await;
+        assert_eq!(get.status.as_u16(), 200, "GET {path}");
+        assert_eq!(head.status, get.status, "HEAD {path}");
+        assert!(head.body.is_empty(), "HEAD {path} sent a body");
+        assert_eq!(head.header("content-type"), get.header("content-type"), "HEAD {path}");
+    }
+    let allow = app.request("DELETE", "/healthz", None, vec![]).await.header("allow").unwrap_or_default();
+    assert!(allow.contains("HEAD"), "{allow}");
 }
 
 #[actix_web::test]
