@@ -6,7 +6,7 @@ Every attack gets a FRESH server (`BIN --bind 127.0.0.1:PORT --data-dir <mktemp 
 default SQLite store), started after `GET /healthz` answers 200 and killed (SIGTERM, then SIGKILL
 after 2 s) in a `finally`, its data directory removed. Memory is read from /proc/PID/status just
 before and just after the attack: VmRSS (resident now) and VmHWM (peak resident so far); growth is
-reported in MiB (after - before). Each attack runs under a 75 s alarm and every socket has a
+reported in MiB (after - before). Each attack runs under a 70 s alarm and every socket has a
 timeout, so no attack can hang the script.
 
  1. metric series: 5,000 `GET /healthz` with made-up methods M0001..M5000 on one keep-alive raw
@@ -48,17 +48,21 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 import zlib
 
 HOST = "127.0.0.1"
-ATTACK_ALARM = 75  # seconds: the most one attack (server start included) may take
+ATTACK_ALARM = 70  # seconds: the most one attack (server start included) may take
 
 
 class AttackTimeout(Exception):
     pass
+
+
+LIVE = set()  # servers started and not yet stopped, killed again at the end of every attack
 
 
 def _on_alarm(signum, frame):
@@ -90,6 +94,7 @@ class Server:
         self.log = open(os.path.join(self.data, "server.log"), "wb")
         cmd = [self.binary, "--bind", f"{HOST}:{self.port}", "--data-dir", os.path.join(self.data, "db"), *self.flags]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd="/work/main")
+        LIVE.add(self)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -97,7 +102,7 @@ class Server:
             try:
                 if request(self.port, "GET", "/healthz", timeout=1)[0] == 200:
                     return self
-            except OSError:
+            except (OSError, http.client.HTTPException):
                 pass
             time.sleep(0.05)
         raise RuntimeError("server did not answer /healthz within 15 s")
@@ -107,6 +112,7 @@ class Server:
         return False
 
     def stop(self):
+        LIVE.discard(self)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -151,6 +157,10 @@ def growth(before, after):
     for b, a in zip(before, after):
         out.append(None if a is None or b is None else round((a - b) / 1024, 1))
     return out
+
+
+def fmt_s(v):
+    return f"{v:.3f} s" if v < 1 else f"{v:.2f} s"
 
 
 def fmt_mib(v):
@@ -212,7 +222,7 @@ def poll_job(port, job_id, limit=60.0, headers=None):
             if last in ("succeeded", "failed", "cancelled"):
                 code = (j.get("error") or {}).get("code") if isinstance(j.get("error"), dict) else None
                 return last, code, time.monotonic() - start
-        except OSError as e:
+        except (OSError, http.client.HTTPException) as e:
             last = f"poll error: {e.__class__.__name__}"
         if time.monotonic() - start > limit:
             return f"still {last} after {limit:.0f} s", None, time.monotonic() - start
@@ -357,7 +367,7 @@ def attack_1(binary):
         sts = ", ".join(f"{n}x{k}" for k, n in sorted(statuses.items()))
         outcome = (f"answers {sts}{note}; /metrics: {prefixed:,} `offload_http_request_duration_seconds_bucket` lines "
                    f"({bare} start with the bare name), {methods} method labels, {len(metrics):,} bytes")
-        return (f"{done:,} requests M0001..M5000 /healthz, one connection", outcome, f"{elapsed:.2f} s",
+        return (f"{done:,} requests M0001..M5000 /healthz, one connection", outcome, fmt_s(elapsed),
                 f"RSS {fmt_mib(rss)}", res)
 
 
@@ -377,7 +387,7 @@ def attack_2(binary):
         res = dict(body_bytes=len(body), status=st, code=code, job_status=final, seconds=round(elapsed, 2))
         _, hwm = mem_fields(res, before, after)
         outcome = f"{st}" + (f" {code}" if st != 202 else f"; job {final}" + (f" ({code})" if code else ""))
-        return (f"{len(body):,} B: 50 columns x 100,000 empty rows", outcome, f"{elapsed:.2f} s",
+        return (f"{len(body):,} B: 50 columns x 100,000 empty rows", outcome, fmt_s(elapsed),
                 f"HWM {fmt_mib(hwm)}", res)
 
 
@@ -564,7 +574,7 @@ def attack_4(binary):
         _, hwm = mem_fields(res, before, after)
         outcome = f"{status}" + (f" {code}" if code else "") + (f"; job {job_final}" if job_final else "")
         outcome += f"; {sent / 2**20:.0f} MiB sent" + (f" ({stop})" if stop else "")
-        return ("chunked POST /images, 100 MiB filename + 1x1 PNG", outcome, f"{elapsed:.2f} s",
+        return ("chunked POST /images, 100 MiB filename + 1x1 PNG", outcome, fmt_s(elapsed),
                 f"HWM {fmt_mib(hwm)}", res)
 
 
@@ -678,7 +688,7 @@ def attack_6(binary):
                    server_alive=srv.alive())
         _, hwm = mem_fields(res, before, after)
         outcome = f"{st}" + (f" {code}" if st != 202 else f"; job {final}" + (f" ({code})" if code else ""))
-        return (f"{len(gif)} B GIF89a, 1x1 screen, one 12000x12000 frame", outcome, f"{elapsed:.2f} s",
+        return (f"{len(gif)} B GIF89a, 1x1 screen, one 12000x12000 frame", outcome, fmt_s(elapsed),
                 f"HWM {fmt_mib(hwm)}", res)
 
 
@@ -725,7 +735,7 @@ def attack_7(binary):
                 final, _, _ = poll_job(srv.port, jid, limit=2)
             after = srv.mem()
             res.update(private_allowed_status=st, private_allowed_code=err_code(data), job_status=final,
-                       delivered=got is not None, delivered_after_s=None if got is None else round(got, 2),
+                       delivered=got is not None, delivered_after_s=None if got is None else round(got, 3),
                        hook_hits=len(_Hook.hits))
             mem_fields(res, before, after)
     finally:
@@ -741,11 +751,11 @@ def attack_7(binary):
     elapsed = time.monotonic() - start
     d = res.get("delivered")
     outcome = (f"[::1] hook: submit {res.get('private_allowed_status')}, "
-               + (f"POST received after {res['delivered_after_s']:.2f} s" if d else "no POST within 10 s")
+               + (f"POST received after {res['delivered_after_s']:.3f} s" if d else "no POST within 10 s")
                + f" (job {res.get('job_status')}); without the flag: "
                + ", ".join(f"`{u[8:-2]}` {v}" for u, v in refused.items()))
     return ("callback to http://[::1]:PORT/hook (flag on); 3 embedded-IPv4 literals (flag off)", outcome,
-            f"{elapsed:.2f} s", "", res)
+            fmt_s(elapsed), "", res)
 
 
 # Minimal WebSocket client (RFC 6455): handshake, masked text frames out, unmasked frames in.
@@ -832,7 +842,7 @@ def attack_8(binary):
         s = ws_connect(srv.port)
         start = time.monotonic()
         try:
-            ws_send(s, json.dumps({"subscribe": [jid] * 1001}))
+            ws_send(s, json.dumps({"subscribe": [jid] * 1001}, separators=(",", ":")))
             first = []
             deadline = time.monotonic() + 2
             while True:
@@ -843,7 +853,7 @@ def attack_8(binary):
                     first.append(jbody(f[1]) or {})
             t1 = time.monotonic() - start
             ids = ["1"] * 11850 + [f"a{i}" for i in range(150)]
-            frame2 = json.dumps({"subscribe": ids})
+            frame2 = json.dumps({"subscribe": ids}, separators=(",", ":"))
             ws_send(s, frame2)
             t2 = time.monotonic()
             frames, nbytes, kinds = 0, 0, {}
@@ -948,9 +958,11 @@ def main():
             res = {"error": f"{e.__class__.__name__}: {e}"}
         finally:
             signal.alarm(0)
+            for srv in list(LIVE):  # a server an interrupted attack left running
+                srv.stop()
         results[n] = res
         rows.append((name, sent, outcome, took, mem))
-        print(f"[{name}] done in {time.monotonic() - t0:.1f} s", flush=True, file=__import__("sys").stderr)
+        print(f"[{name}] done in {time.monotonic() - t0:.1f} s", flush=True, file=sys.stderr)
     print(f"binary: {args.bin}\n")
     print("| attack | sent | outcome | time | memory growth |")
     print("|---|---|---|---|---|")

@@ -642,6 +642,9 @@ pub enum SubmitError {
     Storage(String),
     /// The idempotency key was used for another request.
     KeyReused,
+    /// The request alone is more than the limits allow, so no retry can ever fit it (a 413, not
+    /// a "retry later").
+    NeverFits(String),
 }
 
 impl Handler<Submit> for Dispatcher {
@@ -696,6 +699,7 @@ impl Dispatcher {
             SubmitError::NoPool(_) => "no_pool",
             SubmitError::Storage(_) => "storage_unavailable",
             SubmitError::KeyReused => "idempotency_key_reused",
+            SubmitError::NeverFits(_) => "never_fits",
         };
         self.observers.metrics.jobs_rejected.with_label_values(&[reason]).inc();
     }
@@ -716,6 +720,13 @@ impl Dispatcher {
             if !self.pools.contains_key(&kind) {
                 return Err(SubmitError::NoPool(kind));
             }
+            let limit = self.admission.max_pending;
+            if count > limit {
+                return Err(SubmitError::NeverFits(format!(
+                    "the request makes {count} {} jobs, more than the {limit} that may be pending",
+                    kind.as_str()
+                )));
+            }
             let pending = self.pending_of(kind);
             if pending + count > self.admission.max_pending {
                 let limit = self.admission.max_pending;
@@ -724,6 +735,12 @@ impl Dispatcher {
             }
         }
         let weight: usize = msg.jobs.iter().map(|(p, _)| p.approx_bytes()).sum();
+        if weight > self.admission.max_queued_bytes {
+            return Err(SubmitError::NeverFits(format!(
+                "the request would hold about {weight} bytes while queued, more than the {} allowed for all queued jobs",
+                self.admission.max_queued_bytes
+            )));
+        }
         let held = self.store.stats().queued_bytes + self.reserved_bytes;
         if held + weight > self.admission.max_queued_bytes {
             let kind = msg.jobs.first().map_or(JobKind::Pdf, |(p, _)| p.kind());

@@ -75,6 +75,7 @@ impl ResponseError for ApiError {
             | ApiError::InvalidCallback(_)
             | ApiError::InvalidEvent(_)
             | ApiError::Submit(SubmitError::KeyReused) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Submit(SubmitError::NeverFits(_)) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::InvalidHeader { .. } => StatusCode::BAD_REQUEST,
             ApiError::Ingest(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::InvalidUpload(e) => StatusCode::from_u16(e.status).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY),
@@ -129,6 +130,9 @@ impl ResponseError for ApiError {
                 "Idempotency-Key: this key was already used for a different request; use a new key",
             )
             .response(status),
+            ApiError::Submit(SubmitError::NeverFits(reason)) => {
+                ErrorBody::new("payload_too_large", format!("{reason}: it can never be accepted")).response(status)
+            }
             ApiError::InvalidHeader { header, message } => {
                 ErrorBody::new("invalid_header", format!("{header}: {message}")).response(status)
             }

@@ -7,7 +7,7 @@ use serde_json::json;
 
 use offload::configuration::WorkerSched;
 
-use crate::helpers::{duration, id_of, settings, spawn_app_with};
+use crate::helpers::{duration, id_of, settings, spawn_app_with, Part};
 
 fn one_worker() -> offload::configuration::Settings {
     let mut s = settings();
@@ -52,6 +52,28 @@ async fn the_queued_bytes_budget_is_enforced() {
     app.post_json("/generate-pdf", &big).await.assert_error(503, "overloaded");
     app.delete(&format!("/jobs/{}", id_of(&blocker))).await;
     assert_eq!(app.wait_finished(id_of(&first)).await["status"], "succeeded");
+}
+
+#[actix_web::test]
+async fn a_request_larger_than_the_limits_allow_at_all_is_413_not_a_retry_later() {
+    let mut s = one_worker();
+    s.max_queued_bytes = "4KiB".parse().unwrap();
+    s.max_pending = 2;
+    let app = spawn_app_with(s).await;
+    // Nothing else is queued: these can never fit, so "retry later" would be a lie.
+    let huge = json!({"title": "huge", "paragraphs": ["x".repeat(5000)]});
+    let message = app.post_json("/generate-pdf", &huge).await.assert_error(413, "payload_too_large");
+    assert!(message.contains("never"), "{message}");
+    let png = {
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::RgbImage::new(4, 4).write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    };
+    let three: Vec<Part> = (0..3).map(|i| Part::file(&format!("{i}.png"), "image/png", png.clone())).collect();
+    app.upload(&three).await.assert_error(413, "payload_too_large");
+    // What fits still goes in.
+    let two: Vec<Part> = (0..2).map(|i| Part::file(&format!("{i}.png"), "image/png", png.clone())).collect();
+    assert_eq!(app.upload(&two).await.status.as_u16(), 202);
 }
 
 #[actix_web::test]
