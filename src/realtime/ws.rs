@@ -51,6 +51,24 @@ struct Follow {
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
+/// The WebSocket of live job events. After the handshake, send text frames
+/// `{"subscribe": ["<id>", ...]}` or `{"unsubscribe": [...]}`; receive `{"type": "job", "job": {...}}`
+/// with each followed job's current state at once, then every status change and progress at most
+/// every 50 ms, and `{"type": "error", "code": "unknown_job" | "bad_frame" | "too_many_subscriptions",
+/// "message", "id" | "ids"}` for bad input (the socket stays open). With `--api-keys` the key may
+/// also be passed as `?access_token=KEY`.
+#[utoipa::path(
+    get,
+    path = "/ws",
+    tag = "jobs",
+    params(("access_token" = Option<String>, Query, description = "An API key, for clients that cannot set headers")),
+    responses(
+        (status = 101, description = "Switching protocols: the WebSocket is open"),
+        (status = 400, description = "Not a WebSocket handshake", body = crate::routes::openapi::ErrorResponse),
+        (status = 401, description = "With `--api-keys`: no valid key", body = crate::routes::openapi::ErrorResponse),
+        (status = 403, description = "The Origin is not in `--ws-allowed-origins`", body = crate::routes::openapi::ErrorResponse),
+    )
+)]
 pub async fn connect(
     WsCaller(caller): WsCaller,
     req: HttpRequest,

@@ -3,6 +3,7 @@
 use actix_web::{web, HttpResponse};
 use serde_json::{json, Value};
 
+use super::openapi::{ErrorResponse, Events, EventsAccepted, Summary};
 use super::ApiError;
 use crate::access::Caller;
 use crate::async_io::analytics::{parse_events, AnalyticsHandle, GetSummary};
@@ -18,6 +19,21 @@ pub struct AnalyticsLimits {
 
 /// Parses and hands the events over; never waits for them to be counted.
 /// Analytics are the service's, not a key's: any valid key may send events and read the summary.
+#[utoipa::path(
+    post,
+    path = "/analytics/events",
+    tag = "analytics",
+    request_body(content = Events, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Handed over to be counted (and forwarded)", body = EventsAccepted),
+        (status = 400, description = "Not JSON", body = ErrorResponse),
+        (status = 401, description = "With `--api-keys`: no key, a malformed header or an unknown key", body = ErrorResponse),
+        (status = 413, description = "Larger than `--max-json-body`", body = ErrorResponse),
+        (status = 415, description = "Not sent as application/json", body = ErrorResponse),
+        (status = 422, description = "An invalid event: the message names its index and field", body = ErrorResponse),
+        (status = 503, description = "Overloaded, draining or the store cannot write: retry after `Retry-After` seconds", body = ErrorResponse, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    )
+)]
 pub async fn ingest(
     _caller: Caller,
     body: web::Json<Value>,
@@ -29,6 +45,17 @@ pub async fn ingest(
     Ok(HttpResponse::Accepted().json(json!({ "accepted": accepted })))
 }
 
+/// What has been counted.
+#[utoipa::path(
+    get,
+    path = "/analytics/summary",
+    tag = "analytics",
+    responses(
+        (status = 200, description = "The counts", body = Summary),
+        (status = 401, description = "With `--api-keys`: no key, a malformed header or an unknown key", body = ErrorResponse),
+        (status = 503, description = "Analytics is restarting", body = ErrorResponse),
+    )
+)]
 pub async fn summary(_caller: Caller, analytics: web::Data<AnalyticsHandle>) -> HttpResponse {
     match analytics.addr().send(GetSummary).await {
         Ok(Some(summary)) => HttpResponse::Ok().insert_header(("cache-control", "no-store")).json(summary),

@@ -13,6 +13,7 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use serde::Serialize;
 
+use super::openapi::{AcceptedJobs, ErrorResponse, ImageUpload};
 use super::submit::{submit, REPLAYED};
 use super::ApiError;
 use crate::access::Caller;
@@ -52,6 +53,24 @@ struct Accepted<'a> {
     jobs: Vec<JobView<'a>>,
 }
 
+/// Upload images: one job per file, all or none.
+#[utoipa::path(
+    post,
+    path = "/images",
+    tag = "jobs",
+    request_body(content = ImageUpload, content_type = "multipart/form-data"),
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters: a repeat with the same body answers the first request's jobs (`Idempotent-Replayed: true`), with another body 422")),
+    responses(
+        (status = 202, description = "Accepted: one queued job per file, in order", body = AcceptedJobs),
+        (status = 400, description = "Malformed multipart body or Idempotency-Key", body = ErrorResponse),
+        (status = 401, description = "With `--api-keys`: no key, a malformed header or an unknown key", body = ErrorResponse),
+        (status = 408, description = "The upload did not arrive within `--body-timeout`", body = ErrorResponse),
+        (status = 413, description = "Larger than `--max-upload`, or more than the limits could ever queue", body = ErrorResponse),
+        (status = 415, description = "Not multipart/form-data, or not a supported image", body = ErrorResponse),
+        (status = 422, description = "A bad file, op or field: the message names it", body = ErrorResponse),
+        (status = 503, description = "Overloaded, draining or the store cannot write: retry after `Retry-After` seconds", body = ErrorResponse, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    )
+)]
 pub async fn upload_images(
     caller: Caller,
     req: HttpRequest,

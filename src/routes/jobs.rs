@@ -7,6 +7,7 @@ use actix_web::http::header::{self, ContentDisposition, DispositionParam, Dispos
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 
+use super::openapi::{ErrorResponse, Job as JobDoc, JobList as JobListDoc};
 use super::ApiError;
 use crate::access::Caller;
 use crate::dispatch::{CancelError, CancelJob, Dispatcher};
@@ -27,6 +28,19 @@ fn visible(store: &dyn JobStore, id: JobId, caller: Caller) -> Result<Option<Job
     Ok(store.get(id)?.filter(|job| caller.may_see(job)))
 }
 
+/// A job's current state.
+#[utoipa::path(
+    get,
+    path = "/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job id (32 lowercase hex digits)")),
+    responses(
+        (status = 200, description = "The job", body = JobDoc),
+        (status = 401, description = "With `--api-keys`: no key, a malformed header or an unknown key", body = ErrorResponse),
+        (status = 404, description = "No such job (or another key's)", body = ErrorResponse),
+        (status = 503, description = "The store cannot be read", body = ErrorResponse),
+    )
+)]
 pub async fn get_job(
     caller: Caller,
     path: web::Path<String>,
@@ -38,6 +52,21 @@ pub async fn get_job(
     Ok(HttpResponse::Ok().insert_header((header::CACHE_CONTROL, "no-store")).json(job.view()))
 }
 
+/// A succeeded job's result: the PDF or the image.
+#[utoipa::path(
+    get,
+    path = "/jobs/{id}/result",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job id (32 lowercase hex digits)")),
+    responses(
+        (status = 200, description = "The result, with Content-Disposition: attachment",
+            content(("application/pdf"), ("image/png"), ("image/jpeg"), ("image/webp"))),
+        (status = 401, description = "With `--api-keys`: no key, a malformed header or an unknown key", body = ErrorResponse),
+        (status = 404, description = "No such job (or another key's)", body = ErrorResponse),
+        (status = 409, description = "The job has not succeeded (yet)", body = ErrorResponse),
+        (status = 503, description = "The store cannot be read", body = ErrorResponse),
+    )
+)]
 pub async fn get_result(
     caller: Caller,
     path: web::Path<String>,
@@ -96,6 +125,20 @@ fn stream_result(
     })
 }
 
+/// Cancel a job: a queued one never starts, a running one stops at its next checkpoint.
+#[utoipa::path(
+    delete,
+    path = "/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job id (32 lowercase hex digits)")),
+    responses(
+        (status = 200, description = "The job, cancelled", body = JobDoc),
+        (status = 401, description = "With `--api-keys`: no key, a malformed header or an unknown key", body = ErrorResponse),
+        (status = 404, description = "No such job (or another key's)", body = ErrorResponse),
+        (status = 409, description = "The job already ended", body = ErrorResponse),
+        (status = 503, description = "The store cannot write", body = ErrorResponse),
+    )
+)]
 pub async fn cancel_job(
     caller: Caller,
     path: web::Path<String>,
@@ -130,6 +173,23 @@ struct JobList<'a> {
     counts: StatusCounts,
 }
 
+/// Jobs, newest first (with API keys: the caller's), and the counts by status.
+#[utoipa::path(
+    get,
+    path = "/jobs",
+    tag = "jobs",
+    params(
+        ("status" = Option<String>, Query, description = "queued, running, succeeded, failed or cancelled"),
+        ("kind" = Option<String>, Query, description = "pdf or image"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "At most this many (default 100)"),
+    ),
+    responses(
+        (status = 200, description = "The jobs", body = JobListDoc),
+        (status = 401, description = "With `--api-keys`: no key, a malformed header or an unknown key", body = ErrorResponse),
+        (status = 422, description = "A bad query parameter", body = ErrorResponse),
+        (status = 503, description = "The store cannot be read", body = ErrorResponse),
+    )
+)]
 pub async fn list_jobs(
     caller: Caller,
     query: web::Query<ListQuery>,

@@ -5,10 +5,21 @@ use std::sync::Arc;
 use actix::Addr;
 use actix_web::{web, HttpResponse};
 
+use super::openapi::ErrorResponse;
 use crate::access::Caller;
 use crate::dispatch::{Dispatcher, GetLoad};
 use crate::metrics::{Metrics, CONTENT_TYPE};
 
+/// Prometheus metrics.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text format", content_type = "text/plain"),
+        (status = 401, description = "With `--api-keys`: no key, a malformed header or an unknown key", body = ErrorResponse),
+    )
+)]
 /// With API keys, any valid key may scrape (Prometheus sends it as a bearer token).
 pub async fn metrics(
     _caller: Caller,

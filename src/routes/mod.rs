@@ -10,6 +10,7 @@ mod health;
 mod images;
 mod jobs;
 mod metrics;
+pub mod openapi;
 mod pdf;
 mod submit;
 
@@ -29,74 +30,104 @@ pub use images::UploadLimits;
 
 use crate::error::{code_for_status, ErrorBody};
 
-/// Registers every route. `json_limit` bounds JSON bodies; `static_dir` holds the browser page.
+/// An HTTP method a route answers; `Get` answers HEAD too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verb {
+    Get,
+    Post,
+    Delete,
+}
+
+impl Verb {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Get => "GET",
+            Verb::Post => "POST",
+            Verb::Delete => "DELETE",
+        }
+    }
+
+    fn route(self) -> actix_web::Route {
+        match self {
+            Verb::Get => get_or_head(),
+            Verb::Post => web::post(),
+            Verb::Delete => web::delete(),
+        }
+    }
+}
+
+/// Every route the service answers, with its methods: the one list [`configure`] registers (with
+/// each resource's `405` and `Allow` built from it) and the OpenAPI document is checked against.
+pub const ROUTES: &[(&str, &[Verb])] = &[
+    ("/generate-pdf", &[Verb::Post]),
+    ("/images", &[Verb::Post]),
+    ("/jobs", &[Verb::Get]),
+    ("/jobs/{id}", &[Verb::Get, Verb::Delete]),
+    ("/jobs/{id}/result", &[Verb::Get]),
+    ("/ws", &[Verb::Get]),
+    ("/analytics/events", &[Verb::Post]),
+    ("/analytics/summary", &[Verb::Get]),
+    ("/metrics", &[Verb::Get]),
+    ("/healthz", &[Verb::Get]),
+    ("/readyz", &[Verb::Get]),
+    ("/openapi.json", &[Verb::Get]),
+];
+
+/// The handler of one route and method.
+fn handler(path: &str, verb: Verb) -> actix_web::Route {
+    let route = verb.route();
+    match (path, verb) {
+        ("/generate-pdf", Verb::Post) => route.to(pdf::generate_pdf),
+        ("/images", Verb::Post) => route.to(images::upload_images),
+        ("/jobs", Verb::Get) => route.to(jobs::list_jobs),
+        ("/jobs/{id}", Verb::Get) => route.to(jobs::get_job),
+        ("/jobs/{id}", Verb::Delete) => route.to(jobs::cancel_job),
+        ("/jobs/{id}/result", Verb::Get) => route.to(jobs::get_result),
+        // A WebSocket handshake is a GET; HEAD is not one.
+        ("/ws", Verb::Get) => web::get().to(crate::realtime::ws::connect),
+        ("/analytics/events", Verb::Post) => route.to(analytics::ingest),
+        ("/analytics/summary", Verb::Get) => route.to(analytics::summary),
+        ("/metrics", Verb::Get) => route.to(metrics::metrics),
+        ("/healthz", Verb::Get) => route.to(health::healthz),
+        ("/readyz", Verb::Get) => route.to(health::readyz),
+        ("/openapi.json", Verb::Get) => route.to(openapi::document),
+        _ => unreachable!("ROUTES names {} {path} without a handler", verb.as_str()),
+    }
+}
+
+/// Registers every route of [`ROUTES`]. `json_limit` bounds JSON bodies; `static_dir` holds the
+/// browser page.
 pub fn configure(cfg: &mut web::ServiceConfig, json_limit: usize, static_dir: &Path) {
     let static_root = std::sync::Arc::new(static_dir.to_path_buf());
-    cfg.app_data(json_config(json_limit))
-        .app_data(web::QueryConfig::default().error_handler(query_error))
-        .service(
-            web::resource("/generate-pdf")
-                .route(web::post().to(pdf::generate_pdf))
-                .default_service(web::to(|| not_allowed("POST"))),
-        )
-        .service(
-            web::resource("/images")
-                .route(web::post().to(images::upload_images))
-                .default_service(web::to(|| not_allowed("POST"))),
-        )
-        .service(
-            web::resource("/jobs")
-                .route(get_or_head().to(jobs::list_jobs))
-                .default_service(web::to(|| not_allowed("GET, HEAD"))),
-        )
-        .service(
-            web::resource("/jobs/{id}")
-                .route(get_or_head().to(jobs::get_job))
-                .route(web::delete().to(jobs::cancel_job))
-                .default_service(web::to(|| not_allowed("GET, HEAD, DELETE"))),
-        )
-        .service(
-            web::resource("/jobs/{id}/result")
-                .route(get_or_head().to(jobs::get_result))
-                .default_service(web::to(|| not_allowed("GET, HEAD"))),
-        )
-        .service(
-            web::resource("/ws")
-                .route(web::get().to(crate::realtime::ws::connect))
-                .default_service(web::to(|| not_allowed("GET"))),
-        )
-        .service(
-            web::resource("/analytics/events")
-                .route(web::post().to(analytics::ingest))
-                .default_service(web::to(|| not_allowed("POST"))),
-        )
-        .service(
-            web::resource("/analytics/summary")
-                .route(get_or_head().to(analytics::summary))
-                .default_service(web::to(|| not_allowed("GET, HEAD"))),
-        )
-        .service(
-            web::resource("/metrics")
-                .route(get_or_head().to(metrics::metrics))
-                .default_service(web::to(|| not_allowed("GET, HEAD"))),
-        )
-        .service(
-            web::resource("/healthz")
-                .route(get_or_head().to(health::healthz))
-                .default_service(web::to(|| not_allowed("GET, HEAD"))),
-        )
-        .service(
-            web::resource("/readyz")
-                .route(get_or_head().to(health::readyz))
-                .default_service(web::to(|| not_allowed("GET, HEAD"))),
-        )
-        .service(
-            actix_files::Files::new("/", static_dir)
-                .index_file("index.html")
-                .guard(guard::Any(guard::Get()).or(guard::Head()))
-                .default_handler(web::to(not_found)),
-        )
-        .default_service(web::to(move |req: HttpRequest| fallback(req, static_root.clone())));
+    cfg.app_data(json_config(json_limit)).app_data(web::QueryConfig::default().error_handler(query_error));
+    for &(path, verbs) in ROUTES {
+        let mut resource = web::resource(path);
+        for &verb in verbs {
+            resource = resource.route(handler(path, verb));
+        }
+        let allow = allow_header(path, verbs);
+        cfg.service(resource.default_service(web::to(move || not_allowed(allow))));
+    }
+    cfg.service(
+        actix_files::Files::new("/", static_dir)
+            .index_file("index.html")
+            .guard(guard::Any(guard::Get()).or(guard::Head()))
+            .default_handler(web::to(not_found)),
+    )
+    .default_service(web::to(move |req: HttpRequest| fallback(req, static_root.clone())));
+}
+
+/// The `Allow` header of a route: its methods, HEAD with GET (but not on the WebSocket).
+fn allow_header(path: &str, verbs: &[Verb]) -> &'static str {
+    let mut names = Vec::new();
+    for verb in verbs {
+        names.push(verb.as_str());
+        if *verb == Verb::Get && path != "/ws" {
+            names.push("HEAD");
+        }
+    }
+    // Built once per route at start; leaked so every 405 can borrow it.
+    Box::leak(names.join(", ").into_boxed_str())
 }
 
 /// A GET route that answers HEAD the same way (without the body, as HTTP wants).

@@ -6,6 +6,7 @@ use actix::Addr;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 
+use super::openapi::{Document, ErrorResponse, Job};
 use super::submit::{submit, REPLAYED};
 use super::ApiError;
 use crate::access::Caller;
@@ -17,6 +18,28 @@ use crate::domain::JobPayload;
 use crate::store::JobStore;
 use crate::workers::pdf::layout;
 
+/// Submit a PDF document: answered at once with the queued job.
+#[utoipa::path(
+    post,
+    path = "/generate-pdf",
+    tag = "jobs",
+    request_body(content = Document, content_type = "application/json"),
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters: a repeat with the same body answers the first request's jobs (`Idempotent-Replayed: true`), with another body 422")),
+    responses(
+        (status = 202, description = "Accepted: the job, queued (or the first request's job, replayed)", body = Job,
+            headers(("Location" = String, description = "/jobs/{id}")),
+            links(("GetJob" = (operation_id = "get_job", parameters(("id" = "$response.body#/id")))),
+                  ("GetResult" = (operation_id = "get_result", parameters(("id" = "$response.body#/id")))),
+                  ("CancelJob" = (operation_id = "cancel_job", parameters(("id" = "$response.body#/id")))))),
+        (status = 400, description = "Not JSON, or a malformed Idempotency-Key", body = ErrorResponse),
+        (status = 401, description = "With `--api-keys`: no key, a malformed header or an unknown key", body = ErrorResponse),
+        (status = 408, description = "The body did not arrive within `--body-timeout`", body = ErrorResponse),
+        (status = 413, description = "Larger than `--max-json-body`, or more than the limits could ever queue", body = ErrorResponse),
+        (status = 415, description = "Not sent as application/json", body = ErrorResponse),
+        (status = 422, description = "Well-formed but invalid: the message names the field", body = ErrorResponse),
+        (status = 503, description = "Overloaded, draining or the store cannot write: retry after `Retry-After` seconds", body = ErrorResponse, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    )
+)]
 pub async fn generate_pdf(
     caller: Caller,
     req: HttpRequest,

@@ -1,0 +1,315 @@
+//! `GET /openapi.json`: the OpenAPI 3.1 description of the API.
+//!
+//! Each operation is described by a `#[utoipa::path]` attribute on its handler; the request and
+//! response bodies by the schema types below, which mirror what the handlers read and write (the
+//! job object is serialized by hand in `job.rs`, documents are parsed through `domain::pdf`). Two
+//! things keep the description from drifting: a test checks that every route of
+//! [`super::ROUTES`] is in the document with its methods and nothing else is, and Schemathesis
+//! (`scripts/test.sh`) drives the real service from the document and checks every answer against
+//! it.
+
+use std::sync::OnceLock;
+
+use actix_web::HttpResponse;
+use serde_json::Value;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+/// The error object every 4xx and 5xx answer carries.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ErrorResponse {
+    error: ErrorDetail,
+}
+
+/// A stable machine-readable code and a message naming what went wrong.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ErrorDetail {
+    /// snake_case, e.g. `invalid_field`, `job_not_found`, `overloaded`.
+    #[schema(pattern = "^[a-z_]+$")]
+    code: String,
+    message: String,
+}
+
+/// What a job does.
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum Kind {
+    Pdf,
+    Image,
+}
+
+/// Where a job is in its life.
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum Status {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+/// A job.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct Job {
+    /// 32 lowercase hex digits.
+    #[schema(pattern = "^[0-9a-f]{32}$")]
+    id: String,
+    kind: Kind,
+    status: Status,
+    /// 0 to 1; never decreases; 1 exactly when the job succeeded.
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    progress: f32,
+    /// The current step, e.g. "page 3 of 12".
+    stage: Option<String>,
+    #[schema(format = DateTime)]
+    created_at: String,
+    #[schema(format = DateTime)]
+    started_at: Option<String>,
+    #[schema(format = DateTime)]
+    finished_at: Option<String>,
+    /// How many times the job was started.
+    #[schema(minimum = 0)]
+    attempts: u32,
+    /// Why it failed or was cancelled.
+    error: Option<ErrorDetail>,
+    /// What it produced, once succeeded.
+    result: Option<JobResult>,
+    links: JobLinks,
+}
+
+/// A succeeded job's result.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct JobResult {
+    /// Where to download it.
+    url: String,
+    content_type: String,
+    #[schema(minimum = 0)]
+    bytes: u64,
+    filename: String,
+    /// Image results only.
+    width: Option<u32>,
+    height: Option<u32>,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct JobLinks {
+    #[schema(rename = "self")]
+    this: String,
+    result: String,
+}
+
+/// Jobs of `GET /jobs`, newest first, and how many jobs are held in each status.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct JobList {
+    jobs: Vec<Job>,
+    counts: Counts,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct Counts {
+    queued: u64,
+    running: u64,
+    succeeded: u64,
+    failed: u64,
+    cancelled: u64,
+}
+
+/// The jobs an upload made, one per file, in order.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct AcceptedJobs {
+    jobs: Vec<Job>,
+}
+
+/// A document to render as PDF. Unknown fields are refused.
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct Document {
+    /// 1 to 500 characters, not only spaces.
+    #[schema(min_length = 1, max_length = 500, pattern = "\\S")]
+    title: String,
+    /// Up to 2,000 characters.
+    #[schema(max_length = 2000)]
+    subtitle: Option<String>,
+    /// Wrapped to the page width; `\n` breaks a line. Up to 10,000 paragraphs of 100,000 characters.
+    #[schema(max_items = 10000)]
+    paragraphs: Option<Vec<String>>,
+    table: Option<Table>,
+    /// `A4` (default) or `Letter`.
+    page_size: Option<PageSize>,
+    /// POSTed the final job object when the job ends (public http(s) addresses only).
+    #[schema(format = "uri")]
+    callback_url: Option<String>,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub enum PageSize {
+    A4,
+    Letter,
+}
+
+/// A table: a header row and rows of at most as many cells.
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct Table {
+    #[schema(min_items = 1, max_items = 50)]
+    columns: Vec<Cell>,
+    #[schema(max_items = 100000)]
+    rows: Option<Vec<Vec<Cell>>>,
+}
+
+/// A cell: text, or a number, boolean or null printed as text.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub enum Cell {
+    Text(String),
+    Number(f64),
+    Bool(bool),
+}
+
+/// `POST /images`: one or more files and how to process them.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ImageUpload {
+    /// The images (PNG, JPEG, GIF, WebP, BMP or TIFF, detected from the bytes).
+    #[schema(content_media_type = "application/octet-stream")]
+    file: Vec<Vec<u8>>,
+    /// A JSON array of operations, e.g. `[{"op": "thumbnail", "size": 256}]`.
+    ops: Option<String>,
+    /// `png` (default), `jpeg` or `webp`.
+    format: Option<String>,
+    #[schema(format = "uri")]
+    callback_url: Option<String>,
+}
+
+/// An analytics event.
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct Event {
+    /// 1 to 128 characters once trimmed, no control characters.
+    #[schema(min_length = 1, max_length = 128)]
+    name: String,
+    #[schema(min_length = 1, max_length = 256)]
+    user: Option<String>,
+    properties: Option<serde_json::Map<String, Value>>,
+    #[schema(format = DateTime)]
+    timestamp: Option<String>,
+}
+
+/// One event or an array of them.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub enum Events {
+    One(Event),
+    Many(Vec<Event>),
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct EventsAccepted {
+    accepted: u64,
+}
+
+/// What the analytics actor has counted.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct Summary {
+    total: u64,
+    by_name: std::collections::HashMap<String, u64>,
+    unique_users: u64,
+    per_minute: Vec<MinuteCount>,
+    dropped: u64,
+    forwarded: u64,
+    sink_errors: u64,
+    buffered: u64,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct MinuteCount {
+    #[schema(format = DateTime)]
+    minute: String,
+    count: u64,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct Health {
+    status: String,
+}
+
+/// The API key scheme (used when the service runs with `--api-keys`).
+struct BearerKeys;
+
+impl Modify for BearerKeys {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let scheme = HttpBuilder::new()
+            .scheme(HttpAuthScheme::Bearer)
+            .description(Some("An API key of `--api-keys`; needed only when the service runs with keys."))
+            .build();
+        components.add_security_scheme("api_key", SecurityScheme::Http(scheme));
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "offload",
+        description = "Heavy work off the request path: PDF and image jobs accepted at once (202), run on worker \
+                       threads, followed by polling, WebSocket or webhook. Errors are always \
+                       `{\"error\": {\"code\", \"message\"}}`. With `--api-keys`, every route but `/healthz`, `/readyz`, \
+                       `/openapi.json` and the page needs `Authorization: Bearer KEY` (401 otherwise), and a key sees \
+                       only its own jobs."
+    ),
+    paths(
+        super::pdf::generate_pdf,
+        super::images::upload_images,
+        super::jobs::list_jobs,
+        super::jobs::get_job,
+        super::jobs::cancel_job,
+        super::jobs::get_result,
+        crate::realtime::ws::connect,
+        super::analytics::ingest,
+        super::analytics::summary,
+        super::metrics::metrics,
+        super::health::healthz,
+        super::health::readyz,
+        document,
+    ),
+    modifiers(&BearerKeys),
+    security((), ("api_key" = [])),
+)]
+pub struct ApiDoc;
+
+/// The document, built once.
+pub fn spec() -> &'static Value {
+    static SPEC: OnceLock<Value> = OnceLock::new();
+    SPEC.get_or_init(|| serde_json::to_value(ApiDoc::openapi()).expect("the OpenAPI document serializes"))
+}
+
+/// The OpenAPI 3.1 description of this API.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    security(()),
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json"))
+)]
+pub async fn document() -> HttpResponse {
+    HttpResponse::Ok().insert_header(("cache-control", "public, max-age=300")).json(spec())
+}
