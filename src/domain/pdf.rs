@@ -62,8 +62,9 @@ pub struct PdfRequest {
 #[serde(deny_unknown_fields)]
 pub struct TableRequest {
     pub columns: Vec<Cell>,
+    /// Missing or null: no rows.
     #[serde(default)]
-    pub rows: Vec<Vec<Cell>>,
+    pub rows: Option<Vec<Vec<Cell>>>,
 }
 
 /// A table cell: text, or a number, boolean or null written as text.
@@ -304,6 +305,7 @@ pub(super) fn decode_stored(spec: &[u8]) -> Result<DocumentSpec, String> {
 }
 
 fn parse_table(t: TableRequest, limits: &SpecLimits) -> Result<Table, SpecError> {
+    let t_rows = t.rows.unwrap_or_default();
     if t.columns.is_empty() {
         return Err(invalid("invalid_field", "table.columns: a table needs at least one column".into()));
     }
@@ -313,10 +315,10 @@ fn parse_table(t: TableRequest, limits: &SpecLimits) -> Result<Table, SpecError>
             format!("table.columns: {} columns, the limit is {}", t.columns.len(), limits.max_columns),
         ));
     }
-    if t.rows.len() > limits.max_rows {
+    if t_rows.len() > limits.max_rows {
         return Err(invalid(
             "too_many_rows",
-            format!("table.rows: {} rows, the limit is {}", t.rows.len(), limits.max_rows),
+            format!("table.rows: {} rows, the limit is {}", t_rows.len(), limits.max_rows),
         ));
     }
     let width = t.columns.len();
@@ -334,8 +336,8 @@ fn parse_table(t: TableRequest, limits: &SpecLimits) -> Result<Table, SpecError>
         .enumerate()
         .map(|(i, c)| cell(&|| format!("table.columns[{i}]"), c))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut rows = Vec::with_capacity(t.rows.len());
-    for (r, row) in t.rows.into_iter().enumerate() {
+    let mut rows = Vec::with_capacity(t_rows.len());
+    for (r, row) in t_rows.into_iter().enumerate() {
         if row.len() > width {
             return Err(invalid(
                 "invalid_field",

@@ -7,7 +7,7 @@ use actix_web::http::header::{self, ContentDisposition, DispositionParam, Dispos
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 
-use super::openapi::{ErrorResponse, Job as JobDoc, JobList as JobListDoc};
+use super::openapi::{ErrorResponse, Job as JobDoc, JobList as JobListDoc, Kind as KindDoc, Status as StatusDoc};
 use super::ApiError;
 use crate::access::Caller;
 use crate::dispatch::{CancelError, CancelJob, Dispatcher};
@@ -179,8 +179,8 @@ struct JobList<'a> {
     path = "/jobs",
     tag = "jobs",
     params(
-        ("status" = Option<String>, Query, description = "queued, running, succeeded, failed or cancelled"),
-        ("kind" = Option<String>, Query, description = "pdf or image"),
+        ("status" = Option<StatusDoc>, Query, description = "Only jobs in this status"),
+        ("kind" = Option<KindDoc>, Query, description = "Only jobs of this kind"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "At most this many (default 100)"),
     ),
     responses(

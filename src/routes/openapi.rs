@@ -136,8 +136,8 @@ pub struct AcceptedJobs {
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub struct Document {
-    /// 1 to 500 characters, not only spaces.
-    #[schema(min_length = 1, max_length = 500, pattern = "\\S")]
+    /// 1 to 500 characters, not only spaces or control characters.
+    #[schema(min_length = 1, max_length = 500, pattern = "[^\\s\\u0000-\\u001f\\u007f-\\u009f]")]
     title: String,
     /// Up to 2,000 characters.
     #[schema(max_length = 2000)]
@@ -171,29 +171,60 @@ pub struct Table {
     rows: Option<Vec<Vec<Cell>>>,
 }
 
-/// A cell: text, or a number, boolean or null printed as text.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub enum Cell {
-    Text(String),
-    Number(f64),
-    Bool(bool),
+/// A cell: text (up to `--max-cell-chars`, default 1,000), or a number, boolean or null printed
+/// as text.
+pub struct Cell;
+
+impl utoipa::PartialSchema for Cell {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        by_hand(serde_json::json!({
+            "description": "Text (up to `--max-cell-chars`, default 1,000), or a number, boolean or null printed as text.",
+            "oneOf": [
+                {"type": "string", "maxLength": 1000},
+                {"type": "number"},
+                {"type": "boolean"},
+                {"type": "null"}
+            ]
+        }))
+    }
 }
 
-/// `POST /images`: one or more files and how to process them.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct ImageUpload {
-    /// The images (PNG, JPEG, GIF, WebP, BMP or TIFF, detected from the bytes).
-    #[schema(content_media_type = "application/octet-stream")]
-    file: Vec<Vec<u8>>,
-    /// A JSON array of operations, e.g. `[{"op": "thumbnail", "size": 256}]`.
-    ops: Option<String>,
-    /// `png` (default), `jpeg` or `webp`.
-    format: Option<String>,
-    #[schema(format = "uri")]
-    callback_url: Option<String>,
+impl ToSchema for Cell {}
+
+/// A schema written as JSON, for what the derive cannot say.
+fn by_hand(schema: Value) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    utoipa::openapi::RefOr::T(serde_json::from_value(schema).expect("a valid schema"))
 }
+
+/// `POST /images`: one or more files and how to process them (multipart/form-data).
+pub struct ImageUpload;
+
+impl utoipa::PartialSchema for ImageUpload {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        by_hand(serde_json::json!({
+            "type": "object",
+            "required": ["file"],
+            "properties": {
+                "file": {
+                    "description": "The images (PNG, JPEG, GIF, WebP, BMP or TIFF, detected from the bytes), up to `--max-files` (default 100).",
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": 100,
+                    "items": {"type": "string", "contentMediaType": "application/octet-stream"}
+                },
+                "ops": {
+                    "description": "A JSON array of operations, applied in order, e.g. `[{\"op\": \"thumbnail\", \"size\": 256}]`: `thumbnail{size}`, `resize{width?, height?}`, `crop{x, y, width, height}`, `rotate{degrees: 90|180|270}`, `flip{axis: horizontal|vertical}`, `grayscale`, `blur{sigma: 0.1-100}`, `brighten{value: -255-255}`, `contrast{value: -100-100}`; at most 32. Default `[{\"op\": \"thumbnail\", \"size\": 256}]`.",
+                    "type": "string",
+                    "contentMediaType": "application/json"
+                },
+                "format": {"description": "The output format (default png).", "type": "string", "enum": ["png", "jpeg", "webp"]},
+                "callback_url": {"description": "POSTed each job's final object when it ends.", "type": "string", "format": "uri"}
+            }
+        }))
+    }
+}
+
+impl ToSchema for ImageUpload {}
 
 /// An analytics event.
 #[derive(ToSchema)]
@@ -201,7 +232,11 @@ pub struct ImageUpload {
 #[allow(dead_code)]
 pub struct Event {
     /// 1 to 128 characters once trimmed, no control characters.
-    #[schema(min_length = 1, max_length = 128)]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*[^\\s\\u0000-\\u001f\\u007f-\\u009f][^\\u0000-\\u001f\\u007f-\\u009f]*$"
+    )]
     name: String,
     #[schema(min_length = 1, max_length = 256)]
     user: Option<String>,
@@ -212,11 +247,29 @@ pub struct Event {
 
 /// One event or an array of them.
 #[derive(ToSchema)]
+#[serde(untagged)]
 #[allow(dead_code)]
 pub enum Events {
     One(Event),
-    Many(Vec<Event>),
+    Many(EventBatch),
 }
+
+/// 1 to `--analytics-max-batch` (default 1,000) events (written by hand: the derive takes no
+/// item bounds on a newtype).
+#[allow(dead_code)]
+pub struct EventBatch(Vec<Event>);
+
+impl utoipa::PartialSchema for EventBatch {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ArrayBuilder::new()
+            .items(utoipa::openapi::Ref::from_schema_name("Event"))
+            .min_items(Some(1))
+            .max_items(Some(1000))
+            .into()
+    }
+}
+
+impl ToSchema for EventBatch {}
 
 #[derive(ToSchema)]
 #[allow(dead_code)]
@@ -299,7 +352,36 @@ pub struct ApiDoc;
 /// The document, built once.
 pub fn spec() -> &'static Value {
     static SPEC: OnceLock<Value> = OnceLock::new();
-    SPEC.get_or_init(|| serde_json::to_value(ApiDoc::openapi()).expect("the OpenAPI document serializes"))
+    SPEC.get_or_init(|| {
+        let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the OpenAPI document serializes");
+        camel_case_links(&mut doc);
+        doc
+    })
+}
+
+/// utoipa 5.5 writes the fields of Link objects in snake case (`operation_id`); OpenAPI names
+/// them `operationId`, `operationRef`, `requestBody`.
+fn camel_case_links(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            if let Some(Value::Object(links)) = map.get_mut("links") {
+                for link in links.values_mut().filter_map(Value::as_object_mut) {
+                    for (from, to) in [
+                        ("operation_id", "operationId"),
+                        ("operation_ref", "operationRef"),
+                        ("request_body", "requestBody"),
+                    ] {
+                        if let Some(v) = link.remove(from) {
+                            link.insert(to.to_string(), v);
+                        }
+                    }
+                }
+            }
+            map.values_mut().for_each(camel_case_links);
+        }
+        Value::Array(items) => items.iter_mut().for_each(camel_case_links),
+        _ => {}
+    }
 }
 
 /// The OpenAPI 3.1 description of this API.

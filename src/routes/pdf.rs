@@ -24,7 +24,7 @@ use crate::workers::pdf::layout;
     path = "/generate-pdf",
     tag = "jobs",
     request_body(content = Document, content_type = "application/json"),
-    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters: a repeat with the same body answers the first request's jobs (`Idempotent-Replayed: true`), with another body 422")),
+    params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = "^[!-~]+$", description = "1 to 255 visible ASCII characters: a repeat with the same body answers the first request's jobs (`Idempotent-Replayed: true`), with another body 422")),
     responses(
         (status = 202, description = "Accepted: the job, queued (or the first request's job, replayed)", body = Job,
             headers(("Location" = String, description = "/jobs/{id}")),

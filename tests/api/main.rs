@@ -8,6 +8,7 @@ mod images;
 mod jobs;
 mod keys;
 mod metrics;
+mod openapi;
 mod pdf;
 mod process;
 mod reliability;
