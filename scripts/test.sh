@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests, the end-to-end tests that drive the real server over HTTP and
-# WebSocket, and the browser test (headless Chromium driven by playwright-core).
-# As root it first installs what the tests need: poppler-utils (pdftotext, pdfinfo) and chromium.
+# WebSocket, the browser test (headless Chromium driven by playwright-core), and Schemathesis
+# against the served OpenAPI document (scripts/schemathesis.sh, in a virtual environment).
+# As root it first installs what the tests need: poppler-utils (pdftotext, pdfinfo), chromium
+# and Python's venv module.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
 command -v pdftotext >/dev/null 2>&1 && command -v pdfinfo >/dev/null 2>&1 || missing+=(poppler-utils)
 [ -x "${CHROMIUM:-/usr/bin/chromium}" ] || missing+=(chromium fonts-dejavu-core)
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
@@ -25,3 +28,7 @@ cargo test --locked "$@"
 cd tests/browser
 npm ci --no-audit --no-fund --silent
 OFFLOAD_BIN="$PWD/../../target/debug/offload" npm test
+cd ../..
+
+# The API as documented, fuzzed: Schemathesis against the same binary.
+scripts/schemathesis.sh

@@ -134,6 +134,13 @@ pub struct AcceptedJobs {
 /// A document to render as PDF. Unknown fields are refused.
 #[derive(ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "title": "Quarterly report",
+    "subtitle": "Q3",
+    "paragraphs": ["Sales went up this quarter."],
+    "table": {"columns": ["Item", "Qty", "Price"], "rows": [["Widget", 3, 9.99], ["Gadget", 1, 24.5]]},
+    "page_size": "A4"
+}))]
 #[allow(dead_code)]
 pub struct Document {
     /// 1 to 500 characters, not only spaces or control characters.
@@ -229,6 +236,7 @@ impl ToSchema for ImageUpload {}
 /// An analytics event.
 #[derive(ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "page_view", "user": "u-42", "properties": {"path": "/pricing"}, "timestamp": "2026-12-02T10:00:00Z"}))]
 #[allow(dead_code)]
 pub struct Event {
     /// 1 to 128 characters once trimmed, no control characters.
