@@ -333,9 +333,8 @@ impl Modify for BearerKeys {
         title = "offload",
         description = "Heavy work off the request path: PDF and image jobs accepted at once (202), run on worker \
                        threads, followed by polling, WebSocket or webhook. Errors are always \
-                       `{\"error\": {\"code\", \"message\"}}`. With `--api-keys`, every route but `/healthz`, `/readyz`, \
-                       `/openapi.json` and the page needs `Authorization: Bearer KEY` (401 otherwise), and a key sees \
-                       only its own jobs."
+                       `{\"error\": {\"code\", \"message\"}}`. With `--api-keys`, every route but `/healthz`, `/readyz` and the page \
+                       needs `Authorization: Bearer KEY` (401 otherwise), and a key sees only its own jobs."
     ),
     paths(
         super::pdf::generate_pdf,
@@ -397,9 +396,11 @@ fn camel_case_links(value: &mut Value) {
     get,
     path = "/openapi.json",
     tag = "operations",
-    security(()),
-    responses((status = 200, description = "The OpenAPI document", content_type = "application/json"))
+    responses(
+        (status = 200, description = "The OpenAPI document", content_type = "application/json"),
+        (status = 401, description = "With `--api-keys`: no valid key", body = ErrorResponse),
+    )
 )]
-pub async fn document() -> HttpResponse {
+pub async fn document(_caller: crate::access::Caller) -> HttpResponse {
     HttpResponse::Ok().insert_header(("cache-control", "public, max-age=300")).json(spec())
 }
