@@ -159,6 +159,13 @@ test("upload an image and generate a PDF, following both live", async () => {
   assert.deepEqual(unlabelled, []);
 
   assert.deepEqual(problems, [], "console errors on the page");
+
+  // The API reference page renders the served OpenAPI document.
+  await page.getByRole("link", { name: "API reference" }).click();
+  await page.locator("section.operation").first().waitFor({ timeout: 10000 });
+  const operations = await page.locator("section.operation h2").allTextContents();
+  assert.ok(operations.includes("POST /generate-pdf") && operations.includes("GET /jobs/{id}"), operations.join(", "));
+  assert.deepEqual(problems, [], "console errors on the API page");
 });
 
 test("with API keys the page asks for one, keeps it for the tab and uses it everywhere", async () => {
