@@ -113,7 +113,6 @@ impl Application {
                         .log_target("offload::http"),
                 )
                 .wrap(middleware::from_fn(routes::body_deadline))
-                .wrap(middleware::from_fn(routes::body_budget))
                 .wrap(middleware::from_fn(metrics::middleware::record))
                 .app_data(web::Data::new(body_timeout))
                 .app_data(web::Data::new(body_budget.clone()))

@@ -5,6 +5,7 @@ use serde_json::{json, Value};
 
 use super::openapi::{ErrorResponse, Events, EventsAccepted, Summary};
 use super::ApiError;
+use super::BodyPermit;
 use crate::access::Caller;
 use crate::async_io::analytics::{parse_events, AnalyticsHandle, GetSummary};
 use crate::error::ErrorBody;
@@ -36,6 +37,7 @@ pub struct AnalyticsLimits {
 )]
 pub async fn ingest(
     _caller: Caller,
+    _permit: BodyPermit,
     body: web::Json<Value>,
     limits: web::Data<AnalyticsLimits>,
     analytics: web::Data<AnalyticsHandle>,

@@ -16,6 +16,7 @@ use serde::Serialize;
 use super::openapi::{AcceptedJobs, ErrorResponse, ImageUpload};
 use super::submit::{submit, REPLAYED};
 use super::ApiError;
+use super::BodyPermit;
 use crate::access::Caller;
 use crate::dispatch::Dispatcher;
 use crate::domain::callback::{CallbackPolicy, CallbackUrl};
@@ -76,6 +77,7 @@ struct Accepted<'a> {
 )]
 pub async fn upload_images(
     caller: Caller,
+    permit: BodyPermit,
     req: HttpRequest,
     payload: web::Payload,
     limits: web::Data<UploadLimits>,
@@ -117,11 +119,15 @@ pub async fn upload_images(
     let callback = upload.callback_url.as_deref().map(|raw| CallbackUrl::parse(raw, **policy)).transpose()?;
     let limits = **limits;
     // Header parsing copies and scans the files: keep it off the HTTP thread.
-    let tasks = web::block(move || inspect(upload, &limits))
-        .await
-        .map_err(|_| ImageError::new(500, "internal_error", "the upload could not be checked"))??;
+    let held = permit.clone();
+    let tasks = web::block(move || {
+        let _held = held;
+        inspect(upload, &limits)
+    })
+    .await
+    .map_err(|_| ImageError::new(500, "internal_error", "the upload could not be checked"))??;
     let payloads = tasks.into_iter().map(JobPayload::Image).collect();
-    let submitted = submit(&req, caller, payloads, callback, &store, &dispatcher).await?;
+    let submitted = submit(&req, caller, &permit, payloads, callback, &store, &dispatcher).await?;
     let mut res = HttpResponse::Accepted();
     if submitted.replayed {
         res.insert_header((REPLAYED, "true"));

@@ -24,7 +24,7 @@ use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
 use actix_web::{guard, web, HttpRequest, HttpResponse};
 
 pub use analytics::AnalyticsLimits;
-pub use deadline::{body_budget, body_deadline, BodyBudget, BodyTimeout};
+pub use deadline::{body_deadline, BodyBudget, BodyPermit, BodyTimeout};
 pub use errors::ApiError;
 pub use images::UploadLimits;
 

@@ -9,6 +9,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use super::openapi::{Document, ErrorResponse, Job};
 use super::submit::{submit, REPLAYED};
 use super::ApiError;
+use super::BodyPermit;
 use crate::access::Caller;
 use crate::dispatch::Dispatcher;
 use crate::domain::callback::{CallbackPolicy, CallbackUrl};
@@ -42,6 +43,7 @@ use crate::workers::pdf::layout;
 )]
 pub async fn generate_pdf(
     caller: Caller,
+    permit: BodyPermit,
     req: HttpRequest,
     body: web::Json<Object<PdfRequest>>,
     limits: web::Data<SpecLimits>,
@@ -55,7 +57,7 @@ pub async fn generate_pdf(
     // A document that cannot fit what one PDF may render is refused now, not after a worker
     // spent seconds and hundreds of MiB on it (one pass over the text).
     layout::check_budget(&spec, limits.render).map_err(|message| SpecError { code: "document_too_large", message })?;
-    let submitted = submit(&req, caller, vec![JobPayload::Pdf(spec)], callback, &store, &dispatcher).await?;
+    let submitted = submit(&req, caller, &permit, vec![JobPayload::Pdf(spec)], callback, &store, &dispatcher).await?;
     let job = submitted.jobs.first().ok_or(ApiError::JobNotFound)?;
     let mut res = HttpResponse::Accepted();
     res.insert_header((header::LOCATION, format!("/jobs/{}", job.id)));

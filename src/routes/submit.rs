@@ -8,6 +8,7 @@ use actix_web::{web, HttpRequest};
 use sha2::{Digest, Sha256};
 
 use super::ApiError;
+use super::BodyPermit;
 use crate::access::Caller;
 use crate::dispatch::{Dispatcher, Submit, Submitted};
 use crate::domain::callback::CallbackUrl;
@@ -60,6 +61,7 @@ fn fingerprint(records: &[PayloadRecord], kinds: &[&str], callback: Option<&Call
 pub async fn submit(
     req: &HttpRequest,
     caller: Caller,
+    permit: &BodyPermit,
     payloads: Vec<JobPayload>,
     callback: Option<CallbackUrl>,
     store: &Arc<dyn JobStore>,
@@ -82,8 +84,9 @@ pub async fn submit(
         Some(key) => {
             // Hashing an upload's bytes and reading the store: off the event loop.
             let kinds: Vec<&'static str> = payloads.iter().map(|p| p.kind().as_str()).collect();
-            let (store, callback) = (store.clone(), callback.clone());
+            let (store, callback, held) = (store.clone(), callback.clone(), permit.clone());
             let (records, key, known) = web::block(move || {
+                let _held = held;
                 let key = IdempotencyKey { key, fingerprint: fingerprint(&records, &kinds, callback.as_ref()) };
                 let known = store.replay(&key);
                 (records, key, known)

@@ -93,6 +93,22 @@ async fn a_late_subscriber_gets_the_final_state_at_once() {
     assert!(started.elapsed() < Duration::from_millis(500));
 }
 
+/// The body deadline is for request bodies: a WebSocket outlives it (after the upgrade the
+/// "body" is the socket).
+#[actix_web::test]
+async fn a_websocket_outlives_the_body_timeout() {
+    let mut s = settings();
+    s.body_timeout = duration(Duration::from_millis(300));
+    let app = spawn_app_with(s).await;
+    let mut socket = open(&app).await;
+    // Longer than the body timeout, on purpose: what is tested is the passing of time.
+    actix_rt::time::sleep(Duration::from_millis(900)).await;
+    let job = app.submit_pdf(&json!({"title": "late"})).await;
+    send(&mut socket, json!({"subscribe": [id_of(&job)]})).await;
+    let events = follow_to_end(&mut socket, id_of(&job)).await;
+    assert_eq!(events.last().unwrap()["status"], "succeeded");
+}
+
 #[actix_web::test]
 async fn a_frame_of_12000_bad_ids_gets_one_error_frame_listing_them() {
     let app = spawn_app().await;
