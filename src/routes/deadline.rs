@@ -192,7 +192,8 @@ mod tests {
         use actix_web::test::TestRequest;
         let budget = BodyBudget::new(1 << 30, 1000, 5000);
         // (path, headers, cost)
-        let cases: [(&str, &[(&str, &str)], usize); 7] = [
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], usize);
+        let cases: [Case; 7] = [
             ("/generate-pdf", &[("content-length", "100")], 100 * JSON_FACTOR),
             ("/generate-pdf", &[("content-length", "999999")], 1000 * JSON_FACTOR),
             ("/generate-pdf", &[("transfer-encoding", "chunked")], 1000 * JSON_FACTOR),

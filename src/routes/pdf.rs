@@ -41,6 +41,8 @@ use crate::workers::pdf::layout;
         (status = 503, description = "Overloaded, draining or the store cannot write: retry after `Retry-After` seconds", body = ErrorResponse, headers(("Retry-After" = u64, description = "Seconds to wait"))),
     )
 )]
+// One extractor per concern (key, body budget, limits, store, Dispatcher).
+#[allow(clippy::too_many_arguments)]
 pub async fn generate_pdf(
     caller: Caller,
     permit: BodyPermit,
