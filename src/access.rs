@@ -166,13 +166,16 @@ impl Caller {
         let Some(keys) = req.app_data::<web::Data<Access>>().and_then(|a| a.keys.clone()) else {
             return Ok(Caller::Open);
         };
-        let mut presented = None;
-        if let Some(value) = req.headers().get(header::AUTHORIZATION) {
-            presented = Some(bearer(value).ok_or(Unauthorized::Malformed)?);
-        } else if query {
-            presented = access_token(req.query_string());
-        }
-        let presented = presented.ok_or(Unauthorized::Missing)?;
+        let header = req.headers().get(header::AUTHORIZATION);
+        let presented = match (header.map(bearer), query) {
+            (Some(Some(token)), _) => token,
+            // On the WebSocket a browser may carry other credentials (Basic, behind a proxy):
+            // the key is then in the query.
+            (Some(None), true) => access_token(req.query_string()).ok_or(Unauthorized::Malformed)?,
+            (Some(None), false) => return Err(Unauthorized::Malformed),
+            (None, true) => access_token(req.query_string()).ok_or(Unauthorized::Missing)?,
+            (None, false) => return Err(Unauthorized::Missing),
+        };
         keys.identify(presented.as_bytes()).map(Caller::Key).ok_or(Unauthorized::Wrong)
     }
 }
@@ -319,6 +322,8 @@ mod tests {
             (None, format!("/ws?access_token={A}"), true, Ok(Caller::Key(owner))),
             (None, format!("/ws?access_token={A}"), false, Err("missing")),
             (None, format!("/ws?access_token={B}"), true, Err("wrong")),
+            (Some("Basic dXNlcjpwYXNz".into()), format!("/ws?access_token={A}"), true, Ok(Caller::Key(owner))),
+            (Some("Basic dXNlcjpwYXNz".into()), "/ws".into(), true, Err("malformed")),
         ];
         for (auth, uri, query, want) in cases {
             let got = Caller::identify(&req(auth.clone(), &uri), query).map_err(|e| match e {

@@ -348,7 +348,7 @@ impl Settings {
     }
 
     pub fn pdf_budget(&self) -> crate::domain::pdf::RenderBudget {
-        crate::domain::pdf::RenderBudget { max_pages: self.max_pdf_pages.max(1), max_lines: self.max_pdf_lines }
+        crate::domain::pdf::RenderBudget { max_pages: self.max_pdf_pages.max(1), max_lines: self.max_pdf_lines.max(1) }
     }
 
     pub fn body_timeout(&self) -> Duration {

@@ -577,31 +577,85 @@ pub fn check_gif_frames(bytes: &[u8], field: &str, max_pixels: u64) -> Result<()
     Ok(())
 }
 
-/// Checks the size of every page of a TIFF against the pixel limit, reading only the image
-/// directories (no pixel data): only the first page is decoded, but a file whose later pages are
-/// huge is not one to accept. At most [`MAX_FRAMES`] pages.
+/// Checks the size of every page of a TIFF against the pixel limit, by walking the image
+/// directories by hand: only the width and length tags are read (no strip tables, no pixel data,
+/// nothing about features of pages that are never decoded), every directory once, at most
+/// [`MAX_FRAMES`] pages and a million entries in all. Only the first page is decoded, but a file
+/// whose later pages are huge is not one to accept. Classic and BigTIFF.
 pub fn check_tiff_pages(bytes: &[u8], field: &str, max_pixels: u64) -> Result<(), ImageError> {
-    let invalid =
-        |e: tiff::TiffError| ImageError::new(422, "invalid_image", format!("{field}: the TIFF cannot be read: {e}"));
-    let mut limits = tiff::decoder::Limits::default();
-    limits.ifd_value_size = 1 << 20;
-    let mut decoder = tiff::decoder::Decoder::new(Cursor::new(bytes)).map_err(invalid)?.with_limits(limits);
-    for page in 0.. {
-        let (w, h) = decoder.dimensions().map_err(invalid)?;
-        if u64::from(w) * u64::from(h) > max_pixels {
-            return Err(ImageError::new(
-                422,
-                "image_too_large",
-                format!("{field}: page {page} is {w}x{h}, over the {max_pixels} pixel limit"),
-            ));
+    const MAX_ENTRIES: u64 = 1_000_000;
+    let invalid = |m: &str| ImageError::new(422, "invalid_image", format!("{field}: the TIFF cannot be read: {m}"));
+    let cut = || invalid("a directory points past the end of the file");
+    let le = match bytes.get(..2) {
+        Some(b"II") => true,
+        Some(b"MM") => false,
+        _ => return Err(invalid("no byte order mark")),
+    };
+    let read = |at: u64, n: usize| -> Option<u64> {
+        let at = usize::try_from(at).ok()?;
+        let raw = bytes.get(at..at.checked_add(n)?)?;
+        let mut value = 0u64;
+        for i in 0..n {
+            let byte = if le { raw[n - 1 - i] } else { raw[i] };
+            value = value << 8 | u64::from(byte);
         }
-        if !decoder.more_images() {
-            break;
-        }
-        if page + 1 >= MAX_FRAMES {
+        Some(value)
+    };
+    let big = match read(2, 2) {
+        Some(42) => false,
+        Some(43) => true,
+        _ => return Err(invalid("not a TIFF version this reads")),
+    };
+    // (bytes of the entry count, of an entry, of an offset; where an entry's value is)
+    let (count_len, entry_len, offset_len, value_at) = if big { (8, 20u64, 8, 12) } else { (2, 12u64, 4, 8) };
+    let mut next = read(if big { 8 } else { 4 }, offset_len).ok_or_else(cut)?;
+    let mut seen = std::collections::HashSet::new();
+    let mut entries_seen = 0u64;
+    let mut page = 0usize;
+    while next != 0 {
+        if page >= MAX_FRAMES {
             return Err(ImageError::new(422, "invalid_image", format!("{field}: more than {MAX_FRAMES} pages")));
         }
-        decoder.next_image().map_err(invalid)?;
+        if !seen.insert(next) {
+            return Err(invalid("its image directories form a loop"));
+        }
+        let count = read(next, count_len).ok_or_else(cut)?;
+        entries_seen = entries_seen.saturating_add(count);
+        if entries_seen > MAX_ENTRIES {
+            return Err(invalid("too many directory entries"));
+        }
+        let first = next.saturating_add(count_len as u64);
+        let (mut width, mut length) = (None, None);
+        for i in 0..count {
+            let entry = first.saturating_add(i * entry_len);
+            let tag = read(entry, 2).ok_or_else(cut)?;
+            let at = |offset: u64| entry.saturating_add(offset);
+            if tag != 256 && tag != 257 {
+                continue;
+            }
+            let value = match read(at(2), 2).ok_or_else(cut)? {
+                3 => read(at(value_at), 2),
+                4 => read(at(value_at), 4),
+                16 => read(at(value_at), 8),
+                _ => None,
+            };
+            if tag == 256 {
+                width = value
+            } else {
+                length = value
+            }
+        }
+        if let (Some(w), Some(h)) = (width, length) {
+            if w.saturating_mul(h) > max_pixels {
+                return Err(ImageError::new(
+                    422,
+                    "image_too_large",
+                    format!("{field}: page {page} is {w}x{h}, over the {max_pixels} pixel limit"),
+                ));
+            }
+        }
+        next = read(first.saturating_add(count.saturating_mul(entry_len)), offset_len).ok_or_else(cut)?;
+        page += 1;
     }
     Ok(())
 }
@@ -640,7 +694,10 @@ pub fn check_webp_frames(bytes: &[u8], field: &str, canvas: (u32, u32)) -> Resul
             }
         }
         // Chunks are padded to an even size.
-        at = at.saturating_add(8).saturating_add(size).saturating_add(size & 1);
+        match at.checked_add(8).and_then(|a| a.checked_add(size)).and_then(|a| a.checked_add(size & 1)) {
+            Some(next) => at = next,
+            None => break,
+        }
     }
     Ok(())
 }
@@ -868,6 +925,54 @@ mod tests {
         assert_eq!(check_webp_frames(&short, "f", (1, 1)).unwrap_err().code, "invalid_image");
         for harmless in [riff(b"JUNK\xff\xff\xff\xff"), riff(b"ANM"), riff(b""), b"RIFF".to_vec()] {
             assert!(check_webp_frames(&harmless, "f", (1, 1)).is_ok(), "{harmless:?}");
+        }
+    }
+
+    /// A classic TIFF header and directories, little or big endian: each page (width, length,
+    /// where its next directory is: `None` for the end, `Some(n)` for directory n).
+    fn tiff(le: bool, pages: &[(u32, u32, Option<usize>)]) -> Vec<u8> {
+        let u16b = |v: u16| if le { v.to_le_bytes() } else { v.to_be_bytes() };
+        let u32b = |v: u32| if le { v.to_le_bytes() } else { v.to_be_bytes() };
+        let dir = |n: usize| 8 + n * (2 + 2 * 12 + 4);
+        let mut t = if le { b"II".to_vec() } else { b"MM".to_vec() };
+        t.extend(u16b(42));
+        t.extend(u32b(8));
+        for &(w, h, next) in pages {
+            t.extend(u16b(2));
+            for (tag, value) in [(256u16, w), (257, h)] {
+                t.extend(u16b(tag));
+                t.extend(u16b(4));
+                t.extend(u32b(1));
+                t.extend(u32b(value));
+            }
+            t.extend(u32b(next.map_or(0, |n| dir(n) as u32)));
+        }
+        t
+    }
+
+    #[test]
+    fn tiff_pages_are_read_from_their_directories_and_bad_ones_refused() {
+        // (file, the error code or None when it passes)
+        let cases: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
+            ("two small pages", tiff(true, &[(10, 10, Some(1)), (20, 20, None)]), None),
+            ("big endian", tiff(false, &[(10, 10, Some(1)), (20, 20, None)]), None),
+            ("a huge second page", tiff(true, &[(1, 1, Some(1)), (12_000, 12_000, None)]), Some("image_too_large")),
+            ("a loop", tiff(true, &[(1, 1, Some(1)), (1, 1, Some(0))]), Some("invalid_image")),
+            ("cut short", tiff(true, &[(1, 1, Some(1))]), Some("invalid_image")),
+            (
+                "far offset",
+                {
+                    let mut t = tiff(true, &[(1, 1, None)]);
+                    t[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+                    t
+                },
+                Some("invalid_image"),
+            ),
+            ("not a TIFF", b"IIxx\0\0\0\0".to_vec(), Some("invalid_image")),
+        ];
+        for (name, bytes, want) in cases {
+            let got = check_tiff_pages(&bytes, "f", 50_000_000).err().map(|e| e.code);
+            assert_eq!(got, want, "{name}");
         }
     }
 }

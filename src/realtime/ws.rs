@@ -247,6 +247,7 @@ async fn handle_frame(
     if following.len() + new.len() > settings.max_subscriptions {
         let message = format!("a connection may follow at most {} jobs", settings.max_subscriptions);
         replies.push(error_frame("too_many_subscriptions", &message, None));
+        replies.extend(unknown.frame());
         return replies;
     }
     let (hub, store, outbox, caller) = (follow.hub.clone(), follow.store.clone(), outbox.clone(), follow.caller);

@@ -105,7 +105,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, json_limit: usize, static_dir: &P
         for &verb in verbs {
             resource = resource.route(handler(path, verb));
         }
-        let allow = allow_header(path, verbs);
+        let allow = allow_header(path);
         cfg.service(resource.default_service(web::to(move || not_allowed(allow))));
     }
     cfg.service(
@@ -118,16 +118,25 @@ pub fn configure(cfg: &mut web::ServiceConfig, json_limit: usize, static_dir: &P
 }
 
 /// The `Allow` header of a route: its methods, HEAD with GET (but not on the WebSocket).
-fn allow_header(path: &str, verbs: &[Verb]) -> &'static str {
-    let mut names = Vec::new();
-    for verb in verbs {
-        names.push(verb.as_str());
-        if *verb == Verb::Get && path != "/ws" {
-            names.push("HEAD");
-        }
-    }
-    // Built once per route at start; leaked so every 405 can borrow it.
-    Box::leak(names.join(", ").into_boxed_str())
+fn allow_header(path: &str) -> &'static str {
+    static ALLOWS: std::sync::OnceLock<Vec<(&'static str, &'static str)>> = std::sync::OnceLock::new();
+    let allows = ALLOWS.get_or_init(|| {
+        ROUTES
+            .iter()
+            .map(|&(path, verbs)| {
+                let mut names = Vec::new();
+                for verb in verbs {
+                    names.push(verb.as_str());
+                    if *verb == Verb::Get && path != "/ws" {
+                        names.push("HEAD");
+                    }
+                }
+                // Built once per process (not per HTTP worker), so a leak of a few bytes each.
+                (path, &*Box::leak(names.join(", ").into_boxed_str()))
+            })
+            .collect()
+    });
+    allows.iter().find(|(p, _)| *p == path).map_or("GET", |(_, allow)| allow)
 }
 
 /// A GET route that answers HEAD the same way (without the body, as HTTP wants).

@@ -415,5 +415,5 @@ fn camel_case_links(value: &mut Value) {
     )
 )]
 pub async fn document(_caller: crate::access::Caller) -> HttpResponse {
-    HttpResponse::Ok().insert_header(("cache-control", "public, max-age=300")).json(spec())
+    HttpResponse::Ok().insert_header(("cache-control", "private, max-age=300")).json(spec())
 }

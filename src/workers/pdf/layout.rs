@@ -112,14 +112,17 @@ pub fn at_least(spec: &DocumentSpec) -> (usize, usize) {
         lines += hard_lines(p);
         height += (p.bytes().filter(|&b| b == b'\n').count() + 1) as f32 * BODY.line_height;
     }
-    let mut header_cells = 0;
+    let page = content_height(spec.page_size);
     if let Some(t) = &spec.table {
-        header_cells = t.columns.iter().filter(|c| !blank(c)).count();
-        lines += t.rows.iter().flatten().filter(|c| !blank(c)).count();
-        height += (t.rows.len() + 1) as f32 * (CELL.line_height + 2.0 * CELL_PAD_Y);
+        let table_height = (t.rows.len() + 1) as f32 * (CELL.line_height + 2.0 * CELL_PAD_Y);
+        // The header is repeated on every page the table covers: at least this many.
+        let table_pages = ((table_height / page).ceil() as usize).max(1);
+        let header_cells = t.columns.iter().filter(|c| !blank(c)).count();
+        lines += t.rows.iter().flatten().filter(|c| !blank(c)).count() + header_cells * table_pages;
+        height += table_height;
     }
-    let pages = ((height / content_height(spec.page_size)).ceil() as usize).max(1);
-    (pages, lines + header_cells * pages)
+    let pages = ((height / page).ceil() as usize).max(1);
+    (pages, lines)
 }
 
 /// Refuses a document that cannot fit `budget` (see [`at_least`]), naming the limit.
@@ -537,12 +540,17 @@ mod tests {
         empty_rows.table = Some(Table { columns: vec!["c".into(); 50], rows: vec![vec![]; 3000] });
         let mut letter = spec_with_rows(700);
         letter.page_size = PageSize::Letter;
+        // Many pages of paragraphs before a wide table: its header repeats only where it runs.
+        let mut late_table = DocumentSpec::titled("t");
+        late_table.paragraphs = vec!["x\n".repeat(3000)];
+        late_table.table = Some(Table { columns: vec!["c".into(); 50], rows: vec![vec!["1".into(); 50]; 100] });
         // (spec, whether the page floor must be close: wrapping is not foreseen, rows are)
         for (spec, close) in [
             (spec_with_rows(40), true),
             (spec_with_rows(2000), true),
             (paragraphs, false),
             (empty_rows, true),
+            (late_table, true),
             (letter, true),
         ] {
             let done = layout::<()>(&spec, BUDGET, || Ok(())).unwrap();
