@@ -15,6 +15,7 @@
 //! Progress is kept in memory only: it is not worth a write.
 
 pub mod memory;
+pub mod postgres;
 pub mod sqlite;
 
 use std::time::{Duration, SystemTime};

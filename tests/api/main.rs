@@ -10,6 +10,8 @@ mod keys;
 mod metrics;
 mod openapi;
 mod pdf;
+mod pg;
+mod postgres;
 mod process;
 mod reliability;
 mod shutdown;

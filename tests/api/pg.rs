@@ -1,0 +1,161 @@
+//! A real PostgreSQL server for the tests that need one: Debian's server binaries, a throwaway
+//! cluster in a temporary directory on a free port, started once per test process (as the
+//! `postgres` user when the tests run as root), stopped when the process exits; each test gets a
+//! database of its own.
+
+use std::os::unix::fs::chown;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The cluster of this test process.
+pub struct Postgres {
+    pub port: u16,
+}
+
+/// The server binaries (`initdb`, `postgres`) of the newest installed PostgreSQL.
+fn bin_dir() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL's server is installed (scripts/test.sh installs it: apt-get install postgresql)")
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("postgres").exists())
+        .collect();
+    versions.sort();
+    versions.pop().expect("a PostgreSQL server under /usr/lib/postgresql/*/bin")
+}
+
+/// Runs as the `postgres` user when the tests run as root (the server refuses to run as root).
+fn as_server_user(command: &mut Command) -> &mut Command {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let (uid, gid) = postgres_ids();
+        command.uid(uid).gid(gid);
+    }
+    command
+}
+
+fn postgres_ids() -> (u32, u32) {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let line = passwd.lines().find(|l| l.starts_with("postgres:")).expect("a postgres user (the package creates it)");
+    let fields: Vec<&str> = line.split(':').collect();
+    (fields[2].parse().unwrap(), fields[3].parse().unwrap())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Postgres {
+    /// The process's cluster, started on first use.
+    pub fn get() -> &'static Postgres {
+        static CLUSTER: OnceLock<Postgres> = OnceLock::new();
+        CLUSTER.get_or_init(Postgres::start)
+    }
+
+    fn start() -> Postgres {
+        let bin = bin_dir();
+        // Under the system temp directory (the server user must be able to reach it); clusters
+        // of earlier test processes that are gone are removed.
+        for entry in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let gone = name
+                .strip_prefix("offload-pg-")
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+            if gone {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("offload-pg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let (uid, gid) = postgres_ids();
+            chown(&dir, Some(uid), Some(gid)).unwrap();
+        }
+        let data = dir.join("data");
+        let init = as_server_user(Command::new(bin.join("initdb")).arg("-D").arg(&data))
+            .args(["-A", "trust", "-U", "postgres", "--no-sync"])
+            .stdout(Stdio::null())
+            .output()
+            .expect("run initdb");
+        assert!(init.status.success(), "initdb: {}", String::from_utf8_lossy(&init.stderr));
+        let port = free_port();
+        let server_dir = dir.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // A thread of its own spawns the server and lives as long as the process: the server is
+        // told to quit (SIGQUIT, an immediate shutdown) when the thread that spawned it ends.
+        std::thread::spawn(move || {
+            let mut command = Command::new(bin.join("postgres"));
+            command
+                .arg("-D")
+                .arg(server_dir.join("data"))
+                .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+                .args(["-c", "max_connections=300", "-c", "shared_buffers=64MB"])
+                .arg("-k")
+                .arg(&server_dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(std::fs::File::create(server_dir.join("log")).unwrap()));
+            as_server_user(&mut command);
+            // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                command.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT as libc::c_ulong);
+                    Ok(())
+                });
+            }
+            let mut child = command.spawn().expect("start postgres");
+            tx.send(()).unwrap();
+            let _ = child.wait();
+        });
+        rx.recv().unwrap();
+        let cluster = Postgres { port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "postgres did not listen:\n{}", log(&dir));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        cluster
+    }
+
+    /// A URL of a new, empty database of this cluster.
+    pub async fn fresh_database(&self) -> String {
+        let name = format!("t_{:032x}", rand::random::<u128>());
+        let admin = self.connect(&self.url("postgres")).await;
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create a database");
+        self.url(&name)
+    }
+
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// A client of `url`, its connection driven on the current runtime.
+    pub async fn connect(&self, url: &str) -> tokio_postgres::Client {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match tokio_postgres::connect(url, tokio_postgres::NoTls).await {
+                Ok((client, connection)) => {
+                    actix_rt::spawn(async move {
+                        let _ = connection.await;
+                    });
+                    return client;
+                }
+                // The server accepts TCP a moment before it accepts sessions.
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    actix_rt::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("connect to {url}: {e}"),
+            }
+        }
+    }
+}
+
+fn log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("log")).unwrap_or_default()
+}
