@@ -39,6 +39,8 @@ pub enum StoreKind {
     Sqlite,
     /// Process memory: nothing survives the process (throwaway runs, benchmarks).
     Memory,
+    /// A PostgreSQL database (`--database-url`) shared by several instances: one service.
+    Postgres,
 }
 
 pub use crate::store::SyncMode;
@@ -314,6 +316,16 @@ pub struct Settings {
     #[arg(long, env = "OFFLOAD_ALLOW_PRIVATE_WEBHOOKS")]
     pub allow_private_webhooks: bool,
 
+    /// `--store postgres`: the database, e.g. `postgres://user:pass@host:5432/offload` (falls
+    /// back to `DATABASE_URL`).
+    #[arg(long, env = "OFFLOAD_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<Secret>,
+
+    /// `--store postgres`: how long an instance holds a job without renewing its lease (renewed
+    /// every third of it); past it another instance runs the job again.
+    #[arg(long, env = "OFFLOAD_LEASE", default_value = "30s")]
+    pub lease: humantime::Duration,
+
     /// API keys, `KEY[,KEY…]` or `@path` (a file, one key a line): every API route then needs
     /// `Authorization: Bearer KEY`, and each key sees only the jobs it submitted. Without keys
     /// the service is open. A key is 16–256 visible ASCII characters.
@@ -349,6 +361,11 @@ impl Settings {
 
     pub fn pdf_budget(&self) -> crate::domain::pdf::RenderBudget {
         crate::domain::pdf::RenderBudget { max_pages: self.max_pdf_pages.max(1), max_lines: self.max_pdf_lines.max(1) }
+    }
+
+    /// `--database-url`, else `DATABASE_URL`.
+    pub fn database_url(&self) -> Option<String> {
+        self.database_url.as_ref().map(|s| s.expose().to_string()).or_else(|| std::env::var("DATABASE_URL").ok())
     }
 
     pub fn body_timeout(&self) -> Duration {

@@ -163,6 +163,18 @@ fn open_store(settings: &Settings, metrics: Arc<Metrics>) -> std::io::Result<Arc
             result_bytes: settings.result_memory.bytes(),
             finished_jobs: settings.max_finished_jobs,
         })),
+        StoreKind::Postgres => {
+            let url = settings.database_url().ok_or_else(|| {
+                std::io::Error::other("--store postgres needs --database-url (or OFFLOAD_DATABASE_URL, DATABASE_URL)")
+            })?;
+            let options = crate::store::PgOptions {
+                url,
+                lease: settings.lease.into(),
+                max_attempts: settings.max_attempts,
+                ttl: settings.result_ttl(),
+            };
+            Arc::new(crate::store::PgStore::open(&options).map_err(std::io::Error::other)?)
+        }
         StoreKind::Sqlite => {
             let options = SqliteOptions {
                 dir: settings.data_dir.clone(),

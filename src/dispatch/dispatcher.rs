@@ -604,8 +604,62 @@ impl Actor for Dispatcher {
             // A safety net: claims resume by themselves whatever stopped them.
             this.pump_all(ctx);
         });
+        // What a shared store learns of other instances: work to claim, cancels, changes.
+        let events = RemoteEvents { dispatcher: ctx.address(), hub: self.observers.hub.clone() };
+        self.store.set_events(Arc::new(events));
         // Jobs recovered from the store run at once.
         self.pump_all(ctx);
+    }
+}
+
+/// What other instances did, from a shared store: pumps woken, local runs of jobs cancelled
+/// elsewhere stopped, changes published to this instance's followers.
+struct RemoteEvents {
+    dispatcher: Addr<Dispatcher>,
+    hub: Arc<crate::realtime::Hub>,
+}
+
+impl crate::store::StoreEvents for RemoteEvents {
+    fn claimable(&self) {
+        self.dispatcher.do_send(Wake);
+    }
+
+    fn cancelled(&self, id: JobId) {
+        self.dispatcher.do_send(StopRun(id));
+    }
+
+    fn changed(&self, job: Job) {
+        self.hub.publish(&job);
+    }
+}
+
+/// The store has claimable work this Dispatcher did not submit.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Wake;
+
+impl Handler<Wake> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, _: Wake, ctx: &mut Context<Self>) {
+        self.pump_all(ctx);
+    }
+}
+
+/// A job was cancelled by another instance: its run here stops at its next checkpoint (its end is
+/// then refused by the store, which already holds the cancel).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct StopRun(JobId);
+
+impl Handler<StopRun> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, StopRun(id): StopRun, _: &mut Context<Self>) {
+        if let Some(running) = self.running.get(&id) {
+            tracing::info!(job = %id, "job cancelled on another instance: stopping its run here");
+            running.control.interrupt(Interrupt::Cancelled);
+        }
     }
 }
 

@@ -29,6 +29,7 @@ use crate::error::ErrorBody;
 use crate::job::{Job, JobId, JobKind, JobStatus, Owner, ResultMeta};
 
 pub use memory::MemoryStore;
+pub use postgres::{PgOptions, PgStore};
 pub use sqlite::{SqliteOptions, SqliteStore, SyncMode};
 
 /// A write that resolves once it is committed.
@@ -237,6 +238,10 @@ pub trait JobStore: Send + Sync + 'static {
     /// Webhooks owed from before this start (a durable store after a crash).
     fn owed_webhooks(&self) -> Result<Vec<OwedWebhook>, StoreError>;
 
+    /// Where a store shared with other processes reports what happened elsewhere. Stores alone
+    /// on their data have nothing to report.
+    fn set_events(&self, _events: std::sync::Arc<dyn StoreEvents>) {}
+
     /// What worker threads call right before a job runs (a durable store notes the start so that
     /// a run that takes the process down is counted as an attempt); `None` if nothing is needed.
     fn start_hook(&self) -> Option<crate::workers::StartHook> {
@@ -266,6 +271,16 @@ pub trait JobStore: Send + Sync + 'static {
     fn counts(&self, owner: Owner) -> Result<StatusCounts, StoreError>;
     /// `Err` while writes fail (disk full, I/O errors); clears once a write succeeds again.
     fn health(&self) -> Result<(), StoreError>;
+}
+
+/// What another process did, as a shared store learns it (PostgreSQL's LISTEN/NOTIFY).
+pub trait StoreEvents: Send + Sync {
+    /// Work this process did not submit became claimable (submitted elsewhere, or rescued).
+    fn claimable(&self);
+    /// A job was cancelled elsewhere: if it runs here, stop it.
+    fn cancelled(&self, id: JobId);
+    /// A job changed elsewhere: its new state, for the WebSocket followers here.
+    fn changed(&self, job: Job);
 }
 
 /// The error a run gets when the process died under it too often.

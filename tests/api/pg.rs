@@ -10,9 +10,13 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// The cluster of this test process.
+/// A cluster: the one shared by this test process ([`Postgres::get`]), or one of a test's own
+/// ([`Postgres::own`], which it may stop and start again).
 pub struct Postgres {
     pub port: u16,
+    dir: PathBuf,
+    /// The server of an own cluster (a shared one lives in a thread of its own).
+    child: std::sync::Mutex<Option<std::process::Child>>,
 }
 
 /// The server binaries (`initdb`, `postgres`) of the newest installed PostgreSQL.
@@ -56,6 +60,56 @@ impl Postgres {
     }
 
     fn start() -> Postgres {
+        let (dir, port) = Self::init();
+        let server_dir = dir.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // A thread of its own spawns the server and lives as long as the process: the server is
+        // told to quit (SIGQUIT, an immediate shutdown) when the thread that spawned it ends.
+        std::thread::spawn(move || {
+            let mut child = server(&server_dir, port).spawn().expect("start postgres");
+            tx.send(()).unwrap();
+            let _ = child.wait();
+        });
+        rx.recv().unwrap();
+        let cluster = Postgres { port, dir, child: std::sync::Mutex::new(None) };
+        cluster.wait_listening();
+        cluster
+    }
+
+    /// A cluster of the calling test alone (stopped when the test's thread ends).
+    pub fn own() -> Postgres {
+        let (dir, port) = Self::init();
+        let cluster = Postgres { port, dir, child: std::sync::Mutex::new(None) };
+        cluster.start_again();
+        cluster
+    }
+
+    /// Stops an own cluster at once (as a crash or a lost host would).
+    pub fn stop(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            // SAFETY: kill with a valid pid and signal.
+            unsafe { libc::kill(child.id() as i32, libc::SIGQUIT) };
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts an own cluster again, on the same port and data.
+    pub fn start_again(&self) {
+        let child = server(&self.dir, self.port).spawn().expect("start postgres");
+        *self.child.lock().unwrap() = Some(child);
+        self.wait_listening();
+    }
+
+    fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "postgres did not listen:\n{}", log(&self.dir));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A new cluster directory, initialized; and a free port for it.
+    fn init() -> (PathBuf, u16) {
         let bin = bin_dir();
         // Under the system temp directory (the server user must be able to reach it); clusters
         // of earlier test processes that are gone are removed.
@@ -63,63 +117,27 @@ impl Postgres {
             let name = entry.file_name().to_string_lossy().into_owned();
             let gone = name
                 .strip_prefix("offload-pg-")
+                .and_then(|rest| rest.split('-').next())
                 .and_then(|pid| pid.parse::<u32>().ok())
                 .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
             if gone {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
-        let dir = std::env::temp_dir().join(format!("offload-pg-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = std::env::temp_dir().join(format!("offload-pg-{}-{:08x}", std::process::id(), rand::random::<u32>()));
         std::fs::create_dir_all(&dir).unwrap();
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
             let (uid, gid) = postgres_ids();
             chown(&dir, Some(uid), Some(gid)).unwrap();
         }
-        let data = dir.join("data");
-        let init = as_server_user(Command::new(bin.join("initdb")).arg("-D").arg(&data))
+        let init = as_server_user(Command::new(bin.join("initdb")).arg("-D").arg(dir.join("data")))
             .args(["-A", "trust", "-U", "postgres", "--no-sync"])
             .stdout(Stdio::null())
             .output()
             .expect("run initdb");
         assert!(init.status.success(), "initdb: {}", String::from_utf8_lossy(&init.stderr));
-        let port = free_port();
-        let server_dir = dir.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        // A thread of its own spawns the server and lives as long as the process: the server is
-        // told to quit (SIGQUIT, an immediate shutdown) when the thread that spawned it ends.
-        std::thread::spawn(move || {
-            let mut command = Command::new(bin.join("postgres"));
-            command
-                .arg("-D")
-                .arg(server_dir.join("data"))
-                .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
-                .args(["-c", "max_connections=300", "-c", "shared_buffers=64MB"])
-                .arg("-k")
-                .arg(&server_dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::from(std::fs::File::create(server_dir.join("log")).unwrap()));
-            as_server_user(&mut command);
-            // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-            unsafe {
-                command.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT as libc::c_ulong);
-                    Ok(())
-                });
-            }
-            let mut child = command.spawn().expect("start postgres");
-            tx.send(()).unwrap();
-            let _ = child.wait();
-        });
-        rx.recv().unwrap();
-        let cluster = Postgres { port };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "postgres did not listen:\n{}", log(&dir));
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        cluster
+        (dir, free_port())
     }
 
     /// A URL of a new, empty database of this cluster.
@@ -153,6 +171,36 @@ impl Postgres {
                 Err(e) => panic!("connect to {url}: {e}"),
             }
         }
+    }
+}
+
+/// The server command of the cluster in `dir`: told to quit (SIGQUIT) when the thread that
+/// spawns it ends.
+fn server(dir: &Path, port: u16) -> Command {
+    let mut command = Command::new(bin_dir().join("postgres"));
+    command
+        .arg("-D")
+        .arg(dir.join("data"))
+        .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+        .args(["-c", "max_connections=300", "-c", "shared_buffers=64MB"])
+        .arg("-k")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("log")).unwrap()));
+    as_server_user(&mut command);
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT as libc::c_ulong);
+            Ok(())
+        });
+    }
+    command
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

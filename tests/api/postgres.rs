@@ -1,7 +1,12 @@
 //! The PostgreSQL store, against a real server (the store itself is being built: issue 12).
 
-use offload::store::postgres::schema::{migrate, version, SCHEMA_VERSION};
+use std::time::Duration;
 
+use offload::configuration::StoreKind;
+use offload::store::postgres::schema::{migrate, version, SCHEMA_VERSION};
+use serde_json::json;
+
+use crate::helpers::{duration, id_of, report, settings, spawn_app_with, TestApp};
 use crate::pg::Postgres;
 
 #[actix_web::test]
@@ -41,4 +46,285 @@ async fn a_database_from_a_newer_release_is_refused() {
     let err = migrate(&mut client).await.unwrap_err();
     assert!(err.contains("newer than this binary"), "{err}");
     assert_eq!(version(&client).await.unwrap(), SCHEMA_VERSION + 1, "left as it was");
+}
+
+/// An in-process instance on `url`.
+async fn instance(url: &str, lease: Duration) -> TestApp {
+    let mut s = settings();
+    s.store = StoreKind::Postgres;
+    s.database_url = Some(url.parse().unwrap());
+    s.lease = duration(lease);
+    spawn_app_with(s).await
+}
+
+fn slow(title: &str, millis: u64) -> serde_json::Value {
+    json!({"title": title, "paragraphs": ["p\n".repeat(150)], "test_hook": {"slow_pages": {"millis": millis}}})
+}
+
+async fn post_with_key(app: &TestApp, key: &[u8]) -> crate::helpers::Reply {
+    let headers: [(&str, &[u8]); 2] = [("content-type", b"application/json"), ("idempotency-key", key)];
+    app.request_with_headers("POST", "/generate-pdf", &headers, br#"{"title": "once"}"#.to_vec()).await
+}
+
+async fn succeeded_here(app: &TestApp) -> f64 {
+    app.metrics().await.value("offload_jobs_finished_total", &[("kind", "pdf"), ("status", "succeeded")])
+}
+
+#[actix_web::test]
+async fn a_job_on_postgres_runs_and_its_result_downloads_and_lists() {
+    let pg = Postgres::get();
+    let app = instance(&pg.fresh_database().await, Duration::from_secs(30)).await;
+    let job = app.submit_pdf(&report(40)).await;
+    let done = app.wait_finished(id_of(&job)).await;
+    assert_eq!((done["status"].as_str(), done["attempts"].as_u64()), (Some("succeeded"), Some(1)), "{done}");
+    let pdf = app.get(&format!("/jobs/{}/result", id_of(&job))).await;
+    assert_eq!(pdf.status, 200);
+    assert!(pdf.body.starts_with(b"%PDF-"));
+    let listed = app.get("/jobs").await.json();
+    assert_eq!(listed["jobs"][0]["id"], job["id"]);
+    crate::helpers::poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || async { app.get("/jobs?limit=1").await.json() },
+        |l| l["counts"]["succeeded"] == 1,
+        |l| l.to_string(),
+    )
+    .await;
+    // A cancel of a queued job, and of one that ended.
+    let hung = app.submit_pdf(&json!({"title": "hang", "test_hook": "hang"})).await;
+    let cancelled = app.delete(&format!("/jobs/{}", id_of(&hung))).await;
+    assert_eq!(cancelled.json()["status"], "cancelled");
+    app.delete(&format!("/jobs/{}", id_of(&job))).await.assert_error(409, "job_finished");
+}
+
+#[actix_web::test]
+async fn two_instances_are_one_service_and_share_the_work() {
+    let pg = Postgres::get();
+    let url = pg.fresh_database().await;
+    let (a, b) = (instance(&url, Duration::from_secs(30)).await, instance(&url, Duration::from_secs(30)).await);
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        ids.push(id_of(&a.submit_pdf(&slow(&format!("job {i}"), 150)).await).to_string());
+    }
+    for id in &ids {
+        // Read on the other instance.
+        let done = b.wait_for(id, Duration::from_secs(60), |j| j["status"] == "succeeded").await;
+        assert_eq!(done["attempts"], 1, "{done}");
+    }
+    let (on_a, on_b) = (succeeded_here(&a).await, succeeded_here(&b).await);
+    assert_eq!(on_a + on_b, 12.0, "every job ended once");
+    assert!(on_b >= 1.0, "B took some of A's queue: A {on_a}, B {on_b}");
+    // The same bytes from either instance.
+    let (from_a, from_b) =
+        (a.get(&format!("/jobs/{}/result", ids[0])).await.body, b.get(&format!("/jobs/{}/result", ids[0])).await.body);
+    assert_eq!(from_a, from_b);
+    // A key used on one instance replays on the other.
+    let first = post_with_key(&a, b"shared-1").await;
+    let again = post_with_key(&b, b"shared-1").await;
+    assert_eq!((first.status.as_u16(), again.status.as_u16()), (202, 202));
+    assert_eq!(id_of(&first.json()), id_of(&again.json()));
+    assert_eq!(again.header("idempotent-replayed").as_deref(), Some("true"));
+}
+
+/// Submits `n` slow jobs on `app`; their ids.
+async fn submit_slow(app: &TestApp, n: usize, millis: u64) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.push(id_of(&app.submit_pdf(&slow(&format!("slow {i}"), millis)).await).to_string());
+    }
+    ids
+}
+
+#[actix_web::test]
+async fn a_killed_instances_jobs_run_on_another_once_its_lease_ends() {
+    let pg = Postgres::get();
+    let url = pg.fresh_database().await;
+    let args = ["--store", "postgres", "--database-url", &url, "--lease", "2s", "--pdf-workers", "2"];
+    let mut a = crate::process::start(&crate::helpers::fresh_data_dir(), &args);
+    let ids = submit_slow(&a.app, 4, 300).await;
+    for id in &ids[..2] {
+        a.app.wait_for(id, Duration::from_secs(20), |j| j["status"] == "running").await;
+    }
+    a.kill9();
+    let killed_at = std::time::Instant::now();
+    let b = crate::process::start(&crate::helpers::fresh_data_dir(), &args);
+    for id in &ids {
+        let done = b.app.wait_for(id, Duration::from_secs(60), |j| j["status"] == "succeeded").await;
+        assert!(done["attempts"].as_u64().unwrap() <= 2, "{done}");
+    }
+    let rerun = {
+        let mut n = 0;
+        for id in &ids {
+            n += usize::from(b.app.job(id).await["attempts"] == 2);
+        }
+        n
+    };
+    assert!((2..=4).contains(&rerun), "the jobs A held ran again: {rerun}");
+    assert!(killed_at.elapsed() < Duration::from_secs(30), "{:?}", killed_at.elapsed());
+    let finished =
+        b.app.metrics().await.value("offload_jobs_finished_total", &[("kind", "pdf"), ("status", "succeeded")]);
+    assert_eq!(finished, 4.0, "every job ended once, on B");
+}
+
+#[actix_web::test]
+async fn an_instance_frozen_past_its_lease_cannot_overwrite_the_rerun() {
+    let pg = Postgres::get();
+    let url = pg.fresh_database().await;
+    let args = ["--store", "postgres", "--database-url", &url, "--lease", "1s", "--pdf-workers", "1"];
+    let a = crate::process::start(&crate::helpers::fresh_data_dir(), &args);
+    let id = submit_slow(&a.app, 1, 400).await.remove(0);
+    a.app.wait_for(&id, Duration::from_secs(20), |j| j["status"] == "running").await;
+    a.sigstop();
+    let b = crate::process::start(&crate::helpers::fresh_data_dir(), &args);
+    let rerun = b.app.wait_for(&id, Duration::from_secs(60), |j| j["status"] == "succeeded").await;
+    assert_eq!(rerun["attempts"], 2, "{rerun}");
+    let result = b.app.get(&format!("/jobs/{id}/result")).await.body;
+    a.sigcont();
+    // A's worker wakes up, finishes its (stale) run and reports it: wait until it has.
+    crate::helpers::poll_until(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || async {
+            let m = a.app.metrics().await;
+            assert!(m.has("offload_pool_in_flight_jobs"), "{}", m.dump());
+            m.value("offload_pool_in_flight_jobs", &[("pool", "pdf")])
+        },
+        |n| *n == 0.0,
+        |n| format!("{n} in flight on A"),
+    )
+    .await;
+    let after = b.app.job(&id).await;
+    assert_eq!(
+        (after["attempts"].clone(), after["finished_at"].clone()),
+        (rerun["attempts"].clone(), rerun["finished_at"].clone())
+    );
+    assert_eq!(b.app.get(&format!("/jobs/{id}/result")).await.body, result, "the result is the rerun's");
+    let on_a = a.app.metrics().await.value("offload_jobs_finished_total", &[("kind", "pdf"), ("status", "succeeded")]);
+    assert_eq!(on_a, 0.0, "A's late completion was refused");
+}
+
+type Socket = actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>;
+
+async fn next_job_frame(socket: &mut Socket) -> serde_json::Value {
+    use futures::{SinkExt, StreamExt};
+    loop {
+        let frame = actix_rt::time::timeout(Duration::from_secs(30), socket.next())
+            .await
+            .expect("a frame in time")
+            .expect("socket open")
+            .expect("frame");
+        match frame {
+            awc::ws::Frame::Text(bytes) => {
+                let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                assert_eq!(v["type"], "job", "{v}");
+                return v["job"].clone();
+            }
+            awc::ws::Frame::Ping(p) => socket.send(awc::ws::Message::Pong(p)).await.unwrap(),
+            _ => {}
+        }
+    }
+}
+
+#[actix_web::test]
+async fn followers_and_cancels_reach_across_instances() {
+    use futures::SinkExt;
+    let pg = Postgres::get();
+    let url = pg.fresh_database().await;
+    let (a, b) = (instance(&url, Duration::from_secs(30)).await, instance(&url, Duration::from_secs(30)).await);
+    // A job submitted and run on A, followed from B to its end.
+    let job = a.submit_pdf(&slow("followed", 100)).await;
+    let (_, mut socket) = b.client.ws(b.url("/ws")).connect().await.expect("WebSocket on B");
+    let subscribe = json!({"subscribe": [id_of(&job)]}).to_string();
+    socket.send(awc::ws::Message::Text(subscribe.into())).await.unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let frame = next_job_frame(&mut socket).await;
+        seen.push(frame["status"].as_str().unwrap().to_string());
+        if frame["status"] == "succeeded" {
+            break;
+        }
+    }
+    assert!(seen.contains(&"running".to_string()) || seen.len() >= 2, "{seen:?}");
+    assert_eq!(succeeded_here(&b).await, 0.0, "B only followed");
+
+    // A job hanging on one instance, cancelled on the other: the run stops within about a second.
+    let hung = a.submit_pdf(&json!({"title": "hang", "test_hook": "hang"})).await;
+    let running = b.wait_for(id_of(&hung), Duration::from_secs(20), |j| j["status"] == "running").await;
+    let (runner, other) = if a.metrics().await.value("offload_pool_in_flight_jobs", &[("pool", "pdf")]) > 0.0 {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    let asked = std::time::Instant::now();
+    assert_eq!(other.delete(&format!("/jobs/{}", id_of(&running))).await.json()["status"], "cancelled");
+    crate::helpers::poll_until(
+        Duration::from_secs(2),
+        Duration::from_millis(20),
+        || async { runner.metrics().await.value("offload_pool_in_flight_jobs", &[("pool", "pdf")]) },
+        |n| *n == 0.0,
+        |n| format!("{n} still in flight on the instance running it"),
+    )
+    .await;
+    assert!(asked.elapsed() < Duration::from_millis(1500), "stopped after {:?}", asked.elapsed());
+    assert_eq!(runner.job(id_of(&hung)).await["status"], "cancelled");
+}
+
+#[actix_web::test]
+async fn while_the_database_is_down_submissions_get_503_and_the_service_recovers_by_itself() {
+    let pg = Postgres::own();
+    let url = pg.fresh_database().await;
+    let app = instance(&url, Duration::from_secs(30)).await;
+    let before = app.submit_pdf(&json!({"title": "before"})).await;
+    assert_eq!(app.wait_finished(id_of(&before)).await["status"], "succeeded");
+    pg.stop();
+    let down = crate::helpers::poll_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async { app.post_json("/generate-pdf", &json!({"title": "while down"})).await },
+        |r| r.status == 503,
+        |r| format!("{} {}", r.status, String::from_utf8_lossy(&r.body)),
+    )
+    .await;
+    down.assert_error(503, "storage_unavailable");
+    assert!(down.header("retry-after").is_some());
+    crate::helpers::poll_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async { app.get("/readyz").await.status.as_u16() },
+        |s| *s == 503,
+        |s| s.to_string(),
+    )
+    .await;
+    pg.start_again();
+    let after = crate::helpers::poll_until(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async { app.post_json("/generate-pdf", &json!({"title": "after"})).await },
+        |r| r.status == 202,
+        |r| format!("{} {}", r.status, String::from_utf8_lossy(&r.body)),
+    )
+    .await;
+    assert_eq!(app.wait_finished(id_of(&after.json())).await["status"], "succeeded");
+    assert_eq!(app.get("/readyz").await.status, 200);
+    assert_eq!(app.job(id_of(&before)).await["status"], "succeeded", "nothing accepted was lost");
+}
+
+#[actix_web::test]
+async fn three_instances_started_at_once_come_up_on_one_new_database() {
+    let pg = Postgres::get();
+    let url = pg.fresh_database().await;
+    let args = ["--store", "postgres", "--database-url", &url];
+    // All three spawned before any is waited for: they migrate the empty database together.
+    let spawned: Vec<_> = (0..3).map(|_| crate::process::spawn(&crate::helpers::fresh_data_dir(), &args)).collect();
+    let mut up = Vec::new();
+    for s in spawned {
+        match s.wait_listening(Duration::from_secs(30)) {
+            crate::process::Outcome::Listening(p) => up.push(p),
+            crate::process::Outcome::Exited { status, output } => panic!("an instance exited ({status}):\n{output}"),
+        }
+    }
+    let job = up[0].app.submit_pdf(&json!({"title": "seen by all"})).await;
+    for p in &up {
+        p.app.wait_for(id_of(&job), Duration::from_secs(30), |j| j["status"] == "succeeded").await;
+    }
 }

@@ -161,6 +161,16 @@ impl Process {
         kib * 1024
     }
 
+    /// Freezes the process (SIGSTOP), as a long GC pause or a partition would.
+    pub fn sigstop(&self) {
+        signal(&self.inner.child, libc::SIGSTOP);
+    }
+
+    /// Lets a frozen process go on (SIGCONT).
+    pub fn sigcont(&self) {
+        signal(&self.inner.child, libc::SIGCONT);
+    }
+
     /// Sends SIGTERM (graceful shutdown).
     pub fn sigterm(&self) {
         signal(&self.inner.child, libc::SIGTERM);

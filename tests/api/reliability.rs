@@ -171,7 +171,7 @@ fn with_result_budget(store: StoreKind, budget: &str) -> offload::configuration:
     s.store = store;
     match store {
         StoreKind::Memory => s.result_memory = budget.parse().unwrap(),
-        StoreKind::Sqlite => s.result_disk = budget.parse().unwrap(),
+        StoreKind::Sqlite | StoreKind::Postgres => s.result_disk = budget.parse().unwrap(),
     }
     s
 }

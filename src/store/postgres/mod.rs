@@ -1,7 +1,9 @@
-//! The shared store of several instances on one PostgreSQL database (`--store postgres`, being
-//! built: issue 12). What exists so far: [`schema`], the tables and their migration, safe when
-//! several instances start together. The store itself (claims with `FOR UPDATE SKIP LOCKED` and
-//! leases, LISTEN/NOTIFY wake-ups, cross-instance events) is not written yet, so `--store
-//! postgres` is not offered.
+//! The shared store of several instances on one PostgreSQL database (`--store postgres`):
+//! [`schema`] (tables and their migration, safe when instances start together) and
+//! [`store::PgStore`] (claims with `FOR UPDATE SKIP LOCKED` and leases, fenced ends, rescue of
+//! expired leases, counts of the whole database).
 
 pub mod schema;
+pub mod store;
+
+pub use store::{PgOptions, PgStore};

@@ -125,12 +125,12 @@ pub fn micros(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
 
-fn time_of(us: i64) -> SystemTime {
+pub fn time_of(us: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_micros(us.max(0) as u64)
 }
 
 /// Result content types are `&'static str` in [`ResultMeta`]; these are the ones workers produce.
-fn content_type(stored: &str) -> &'static str {
+pub fn content_type(stored: &str) -> &'static str {
     ["application/pdf", "image/png", "image/jpeg", "image/webp"]
         .into_iter()
         .find(|t| *t == stored)
