@@ -697,6 +697,7 @@ impl Inner {
             job.start(at.unwrap_or_else(SystemTime::now));
         }
         if !apply_final(&mut job, outcome, SystemTime::now()) {
+            self.settle(id);
             return Ok(None);
         }
         if let Some(bytes) = bytes.filter(|_| job.status == JobStatus::Succeeded) {
