@@ -587,12 +587,14 @@ impl Inner {
 
     async fn claim(self: Arc<Self>, kind: JobKind) -> Result<Option<Claimed>, StoreError> {
         let conn = self.conn().await?;
+        // The claim and the payload in one round trip.
         let sql = format!(
-            "UPDATE offload_jobs SET attempts = attempts + 1, lease_owner = $2, \
+            "WITH claimed AS (UPDATE offload_jobs SET attempts = attempts + 1, lease_owner = $2, \
              lease_until = now() + make_interval(secs => $3) \
              WHERE seq = (SELECT seq FROM offload_jobs WHERE status = 0 AND lease_owner IS NULL AND kind = $1 \
                           ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED) \
-             RETURNING {JOB_COLUMNS}, weight"
+             RETURNING {JOB_COLUMNS}, weight) \
+             SELECT claimed.*, p.spec, p.data FROM claimed LEFT JOIN offload_payloads p ON p.seq = claimed.seq"
         );
         let row = conn
             .query_opt(&sql, &[&(kind_code(kind) as i16), &self.me, &self.lease.as_secs_f64()])
@@ -604,12 +606,9 @@ impl Inner {
         };
         let (seq, job) = job_from_row(&row)?;
         let weight = row.get::<_, i64>(19) as usize;
-        let payload = conn
-            .query_opt("SELECT spec, data FROM offload_payloads WHERE seq = $1", &[&seq])
-            .await
-            .map_err(unavailable)?;
-        let record =
-            payload.map(|p| PayloadRecord { spec: p.get(0), data: p.get::<_, Option<Vec<u8>>>(1).map(Bytes::from) });
+        let record = row
+            .get::<_, Option<Vec<u8>>>(20)
+            .map(|spec| PayloadRecord { spec, data: row.get::<_, Option<Vec<u8>>>(21).map(Bytes::from) });
         drop(conn);
         let decoded = match record {
             Some(record) => JobPayload::decode(job.kind, record),
