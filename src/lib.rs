@@ -19,7 +19,8 @@
 //! - [`domain`]: "parse, don't validate" request types (the PDF document spec).
 //! - [`realtime`]: WebSocket progress: per-connection coalescing outboxes, the connection task.
 //! - [`dispatch`]: the Dispatcher actor: admission, claims for the pools, timers, draining.
-//! - [`store`]: job records behind one seam: in memory, or the embedded durable SQLite store.
+//! - [`store`]: job records behind one seam: in memory, the embedded durable SQLite store, or
+//!   PostgreSQL shared by several instances.
 //! - [`workers`]: the worker actor, the panic boundary and the PDF renderer.
 //! - [`error`]: the JSON error body shared by every error type.
 //! - [`metrics`]: Prometheus metrics and the request-timing middleware.

@@ -4,8 +4,10 @@
 //! - [`memory`]: [`MemoryStore`], everything in process (`--store memory`): fast, lost on exit.
 //! - [`sqlite`]: [`SqliteStore`], the embedded durable store (the default): one writer thread
 //!   with group commit, reader connections of their own, recovery at start.
+//! - [`postgres`]: [`PgStore`], one database shared by several instances (`--store postgres`):
+//!   `SKIP LOCKED` claims with leases, LISTEN/NOTIFY between instances ([`StoreEvents`]).
 //!
-//! The shape is the one a shared database needs too (PostgreSQL, next): a job is *claimed* for
+//! The shape fits both a process alone on its data and a shared database: a job is *claimed* for
 //! a worker (attempt + 1; a shared database writes it with a lease owner, the embedded store,
 //! alone on its directory, keeps it in memory and counts started runs from its start log after
 //! a crash), and its end is *fenced* on that attempt, so a late or duplicate completion changes
