@@ -149,7 +149,12 @@ fn get_or_head() -> actix_web::Route {
 async fn fallback(req: HttpRequest, static_root: std::sync::Arc<std::path::PathBuf>) -> HttpResponse {
     let relative = req.path().trim_start_matches('/');
     let safe = std::path::Path::new(relative).components().all(|c| matches!(c, std::path::Component::Normal(_)));
-    let is_page = relative.is_empty() || (safe && static_root.join(relative).is_file());
+    let is_page = relative.is_empty()
+        || (safe && {
+            // A file-system look-up: on the blocking pool, not the HTTP thread.
+            let file = static_root.join(relative);
+            web::block(move || file.is_file()).await.unwrap_or(false)
+        });
     if is_page {
         return not_allowed("GET, HEAD").await;
     }

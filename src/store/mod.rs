@@ -16,6 +16,7 @@
 //! event loop, e.g. in `web::block`). State transitions are [`Job`]'s methods, in one place.
 //! Progress is kept in memory only: it is not worth a write.
 
+pub mod codes;
 pub mod memory;
 pub mod postgres;
 pub mod sqlite;

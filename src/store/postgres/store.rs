@@ -22,7 +22,9 @@ use crate::domain::callback::{CallbackPolicy, CallbackUrl};
 use crate::domain::{JobPayload, PayloadRecord};
 use crate::error::ErrorBody;
 use crate::job::{Job, JobId, JobKind, JobStatus, Owner, ResultMeta};
-use crate::store::sqlite::schema::{content_type, kind_code, kind_of, micros, status_code, status_of, time_of};
+use crate::store::codes::{
+    content_type, kind_code, kind_of, micros, pack_ids, status_code, status_of, time_of, unpack_ids,
+};
 use crate::store::{
     apply_final, kind_index, CancelOutcome, Claimed, Final, IdempotencyKey, Inserted, JobStore, ListFilter, NewJob,
     OwedWebhook, Pending, ResultBody, ResultReader, StatusCounts, StoreError, StoreEvents, StoreStats,
@@ -257,8 +259,8 @@ impl Inner {
         let mut stats = StoreStats::default();
         let mut claimable = [0usize; 2];
         for row in rows {
-            let status = status_of(i64::from(row.get::<_, i16>(0))).map_err(unavailable)?;
-            let kind = kind_of(i64::from(row.get::<_, i16>(1))).map_err(unavailable)?;
+            let status = stored_status(row.get(0))?;
+            let kind = stored_kind(row.get(1))?;
             let free: bool = row.get(2);
             let n = row.get::<_, i64>(3) as usize;
             *stats.by_status.slot(status) += n;
@@ -401,11 +403,18 @@ impl Inner {
     }
 }
 
+fn stored_status(code: i16) -> Result<JobStatus, StoreError> {
+    status_of(i64::from(code)).ok_or_else(|| unavailable(format!("a stored job has status {code}")))
+}
+
+fn stored_kind(code: i16) -> Result<JobKind, StoreError> {
+    kind_of(i64::from(code)).ok_or_else(|| unavailable(format!("a stored job has kind {code}")))
+}
+
 fn job_from_row(r: &Row) -> Result<(i64, Job), StoreError> {
-    let bad = |e: rusqlite::Error| unavailable(format!("a stored job cannot be read: {e}"));
     let id: Vec<u8> = r.get(1);
     let id: [u8; 16] = id.try_into().map_err(|_| unavailable("a stored job id is not 16 bytes"))?;
-    let status = status_of(i64::from(r.get::<_, i16>(3))).map_err(bad)?;
+    let status = stored_status(r.get(3))?;
     let error = r
         .get::<_, Option<String>>(10)
         .map(|code| ErrorBody::new(code, r.get::<_, Option<String>>(11).unwrap_or_default()));
@@ -421,7 +430,7 @@ fn job_from_row(r: &Row) -> Result<(i64, Job), StoreError> {
     let owner = r.get::<_, Option<Vec<u8>>>(18).and_then(|o| <[u8; 16]>::try_from(o).ok()).map(Owner::from_bytes);
     let job = Job {
         id: JobId::from_bytes(id),
-        kind: kind_of(i64::from(r.get::<_, i16>(2))).map_err(bad)?,
+        kind: stored_kind(r.get(2))?,
         status,
         attempts: r.get::<_, i32>(4) as u32,
         progress: r.get::<_, f32>(5),
@@ -482,14 +491,6 @@ async fn end(tx: &tokio_postgres::Transaction<'_>, seq: i64, job: &Job) -> Resul
         .map_err(unavailable)?;
     }
     Ok(())
-}
-
-fn pack_ids(ids: impl Iterator<Item = JobId>) -> Vec<u8> {
-    ids.flat_map(|id| id.to_bytes()).collect()
-}
-
-fn unpack_ids(bytes: &[u8]) -> Vec<JobId> {
-    bytes.chunks_exact(16).map(|c| JobId::from_bytes(c.try_into().expect("16 bytes"))).collect()
 }
 
 impl Inner {
@@ -1007,7 +1008,7 @@ impl JobStore for PgStore {
                 .map_err(unavailable)?;
             let mut counts = StatusCounts::default();
             for row in rows {
-                let status = status_of(i64::from(row.get::<_, i16>(0))).map_err(unavailable)?;
+                let status = stored_status(row.get(0))?;
                 *counts.slot(status) += row.get::<_, i64>(1) as usize;
             }
             Ok(counts)

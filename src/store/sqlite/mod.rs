@@ -16,7 +16,7 @@
 //! queued again with their attempt counted, or failed with `worker_lost` once they were started
 //! `max_attempts` times.
 
-pub(crate) mod schema;
+mod schema;
 mod startlog;
 mod writer;
 

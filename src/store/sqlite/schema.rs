@@ -1,12 +1,11 @@
 //! The on-disk schema, its migrations, and how a job row maps to a [`Job`].
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::domain::callback::{CallbackPolicy, CallbackUrl};
 use crate::error::ErrorBody;
 use crate::job::{Job, JobId, JobKind, JobStatus, Owner, ResultMeta};
+use crate::store::codes;
 
 /// The schema this binary writes. Older databases are migrated on start; a newer one (written by
 /// a later release) is refused rather than misread.
@@ -81,60 +80,18 @@ pub fn migrate(conn: &mut Connection) -> Result<(), String> {
 pub const JOB_COLUMNS: &str = "seq, id, kind, status, attempts, progress, stage, created_at, started_at, finished_at, \
      error_code, error_message, result_type, result_bytes, result_name, result_width, result_height, callback, owner";
 
-pub fn status_code(s: JobStatus) -> i64 {
-    match s {
-        JobStatus::Queued => 0,
-        JobStatus::Running => 1,
-        JobStatus::Succeeded => 2,
-        JobStatus::Failed => 3,
-        JobStatus::Cancelled => 4,
-    }
-}
+pub use crate::store::codes::{content_type, kind_code, micros, pack_ids, status_code, time_of, unpack_ids};
 
 pub fn status_of(code: i64) -> rusqlite::Result<JobStatus> {
-    Ok(match code {
-        0 => JobStatus::Queued,
-        1 => JobStatus::Running,
-        2 => JobStatus::Succeeded,
-        3 => JobStatus::Failed,
-        4 => JobStatus::Cancelled,
-        other => return Err(bad_column(3, format!("status {other}"))),
-    })
-}
-
-pub fn kind_code(k: JobKind) -> i64 {
-    match k {
-        JobKind::Pdf => 0,
-        JobKind::Image => 1,
-    }
+    codes::status_of(code).ok_or_else(|| bad_column(3, format!("status {code}")))
 }
 
 pub fn kind_of(code: i64) -> rusqlite::Result<JobKind> {
-    match code {
-        0 => Ok(JobKind::Pdf),
-        1 => Ok(JobKind::Image),
-        other => Err(bad_column(2, format!("kind {other}"))),
-    }
+    codes::kind_of(code).ok_or_else(|| bad_column(2, format!("kind {code}")))
 }
 
 fn bad_column(i: usize, what: String) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Integer, what.into())
-}
-
-pub fn micros(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
-}
-
-pub fn time_of(us: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_micros(us.max(0) as u64)
-}
-
-/// Result content types are `&'static str` in [`ResultMeta`]; these are the ones workers produce.
-pub fn content_type(stored: &str) -> &'static str {
-    ["application/pdf", "image/png", "image/jpeg", "image/webp"]
-        .into_iter()
-        .find(|t| *t == stored)
-        .unwrap_or("application/octet-stream")
 }
 
 /// A row selected with [`JOB_COLUMNS`] → (seq, job).
@@ -249,15 +206,6 @@ pub fn delete(conn: &Connection, seq: i64) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Job ids packed as 16-byte runs (the idempotency table's `ids`).
-pub fn pack_ids(ids: impl Iterator<Item = JobId>) -> Vec<u8> {
-    ids.flat_map(|id| id.to_bytes()).collect()
-}
-
-pub fn unpack_ids(bytes: &[u8]) -> Vec<JobId> {
-    bytes.chunks_exact(16).map(|c| JobId::from_bytes(c.try_into().expect("16-byte chunk"))).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,7 +233,7 @@ mod tests {
     fn the_owner_is_stored_and_read_back() {
         let mut conn = Connection::open_in_memory().unwrap();
         migrate(&mut conn).unwrap();
-        let mut job = Job::new(JobId::random(), JobKind::Image, SystemTime::now());
+        let mut job = Job::new(JobId::random(), JobKind::Image, std::time::SystemTime::now());
         job.owner = Some(Owner::from_bytes([7; 16]));
         insert(&conn, &job, 10).unwrap();
         assert_eq!(load(&conn, job.id).unwrap().unwrap().1.owner, job.owner);

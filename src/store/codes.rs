@@ -1,0 +1,68 @@
+//! How job fields are written in a database, the same for every store that keeps jobs in one
+//! (the embedded SQLite store and PostgreSQL): small integer codes for statuses and kinds,
+//! microseconds since the Unix epoch for times, ids packed as 16-byte runs.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::job::{JobId, JobKind, JobStatus};
+
+pub fn status_code(s: JobStatus) -> i64 {
+    match s {
+        JobStatus::Queued => 0,
+        JobStatus::Running => 1,
+        JobStatus::Succeeded => 2,
+        JobStatus::Failed => 3,
+        JobStatus::Cancelled => 4,
+    }
+}
+
+pub fn status_of(code: i64) -> Option<JobStatus> {
+    Some(match code {
+        0 => JobStatus::Queued,
+        1 => JobStatus::Running,
+        2 => JobStatus::Succeeded,
+        3 => JobStatus::Failed,
+        4 => JobStatus::Cancelled,
+        _ => return None,
+    })
+}
+
+pub fn kind_code(k: JobKind) -> i64 {
+    match k {
+        JobKind::Pdf => 0,
+        JobKind::Image => 1,
+    }
+}
+
+pub fn kind_of(code: i64) -> Option<JobKind> {
+    match code {
+        0 => Some(JobKind::Pdf),
+        1 => Some(JobKind::Image),
+        _ => None,
+    }
+}
+
+pub fn micros(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+}
+
+pub fn time_of(us: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(us.max(0) as u64)
+}
+
+/// Result content types are `&'static str` in `ResultMeta`; these are the ones workers produce.
+pub fn content_type(stored: &str) -> &'static str {
+    ["application/pdf", "image/png", "image/jpeg", "image/webp"]
+        .into_iter()
+        .find(|t| *t == stored)
+        .unwrap_or("application/octet-stream")
+}
+
+/// Job ids packed as 16-byte runs (an idempotency key's jobs).
+pub fn pack_ids(ids: impl Iterator<Item = JobId>) -> Vec<u8> {
+    ids.flat_map(|id| id.to_bytes()).collect()
+}
+
+pub fn unpack_ids(bytes: &[u8]) -> Vec<JobId> {
+    bytes.chunks_exact(16).map(|c| JobId::from_bytes(c.try_into().expect("16-byte chunk"))).collect()
+}
