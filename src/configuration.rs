@@ -326,6 +326,11 @@ pub struct Settings {
     #[arg(long, env = "OFFLOAD_LEASE", default_value = "30s")]
     pub lease: humantime::Duration,
 
+    /// `--store postgres`: connections each instance keeps to the database (at least 2: half
+    /// carry single statements pipelined, half transactions), besides one that listens.
+    #[arg(long, env = "OFFLOAD_DB_CONNECTIONS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(2..=256))]
+    pub db_connections: u16,
+
     /// API keys, `KEY[,KEY…]` or `@path` (a file, one key a line): every API route then needs
     /// `Authorization: Bearer KEY`, and each key sees only the jobs it submitted. Without keys
     /// the service is open. A key is 16–256 visible ASCII characters.

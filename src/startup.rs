@@ -172,6 +172,7 @@ fn open_store(settings: &Settings, metrics: Arc<Metrics>) -> std::io::Result<Arc
                 lease: settings.lease.into(),
                 max_attempts: settings.max_attempts,
                 ttl: settings.result_ttl(),
+                connections: settings.db_connections.into(),
             };
             Arc::new(crate::store::PgStore::open(&options).map_err(std::io::Error::other)?)
         }

@@ -631,6 +631,10 @@ impl crate::store::StoreEvents for RemoteEvents {
     fn changed(&self, job: Job) {
         self.hub.publish(&job);
     }
+
+    fn wants(&self, id: JobId) -> bool {
+        self.hub.is_watched(id)
+    }
 }
 
 /// The store has claimable work this Dispatcher did not submit.

@@ -284,6 +284,10 @@ pub trait StoreEvents: Send + Sync {
     fn cancelled(&self, id: JobId);
     /// A job changed elsewhere: its new state, for the WebSocket followers here.
     fn changed(&self, job: Job);
+    /// Whether anyone here follows `id` (a shared store reads a job it heard of only then).
+    fn wants(&self, _id: JobId) -> bool {
+        true
+    }
 }
 
 /// The error a run gets when the process died under it too often.

@@ -3,6 +3,8 @@
 //! [`store::PgStore`] (claims with `FOR UPDATE SKIP LOCKED` and leases, fenced ends, rescue of
 //! expired leases, counts of the whole database).
 
+mod conn;
+mod notice;
 pub mod schema;
 pub mod store;
 

@@ -7,17 +7,27 @@
 //! releases are fenced on (attempt, lease owner): an instance that comes back late changes
 //! nothing. Counts for admission and `GET /jobs` are the database's, refreshed every 250 ms.
 //!
+//! The hot path is one statement per step, each on a shared, pipelined connection
+//! ([`super::conn`]): submissions without a key are grouped into one insert of many jobs
+//! ([`Inner::batcher`], group commit), a claim returns its payload, and an end writes the row,
+//! the result, the payload's deletion, the owed webhook and the notice in one statement, from
+//! the job as this instance holds it. Running jobs' progress is written and announced every
+//! 50 ms, for all of them in one statement.
+//!
 //! The store runs its own small tokio runtime (threads `pg`); writes are futures on it, reads
 //! block on it from the caller's thread (handlers call them in `web::block`).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{Client, NoTls, Row};
 
+use super::conn::{unavailable, Conns};
+use super::notice::{self, Notice, CHANNEL};
 use crate::domain::callback::{CallbackPolicy, CallbackUrl};
 use crate::domain::{JobPayload, PayloadRecord};
 use crate::error::ErrorBody;
@@ -37,15 +47,35 @@ pub struct PgOptions {
     pub lease: Duration,
     pub max_attempts: u32,
     pub ttl: Duration,
+    /// Connections to keep open (half shared by single statements, half for transactions),
+    /// besides the one that listens.
+    pub connections: usize,
 }
 
-/// Connections kept open (each pipelines concurrent queries; transactions take one alone).
-const CONNECTIONS: usize = 4;
 /// Results larger than this are sent from the database piece by piece.
 const STREAM_ABOVE: usize = 1 << 20;
+/// One grouped insert takes at most this many jobs, and this many payload bytes (a larger
+/// submission goes alone).
+const BATCH_JOBS: usize = 512;
+const BATCH_BYTES: usize = 8 << 20;
+/// Grouped inserts in flight at once.
+const BATCHERS: usize = 2;
+/// How often running jobs' progress is written and announced (the contract's 50 ms).
+const PROGRESS_EVERY: Duration = Duration::from_millis(50);
+/// How often the counts of ended jobs (a scan of every kept job) are read again; the live
+/// counts (queued, running: an index scan) are read every 250 ms and on notifications.
+const ENDED_COUNTS_EVERY: Duration = Duration::from_secs(5);
+/// The sender tag of notices meant for every instance, the sender included (it matches no
+/// instance's hex tag).
+const EVERYONE: &str = "********";
 
-const JOB_COLUMNS: &str = "seq, id, kind, status, attempts, progress, stage, created_at, started_at, finished_at, \
-     error_code, error_message, result_type, result_bytes, result_name, result_width, result_height, callback, owner";
+/// The job columns [`job_from_row`] reads, in its order.
+macro_rules! job_columns {
+    () => {
+        "seq, id, kind, status, attempts, progress, stage, created_at, started_at, finished_at, error_code, \
+         error_message, result_type, result_bytes, result_name, result_width, result_height, callback, owner"
+    };
+}
 
 pub struct PgStore {
     rt: Option<tokio::runtime::Runtime>,
@@ -53,40 +83,48 @@ pub struct PgStore {
 }
 
 struct Inner {
-    conns: Vec<tokio::sync::Mutex<Option<Client>>>,
+    conns: Conns,
     url: String,
     /// This instance, as the lease owner.
     me: Vec<u8>,
+    /// This instance as the sender of notices (8 hex digits of `me`).
+    tag: String,
     lease: Duration,
     max_attempts: u32,
     ttl: Duration,
     state: Mutex<State>,
     /// Asks the counts refresh to run now (a notification said there is new work).
     refresh_now: tokio::sync::Notify,
+    /// Submissions without a key, waiting to be inserted together.
+    inserts: mpsc::UnboundedSender<InsertRequest>,
 }
 
 #[derive(Default)]
 struct State {
     /// Queued jobs no instance holds, per kind, as last counted (plus what this instance added).
     claimable: [usize; 2],
-    /// Jobs this instance claimed and did not start: (attempt, weight).
-    claimed: HashMap<JobId, (u32, usize)>,
-    /// Jobs this instance runs: attempt.
-    started: HashMap<JobId, u32>,
-    /// Live progress of this instance's jobs.
-    progress: HashMap<JobId, (f32, Option<String>)>,
+    /// Jobs this instance claimed (then started), as they are in the database: an end is
+    /// written from this, in one statement.
+    held: HashMap<JobId, Held>,
     stats: StoreStats,
-    failing: Option<String>,
     events: Option<Arc<dyn StoreEvents>>,
 }
 
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+struct Held {
+    job: Job,
+    /// Progress changed since it was last written.
+    dirty: bool,
+}
+
+struct InsertRequest {
+    jobs: Vec<NewJob>,
+    reply: oneshot::Sender<Result<Inserted, StoreError>>,
 }
 
 impl PgStore {
     /// Connects, migrates the schema (safe with other instances starting), and starts the
-    /// heartbeat, the lease rescue and the counts refresh.
+    /// heartbeat, the lease rescue, the counts refresh, the progress writer, the listener and
+    /// the insert batchers.
     pub fn open(options: &PgOptions) -> Result<Self, String> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -94,25 +132,34 @@ impl PgStore {
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?;
+        let me = JobId::random().to_bytes().to_vec();
+        let tag = me[..4].iter().map(|b| format!("{b:02x}")).collect();
+        let (inserts, waiting) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
-            conns: (0..CONNECTIONS).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            conns: Conns::new(options.url.clone(), options.connections),
             url: options.url.clone(),
-            me: JobId::random().to_bytes().to_vec(),
+            me,
+            tag,
             lease: options.lease.max(Duration::from_secs(1)),
             max_attempts: options.max_attempts.max(1),
             ttl: options.ttl,
             state: Mutex::new(State::default()),
             refresh_now: tokio::sync::Notify::new(),
+            inserts,
         });
         let setup = inner.clone();
         run_on(&rt, async move {
-            let mut client = setup.connect().await.map_err(|e| e.to_string())?;
+            let mut client = setup.conns.connect().await.map_err(|e| e.to_string())?;
             super::schema::migrate(&mut client).await?;
-            setup.refresh().await.map_err(|e| e.to_string())
+            setup.refresh(true).await.map_err(|e| e.to_string())
         })?;
-        for task in [Task::Refresh, Task::Heartbeat, Task::Rescue, Task::Listen] {
+        for task in [Task::Refresh, Task::Heartbeat, Task::Rescue, Task::Progress, Task::Listen] {
             let inner = inner.clone();
             rt.spawn(async move { inner.run(task).await });
+        }
+        let waiting = Arc::new(tokio::sync::Mutex::new(waiting));
+        for _ in 0..BATCHERS {
+            rt.spawn(inner.clone().batcher(waiting.clone()));
         }
         Ok(PgStore { rt: Some(rt), inner })
     }
@@ -158,56 +205,11 @@ enum Task {
     Refresh,
     Heartbeat,
     Rescue,
+    Progress,
     Listen,
 }
 
-/// The channel of the notifications instances send each other (inside the transactions that
-/// cause them, so they arrive once committed): `q` new work, `j<id>` a job changed, `c<id>` a
-/// job was cancelled. Ids only: payloads stay far under NOTIFY's 8,000 bytes.
-const CHANNEL: &str = "offload";
-
-fn notify_sql() -> String {
-    format!("SELECT pg_notify('{CHANNEL}', $1)")
-}
-
 impl Inner {
-    async fn connect(&self) -> Result<Client, tokio_postgres::Error> {
-        let (client, connection) = tokio_postgres::connect(&self.url, NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!("database connection ended: {e}");
-            }
-        });
-        Ok(client)
-    }
-
-    /// A connection of the pool, (re)connected as needed.
-    async fn conn(&self) -> Result<tokio::sync::MappedMutexGuard<'_, Client>, StoreError> {
-        let start = (rand::random::<u32>() as usize) % self.conns.len();
-        let mut guard = None;
-        for i in 0..self.conns.len() {
-            if let Ok(g) = self.conns[(start + i) % self.conns.len()].try_lock() {
-                guard = Some(g);
-                break;
-            }
-        }
-        let mut guard = match guard {
-            Some(g) => g,
-            None => self.conns[start].lock().await,
-        };
-        if guard.as_ref().is_none_or(Client::is_closed) {
-            *guard = Some(self.connect().await.map_err(|e| {
-                self.fail(&e);
-                unavailable(e)
-            })?);
-        }
-        Ok(tokio::sync::MutexGuard::map(guard, |c| c.as_mut().expect("connected")))
-    }
-
-    fn fail(&self, e: &dyn std::fmt::Display) {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).failing = Some(e.to_string());
-    }
-
     fn with_state<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
         f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()))
     }
@@ -218,9 +220,12 @@ impl Inner {
         }
         let every = match task {
             Task::Refresh => Duration::from_millis(250),
+            Task::Progress => PROGRESS_EVERY,
             _ => self.lease / 3,
         };
         let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ended_read = Instant::now();
         loop {
             if let Task::Refresh = task {
                 // The slow poll, or at once when a notification said so (at most every 20 ms).
@@ -232,54 +237,89 @@ impl Inner {
                 tick.tick().await;
             }
             let result = match task {
-                Task::Refresh => self.refresh().await,
+                Task::Refresh => {
+                    let ended = ended_read.elapsed() >= ENDED_COUNTS_EVERY;
+                    let result = self.refresh(ended).await;
+                    if ended && result.is_ok() {
+                        ended_read = Instant::now();
+                    }
+                    result
+                }
                 Task::Heartbeat => self.heartbeat().await,
                 Task::Rescue => self.rescue().await,
+                Task::Progress => self.write_progress().await,
                 Task::Listen => unreachable!(),
             };
             if let Err(e) = result {
                 tracing::warn!("store background work failed: {e}");
-                self.fail(&e);
+                self.conns.fail(&e);
             }
         }
     }
 
-    /// The counts of the whole database; wakes the Dispatcher when there is more to claim.
-    async fn refresh(&self) -> Result<(), StoreError> {
-        let rows = {
-            let conn = self.conn().await?;
-            conn.query(
-                "SELECT status, kind, lease_owner IS NULL, count(*), coalesce(sum(weight), 0)::BIGINT, \
-                 coalesce(sum(result_bytes), 0)::BIGINT FROM offload_jobs GROUP BY 1, 2, 3",
+    /// The counts of the whole database (the ended ones too when `ended`); wakes the Dispatcher
+    /// when there is more to claim.
+    async fn refresh(&self, ended: bool) -> Result<(), StoreError> {
+        let conn = self.conns.shared().await?;
+        let live = conn.query(
+            "SELECT status, kind, lease_owner IS NULL, count(*), coalesce(sum(weight), 0)::BIGINT \
+             FROM offload_jobs WHERE status IN (0, 1) GROUP BY 1, 2, 3",
+            &[],
+        );
+        let (live, done) = if ended {
+            let done = conn.query(
+                "SELECT status, count(*), coalesce(sum(result_bytes), 0)::BIGINT FROM offload_jobs \
+                 WHERE status >= 2 GROUP BY 1",
                 &[],
-            )
-            .await
-            .map_err(unavailable)?
+            );
+            let (live, done) = futures::join!(live, done);
+            (live?, Some(done?))
+        } else {
+            (live.await?, None)
         };
-        let mut stats = StoreStats::default();
-        let mut claimable = [0usize; 2];
-        for row in rows {
+        let mut queued = [0usize; 2];
+        let (mut queued_bytes, mut claimable) = (0, [0usize; 2]);
+        let (mut queued_n, mut running_n) = (0, 0);
+        for row in live {
             let status = stored_status(row.get(0))?;
             let kind = stored_kind(row.get(1))?;
             let free: bool = row.get(2);
             let n = row.get::<_, i64>(3) as usize;
-            *stats.by_status.slot(status) += n;
             if status == JobStatus::Queued {
-                stats.queued[kind_index(kind)] += n;
-                stats.queued_bytes += row.get::<_, i64>(4) as usize;
+                queued_n += n;
+                queued[kind_index(kind)] += n;
+                queued_bytes += row.get::<_, i64>(4) as usize;
                 if free {
                     claimable[kind_index(kind)] += n;
                 }
+            } else {
+                running_n += n;
             }
-            stats.result_bytes += row.get::<_, i64>(5) as usize;
         }
         let wake = self.with_state(|s| {
             let more = claimable.iter().zip(&s.claimable).any(|(now, before)| now > before);
             s.claimable = claimable;
-            s.stats = stats;
-            s.failing = None;
+            let stats = &mut s.stats;
+            stats.queued = queued;
+            stats.queued_bytes = queued_bytes;
+            stats.by_status.queued = queued_n;
+            stats.by_status.running = running_n;
+            if let Some(done) = &done {
+                let (mut counts, mut bytes) = (StatusCounts::default(), 0);
+                for row in done {
+                    if let Ok(status) = stored_status(row.get(0)) {
+                        *counts.slot(status) += row.get::<_, i64>(1) as usize;
+                    }
+                    bytes += row.get::<_, i64>(2) as usize;
+                }
+                stats.by_status.succeeded = counts.succeeded;
+                stats.by_status.failed = counts.failed;
+                stats.by_status.cancelled = counts.cancelled;
+                stats.result_bytes = bytes;
+            }
             more.then(|| s.events.clone()).flatten()
         });
+        self.conns.recovered();
         if let Some(events) = wake {
             events.claimable();
         }
@@ -287,43 +327,79 @@ impl Inner {
     }
 
     async fn heartbeat(&self) -> Result<(), StoreError> {
-        let conn = self.conn().await?;
+        let conn = self.conns.shared().await?;
         conn.execute(
             "UPDATE offload_jobs SET lease_until = now() + make_interval(secs => $2) WHERE lease_owner = $1",
             &[&self.me, &self.lease.as_secs_f64()],
         )
-        .await
-        .map_err(unavailable)?;
+        .await?;
         Ok(())
     }
 
     /// Jobs whose holder stopped renewing: queued again, or failed past the attempts allowed.
+    /// Followers everywhere hear of both.
     async fn rescue(&self) -> Result<(), StoreError> {
-        let conn = self.conn().await?;
+        let conn = self.conns.shared().await?;
         let lost = crate::store::worker_lost(self.max_attempts);
         let now = micros(SystemTime::now());
         let failed = conn
             .execute(
                 "UPDATE offload_jobs SET status = 3, stage = 'failed', error_code = $2, error_message = $3, \
                  finished_at = $4, lease_owner = NULL, lease_until = NULL \
-                 WHERE lease_owner IS NOT NULL AND lease_until < now() AND status IN (0, 1) AND attempts >= $1",
-                &[&(self.max_attempts as i32), &lost.code, &lost.message, &now],
+                 WHERE lease_owner IS NOT NULL AND lease_until < now() AND status IN (0, 1) AND attempts >= $1 \
+                 RETURNING pg_notify('offload', 'j3' || encode(id, 'hex') || $5)",
+                &[&(self.max_attempts as i32), &lost.code, &lost.message, &now, &EVERYONE],
             )
-            .await
-            .map_err(unavailable)?;
+            .await?;
         let requeued = conn
             .execute(
                 "UPDATE offload_jobs SET status = 0, stage = 'queued', progress = 0, started_at = NULL, \
                  lease_owner = NULL, lease_until = NULL \
-                 WHERE lease_owner IS NOT NULL AND lease_until < now() AND status IN (0, 1)",
-                &[],
+                 WHERE lease_owner IS NOT NULL AND lease_until < now() AND status IN (0, 1) \
+                 RETURNING pg_notify('offload', 'j0' || encode(id, 'hex') || $1), pg_notify('offload', 'q')",
+                &[&EVERYONE],
             )
-            .await
-            .map_err(unavailable)?;
+            .await?;
         if failed + requeued > 0 {
             tracing::info!(requeued, failed, "jobs of an instance that stopped renewing its leases taken back");
-            conn.execute(&notify_sql(), &[&"q"]).await.map_err(unavailable)?;
         }
+        Ok(())
+    }
+
+    /// The progress of this instance's running jobs that moved since the last time: written
+    /// (readers on every instance see it) and announced (followers on every instance get it), in
+    /// one statement for all of them.
+    async fn write_progress(&self) -> Result<(), StoreError> {
+        let moved: Vec<(JobId, u32, f32, Option<String>)> = self.with_state(|s| {
+            s.held
+                .values_mut()
+                .filter(|h| h.dirty && h.job.status == JobStatus::Running)
+                .map(|h| {
+                    h.dirty = false;
+                    (h.job.id, h.job.attempts, h.job.progress, h.job.stage.clone())
+                })
+                .collect()
+        });
+        if moved.is_empty() {
+            return Ok(());
+        }
+        let announced: Vec<_> = moved.iter().map(|(id, _, p, s)| (*id, *p, s.clone())).collect();
+        let payloads = notice::progress(&self.tag, &announced);
+        let raw: Vec<[u8; 16]> = moved.iter().map(|m| m.0.to_bytes()).collect();
+        let ids: Vec<&[u8]> = raw.iter().map(|b| b.as_slice()).collect();
+        let attempts: Vec<i32> = moved.iter().map(|m| m.1 as i32).collect();
+        let fractions: Vec<f32> = moved.iter().map(|m| m.2).collect();
+        let stages: Vec<Option<&str>> = moved.iter().map(|m| m.3.as_deref()).collect();
+        let conn = self.conns.shared().await?;
+        conn.query(
+            "WITH u AS (UPDATE offload_jobs o SET progress = x.p, stage = x.s \
+               FROM unnest($1::bytea[], $2::int4[], $3::real[], $4::text[]) AS x(id, a, p, s) \
+               WHERE o.id = x.id AND o.attempts = x.a AND o.lease_owner = $5 AND o.status = 1 RETURNING 1), \
+             n AS (SELECT pg_notify('offload', t) FROM unnest($6::text[]) AS t) \
+             SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM n)",
+            &[&ids, &attempts, &fractions, &stages, &self.me, &payloads],
+        )
+        .await?;
         Ok(())
     }
 
@@ -336,7 +412,7 @@ impl Inner {
                 Ok(()) => backoff = Duration::from_millis(100),
                 Err(e) => {
                     tracing::warn!("database listener: {e}; reconnecting in {backoff:?}");
-                    self.fail(&e);
+                    self.conns.fail(&e);
                 }
             }
             tokio::time::sleep(backoff).await;
@@ -347,7 +423,7 @@ impl Inner {
     async fn listen_once(self: &Arc<Self>) -> Result<(), tokio_postgres::Error> {
         use futures::StreamExt;
         let (client, mut connection) = tokio_postgres::connect(&self.url, NoTls).await?;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::unbounded_channel();
         let driver = tokio::spawn(async move {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(message) = messages.next().await {
@@ -362,9 +438,18 @@ impl Inner {
             Ok(())
         });
         client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+        let load = client.prepare(concat!("SELECT ", job_columns!(), " FROM offload_jobs WHERE id = ANY($1)")).await?;
         self.refresh_now.notify_one();
-        while let Some(payload) = rx.recv().await {
-            self.on_notification(&client, &payload).await;
+        while let Some(first) = rx.recv().await {
+            // Whatever arrived meanwhile is handled together: one read for all the jobs.
+            let mut batch = vec![first];
+            while batch.len() < 1000 {
+                match rx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            self.on_notices(&client, &load, batch).await;
         }
         match driver.await {
             Ok(result) => result,
@@ -372,35 +457,94 @@ impl Inner {
         }
     }
 
-    async fn on_notification(&self, client: &Client, payload: &str) {
-        let (tag, id) = payload.split_at(payload.len().min(1));
-        let id = id.parse::<JobId>().ok();
+    async fn on_notices(&self, client: &Client, load: &tokio_postgres::Statement, payloads: Vec<String>) {
         let Some(events) = self.with_state(|s| s.events.clone()) else { return };
-        match (tag, id) {
-            ("q", _) => self.refresh_now.notify_one(),
-            ("c", Some(id)) => events.cancelled(id),
-            ("j", Some(id)) => {
-                if let Ok(Some((_, job))) = self.load(client, id).await {
-                    events.changed(self.live(job));
+        let mut work = false;
+        let mut changes: Vec<(JobId, JobStatus)> = Vec::new();
+        let mut progress: Vec<(JobId, f32, Option<String>)> = Vec::new();
+        for payload in &payloads {
+            match notice::parse(payload) {
+                Some(Notice::Work) => work = true,
+                Some(Notice::Cancelled(id)) => events.cancelled(id),
+                Some(Notice::Changed { id, status, from }) if from != self.tag && events.wants(id) => {
+                    if !changes.contains(&(id, status)) {
+                        changes.push((id, status));
+                    }
                 }
+                Some(Notice::Progress { from, jobs }) if from != self.tag => {
+                    progress.extend(jobs.into_iter().filter(|(id, _, _)| events.wants(*id)));
+                }
+                Some(_) => {}
+                None => tracing::debug!("unknown notice {payload:?}"),
             }
-            _ => {}
+        }
+        if work {
+            self.refresh_now.notify_one();
+        }
+        let mut wanted: Vec<[u8; 16]> = changes.iter().map(|c| c.0).chain(progress.iter().map(|p| p.0)).map(|id| id.to_bytes()).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if wanted.is_empty() {
+            return;
+        }
+        let ids: Vec<&[u8]> = wanted.iter().map(|b| b.as_slice()).collect();
+        let rows = match client.query(load, &[&ids]).await {
+            Ok(rows) => rows,
+            Err(e) => return tracing::warn!("cannot read jobs changed elsewhere: {e}"),
+        };
+        let jobs: HashMap<JobId, Job> =
+            rows.iter().filter_map(|r| job_from_row(r).ok()).map(|(_, j)| (j.id, j)).collect();
+        for (id, status) in changes {
+            if let Some(snapshot) = jobs.get(&id).and_then(|job| as_of(job, status)) {
+                events.changed(snapshot);
+            }
+        }
+        for (id, fraction, stage) in progress {
+            if let Some(job) = jobs.get(&id).filter(|j| j.status == JobStatus::Running) {
+                let mut job = job.clone();
+                job.advance(fraction, stage);
+                events.changed(job);
+            }
         }
     }
 
-    async fn load(&self, conn: &Client, id: JobId) -> Result<Option<(i64, Job)>, StoreError> {
-        let sql = format!("SELECT {JOB_COLUMNS} FROM offload_jobs WHERE id = $1");
-        let row = conn.query_opt(&sql, &[&id.to_bytes().as_slice()]).await.map_err(unavailable)?;
+    async fn load(&self, id: JobId) -> Result<Option<(i64, Job)>, StoreError> {
+        let conn = self.conns.shared().await?;
+        let row = conn
+            .query_opt(concat!("SELECT ", job_columns!(), " FROM offload_jobs WHERE id = $1"), &[&id.to_bytes().as_slice()])
+            .await?;
         row.map(|r| job_from_row(&r)).transpose()
     }
 
     /// A job as readers see it: with this instance's live progress.
     fn live(&self, mut job: Job) -> Job {
-        if let Some((fraction, stage)) = self.with_state(|s| s.progress.get(&job.id).cloned()) {
+        if let Some((fraction, stage)) =
+            self.with_state(|s| s.held.get(&job.id).map(|h| (h.job.progress, h.job.stage.clone())))
+        {
             job.advance(fraction, stage);
         }
         job
     }
+}
+
+/// The job as it was when it reached `status`, from its state now: itself, or (it ended before
+/// this instance read it) the running job it was, so a follower sees every status it went
+/// through. `None` for a state the job left for an earlier one (queued again).
+fn as_of(job: &Job, status: JobStatus) -> Option<Job> {
+    if job.status == status {
+        return Some(job.clone());
+    }
+    if status == JobStatus::Running && job.status.is_terminal() && job.started_at.is_some() {
+        let mut then = job.clone();
+        then.status = JobStatus::Running;
+        then.stage = Some("started".into());
+        then.progress = 0.0;
+        then.finished_at = None;
+        then.error = None;
+        then.result = None;
+        return Some(then);
+    }
+    None
 }
 
 fn stored_status(code: i16) -> Result<JobStatus, StoreError> {
@@ -446,60 +590,210 @@ fn job_from_row(r: &Row) -> Result<(i64, Job), StoreError> {
     Ok((r.get(0), job))
 }
 
-/// Writes every mutable field of `job` back, and lets go of its lease.
+/// The mutable fields of a job as statement parameters ($n onward in [`SAVE_SET`]'s order).
+struct Fields<'a> {
+    status: i16,
+    progress: f32,
+    stage: Option<&'a str>,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+    error_code: Option<&'a str>,
+    error_message: Option<&'a str>,
+    result_type: Option<&'a str>,
+    result_bytes: Option<i64>,
+    result_name: Option<&'a str>,
+    result_width: Option<i32>,
+    result_height: Option<i32>,
+}
+
+impl<'a> Fields<'a> {
+    fn of(job: &'a Job) -> Self {
+        let result = job.result.as_ref();
+        Fields {
+            status: status_code(job.status) as i16,
+            progress: job.progress,
+            stage: job.stage.as_deref(),
+            started_at: job.started_at.map(micros),
+            finished_at: job.finished_at.map(micros),
+            error_code: job.error.as_ref().map(|e| e.code.as_str()),
+            error_message: job.error.as_ref().map(|e| e.message.as_str()),
+            result_type: result.map(|m| m.content_type),
+            result_bytes: result.map(|m| m.bytes as i64),
+            result_name: result.map(|m| m.filename.as_str()),
+            result_width: result.and_then(|m| m.dimensions).map(|d| d.0 as i32),
+            result_height: result.and_then(|m| m.dimensions).map(|d| d.1 as i32),
+        }
+    }
+
+    fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 12] {
+        [
+            &self.status,
+            &self.progress,
+            &self.stage,
+            &self.started_at,
+            &self.finished_at,
+            &self.error_code,
+            &self.error_message,
+            &self.result_type,
+            &self.result_bytes,
+            &self.result_name,
+            &self.result_width,
+            &self.result_height,
+        ]
+    }
+}
+
+/// Writes every mutable field of `job` back ($2…$13), and lets go of its lease.
 async fn save(tx: &tokio_postgres::Transaction<'_>, seq: i64, job: &Job) -> Result<(), StoreError> {
-    let result = job.result.as_ref();
+    let fields = Fields::of(job);
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&seq];
+    params.extend(fields.params());
     tx.execute(
-        "UPDATE offload_jobs SET status = $2, attempts = $3, progress = $4, stage = $5, started_at = $6, \
-         finished_at = $7, error_code = $8, error_message = $9, result_type = $10, result_bytes = $11, \
-         result_name = $12, result_width = $13, result_height = $14, lease_owner = NULL, lease_until = NULL \
-         WHERE seq = $1",
-        &[
-            &seq,
-            &(status_code(job.status) as i16),
-            &(job.attempts as i32),
-            &job.progress,
-            &job.stage,
-            &job.started_at.map(micros),
-            &job.finished_at.map(micros),
-            &job.error.as_ref().map(|e| e.code.as_str()),
-            &job.error.as_ref().map(|e| e.message.as_str()),
-            &result.map(|m| m.content_type),
-            &result.map(|m| m.bytes as i64),
-            &result.map(|m| m.filename.as_str()),
-            &result.and_then(|m| m.dimensions).map(|d| d.0 as i32),
-            &result.and_then(|m| m.dimensions).map(|d| d.1 as i32),
-        ],
+        "UPDATE offload_jobs SET status = $2, progress = $3, stage = $4, started_at = $5, finished_at = $6, \
+         error_code = $7, error_message = $8, result_type = $9, result_bytes = $10, result_name = $11, \
+         result_width = $12, result_height = $13, lease_owner = NULL, lease_until = NULL WHERE seq = $1",
+        &params,
     )
     .await
     .map_err(unavailable)?;
     Ok(())
 }
 
-/// A job's end: the row, no more payload, the webhook owed if it has a callback.
-async fn end(tx: &tokio_postgres::Transaction<'_>, seq: i64, job: &Job) -> Result<(), StoreError> {
-    save(tx, seq, job).await?;
-    tx.execute("DELETE FROM offload_payloads WHERE seq = $1", &[&seq]).await.map_err(unavailable)?;
-    if let Some(url) = &job.callback {
-        let body = serde_json::to_vec(&job.view()).unwrap_or_default();
-        tx.execute(
-            "INSERT INTO offload_webhooks (job_id, url, body) VALUES ($1, $2, $3) \
-             ON CONFLICT (job_id) DO UPDATE SET url = $2, body = $3",
-            &[&job.id.to_bytes().as_slice(), &url.as_str(), &body],
-        )
-        .await
-        .map_err(unavailable)?;
-    }
-    Ok(())
+/// The job as a run's end leaves it (started, if the start was not recorded), with the result
+/// to keep; `None` if the state machine refuses the end.
+fn ended(mut job: Job, outcome: Final) -> Option<(Job, Option<Bytes>)> {
+    let bytes = match &outcome {
+        Final::Succeeded { bytes, .. } => Some(bytes.clone()),
+        _ => None,
+    };
+    let now = SystemTime::now();
+    job.start(now);
+    apply_final(&mut job, outcome, now).then_some(())?;
+    let bytes = bytes.filter(|_| job.status == JobStatus::Succeeded);
+    Some((job, bytes))
+}
+
+/// The webhook a job's end owes: its URL and the final job object, exactly as POSTed.
+fn owed_body(job: &Job) -> Option<(&str, Vec<u8>)> {
+    let url = job.callback.as_ref()?;
+    Some((url.as_str(), serde_json::to_vec(&job.view()).unwrap_or_default()))
 }
 
 impl Inner {
-    async fn insert(self: Arc<Self>, jobs: Vec<NewJob>, key: Option<IdempotencyKey>) -> Result<Inserted, StoreError> {
-        let mut conn = self.conn().await?;
+    /// A job's end in a transaction: the row, no more payload, the webhook owed if it has a
+    /// callback (held by this instance, which delivers it).
+    async fn end(&self, tx: &tokio_postgres::Transaction<'_>, seq: i64, job: &Job) -> Result<(), StoreError> {
+        save(tx, seq, job).await?;
+        tx.execute("DELETE FROM offload_payloads WHERE seq = $1", &[&seq]).await.map_err(unavailable)?;
+        if let Some((url, body)) = owed_body(job) {
+            tx.execute(
+                "INSERT INTO offload_webhooks (job_id, url, body, lease_owner, lease_until) \
+                 VALUES ($1, $2, $3, $4, now() + interval '1 hour') \
+                 ON CONFLICT (job_id) DO UPDATE SET url = $2, body = $3, lease_owner = $4, \
+                 lease_until = now() + interval '1 hour'",
+                &[&job.id.to_bytes().as_slice(), &url, &body, &self.me],
+            )
+            .await
+            .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// Takes submissions without a key off the queue, as many as wait (up to a batch), and
+    /// inserts them in one statement: one commit for all, every submitter answered after it.
+    async fn batcher(self: Arc<Self>, waiting: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<InsertRequest>>>) {
+        loop {
+            let batch = {
+                let mut waiting = waiting.lock().await;
+                let Some(first) = waiting.recv().await else { return };
+                let (mut jobs, mut bytes) = (first.jobs.len(), weight(&first.jobs));
+                let mut batch = vec![first];
+                while jobs < BATCH_JOBS && bytes < BATCH_BYTES {
+                    match waiting.try_recv() {
+                        Ok(next) => {
+                            jobs += next.jobs.len();
+                            bytes += weight(&next.jobs);
+                            batch.push(next);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                batch
+            };
+            let all: Vec<&NewJob> = batch.iter().flat_map(|r| &r.jobs).collect();
+            let result = self.insert_many(&all).await;
+            if result.is_ok() {
+                self.inserted(&all);
+            }
+            for request in batch {
+                let answer = match &result {
+                    Ok(()) => Ok(Inserted::Created(request.jobs.into_iter().map(|n| n.job).collect())),
+                    Err(e) => Err(e.clone()),
+                };
+                let _ = request.reply.send(answer);
+            }
+        }
+    }
+
+    async fn insert_many(&self, jobs: &[&NewJob]) -> Result<(), StoreError> {
+        let raw: Vec<[u8; 16]> = jobs.iter().map(|n| n.job.id.to_bytes()).collect();
+        let ids: Vec<&[u8]> = raw.iter().map(|b| b.as_slice()).collect();
+        let kinds: Vec<i16> = jobs.iter().map(|n| kind_code(n.job.kind) as i16).collect();
+        let statuses: Vec<i16> = jobs.iter().map(|n| status_code(n.job.status) as i16).collect();
+        let attempts: Vec<i32> = jobs.iter().map(|n| n.job.attempts as i32).collect();
+        let progress: Vec<f32> = jobs.iter().map(|n| n.job.progress).collect();
+        let stages: Vec<Option<&str>> = jobs.iter().map(|n| n.job.stage.as_deref()).collect();
+        let created: Vec<i64> = jobs.iter().map(|n| micros(n.job.created_at)).collect();
+        let callbacks: Vec<Option<&str>> = jobs.iter().map(|n| n.job.callback.as_ref().map(|c| c.as_str())).collect();
+        let weights: Vec<i64> = jobs.iter().map(|n| n.weight as i64).collect();
+        let owners: Vec<Option<Vec<u8>>> = jobs.iter().map(|n| n.job.owner.map(|o| o.to_bytes().to_vec())).collect();
+        let specs: Vec<&[u8]> = jobs.iter().map(|n| n.record.spec.as_slice()).collect();
+        let data: Vec<Option<&[u8]>> = jobs.iter().map(|n| n.record.data.as_deref()).collect();
+        let conn = self.conns.shared().await?;
+        let row = conn
+            .query_opt(
+                "WITH new AS (SELECT * FROM unnest($1::bytea[], $2::int2[], $3::int2[], $4::int4[], $5::real[], \
+                   $6::text[], $7::int8[], $8::text[], $9::int8[], $10::bytea[], $11::bytea[], $12::bytea[]) \
+                   AS x(id, kind, status, attempts, progress, stage, created_at, callback, weight, owner, spec, data)), \
+                 j AS (INSERT INTO offload_jobs (id, kind, status, attempts, progress, stage, created_at, callback, \
+                   weight, owner) SELECT id, kind, status, attempts, progress, stage, created_at, callback, weight, \
+                   owner FROM new RETURNING seq, id), \
+                 p AS (INSERT INTO offload_payloads (seq, spec, data) \
+                   SELECT j.seq, new.spec, new.data FROM j JOIN new USING (id)) \
+                 SELECT count(*), pg_notify('offload', 'q') FROM j",
+                &[
+                    &ids, &kinds, &statuses, &attempts, &progress, &stages, &created, &callbacks, &weights, &owners,
+                    &specs, &data,
+                ],
+            )
+            .await?;
+        let n = row.map_or(0, |r| r.get::<_, i64>(0)) as usize;
+        if n != jobs.len() {
+            return Err(unavailable(format!("inserted {n} of {} jobs", jobs.len())));
+        }
+        Ok(())
+    }
+
+    /// What this instance added, counted before the next refresh sees it.
+    fn inserted(&self, jobs: &[&NewJob]) {
+        self.with_state(|s| {
+            for new in jobs {
+                let k = kind_index(new.job.kind);
+                s.claimable[k] += 1;
+                s.stats.queued[k] += 1;
+                s.stats.by_status.queued += 1;
+                s.stats.queued_bytes += new.weight;
+            }
+        });
+    }
+
+    /// A submission with an `Idempotency-Key`, in a transaction of its own: the jobs and the
+    /// key together, or (another request with the key committed first) nothing, and that
+    /// request's jobs.
+    async fn insert_keyed(self: Arc<Self>, jobs: Vec<NewJob>, key: IdempotencyKey) -> Result<Inserted, StoreError> {
+        let mut conn = self.conns.alone().await?;
         let tx = conn.transaction().await.map_err(unavailable)?;
-        let mut created = Vec::with_capacity(jobs.len());
         let mut first_seq = None;
-        let mut kinds = [0usize; 2];
         for new in &jobs {
             let job = &new.job;
             let row = tx
@@ -529,48 +823,38 @@ impl Inner {
             )
             .await
             .map_err(unavailable)?;
-            kinds[kind_index(job.kind)] += 1;
-            created.push(job.clone());
         }
-        if let (Some(key), Some(first)) = (&key, first_seq) {
-            let ids = pack_ids(created.iter().map(|j| j.id));
-            let added = tx
-                .execute(
-                    "INSERT INTO offload_idempotency (key, fingerprint, first_seq, ids) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT (key) DO NOTHING",
-                    &[&key.key, &key.fingerprint.as_slice(), &first, &ids],
-                )
-                .await
-                .map_err(unavailable)?;
-            if added == 0 {
-                // Another request with this key committed first: nothing of this one is kept.
-                tx.rollback().await.map_err(unavailable)?;
-                drop(conn);
-                return match self.replay(key).await? {
-                    Some(jobs) => Ok(Inserted::Replayed(jobs)),
-                    None => Err(unavailable("the idempotency key vanished meanwhile")),
-                };
-            }
+        let Some(first) = first_seq else { return Ok(Inserted::Created(Vec::new())) };
+        let ids = pack_ids(jobs.iter().map(|j| j.job.id));
+        let added = tx
+            .execute(
+                "INSERT INTO offload_idempotency (key, fingerprint, first_seq, ids) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (key) DO NOTHING",
+                &[&key.key, &key.fingerprint.as_slice(), &first, &ids],
+            )
+            .await
+            .map_err(unavailable)?;
+        if added == 0 {
+            // Another request with this key committed first: nothing of this one is kept.
+            tx.rollback().await.map_err(unavailable)?;
+            drop(conn);
+            return match self.replay(&key).await? {
+                Some(jobs) => Ok(Inserted::Replayed(jobs)),
+                None => Err(unavailable("the idempotency key vanished meanwhile")),
+            };
         }
-        tx.execute(&notify_sql(), &[&"q"]).await.map_err(unavailable)?;
+        tx.execute("SELECT pg_notify('offload', 'q')", &[]).await.map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
-        self.with_state(|s| {
-            for (i, n) in kinds.iter().enumerate() {
-                s.claimable[i] += n;
-                s.stats.queued[i] += n;
-            }
-            s.stats.by_status.queued += created.len();
-            s.stats.queued_bytes += jobs.iter().map(|j| j.weight).sum::<usize>();
-        });
-        Ok(Inserted::Created(created))
+        drop(conn);
+        self.inserted(&jobs.iter().collect::<Vec<_>>());
+        Ok(Inserted::Created(jobs.into_iter().map(|n| n.job).collect()))
     }
 
     async fn replay(&self, key: &IdempotencyKey) -> Result<Option<Vec<Job>>, StoreError> {
-        let conn = self.conn().await?;
+        let conn = self.conns.shared().await?;
         let row = conn
             .query_opt("SELECT fingerprint, ids FROM offload_idempotency WHERE key = $1", &[&key.key])
-            .await
-            .map_err(unavailable)?;
+            .await?;
         let Some(row) = row else { return Ok(None) };
         let print: Vec<u8> = row.get(0);
         if print != key.fingerprint {
@@ -579,7 +863,7 @@ impl Inner {
         let ids: Vec<u8> = row.get(1);
         let mut jobs = Vec::new();
         for id in unpack_ids(&ids) {
-            if let Some((_, job)) = self.load(&conn, id).await? {
+            if let Some((_, job)) = self.load(id).await? {
                 jobs.push(self.live(job));
             }
         }
@@ -587,48 +871,50 @@ impl Inner {
     }
 
     async fn claim(self: Arc<Self>, kind: JobKind) -> Result<Option<Claimed>, StoreError> {
-        let conn = self.conn().await?;
+        let conn = self.conns.shared().await?;
         // The claim and the payload in one round trip.
-        let sql = format!(
-            "WITH claimed AS (UPDATE offload_jobs SET attempts = attempts + 1, lease_owner = $2, \
-             lease_until = now() + make_interval(secs => $3) \
-             WHERE seq = (SELECT seq FROM offload_jobs WHERE status = 0 AND lease_owner IS NULL AND kind = $1 \
-                          ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED) \
-             RETURNING {JOB_COLUMNS}, weight) \
-             SELECT claimed.*, p.spec, p.data FROM claimed LEFT JOIN offload_payloads p ON p.seq = claimed.seq"
-        );
         let row = conn
-            .query_opt(&sql, &[&(kind_code(kind) as i16), &self.me, &self.lease.as_secs_f64()])
-            .await
-            .map_err(unavailable)?;
+            .query_opt(
+                concat!(
+                    "WITH claimed AS (UPDATE offload_jobs SET attempts = attempts + 1, lease_owner = $2, \
+                     lease_until = now() + make_interval(secs => $3) \
+                     WHERE seq = (SELECT seq FROM offload_jobs WHERE status = 0 AND lease_owner IS NULL AND kind = $1 \
+                                  ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED) \
+                     RETURNING ",
+                    job_columns!(),
+                    ") SELECT claimed.*, p.spec, p.data FROM claimed LEFT JOIN offload_payloads p ON p.seq = claimed.seq"
+                ),
+                &[&(kind_code(kind) as i16), &self.me, &self.lease.as_secs_f64()],
+            )
+            .await?;
+        drop(conn);
         let Some(row) = row else {
             self.with_state(|s| s.claimable[kind_index(kind)] = 0);
             return Ok(None);
         };
         let (seq, job) = job_from_row(&row)?;
-        let weight = row.get::<_, i64>(19) as usize;
         let record = row
-            .get::<_, Option<Vec<u8>>>(20)
-            .map(|spec| PayloadRecord { spec, data: row.get::<_, Option<Vec<u8>>>(21).map(Bytes::from) });
-        drop(conn);
+            .get::<_, Option<Vec<u8>>>(19)
+            .map(|spec| PayloadRecord { spec, data: row.get::<_, Option<Vec<u8>>>(20).map(Bytes::from) });
         let decoded = match record {
             Some(record) => JobPayload::decode(job.kind, record),
             None => Err("the payload is missing".to_string()),
         };
         match decoded {
             Ok(payload) => {
-                self.with_state(|s| {
-                    s.claimed.insert(job.id, (job.attempts, weight));
-                });
+                self.with_state(|s| s.held.insert(job.id, Held { job: job.clone(), dirty: false }));
                 Ok(Some(Claimed { job, payload }))
             }
             Err(message) => {
                 tracing::error!(job = %job.id, "stored payload unreadable: {message}");
                 let mut job = job;
                 job.fail(ErrorBody::new("payload_unreadable", message), SystemTime::now());
-                let mut conn = self.conn().await?;
+                let mut conn = self.conns.alone().await?;
                 let tx = conn.transaction().await.map_err(unavailable)?;
-                end(&tx, seq, &job).await?;
+                self.end(&tx, seq, &job).await?;
+                tx.execute("SELECT pg_notify('offload', $1)", &[&notice::changed(job.id, job.status, EVERYONE)])
+                    .await
+                    .map_err(unavailable)?;
                 tx.commit().await.map_err(unavailable)?;
                 Ok(None)
             }
@@ -636,71 +922,107 @@ impl Inner {
     }
 
     async fn start(self: Arc<Self>, id: JobId, attempt: u32, at: SystemTime) -> Result<bool, StoreError> {
-        let conn = self.conn().await?;
+        let conn = self.conns.shared().await?;
         let changed = conn
             .execute(
                 "UPDATE offload_jobs SET status = 1, started_at = $4, stage = 'started', progress = 0 \
-                 WHERE id = $1 AND attempts = $2 AND lease_owner = $3 AND status = 0",
-                &[&id.to_bytes().as_slice(), &(attempt as i32), &self.me, &micros(at)],
+                 WHERE id = $1 AND attempts = $2 AND lease_owner = $3 AND status = 0 \
+                 RETURNING pg_notify('offload', $5)",
+                &[
+                    &id.to_bytes().as_slice(),
+                    &(attempt as i32),
+                    &self.me,
+                    &micros(at),
+                    &notice::changed(id, JobStatus::Running, &self.tag),
+                ],
             )
-            .await
-            .map_err(unavailable)?;
-        if changed == 1 {
-            conn.execute(&notify_sql(), &[&format!("j{id}")]).await.map_err(unavailable)?;
-        }
+            .await?;
         self.with_state(|s| {
-            if changed == 1 && s.claimed.remove(&id).is_some() {
-                s.started.insert(id, attempt);
+            if let Some(held) = s.held.get_mut(&id).filter(|h| changed == 1 && h.job.attempts == attempt) {
+                held.job.start(at);
             }
         });
         Ok(changed == 1)
     }
 
-    /// The job, if this instance holds it with this attempt, locked for the transaction.
-    async fn held(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
-        id: JobId,
-        attempt: u32,
-    ) -> Result<Option<(i64, Job)>, StoreError> {
-        let sql = format!(
-            "SELECT {JOB_COLUMNS} FROM offload_jobs WHERE id = $1 AND attempts = $2 AND lease_owner = $3 \
-             AND status IN (0, 1) FOR UPDATE"
-        );
-        let row =
-            tx.query_opt(&sql, &[&id.to_bytes().as_slice(), &(attempt as i32), &self.me]).await.map_err(unavailable)?;
-        row.map(|r| job_from_row(&r)).transpose()
-    }
-
     fn settle(&self, id: JobId) {
-        self.with_state(|s| {
-            s.claimed.remove(&id);
-            s.started.remove(&id);
-            s.progress.remove(&id);
-        });
+        self.with_state(|s| s.held.remove(&id));
     }
 
     async fn finish(self: Arc<Self>, id: JobId, attempt: u32, outcome: Final) -> Result<Option<Job>, StoreError> {
-        let mut conn = self.conn().await?;
+        let held = self.with_state(|s| s.held.get(&id).filter(|h| h.job.attempts == attempt).map(|h| h.job.clone()));
+        let Some(job) = held else { return self.finish_read(id, attempt, outcome).await };
+        let Some((job, bytes)) = ended(job, outcome) else {
+            self.settle(id);
+            return Ok(None);
+        };
+        let owed = owed_body(&job);
+        let fields = Fields::of(&job);
+        let raw_id = id.to_bytes();
+        let raw_id = raw_id.as_slice();
+        let (attempt_i, said) = (attempt as i32, notice::changed(id, job.status, &self.tag));
+        let (url, body) = (owed.as_ref().map(|o| o.0), owed.as_ref().map(|o| o.1.as_slice()));
+        let result = bytes.as_deref();
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&raw_id, &attempt_i, &self.me];
+        params.extend(fields.params());
+        params.extend([
+            &result as &(dyn tokio_postgres::types::ToSql + Sync),
+            &url,
+            &body,
+            &said,
+        ]);
+        let conn = self.conns.shared().await?;
+        // The row, the result, the payload gone, the webhook owed and the notice: one statement.
+        let ended = conn
+            .query_opt(
+                "WITH u AS (UPDATE offload_jobs SET status = $4, progress = $5, stage = $6, started_at = $7, \
+                   finished_at = $8, error_code = $9, error_message = $10, result_type = $11, result_bytes = $12, \
+                   result_name = $13, result_width = $14, result_height = $15, lease_owner = NULL, lease_until = NULL \
+                   WHERE id = $1 AND attempts = $2 AND lease_owner = $3 AND status IN (0, 1) RETURNING seq), \
+                 r AS (INSERT INTO offload_results (seq, bytes) SELECT seq, $16::bytea FROM u WHERE $16::bytea IS NOT NULL \
+                   ON CONFLICT (seq) DO UPDATE SET bytes = excluded.bytes), \
+                 d AS (DELETE FROM offload_payloads WHERE seq IN (SELECT seq FROM u)), \
+                 w AS (INSERT INTO offload_webhooks (job_id, url, body, lease_owner, lease_until) \
+                   SELECT $1, $17::text, $18::bytea, $3, now() + interval '1 hour' FROM u WHERE $17::text IS NOT NULL \
+                   ON CONFLICT (job_id) DO UPDATE SET url = excluded.url, body = excluded.body, \
+                   lease_owner = excluded.lease_owner, lease_until = excluded.lease_until) \
+                 SELECT seq, pg_notify('offload', $19) FROM u",
+                &params,
+            )
+            .await?;
+        self.settle(id);
+        if ended.is_none() {
+            return Ok(None);
+        }
+        self.with_state(|s| *s.stats.by_status.slot(job.status) += 1);
+        Ok(Some(job))
+    }
+
+    /// An end this instance has no copy of the job for: read and locked in a transaction.
+    async fn finish_read(&self, id: JobId, attempt: u32, outcome: Final) -> Result<Option<Job>, StoreError> {
+        let mut conn = self.conns.alone().await?;
         let tx = conn.transaction().await.map_err(unavailable)?;
-        let Some((seq, mut job)) = self.held(&tx, id, attempt).await? else {
+        let row = tx
+            .query_opt(
+                concat!(
+                    "SELECT ",
+                    job_columns!(),
+                    " FROM offload_jobs WHERE id = $1 AND attempts = $2 AND lease_owner = $3 \
+                     AND status IN (0, 1) FOR UPDATE"
+                ),
+                &[&id.to_bytes().as_slice(), &(attempt as i32), &self.me],
+            )
+            .await
+            .map_err(unavailable)?;
+        let Some((job, bytes)) = row.map(|r| job_from_row(&r)).transpose()?.and_then(|(seq, job)| {
+            let (job, bytes) = ended(job, outcome)?;
+            Some(((seq, job), bytes))
+        }) else {
             self.settle(id);
             return Ok(None);
         };
-        let bytes = match &outcome {
-            Final::Succeeded { bytes, .. } => Some(bytes.clone()),
-            _ => None,
-        };
-        if job.status == JobStatus::Queued {
-            // Started as far as this instance knows; the end records it.
-            let at = self.with_state(|s| s.started.contains_key(&id)).then(SystemTime::now);
-            job.start(at.unwrap_or_else(SystemTime::now));
-        }
-        if !apply_final(&mut job, outcome, SystemTime::now()) {
-            self.settle(id);
-            return Ok(None);
-        }
-        if let Some(bytes) = bytes.filter(|_| job.status == JobStatus::Succeeded) {
+        let (seq, job) = job;
+        if let Some(bytes) = bytes {
             tx.execute(
                 "INSERT INTO offload_results (seq, bytes) VALUES ($1, $2) ON CONFLICT (seq) DO UPDATE SET bytes = $2",
                 &[&seq, &bytes.as_ref()],
@@ -708,18 +1030,24 @@ impl Inner {
             .await
             .map_err(unavailable)?;
         }
-        end(&tx, seq, &job).await?;
-        tx.execute(&notify_sql(), &[&format!("j{id}")]).await.map_err(unavailable)?;
+        self.end(&tx, seq, &job).await?;
+        tx.execute("SELECT pg_notify('offload', $1)", &[&notice::changed(id, job.status, &self.tag)])
+            .await
+            .map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
         self.settle(id);
         Ok(Some(job))
     }
 
     async fn cancel(self: Arc<Self>, id: JobId, reason: ErrorBody) -> Result<CancelOutcome, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.conns.alone().await?;
         let tx = conn.transaction().await.map_err(unavailable)?;
-        let sql = format!("SELECT {JOB_COLUMNS} FROM offload_jobs WHERE id = $1 FOR UPDATE");
-        let row = tx.query_opt(&sql, &[&id.to_bytes().as_slice()]).await.map_err(unavailable)?;
+        let row = tx
+            .query_opt(concat!("SELECT ", job_columns!(), " FROM offload_jobs WHERE id = $1 FOR UPDATE"), &[&id
+                .to_bytes()
+                .as_slice()])
+            .await
+            .map_err(unavailable)?;
         let Some((seq, mut job)) = row.map(|r| job_from_row(&r)).transpose()? else {
             return Ok(CancelOutcome::Unknown);
         };
@@ -728,31 +1056,35 @@ impl Inner {
         }
         job.cancel(SystemTime::now());
         job.error = Some(reason);
-        end(&tx, seq, &job).await?;
-        // Followers everywhere see it; the instance running it stops the run.
-        tx.execute(&notify_sql(), &[&format!("j{id}")]).await.map_err(unavailable)?;
-        tx.execute(&notify_sql(), &[&format!("c{id}")]).await.map_err(unavailable)?;
+        self.end(&tx, seq, &job).await?;
+        // Followers elsewhere see it (this instance's Dispatcher tells its own); the instance
+        // running it stops the run.
+        tx.execute("SELECT pg_notify('offload', $1)", &[&notice::changed(id, job.status, &self.tag)])
+            .await
+            .map_err(unavailable)?;
+        tx.execute("SELECT pg_notify('offload', $1)", &[&notice::cancelled(id)]).await.map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
         self.settle(id);
         Ok(CancelOutcome::Cancelled(job))
     }
 
     async fn release(self: Arc<Self>, id: JobId, attempt: u32) -> Result<bool, StoreError> {
-        let conn = self.conn().await?;
+        let conn = self.conns.shared().await?;
         // A claim that never started gives its attempt back.
         let changed = conn
             .execute(
                 "UPDATE offload_jobs SET attempts = CASE WHEN status = 0 THEN attempts - 1 ELSE attempts END, \
                  status = 0, stage = 'queued', progress = 0, started_at = NULL, lease_owner = NULL, lease_until = NULL \
-                 WHERE id = $1 AND attempts = $2 AND lease_owner = $3 AND status IN (0, 1)",
-                &[&id.to_bytes().as_slice(), &(attempt as i32), &self.me],
+                 WHERE id = $1 AND attempts = $2 AND lease_owner = $3 AND status IN (0, 1) \
+                 RETURNING pg_notify('offload', $4), pg_notify('offload', 'q')",
+                &[
+                    &id.to_bytes().as_slice(),
+                    &(attempt as i32),
+                    &self.me,
+                    &notice::changed(id, JobStatus::Queued, EVERYONE),
+                ],
             )
-            .await
-            .map_err(unavailable)?;
-        if changed == 1 {
-            conn.execute(&notify_sql(), &[&format!("j{id}")]).await.map_err(unavailable)?;
-            conn.execute(&notify_sql(), &[&"q"]).await.map_err(unavailable)?;
-        }
+            .await?;
         self.settle(id);
         Ok(changed == 1)
     }
@@ -761,7 +1093,7 @@ impl Inner {
         let cutoff = micros(now.checked_sub(self.ttl).unwrap_or(SystemTime::UNIX_EPOCH));
         let mut total = 0;
         loop {
-            let mut conn = self.conn().await?;
+            let mut conn = self.conns.alone().await?;
             let tx = conn.transaction().await.map_err(unavailable)?;
             let rows = tx
                 .query(
@@ -787,7 +1119,7 @@ impl Inner {
     }
 
     async fn list(&self, filter: ListFilter) -> Result<Vec<Job>, StoreError> {
-        let conn = self.conn().await?;
+        let conn = self.conns.shared().await?;
         let mut clauses = Vec::new();
         if let Some(s) = filter.status {
             clauses.push(format!("status = {}", status_code(s)));
@@ -799,7 +1131,7 @@ impl Inner {
         if owner.is_some() {
             clauses.push("owner = $2".to_string());
         }
-        let mut sql = format!("SELECT {JOB_COLUMNS} FROM offload_jobs");
+        let mut sql = concat!("SELECT ", job_columns!(), " FROM offload_jobs").to_string();
         if !clauses.is_empty() {
             sql.push_str(" WHERE ");
             sql.push_str(&clauses.join(" AND "));
@@ -807,12 +1139,16 @@ impl Inner {
         sql.push_str(" ORDER BY seq DESC LIMIT $1");
         let limit = filter.limit as i64;
         let rows = match &owner {
-            Some(o) => conn.query(&sql, &[&limit, o]).await,
-            None => conn.query(&sql, &[&limit]).await,
+            Some(o) => conn.client().query(&sql, &[&limit, o]).await,
+            None => conn.client().query(&sql, &[&limit]).await,
         }
         .map_err(unavailable)?;
         rows.iter().map(|r| job_from_row(r).map(|(_, j)| self.live(j))).collect()
     }
+}
+
+fn weight(jobs: &[NewJob]) -> usize {
+    jobs.iter().map(|j| j.weight).sum()
 }
 
 /// Reads a large result from the database piece by piece.
@@ -827,14 +1163,13 @@ impl ResultReader for PieceReader {
         let inner = self.inner.clone();
         let seq = self.seq;
         let fut = async move {
-            let conn = inner.conn().await?;
+            let conn = inner.conns.shared().await?;
             let row = conn
                 .query_opt(
                     "SELECT substring(bytes FROM $2 FOR $3) FROM offload_results WHERE seq = $1",
                     &[&seq, &(offset as i32 + 1), &(max as i32)],
                 )
-                .await
-                .map_err(unavailable)?;
+                .await?;
             Ok(row.map(|r| Bytes::from(r.get::<_, Vec<u8>>(0))).unwrap_or_default())
         };
         if tokio::runtime::Handle::try_current().is_ok() {
@@ -852,7 +1187,14 @@ impl JobStore for PgStore {
     }
 
     fn insert(&self, jobs: Vec<NewJob>, key: Option<IdempotencyKey>) -> Pending<Inserted> {
-        self.write(move |inner| Box::pin(inner.insert(jobs, key)))
+        if let Some(key) = key {
+            return self.write(move |inner| Box::pin(inner.insert_keyed(jobs, key)));
+        }
+        let (reply, answer) = oneshot::channel();
+        if self.inner.inserts.send(InsertRequest { jobs, reply }).is_err() {
+            return crate::store::ready(Err(unavailable("the store is closed")));
+        }
+        Box::pin(async move { answer.await.map_err(|_| unavailable("the store is closed"))? })
     }
 
     fn claim(&self, kind: JobKind) -> Option<Pending<Option<Claimed>>> {
@@ -888,9 +1230,8 @@ impl JobStore for PgStore {
     fn webhook_done(&self, id: JobId) {
         let inner = self.inner.clone();
         self.rt().spawn(async move {
-            if let Ok(conn) = inner.conn().await {
-                let _ =
-                    conn.execute("DELETE FROM offload_webhooks WHERE job_id = $1", &[&id.to_bytes().as_slice()]).await;
+            if let Ok(conn) = inner.conns.shared().await {
+                let _ = conn.execute("DELETE FROM offload_webhooks WHERE job_id = $1", &[&id.to_bytes().as_slice()]).await;
             }
         });
     }
@@ -898,7 +1239,7 @@ impl JobStore for PgStore {
     fn owed_webhooks(&self) -> Result<Vec<OwedWebhook>, StoreError> {
         let inner = self.inner.clone();
         self.read(async move {
-            let conn = inner.conn().await?;
+            let conn = inner.conns.shared().await?;
             // Taken for an hour by this instance, so instances starting together deliver each once.
             let rows = conn
                 .query(
@@ -906,8 +1247,7 @@ impl JobStore for PgStore {
                      WHERE lease_owner IS NULL OR lease_until < now() RETURNING job_id, url, body",
                     &[&inner.me],
                 )
-                .await
-                .map_err(unavailable)?;
+                .await?;
             Ok(rows
                 .iter()
                 .filter_map(|r| {
@@ -930,22 +1270,17 @@ impl JobStore for PgStore {
 
     fn progress(&self, id: JobId, fraction: f32, stage: Option<String>) {
         self.inner.with_state(|s| {
-            let entry = s.progress.entry(id).or_insert((0.0, None));
-            if fraction.is_finite() && fraction > entry.0 {
-                entry.0 = fraction;
-            }
-            if stage.is_some() {
-                entry.1 = stage;
+            if let Some(held) = s.held.get_mut(&id) {
+                if held.job.advance(fraction, stage) {
+                    held.dirty = true;
+                }
             }
         });
     }
 
     fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
         let inner = self.inner.clone();
-        self.read(async move {
-            let conn = inner.conn().await?;
-            Ok(inner.load(&conn, id).await?.map(|(_, job)| inner.live(job)))
-        })
+        self.read(async move { Ok(inner.load(id).await?.map(|(_, job)| inner.live(job))) })
     }
 
     fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, StoreError> {
@@ -956,23 +1291,21 @@ impl JobStore for PgStore {
     fn result(&self, id: JobId) -> Result<Option<(ResultMeta, ResultBody)>, StoreError> {
         let inner = self.inner.clone();
         let found = self.read(async move {
-            let conn = inner.conn().await?;
-            let Some((seq, job)) = inner.load(&conn, id).await? else { return Ok(None) };
+            let Some((seq, job)) = inner.load(id).await? else { return Ok(None) };
             let Some(meta) = job.result.filter(|_| job.status == JobStatus::Succeeded) else { return Ok(None) };
-            let len = conn
-                .query_opt("SELECT length(bytes) FROM offload_results WHERE seq = $1", &[&seq])
-                .await
-                .map_err(unavailable)?
-                .map(|r| r.get::<_, i32>(0) as usize);
-            let Some(len) = len else { return Ok(None) };
-            if len > STREAM_ABOVE {
-                return Ok(Some((meta, seq, len, None)));
-            }
+            let conn = inner.conns.shared().await?;
+            // Small results come whole with their length; a large one only its length.
             let row = conn
-                .query_one("SELECT bytes FROM offload_results WHERE seq = $1", &[&seq])
-                .await
-                .map_err(unavailable)?;
-            Ok(Some((meta, seq, len, Some(Bytes::from(row.get::<_, Vec<u8>>(0))))))
+                .query_opt(
+                    "SELECT length(bytes), CASE WHEN length(bytes) <= $2 THEN bytes END FROM offload_results \
+                     WHERE seq = $1",
+                    &[&seq, &(STREAM_ABOVE as i32)],
+                )
+                .await?;
+            let Some(row) = row else { return Ok(None) };
+            let len = row.get::<_, i32>(0) as usize;
+            let whole = row.get::<_, Option<Vec<u8>>>(1).map(Bytes::from);
+            Ok(Some((meta, seq, len, whole)))
         })?;
         Ok(found.map(|(meta, seq, len, whole)| {
             let body = match whole {
@@ -998,14 +1331,13 @@ impl JobStore for PgStore {
     fn counts(&self, owner: Owner) -> Result<StatusCounts, StoreError> {
         let inner = self.inner.clone();
         self.read(async move {
-            let conn = inner.conn().await?;
+            let conn = inner.conns.shared().await?;
             let rows = conn
                 .query(
                     "SELECT status, count(*) FROM offload_jobs WHERE owner = $1 GROUP BY status",
                     &[&owner.to_bytes().as_slice()],
                 )
-                .await
-                .map_err(unavailable)?;
+                .await?;
             let mut counts = StatusCounts::default();
             for row in rows {
                 let status = stored_status(row.get(0))?;
@@ -1016,9 +1348,27 @@ impl JobStore for PgStore {
     }
 
     fn health(&self) -> Result<(), StoreError> {
-        match self.inner.with_state(|s| s.failing.clone()) {
+        match self.inner.conns.failing() {
             Some(m) => Err(StoreError::Unavailable(m)),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_that_ended_before_it_was_read_shows_its_run_first() {
+        let mut job = Job::new(JobId::random(), JobKind::Pdf, SystemTime::now());
+        job.start(SystemTime::now());
+        job.fail(ErrorBody::new("timeout", "too slow"), SystemTime::now());
+        let running = as_of(&job, JobStatus::Running).expect("a running snapshot");
+        assert_eq!(running.status, JobStatus::Running);
+        assert!(running.error.is_none() && running.finished_at.is_none());
+        assert_eq!(as_of(&job, JobStatus::Failed).map(|j| j.status), Some(JobStatus::Failed));
+        // Queued again since: nothing to show for the old state.
+        assert!(as_of(&Job::new(JobId::random(), JobKind::Pdf, SystemTime::now()), JobStatus::Running).is_none());
     }
 }

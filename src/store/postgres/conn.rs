@@ -1,0 +1,162 @@
+//! Connections to the database, made again when they drop.
+//!
+//! Two kinds, because a transaction needs its connection alone while a single statement does
+//! not: *shared* connections carry single statements of many tasks at once (tokio-postgres
+//! pipelines them: a claim, a start and an end on one connection cost one round trip together,
+//! not three), and *alone* connections are lent to one transaction at a time. The hot path
+//! (batched inserts, claims, starts, ends) is single statements; transactions are for keyed
+//! submissions, cancels and the retention sweep. Every shared statement is prepared once per
+//! connection, so a claim is one Bind/Execute, not Parse + Bind/Execute.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Row, Statement};
+
+use crate::store::StoreError;
+
+pub(super) fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// The connections of one store.
+pub(super) struct Conns {
+    url: String,
+    shared: Vec<Slot>,
+    alone: Vec<tokio::sync::Mutex<Option<Client>>>,
+    /// Round robin over the shared connections.
+    next: AtomicUsize,
+    /// The last connection error, until a refresh succeeds (what `/readyz` reports).
+    failing: Mutex<Option<String>>,
+}
+
+/// One shared connection: the live one, and a lock so only one task reconnects it.
+struct Slot {
+    live: Mutex<Option<Arc<Shared>>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+/// A connection many tasks use at once, with the statements prepared on it.
+pub(super) struct Shared {
+    client: Client,
+    prepared: Mutex<HashMap<&'static str, Statement>>,
+}
+
+impl Conns {
+    /// `size` connections in all (at least 2): half shared (rounded up), the rest alone.
+    pub fn new(url: String, size: usize) -> Self {
+        let size = size.max(2);
+        let shared = size.div_ceil(2);
+        Conns {
+            url,
+            shared: (0..shared)
+                .map(|_| Slot { live: Mutex::new(None), connecting: tokio::sync::Mutex::new(()) })
+                .collect(),
+            alone: (0..size - shared).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            next: AtomicUsize::new(0),
+            failing: Mutex::new(None),
+        }
+    }
+
+    pub async fn connect(&self) -> Result<Client, StoreError> {
+        match tokio_postgres::connect(&self.url, NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::warn!("database connection ended: {e}");
+                    }
+                });
+                Ok(client)
+            }
+            Err(e) => {
+                self.fail(&e);
+                Err(unavailable(e))
+            }
+        }
+    }
+
+    /// A shared connection, (re)connected as needed.
+    pub async fn shared(&self) -> Result<Arc<Shared>, StoreError> {
+        let slot = &self.shared[self.next.fetch_add(1, Ordering::Relaxed) % self.shared.len()];
+        if let Some(live) = slot.current() {
+            return Ok(live);
+        }
+        let _one = slot.connecting.lock().await;
+        if let Some(live) = slot.current() {
+            return Ok(live);
+        }
+        let live = Arc::new(Shared { client: self.connect().await?, prepared: Mutex::new(HashMap::new()) });
+        *slot.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(live.clone());
+        Ok(live)
+    }
+
+    /// A connection for one transaction, (re)connected as needed.
+    pub async fn alone(&self) -> Result<tokio::sync::MappedMutexGuard<'_, Client>, StoreError> {
+        let start = rand::random::<u32>() as usize % self.alone.len();
+        let free = (0..self.alone.len()).find_map(|i| self.alone[(start + i) % self.alone.len()].try_lock().ok());
+        let mut guard = match free {
+            Some(g) => g,
+            None => self.alone[start].lock().await,
+        };
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            *guard = Some(self.connect().await?);
+        }
+        Ok(tokio::sync::MutexGuard::map(guard, |c| c.as_mut().expect("connected")))
+    }
+
+    pub fn fail(&self, e: &dyn std::fmt::Display) {
+        *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+    }
+
+    pub fn recovered(&self) {
+        *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    pub fn failing(&self) -> Option<String> {
+        self.failing.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Slot {
+    fn current(&self) -> Option<Arc<Shared>> {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.as_ref().filter(|c| !c.client.is_closed()).cloned()
+    }
+}
+
+impl Shared {
+    async fn statement(&self, sql: &'static str) -> Result<Statement, StoreError> {
+        if let Some(st) = self.prepared.lock().unwrap_or_else(|p| p.into_inner()).get(sql) {
+            return Ok(st.clone());
+        }
+        let st = self.client.prepare(sql).await.map_err(unavailable)?;
+        self.prepared.lock().unwrap_or_else(|p| p.into_inner()).insert(sql, st.clone());
+        Ok(st)
+    }
+
+    pub async fn query(&self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, StoreError> {
+        let st = self.statement(sql).await?;
+        self.client.query(&st, params).await.map_err(unavailable)
+    }
+
+    pub async fn query_opt(
+        &self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, StoreError> {
+        let st = self.statement(sql).await?;
+        self.client.query_opt(&st, params).await.map_err(unavailable)
+    }
+
+    pub async fn execute(&self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
+        let st = self.statement(sql).await?;
+        self.client.execute(&st, params).await.map_err(unavailable)
+    }
+
+    /// For statements built at run time (a list's filters): prepared each time.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
