@@ -3,6 +3,7 @@
 //! [`store::PgStore`] (claims with `FOR UPDATE SKIP LOCKED` and leases, fenced ends, rescue of
 //! expired leases, counts of the whole database).
 
+mod batch;
 mod conn;
 mod notice;
 pub mod schema;

@@ -26,6 +26,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{Client, NoTls, Row};
 
+use super::batch;
 use super::conn::{unavailable, Conns};
 use super::notice::{self, Notice, CHANNEL};
 use crate::domain::callback::{CallbackPolicy, CallbackUrl};
@@ -59,7 +60,7 @@ const STREAM_ABOVE: usize = 1 << 20;
 const BATCH_JOBS: usize = 512;
 const BATCH_BYTES: usize = 8 << 20;
 /// Grouped inserts in flight at once.
-const BATCHERS: usize = 2;
+const BATCHERS: usize = 1;
 /// How often running jobs' progress is written and announced (the contract's 50 ms).
 const PROGRESS_EVERY: Duration = Duration::from_millis(50);
 /// How often the counts of ended jobs (a scan of every kept job) are read again; the live
@@ -80,6 +81,10 @@ macro_rules! job_columns {
 pub struct PgStore {
     rt: Option<tokio::runtime::Runtime>,
     inner: Arc<Inner>,
+    /// Submissions without a key, claims and ends, each grouped into statements of many.
+    inserts: mpsc::UnboundedSender<InsertRequest>,
+    claims: mpsc::UnboundedSender<ClaimRequest>,
+    ends: mpsc::UnboundedSender<EndRequest>,
 }
 
 struct Inner {
@@ -95,8 +100,6 @@ struct Inner {
     state: Mutex<State>,
     /// Asks the counts refresh to run now (a notification said there is new work).
     refresh_now: tokio::sync::Notify,
-    /// Submissions without a key, waiting to be inserted together.
-    inserts: mpsc::UnboundedSender<InsertRequest>,
 }
 
 #[derive(Default)]
@@ -112,6 +115,8 @@ struct State {
 
 struct Held {
     job: Job,
+    /// The start is known here and not yet written (it is written with the next progress).
+    start_unsaid: bool,
     /// Progress changed since it was last written.
     dirty: bool,
 }
@@ -119,6 +124,38 @@ struct Held {
 struct InsertRequest {
     jobs: Vec<NewJob>,
     reply: oneshot::Sender<Result<Inserted, StoreError>>,
+}
+
+impl batch::Weigh for InsertRequest {
+    fn jobs(&self) -> usize {
+        self.jobs.len()
+    }
+    fn bytes(&self) -> usize {
+        weight(&self.jobs)
+    }
+}
+
+struct ClaimRequest {
+    kind: JobKind,
+    reply: oneshot::Sender<Result<Option<Claimed>, StoreError>>,
+}
+
+impl batch::Weigh for ClaimRequest {}
+
+/// A run's end, worked out from the job as held: the final job, the result to keep, the webhook
+/// owed.
+struct EndRequest {
+    job: Job,
+    bytes: Option<Bytes>,
+    /// Followers elsewhere have not heard the job started (its start was not written yet).
+    start_unsaid: bool,
+    reply: oneshot::Sender<Result<Option<Job>, StoreError>>,
+}
+
+impl batch::Weigh for EndRequest {
+    fn bytes(&self) -> usize {
+        self.bytes.as_ref().map_or(0, Bytes::len)
+    }
 }
 
 impl PgStore {
@@ -134,7 +171,6 @@ impl PgStore {
             .map_err(|e| e.to_string())?;
         let me = JobId::random().to_bytes().to_vec();
         let tag = me[..4].iter().map(|b| format!("{b:02x}")).collect();
-        let (inserts, waiting) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             conns: Conns::new(options.url.clone(), options.connections),
             url: options.url.clone(),
@@ -145,7 +181,6 @@ impl PgStore {
             ttl: options.ttl,
             state: Mutex::new(State::default()),
             refresh_now: tokio::sync::Notify::new(),
-            inserts,
         });
         let setup = inner.clone();
         run_on(&rt, async move {
@@ -157,11 +192,16 @@ impl PgStore {
             let inner = inner.clone();
             rt.spawn(async move { inner.run(task).await });
         }
-        let waiting = Arc::new(tokio::sync::Mutex::new(waiting));
-        for _ in 0..BATCHERS {
-            rt.spawn(inner.clone().batcher(waiting.clone()));
-        }
-        Ok(PgStore { rt: Some(rt), inner })
+        let _in_rt = rt.enter();
+        let limits = batch::Limits { jobs: BATCH_JOBS, bytes: BATCH_BYTES, tasks: BATCHERS };
+        let i = inner.clone();
+        let inserts = batch::start(limits, move |b| i.clone().insert_batch(b));
+        let i = inner.clone();
+        let claims = batch::start(limits, move |b| i.clone().claim_batch(b));
+        let i = inner.clone();
+        let ends = batch::start(limits, move |b| i.clone().end_batch(b));
+        drop(_in_rt);
+        Ok(PgStore { rt: Some(rt), inner, inserts, claims, ends })
     }
 
     fn rt(&self) -> &tokio::runtime::Runtime {
@@ -366,38 +406,45 @@ impl Inner {
         Ok(())
     }
 
-    /// The progress of this instance's running jobs that moved since the last time: written
-    /// (readers on every instance see it) and announced (followers on every instance get it), in
-    /// one statement for all of them.
+    /// This instance's runs that started or moved since the last time: written (readers on
+    /// every instance see them) and announced (followers on every instance get them), in one
+    /// statement for all of them.
     async fn write_progress(&self) -> Result<(), StoreError> {
-        let moved: Vec<(JobId, u32, f32, Option<String>)> = self.with_state(|s| {
+        let mut started = Vec::new();
+        let moved: Vec<(JobId, u32, Option<i64>, f32, Option<String>, bool)> = self.with_state(|s| {
             s.held
                 .values_mut()
-                .filter(|h| h.dirty && h.job.status == JobStatus::Running)
+                .filter(|h| (h.dirty || h.start_unsaid) && h.job.status == JobStatus::Running)
                 .map(|h| {
-                    h.dirty = false;
-                    (h.job.id, h.job.attempts, h.job.progress, h.job.stage.clone())
+                    if std::mem::take(&mut h.start_unsaid) {
+                        started.push(notice::changed(h.job.id, JobStatus::Running, &self.tag));
+                    }
+                    let dirty = std::mem::take(&mut h.dirty);
+                    let j = &h.job;
+                    (j.id, j.attempts, j.started_at.map(micros), j.progress, j.stage.clone(), dirty)
                 })
                 .collect()
         });
         if moved.is_empty() {
             return Ok(());
         }
-        let announced: Vec<_> = moved.iter().map(|(id, _, p, s)| (*id, *p, s.clone())).collect();
-        let payloads = notice::progress(&self.tag, &announced);
+        let announced: Vec<_> = moved.iter().filter(|m| m.5).map(|m| (m.0, m.3, m.4.clone())).collect();
+        let mut notices = started;
+        notices.extend(notice::progress(&self.tag, &announced));
         let raw: Vec<[u8; 16]> = moved.iter().map(|m| m.0.to_bytes()).collect();
         let ids: Vec<&[u8]> = raw.iter().map(|b| b.as_slice()).collect();
         let attempts: Vec<i32> = moved.iter().map(|m| m.1 as i32).collect();
-        let fractions: Vec<f32> = moved.iter().map(|m| m.2).collect();
-        let stages: Vec<Option<&str>> = moved.iter().map(|m| m.3.as_deref()).collect();
+        let starts: Vec<Option<i64>> = moved.iter().map(|m| m.2).collect();
+        let fractions: Vec<f32> = moved.iter().map(|m| m.3).collect();
+        let stages: Vec<Option<&str>> = moved.iter().map(|m| m.4.as_deref()).collect();
         let conn = self.conns.shared().await?;
         conn.query(
-            "WITH u AS (UPDATE offload_jobs o SET progress = x.p, stage = x.s \
-               FROM unnest($1::bytea[], $2::int4[], $3::real[], $4::text[]) AS x(id, a, p, s) \
-               WHERE o.id = x.id AND o.attempts = x.a AND o.lease_owner = $5 AND o.status = 1 RETURNING 1), \
-             n AS (SELECT pg_notify('offload', t) FROM unnest($6::text[]) AS t) \
+            "WITH u AS (UPDATE offload_jobs o SET status = 1, started_at = x.t, progress = x.p, stage = x.s \
+               FROM unnest($1::bytea[], $2::int4[], $3::int8[], $4::real[], $5::text[]) AS x(id, a, t, p, s) \
+               WHERE o.id = x.id AND o.attempts = x.a AND o.lease_owner = $6 AND o.status IN (0, 1) RETURNING 1), \
+             n AS (SELECT pg_notify('offload', t) FROM unnest($7::text[]) AS t) \
              SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM n)",
-            &[&ids, &attempts, &fractions, &stages, &self.me, &payloads],
+            &[&ids, &attempts, &starts, &fractions, &stages, &self.me, &notices],
         )
         .await?;
         Ok(())
@@ -516,13 +563,19 @@ impl Inner {
         row.map(|r| job_from_row(&r)).transpose()
     }
 
-    /// A job as readers see it: with this instance's live progress.
+    /// A job as readers see it: a run of this instance as it is now (started, its progress),
+    /// before the next write says so.
     fn live(&self, mut job: Job) -> Job {
-        if let Some((fraction, stage)) =
-            self.with_state(|s| s.held.get(&job.id).map(|h| (h.job.progress, h.job.stage.clone())))
-        {
-            job.advance(fraction, stage);
-        }
+        self.with_state(|s| {
+            let Some(held) = s.held.get(&job.id) else { return };
+            let run = &held.job;
+            if run.attempts == job.attempts && run.status == JobStatus::Running && !job.status.is_terminal() {
+                job.status = JobStatus::Running;
+                job.started_at = run.started_at;
+                job.progress = run.progress;
+                job.stage = run.stage.clone();
+            }
+        });
         job
     }
 }
@@ -699,39 +752,20 @@ impl Inner {
         Ok(())
     }
 
-    /// Takes submissions without a key off the queue, as many as wait (up to a batch), and
-    /// inserts them in one statement: one commit for all, every submitter answered after it.
-    async fn batcher(self: Arc<Self>, waiting: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<InsertRequest>>>) {
-        loop {
-            let batch = {
-                let mut waiting = waiting.lock().await;
-                let Some(first) = waiting.recv().await else { return };
-                let (mut jobs, mut bytes) = (first.jobs.len(), weight(&first.jobs));
-                let mut batch = vec![first];
-                while jobs < BATCH_JOBS && bytes < BATCH_BYTES {
-                    match waiting.try_recv() {
-                        Ok(next) => {
-                            jobs += next.jobs.len();
-                            bytes += weight(&next.jobs);
-                            batch.push(next);
-                        }
-                        Err(_) => break,
-                    }
-                }
-                batch
+    /// Submissions without a key, inserted in one statement: one commit for all, every
+    /// submitter answered after it.
+    async fn insert_batch(self: Arc<Self>, batch: Vec<InsertRequest>) {
+        let all: Vec<&NewJob> = batch.iter().flat_map(|r| &r.jobs).collect();
+        let result = self.insert_many(&all).await;
+        if result.is_ok() {
+            self.inserted(&all);
+        }
+        for request in batch {
+            let answer = match &result {
+                Ok(()) => Ok(Inserted::Created(request.jobs.into_iter().map(|n| n.job).collect())),
+                Err(e) => Err(e.clone()),
             };
-            let all: Vec<&NewJob> = batch.iter().flat_map(|r| &r.jobs).collect();
-            let result = self.insert_many(&all).await;
-            if result.is_ok() {
-                self.inserted(&all);
-            }
-            for request in batch {
-                let answer = match &result {
-                    Ok(()) => Ok(Inserted::Created(request.jobs.into_iter().map(|n| n.job).collect())),
-                    Err(e) => Err(e.clone()),
-                };
-                let _ = request.reply.send(answer);
-            }
+            let _ = request.reply.send(answer);
         }
     }
 
@@ -870,132 +904,211 @@ impl Inner {
         Ok(Some(jobs))
     }
 
-    async fn claim(self: Arc<Self>, kind: JobKind) -> Result<Option<Claimed>, StoreError> {
-        let conn = self.conns.shared().await?;
-        // The claim and the payload in one round trip.
-        let row = conn
-            .query_opt(
-                concat!(
-                    "WITH claimed AS (UPDATE offload_jobs SET attempts = attempts + 1, lease_owner = $2, \
-                     lease_until = now() + make_interval(secs => $3) \
-                     WHERE seq = (SELECT seq FROM offload_jobs WHERE status = 0 AND lease_owner IS NULL AND kind = $1 \
-                                  ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED) \
-                     RETURNING ",
-                    job_columns!(),
-                    ") SELECT claimed.*, p.spec, p.data FROM claimed LEFT JOIN offload_payloads p ON p.seq = claimed.seq"
-                ),
-                &[&(kind_code(kind) as i16), &self.me, &self.lease.as_secs_f64()],
-            )
-            .await?;
-        drop(conn);
-        let Some(row) = row else {
-            self.with_state(|s| s.claimable[kind_index(kind)] = 0);
-            return Ok(None);
-        };
-        let (seq, job) = job_from_row(&row)?;
-        let record = row
-            .get::<_, Option<Vec<u8>>>(19)
-            .map(|spec| PayloadRecord { spec, data: row.get::<_, Option<Vec<u8>>>(20).map(Bytes::from) });
-        let decoded = match record {
-            Some(record) => JobPayload::decode(job.kind, record),
-            None => Err("the payload is missing".to_string()),
-        };
-        match decoded {
-            Ok(payload) => {
-                self.with_state(|s| s.held.insert(job.id, Held { job: job.clone(), dirty: false }));
-                Ok(Some(Claimed { job, payload }))
-            }
-            Err(message) => {
-                tracing::error!(job = %job.id, "stored payload unreadable: {message}");
-                let mut job = job;
-                job.fail(ErrorBody::new("payload_unreadable", message), SystemTime::now());
-                let mut conn = self.conns.alone().await?;
-                let tx = conn.transaction().await.map_err(unavailable)?;
-                self.end(&tx, seq, &job).await?;
-                tx.execute("SELECT pg_notify('offload', $1)", &[&notice::changed(job.id, job.status, EVERYONE)])
-                    .await
-                    .map_err(unavailable)?;
-                tx.commit().await.map_err(unavailable)?;
-                Ok(None)
+    /// Claims, for as many jobs of each kind as were asked together: one statement per kind.
+    async fn claim_batch(self: Arc<Self>, batch: Vec<ClaimRequest>) {
+        let mut by_kind: HashMap<JobKind, Vec<ClaimRequest>> = HashMap::new();
+        for request in batch {
+            by_kind.entry(request.kind).or_default().push(request);
+        }
+        for (kind, requests) in by_kind {
+            match self.claim_many(kind, requests.len()).await {
+                Ok(claimed) => {
+                    let mut claimed = claimed.into_iter();
+                    for request in requests {
+                        let _ = request.reply.send(Ok(claimed.next()));
+                    }
+                }
+                Err(e) => {
+                    for request in requests {
+                        let _ = request.reply.send(Err(e.clone()));
+                    }
+                }
             }
         }
     }
 
-    async fn start(self: Arc<Self>, id: JobId, attempt: u32, at: SystemTime) -> Result<bool, StoreError> {
+    /// Up to `n` of the oldest claimable jobs of `kind`, with their payloads, in one round trip.
+    async fn claim_many(&self, kind: JobKind, n: usize) -> Result<Vec<Claimed>, StoreError> {
         let conn = self.conns.shared().await?;
-        let changed = conn
-            .execute(
-                "UPDATE offload_jobs SET status = 1, started_at = $4, stage = 'started', progress = 0 \
-                 WHERE id = $1 AND attempts = $2 AND lease_owner = $3 AND status = 0 \
-                 RETURNING pg_notify('offload', $5)",
-                &[
-                    &id.to_bytes().as_slice(),
-                    &(attempt as i32),
-                    &self.me,
-                    &micros(at),
-                    &notice::changed(id, JobStatus::Running, &self.tag),
-                ],
+        let rows = conn
+            .query(
+                concat!(
+                    "WITH picked AS (SELECT seq FROM offload_jobs WHERE status = 0 AND lease_owner IS NULL AND kind = $1 \
+                       ORDER BY seq LIMIT $4 FOR UPDATE SKIP LOCKED), \
+                     claimed AS (UPDATE offload_jobs SET attempts = attempts + 1, lease_owner = $2, \
+                       lease_until = now() + make_interval(secs => $3) WHERE seq IN (SELECT seq FROM picked) \
+                       RETURNING ",
+                    job_columns!(),
+                    ") SELECT claimed.*, p.spec, p.data FROM claimed LEFT JOIN offload_payloads p ON p.seq = claimed.seq \
+                     ORDER BY claimed.seq"
+                ),
+                &[&(kind_code(kind) as i16), &self.me, &self.lease.as_secs_f64(), &(n as i64)],
             )
             .await?;
-        self.with_state(|s| {
-            if let Some(held) = s.held.get_mut(&id).filter(|h| changed == 1 && h.job.attempts == attempt) {
-                held.job.start(at);
+        drop(conn);
+        if rows.len() < n {
+            self.with_state(|s| s.claimable[kind_index(kind)] = 0);
+        }
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in rows {
+            let (seq, job) = job_from_row(&row)?;
+            let record = row
+                .get::<_, Option<Vec<u8>>>(19)
+                .map(|spec| PayloadRecord { spec, data: row.get::<_, Option<Vec<u8>>>(20).map(Bytes::from) });
+            let decoded = match record {
+                Some(record) => JobPayload::decode(job.kind, record),
+                None => Err("the payload is missing".to_string()),
+            };
+            match decoded {
+                Ok(payload) => {
+                    self.with_state(|s| {
+                        s.held.insert(job.id, Held { job: job.clone(), start_unsaid: false, dirty: false })
+                    });
+                    claimed.push(Claimed { job, payload });
+                }
+                Err(message) => self.unreadable(seq, job, message).await?,
             }
-        });
-        Ok(changed == 1)
+        }
+        Ok(claimed)
+    }
+
+    /// A claimed job whose stored payload cannot be read: failed, for good.
+    async fn unreadable(&self, seq: i64, mut job: Job, message: String) -> Result<(), StoreError> {
+        tracing::error!(job = %job.id, "stored payload unreadable: {message}");
+        job.fail(ErrorBody::new("payload_unreadable", message), SystemTime::now());
+        let mut conn = self.conns.alone().await?;
+        let tx = conn.transaction().await.map_err(unavailable)?;
+        self.end(&tx, seq, &job).await?;
+        tx.execute("SELECT pg_notify('offload', $1)", &[&notice::changed(job.id, job.status, EVERYONE)])
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    /// A start is noted here, and written with the next progress (within 50 ms): a start costs
+    /// no statement of its own. The attempt was counted at the claim, so a crash before the
+    /// write loses nothing: the lease brings the job back either way.
+    fn start(&self, id: JobId, attempt: u32, at: SystemTime) -> bool {
+        self.with_state(|s| {
+            let Some(held) = s.held.get_mut(&id).filter(|h| h.job.attempts == attempt) else { return false };
+            let started = held.job.start(at);
+            held.start_unsaid |= started;
+            started
+        })
     }
 
     fn settle(&self, id: JobId) {
         self.with_state(|s| s.held.remove(&id));
     }
 
-    async fn finish(self: Arc<Self>, id: JobId, attempt: u32, outcome: Final) -> Result<Option<Job>, StoreError> {
-        let held = self.with_state(|s| s.held.get(&id).filter(|h| h.job.attempts == attempt).map(|h| h.job.clone()));
-        let Some(job) = held else { return self.finish_read(id, attempt, outcome).await };
-        let Some((job, bytes)) = ended(job, outcome) else {
-            self.settle(id);
-            return Ok(None);
-        };
-        let owed = owed_body(&job);
-        let fields = Fields::of(&job);
-        let raw_id = id.to_bytes();
-        let raw_id = raw_id.as_slice();
-        let (attempt_i, said) = (attempt as i32, notice::changed(id, job.status, &self.tag));
-        let (url, body) = (owed.as_ref().map(|o| o.0), owed.as_ref().map(|o| o.1.as_slice()));
-        let result = bytes.as_deref();
-        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&raw_id, &attempt_i, &self.me];
-        params.extend(fields.params());
-        params.extend([
-            &result as &(dyn tokio_postgres::types::ToSql + Sync),
-            &url,
-            &body,
-            &said,
-        ]);
+    /// Ends of runs, in one statement for all: each job's row, its result, its payload gone,
+    /// its webhook owed (held by this instance, which delivers it) and its notices, fenced on
+    /// (attempt, lease owner) job by job.
+    async fn end_batch(self: Arc<Self>, batch: Vec<EndRequest>) {
+        let result = self.end_many(&batch).await;
+        self.with_state(|s| {
+            for request in &batch {
+                let id = request.job.id;
+                match &result {
+                    Ok(ended) => {
+                        s.held.remove(&id);
+                        if ended.contains(&id) {
+                            *s.stats.by_status.slot(request.job.status) += 1;
+                        }
+                    }
+                    // Not ended: the Dispatcher retries, and may, from the job as held.
+                    Err(_) => {
+                        if let Some(held) = s.held.get_mut(&id) {
+                            held.job.status = JobStatus::Running;
+                        }
+                    }
+                }
+            }
+        });
+        for request in batch {
+            let answer = match &result {
+                Ok(ended) => Ok(ended.contains(&request.job.id).then_some(request.job)),
+                Err(e) => Err(e.clone()),
+            };
+            let _ = request.reply.send(answer);
+        }
+    }
+
+    async fn end_many(&self, batch: &[EndRequest]) -> Result<Vec<JobId>, StoreError> {
+        let raw: Vec<[u8; 16]> = batch.iter().map(|r| r.job.id.to_bytes()).collect();
+        let ids: Vec<&[u8]> = raw.iter().map(|b| b.as_slice()).collect();
+        let attempts: Vec<i32> = batch.iter().map(|r| r.job.attempts as i32).collect();
+        let fields: Vec<Fields> = batch.iter().map(|r| Fields::of(&r.job)).collect();
+        let owed: Vec<Option<(&str, Vec<u8>)>> = batch.iter().map(|r| owed_body(&r.job)).collect();
+        let said: Vec<String> = batch.iter().map(|r| notice::changed(r.job.id, r.job.status, &self.tag)).collect();
+        let ran: Vec<Option<String>> = batch
+            .iter()
+            .map(|r| r.start_unsaid.then(|| notice::changed(r.job.id, JobStatus::Running, &self.tag)))
+            .collect();
+        let column = |f: for<'f> fn(&'f Fields<'_>) -> Option<&'f str>| fields.iter().map(f).collect::<Vec<_>>();
+        let statuses: Vec<i16> = fields.iter().map(|f| f.status).collect();
+        let progress: Vec<f32> = fields.iter().map(|f| f.progress).collect();
+        let started: Vec<Option<i64>> = fields.iter().map(|f| f.started_at).collect();
+        let finished: Vec<Option<i64>> = fields.iter().map(|f| f.finished_at).collect();
+        let result_bytes: Vec<Option<i64>> = fields.iter().map(|f| f.result_bytes).collect();
+        let widths: Vec<Option<i32>> = fields.iter().map(|f| f.result_width).collect();
+        let heights: Vec<Option<i32>> = fields.iter().map(|f| f.result_height).collect();
+        let results: Vec<Option<&[u8]>> = batch.iter().map(|r| r.bytes.as_deref()).collect();
+        let urls: Vec<Option<&str>> = owed.iter().map(|o| o.as_ref().map(|o| o.0)).collect();
+        let bodies: Vec<Option<&[u8]>> = owed.iter().map(|o| o.as_ref().map(|o| o.1.as_slice())).collect();
         let conn = self.conns.shared().await?;
-        // The row, the result, the payload gone, the webhook owed and the notice: one statement.
-        let ended = conn
-            .query_opt(
-                "WITH u AS (UPDATE offload_jobs SET status = $4, progress = $5, stage = $6, started_at = $7, \
-                   finished_at = $8, error_code = $9, error_message = $10, result_type = $11, result_bytes = $12, \
-                   result_name = $13, result_width = $14, result_height = $15, lease_owner = NULL, lease_until = NULL \
-                   WHERE id = $1 AND attempts = $2 AND lease_owner = $3 AND status IN (0, 1) RETURNING seq), \
-                 r AS (INSERT INTO offload_results (seq, bytes) SELECT seq, $16::bytea FROM u WHERE $16::bytea IS NOT NULL \
-                   ON CONFLICT (seq) DO UPDATE SET bytes = excluded.bytes), \
+        let rows = conn
+            .query(
+                "WITH x AS (SELECT * FROM unnest($1::bytea[], $2::int4[], $3::int2[], $4::real[], $5::text[], \
+                   $6::int8[], $7::int8[], $8::text[], $9::text[], $10::text[], $11::int8[], $12::text[], $13::int4[], \
+                   $14::int4[], $15::bytea[], $16::text[], $17::bytea[], $18::text[], $19::text[]) \
+                   AS x(id, attempt, status, progress, stage, started_at, finished_at, error_code, error_message, \
+                   result_type, result_bytes, result_name, result_width, result_height, result, url, body, said, ran)), \
+                 u AS (UPDATE offload_jobs o SET status = x.status, progress = x.progress, stage = x.stage, \
+                   started_at = x.started_at, finished_at = x.finished_at, error_code = x.error_code, \
+                   error_message = x.error_message, result_type = x.result_type, result_bytes = x.result_bytes, \
+                   result_name = x.result_name, result_width = x.result_width, result_height = x.result_height, \
+                   lease_owner = NULL, lease_until = NULL \
+                   FROM x WHERE o.id = x.id AND o.attempts = x.attempt AND o.lease_owner = $20 AND o.status IN (0, 1) \
+                   RETURNING o.seq, o.id), \
+                 r AS (INSERT INTO offload_results (seq, bytes) SELECT u.seq, x.result FROM u JOIN x USING (id) \
+                   WHERE x.result IS NOT NULL ON CONFLICT (seq) DO UPDATE SET bytes = excluded.bytes), \
                  d AS (DELETE FROM offload_payloads WHERE seq IN (SELECT seq FROM u)), \
                  w AS (INSERT INTO offload_webhooks (job_id, url, body, lease_owner, lease_until) \
-                   SELECT $1, $17::text, $18::bytea, $3, now() + interval '1 hour' FROM u WHERE $17::text IS NOT NULL \
-                   ON CONFLICT (job_id) DO UPDATE SET url = excluded.url, body = excluded.body, \
-                   lease_owner = excluded.lease_owner, lease_until = excluded.lease_until) \
-                 SELECT seq, pg_notify('offload', $19) FROM u",
-                &params,
+                   SELECT u.id, x.url, x.body, $20, now() + interval '1 hour' FROM u JOIN x USING (id) \
+                   WHERE x.url IS NOT NULL ON CONFLICT (job_id) DO UPDATE SET url = excluded.url, \
+                   body = excluded.body, lease_owner = excluded.lease_owner, lease_until = excluded.lease_until) \
+                 SELECT u.id, CASE WHEN x.ran IS NOT NULL THEN pg_notify('offload', x.ran) END, \
+                   pg_notify('offload', x.said) FROM u JOIN x USING (id)",
+                &[
+                    &ids,
+                    &attempts,
+                    &statuses,
+                    &progress,
+                    &column(|f| f.stage),
+                    &started,
+                    &finished,
+                    &column(|f| f.error_code),
+                    &column(|f| f.error_message),
+                    &column(|f| f.result_type),
+                    &result_bytes,
+                    &column(|f| f.result_name),
+                    &widths,
+                    &heights,
+                    &results,
+                    &urls,
+                    &bodies,
+                    &said,
+                    &ran,
+                    &self.me,
+                ],
             )
             .await?;
-        self.settle(id);
-        if ended.is_none() {
-            return Ok(None);
-        }
-        self.with_state(|s| *s.stats.by_status.slot(job.status) += 1);
-        Ok(Some(job))
+        Ok(rows
+            .iter()
+            .filter_map(|r| <[u8; 16]>::try_from(r.get::<_, Vec<u8>>(0)).ok())
+            .map(JobId::from_bytes)
+            .collect())
     }
 
     /// An end this instance has no copy of the job for: read and locked in a transaction.
@@ -1191,7 +1304,7 @@ impl JobStore for PgStore {
             return self.write(move |inner| Box::pin(inner.insert_keyed(jobs, key)));
         }
         let (reply, answer) = oneshot::channel();
-        if self.inner.inserts.send(InsertRequest { jobs, reply }).is_err() {
+        if self.inserts.send(InsertRequest { jobs, reply }).is_err() {
             return crate::store::ready(Err(unavailable("the store is closed")));
         }
         Box::pin(async move { answer.await.map_err(|_| unavailable("the store is closed"))? })
@@ -1204,15 +1317,46 @@ impl JobStore for PgStore {
             *slot = slot.saturating_sub(1);
             any
         });
-        any.then(|| self.write(move |inner| Box::pin(inner.claim(kind))))
+        if !any {
+            return None;
+        }
+        let (reply, answer) = oneshot::channel();
+        Some(match self.claims.send(ClaimRequest { kind, reply }) {
+            Ok(()) => Box::pin(async move { answer.await.map_err(|_| unavailable("the store is closed"))? }),
+            Err(_) => crate::store::ready(Err(unavailable("the store is closed"))),
+        })
     }
 
     fn start(&self, id: JobId, attempt: u32, at: SystemTime) -> Pending<bool> {
-        self.write(move |inner| Box::pin(inner.start(id, attempt, at)))
+        crate::store::ready(Ok(self.inner.start(id, attempt, at)))
     }
 
     fn finish(&self, id: JobId, attempt: u32, outcome: Final) -> Pending<Option<Job>> {
-        self.write(move |inner| Box::pin(inner.finish(id, attempt, outcome)))
+        // From the job as held, unless another end of it is being written (a timeout and the
+        // run's own end): the first one wins.
+        let held = self.inner.with_state(|s| {
+            let held = s.held.get_mut(&id).filter(|h| h.job.attempts == attempt)?;
+            let job = held.job.clone();
+            if job.status.is_terminal() {
+                return Some(None);
+            }
+            let (job, bytes) = match ended(job, outcome.clone()) {
+                Some(end) => end,
+                None => return Some(None),
+            };
+            held.job.status = job.status;
+            Some(Some((job, bytes, held.start_unsaid)))
+        });
+        let (job, bytes, start_unsaid) = match held {
+            None => return self.write(move |inner| Box::pin(async move { inner.finish_read(id, attempt, outcome).await })),
+            Some(None) => return crate::store::ready(Ok(None)),
+            Some(Some(end)) => end,
+        };
+        let (reply, answer) = oneshot::channel();
+        match self.ends.send(EndRequest { job, bytes, start_unsaid, reply }) {
+            Ok(()) => Box::pin(async move { answer.await.map_err(|_| unavailable("the store is closed"))? }),
+            Err(_) => crate::store::ready(Err(unavailable("the store is closed"))),
+        }
     }
 
     fn cancel(&self, id: JobId, reason: ErrorBody) -> Pending<CancelOutcome> {
