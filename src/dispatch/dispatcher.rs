@@ -605,7 +605,11 @@ impl Actor for Dispatcher {
             this.pump_all(ctx);
         });
         // What a shared store learns of other instances: work to claim, cancels, changes.
-        let events = RemoteEvents { dispatcher: ctx.address(), hub: self.observers.hub.clone() };
+        let events = RemoteEvents {
+            dispatcher: ctx.address(),
+            hub: self.observers.hub.clone(),
+            webhooks: self.observers.webhooks.clone(),
+        };
         self.store.set_events(Arc::new(events));
         // Jobs recovered from the store run at once.
         self.pump_all(ctx);
@@ -617,6 +621,7 @@ impl Actor for Dispatcher {
 struct RemoteEvents {
     dispatcher: Addr<Dispatcher>,
     hub: Arc<crate::realtime::Hub>,
+    webhooks: Recipient<Deliver>,
 }
 
 impl crate::store::StoreEvents for RemoteEvents {
@@ -634,6 +639,12 @@ impl crate::store::StoreEvents for RemoteEvents {
 
     fn wants(&self, id: JobId) -> bool {
         self.hub.is_watched(id)
+    }
+
+    fn owed(&self, hooks: Vec<crate::store::OwedWebhook>) {
+        for w in hooks {
+            self.webhooks.do_send(Deliver { job: w.job, url: w.url, body: w.body });
+        }
     }
 }
 

@@ -288,6 +288,8 @@ pub trait StoreEvents: Send + Sync {
     fn wants(&self, _id: JobId) -> bool {
         true
     }
+    /// Webhooks owed by an instance that stopped (its lease on them ran out): deliver them.
+    fn owed(&self, _hooks: Vec<OwedWebhook>) {}
 }
 
 /// The error a run gets when the process died under it too often.

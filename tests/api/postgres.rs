@@ -167,6 +167,36 @@ async fn a_killed_instances_jobs_run_on_another_once_its_lease_ends() {
 }
 
 #[actix_web::test]
+async fn a_webhook_owed_by_a_killed_instance_is_delivered_by_one_still_running() {
+    use crate::helpers::{Behaviour, Receiver};
+    let receiver = Receiver::start(Behaviour { always_fail: true, fail_status: 503, ..Default::default() }).await;
+    let pg = Postgres::get();
+    let url = pg.fresh_database().await;
+    let args = ["--store", "postgres", "--database-url", &url, "--lease", "2s", "--allow-private-webhooks"];
+    // Both run before the job ends, so neither takes the webhook at its own start.
+    let mut a = crate::process::start(&crate::helpers::fresh_data_dir(), &args);
+    let mut b = crate::process::start(&crate::helpers::fresh_data_dir(), &args);
+    let mut spec = report(2);
+    spec["callback_url"] = json!(format!("{}/hooks/offload", receiver.url));
+    let id = id_of(&a.app.submit_pdf(&spec).await).to_string();
+    // The first attempt is answered 503; the retry is due about a second later. Kill the
+    // instance delivering it before then.
+    receiver.wait_until(Duration::from_secs(20), |r| !r.is_empty()).await;
+    let ran_on_a = succeeded_here(&a.app).await == 1.0;
+    let (dead, alive) = if ran_on_a { (&mut a, &b) } else { (&mut b, &a) };
+    dead.kill9();
+    let killed_at = std::time::Instant::now();
+    assert_eq!(receiver.requests().len(), 1, "the retry came before the kill; the test cannot tell anything");
+    receiver.set_behaviour(Behaviour::default());
+    let requests = receiver.wait_until(Duration::from_secs(20), |r| r.iter().any(|x| x.status == 200)).await;
+    let delivered: Vec<_> = requests.iter().filter(|r| r.status == 200).collect();
+    assert_eq!(delivered.len(), 1, "delivered once");
+    assert_eq!(delivered[0].json(), alive.app.job(&id).await, "the body is the job's final object");
+    // The lease (2 s) ran out and the next rescue (every third of it) took it.
+    assert!(killed_at.elapsed() < Duration::from_secs(6), "{:?}", killed_at.elapsed());
+}
+
+#[actix_web::test]
 async fn an_instance_frozen_past_its_lease_cannot_overwrite_the_rerun() {
     let pg = Postgres::get();
     let url = pg.fresh_database().await;

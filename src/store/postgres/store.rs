@@ -69,6 +69,8 @@ const ENDED_COUNTS_EVERY: Duration = Duration::from_secs(5);
 /// The sender tag of notices meant for every instance, the sender included (it matches no
 /// instance's hex tag).
 const EVERYONE: &str = "********";
+/// Webhooks of stopped instances taken per rescue (each rescue, every third of the lease).
+const RESCUED_WEBHOOKS: i64 = 100;
 
 /// The job columns [`job_from_row`] reads, in its order.
 macro_rules! job_columns {
@@ -366,14 +368,42 @@ impl Inner {
         Ok(())
     }
 
+    /// Renews this instance's leases: on the jobs it holds and on the webhooks it delivers.
     async fn heartbeat(&self) -> Result<(), StoreError> {
         let conn = self.conns.shared().await?;
-        conn.execute(
-            "UPDATE offload_jobs SET lease_until = now() + make_interval(secs => $2) WHERE lease_owner = $1",
+        conn.query(
+            "WITH j AS (UPDATE offload_jobs SET lease_until = now() + make_interval(secs => $2) \
+               WHERE lease_owner = $1 RETURNING 1), \
+             w AS (UPDATE offload_webhooks SET lease_until = now() + make_interval(secs => $2) \
+               WHERE lease_owner = $1 RETURNING 1) \
+             SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM w)",
             &[&self.me, &self.lease.as_secs_f64()],
         )
         .await?;
         Ok(())
+    }
+
+    /// Webhooks whose lease ran out (the instance delivering them stopped, or none took them
+    /// yet), taken by this instance: at most `limit` at a time.
+    async fn take_webhooks(&self, limit: i64) -> Result<Vec<OwedWebhook>, StoreError> {
+        let conn = self.conns.shared().await?;
+        let rows = conn
+            .query(
+                "UPDATE offload_webhooks SET lease_owner = $1, lease_until = now() + make_interval(secs => $2) \
+                 WHERE job_id IN (SELECT job_id FROM offload_webhooks WHERE lease_until IS NULL OR lease_until < now() \
+                   LIMIT $3 FOR UPDATE SKIP LOCKED) \
+                 RETURNING job_id, url, body",
+                &[&self.me, &self.lease.as_secs_f64(), &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let id: Vec<u8> = r.get(0);
+                let url = CallbackUrl::parse(&r.get::<_, String>(1), CallbackPolicy { allow_private: true }).ok()?;
+                Some(OwedWebhook { job: JobId::from_bytes(id.try_into().ok()?), url, body: Bytes::from(r.get::<_, Vec<u8>>(2)) })
+            })
+            .collect())
     }
 
     /// Jobs whose holder stopped renewing: queued again, or failed past the attempts allowed.
@@ -402,6 +432,15 @@ impl Inner {
             .await?;
         if failed + requeued > 0 {
             tracing::info!(requeued, failed, "jobs of an instance that stopped renewing its leases taken back");
+        }
+        // Webhooks a stopped instance owed: delivered from here (only once the Dispatcher
+        // listens: before that, the start takes them with `owed_webhooks`).
+        if let Some(events) = self.with_state(|s| s.events.clone()) {
+            let owed = self.take_webhooks(RESCUED_WEBHOOKS).await?;
+            if !owed.is_empty() {
+                tracing::info!(owed = owed.len(), "delivering webhooks owed by an instance that stopped");
+                events.owed(owed);
+            }
         }
         Ok(())
     }
@@ -741,10 +780,10 @@ impl Inner {
         if let Some((url, body)) = owed_body(job) {
             tx.execute(
                 "INSERT INTO offload_webhooks (job_id, url, body, lease_owner, lease_until) \
-                 VALUES ($1, $2, $3, $4, now() + interval '1 hour') \
+                 VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5)) \
                  ON CONFLICT (job_id) DO UPDATE SET url = $2, body = $3, lease_owner = $4, \
-                 lease_until = now() + interval '1 hour'",
-                &[&job.id.to_bytes().as_slice(), &url, &body, &self.me],
+                 lease_until = now() + make_interval(secs => $5)",
+                &[&job.id.to_bytes().as_slice(), &url, &body, &self.me, &self.lease.as_secs_f64()],
             )
             .await
             .map_err(unavailable)?;
@@ -1075,7 +1114,7 @@ impl Inner {
                    WHERE x.result IS NOT NULL ON CONFLICT (seq) DO UPDATE SET bytes = excluded.bytes), \
                  d AS (DELETE FROM offload_payloads WHERE seq IN (SELECT seq FROM u)), \
                  w AS (INSERT INTO offload_webhooks (job_id, url, body, lease_owner, lease_until) \
-                   SELECT u.id, x.url, x.body, $20, now() + interval '1 hour' FROM u JOIN x USING (id) \
+                   SELECT u.id, x.url, x.body, $20, now() + make_interval(secs => $21) FROM u JOIN x USING (id) \
                    WHERE x.url IS NOT NULL ON CONFLICT (job_id) DO UPDATE SET url = excluded.url, \
                    body = excluded.body, lease_owner = excluded.lease_owner, lease_until = excluded.lease_until) \
                  SELECT u.id, CASE WHEN x.ran IS NOT NULL THEN pg_notify('offload', x.ran) END, \
@@ -1101,6 +1140,7 @@ impl Inner {
                     &said,
                     &ran,
                     &self.me,
+                    &self.lease.as_secs_f64(),
                 ],
             )
             .await?;
@@ -1382,30 +1422,8 @@ impl JobStore for PgStore {
 
     fn owed_webhooks(&self) -> Result<Vec<OwedWebhook>, StoreError> {
         let inner = self.inner.clone();
-        self.read(async move {
-            let conn = inner.conns.shared().await?;
-            // Taken for an hour by this instance, so instances starting together deliver each once.
-            let rows = conn
-                .query(
-                    "UPDATE offload_webhooks SET lease_owner = $1, lease_until = now() + interval '1 hour' \
-                     WHERE lease_owner IS NULL OR lease_until < now() RETURNING job_id, url, body",
-                    &[&inner.me],
-                )
-                .await?;
-            Ok(rows
-                .iter()
-                .filter_map(|r| {
-                    let id: Vec<u8> = r.get(0);
-                    let url =
-                        CallbackUrl::parse(&r.get::<_, String>(1), CallbackPolicy { allow_private: true }).ok()?;
-                    Some(OwedWebhook {
-                        job: JobId::from_bytes(id.try_into().ok()?),
-                        url,
-                        body: Bytes::from(r.get::<_, Vec<u8>>(2)),
-                    })
-                })
-                .collect())
-        })
+        // Taken by lease, so instances starting together deliver each once.
+        self.read(async move { inner.take_webhooks(i64::MAX).await })
     }
 
     fn set_events(&self, events: Arc<dyn StoreEvents>) {
