@@ -66,6 +66,10 @@ async fn post_with_key(app: &TestApp, key: &[u8]) -> crate::helpers::Reply {
     app.request_with_headers("POST", "/generate-pdf", &headers, br#"{"title": "once"}"#.to_vec()).await
 }
 
+async fn in_flight(app: &TestApp) -> f64 {
+    app.metrics().await.value("offload_pool_in_flight_jobs", &[("pool", "pdf")])
+}
+
 async fn succeeded_here(app: &TestApp) -> f64 {
     app.metrics().await.value("offload_jobs_finished_total", &[("kind", "pdf"), ("status", "succeeded")])
 }
@@ -261,21 +265,26 @@ async fn followers_and_cancels_reach_across_instances() {
     let pg = Postgres::get();
     let url = pg.fresh_database().await;
     let (a, b) = (instance(&url, Duration::from_secs(30)).await, instance(&url, Duration::from_secs(30)).await);
-    // A job submitted and run on A, followed from B to its end.
-    let job = a.submit_pdf(&slow("followed", 100)).await;
-    let (_, mut socket) = b.client.ws(b.url("/ws")).connect().await.expect("WebSocket on B");
-    let subscribe = json!({"subscribe": [id_of(&job)]}).to_string();
+    // A job followed from the instance that does not run it: its progress and its end arrive.
+    let pages = json!({"title": "followed", "paragraphs": ["p\n".repeat(400)], "test_hook": {"slow_pages": {"millis": 150}}});
+    let id = id_of(&a.submit_pdf(&pages).await).to_string();
+    a.wait_for(&id, Duration::from_secs(20), |j| j["status"] == "running").await;
+    let follower = if in_flight(&a).await > 0.0 { &b } else { &a };
+    let (_, mut socket) = follower.client.ws(follower.url("/ws")).connect().await.expect("WebSocket");
+    let subscribe = json!({"subscribe": [&id]}).to_string();
     socket.send(awc::ws::Message::Text(subscribe.into())).await.unwrap();
     let mut seen = Vec::new();
     loop {
         let frame = next_job_frame(&mut socket).await;
-        seen.push(frame["status"].as_str().unwrap().to_string());
+        seen.push((frame["status"].as_str().unwrap().to_string(), frame["progress"].as_f64().unwrap()));
         if frame["status"] == "succeeded" {
             break;
         }
     }
-    assert!(seen.contains(&"running".to_string()) || seen.len() >= 2, "{seen:?}");
-    assert_eq!(succeeded_here(&b).await, 0.0, "B only followed");
+    let moving: Vec<f64> = seen.iter().filter(|(s, p)| s == "running" && *p > 0.0 && *p < 1.0).map(|s| s.1).collect();
+    assert!(moving.len() >= 2, "progress of a run elsewhere, as it moves: {seen:?}");
+    assert!(moving.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    assert_eq!(succeeded_here(follower).await, 0.0, "the follower did not run it");
 
     // A job hanging on one instance, cancelled on the other: the run stops within about a second.
     let hung = a.submit_pdf(&json!({"title": "hang", "test_hook": "hang"})).await;
