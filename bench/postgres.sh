@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The PostgreSQL store against the embedded one: completed one-page PDF jobs/s (500 jobs of the
+# The PostgreSQL store against the embedded one: completed one-page PDF jobs/s (1,000 jobs of the
 # peers' document at oha -c 32 to a warmed-up server, timed from the first job's created_at to
 # the last finished_at), for: the embedded store; postgres, one instance; postgres, two instances
 # on one database (submissions to the first, both claim; on 2 cores more instances cannot add
@@ -11,46 +11,25 @@ shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}
 PORT=${PORT:-18284}
-PGPORT=${PGPORT:-18295}
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 . bench/common.sh
 . bench/peers.sh # offload_pdf_body
 cargo build --release --locked -q
 
-PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort | tail -n1)
-PGDIR=$(mktemp -d "${TMPDIR:-/tmp}/offload-bench-pg.XXXXXX")
-as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-[ "$(id -u)" = 0 ] && chown postgres "$PGDIR"
-as_pg "$PGBIN/initdb" -D "$PGDIR/data" -A trust -U postgres >/dev/null
-as_pg "$PGBIN/pg_ctl" -D "$PGDIR/data" -w -l "$PGDIR/log" \
-  -o "-p $PGPORT -k $PGDIR -c listen_addresses=127.0.0.1 -c max_connections=200" start >/dev/null
-stop_pg() { as_pg "$PGBIN/pg_ctl" -D "$PGDIR/data" -m fast stop >/dev/null 2>&1 || true; rm -rf "$PGDIR"; }
-trap stop_pg EXIT
-
-fresh_db() {  # prints a URL of a new database
-  local name="b_$RANDOM$RANDOM"
-  psql -q -h 127.0.0.1 -p "$PGPORT" -U postgres -c "CREATE DATABASE $name" >/dev/null
-  echo "postgres://postgres@127.0.0.1:$PGPORT/$name"
-}
+. bench/pg_cluster.sh
 
 # start_second URL: a second instance on PORT+1 (its PID in PID2).
 start_second() {
-  local data
-  data=$(mktemp -d "${TMPDIR:-/tmp}/offload-bench.XXXXXX")
-  ./target/release/offload --bind "127.0.0.1:$((PORT + 1))" --data-dir "$data" --store postgres \
-    --database-url "$1" --max-pending 600 >"$OUT/pg-second.log" 2>&1 &
-  PID2=$!
-  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$((PORT + 1))/healthz" >/dev/null && return 0; sleep 0.05; done
-  echo "the second instance did not start" >&2
-  return 1
+  start_instance "$((PORT + 1))" "$OUT/pg-second.log" --store postgres --database-url "$1" --max-pending 1100
+  PID2=$PID_LAST
 }
 
 batch() {  # batch NAME INSTANCES FLAGS...: prints a JSON line
   local name=$1 instances=$2 body
   shift 2
   body=$(offload_pdf_body 1)
-  start_offload "$PORT" "$OUT/pg-batch-server.log" --max-pending 600 "$@"
+  start_offload "$PORT" "$OUT/pg-batch-server.log" --max-pending 1100 "$@"
   # start_offload's own trap, plus the second instance and the cluster.
   trap 'kill $PID ${PID2:-} 2>/dev/null || true; rm -rf "$BENCH_DATA"; stop_pg' EXIT
   local url=${PG_URL:-}
@@ -61,13 +40,13 @@ batch() {  # batch NAME INSTANCES FLAGS...: prints a JSON line
   local before_a before_b=0
   before_a=$(curl -sf "http://127.0.0.1:$PORT/metrics" | awk '/^offload_jobs_finished_total\{kind="pdf",status="succeeded"\}/ {print $2}')
   [ "$instances" = 2 ] && before_b=$(curl -sf "http://127.0.0.1:$((PORT + 1))/metrics" | awk '/^offload_jobs_finished_total\{kind="pdf",status="succeeded"\}/ {print $2}')
-  oha -n 500 -c 32 --no-tui --output-format json -m POST -H 'content-type: application/json' -d "$body" \
+  oha -n 1000 -c 32 --no-tui --output-format json -m POST -H 'content-type: application/json' -d "$body" \
     "http://127.0.0.1:$PORT/generate-pdf" >"$OUT/pg-batch-oha.json"
   wait_drained "$PORT"
   local after_a after_b=0
   after_a=$(curl -sf "http://127.0.0.1:$PORT/metrics" | awk '/^offload_jobs_finished_total\{kind="pdf",status="succeeded"\}/ {print $2}')
   [ "$instances" = 2 ] && after_b=$(curl -sf "http://127.0.0.1:$((PORT + 1))/metrics" | awk '/^offload_jobs_finished_total\{kind="pdf",status="succeeded"\}/ {print $2}')
-  curl -sf "http://127.0.0.1:$PORT/jobs?limit=500" >"$OUT/pg-batch-jobs.json"
+  curl -sf "http://127.0.0.1:$PORT/jobs?limit=1000" >"$OUT/pg-batch-jobs.json"
   python3 - "$name" "$OUT/pg-batch-jobs.json" "$OUT/pg-batch-oha.json" "${before_a:-0}" "${after_a:-0}" "${before_b:-0}" "${after_b:-0}" <<'PY'
 import json, sys
 from datetime import datetime

@@ -38,6 +38,10 @@ struct Args {
     /// Base URL of the server.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     url: String,
+    /// Base URL the WebSocket clients connect to (default: `--url`): another instance on the
+    /// same PostgreSQL database measures the latency of events across instances.
+    #[arg(long)]
+    ws_url: Option<String>,
     /// Number of clients (= connections = jobs).
     #[arg(short = 'n', long, default_value_t = 1000)]
     clients: usize,
@@ -248,7 +252,7 @@ fn round3(secs: f64) -> f64 {
 async fn main() {
     let args = Args::parse();
     let base = args.url.trim_end_matches('/').to_string();
-    let ws_url = format!("{base}/ws");
+    let ws_url = format!("{}/ws", args.ws_url.as_deref().unwrap_or(&base).trim_end_matches('/'));
     let n = args.clients;
     let shared = Rc::new(RefCell::new(Shared {
         clients: (0..n).map(|_| ClientState::default()).collect(),

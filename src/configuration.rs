@@ -86,11 +86,12 @@ pub struct Settings {
     #[arg(long, env = "OFFLOAD_HTTP_WORKERS")]
     pub http_workers: Option<usize>,
 
-    /// PDF worker threads in the PDF pool (default: number of cores).
+    /// PDF worker threads in the PDF pool (default: number of cores). With `--store postgres`, 0
+    /// makes an instance that accepts and serves PDF jobs and leaves running them to others.
     #[arg(long, env = "OFFLOAD_PDF_WORKERS")]
     pub pdf_workers: Option<usize>,
 
-    /// Image worker threads in the image pool (default: number of cores).
+    /// Image worker threads in the image pool (default: number of cores; 0 as for PDFs).
     #[arg(long, env = "OFFLOAD_IMAGE_WORKERS")]
     pub image_workers: Option<usize>,
 
@@ -131,7 +132,9 @@ pub struct Settings {
     #[arg(long, env = "OFFLOAD_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,
 
-    /// Embedded store: most result bytes kept on disk; past it the oldest finished jobs go first.
+    /// Durable stores: most result bytes kept (on disk; with PostgreSQL, in the database for all
+    /// instances together); a larger result fails its job, and past it the oldest finished jobs
+    /// go first.
     #[arg(long, env = "OFFLOAD_RESULT_DISK", default_value = "4GiB")]
     pub result_disk: ByteSize,
 
@@ -356,12 +359,20 @@ impl Settings {
         Settings::parse_from(["offload"])
     }
 
+    /// 0 (no PDF pool here) only with a shared store: another instance runs the jobs.
     pub fn pdf_workers(&self) -> usize {
-        self.pdf_workers.unwrap_or_else(cores).max(1)
+        self.workers(self.pdf_workers)
     }
 
     pub fn image_workers(&self) -> usize {
-        self.image_workers.unwrap_or_else(cores).max(1)
+        self.workers(self.image_workers)
+    }
+
+    fn workers(&self, set: Option<usize>) -> usize {
+        match set {
+            Some(0) if self.store == StoreKind::Postgres => 0,
+            set => set.unwrap_or_else(cores).max(1),
+        }
     }
 
     pub fn pdf_budget(&self) -> crate::domain::pdf::RenderBudget {

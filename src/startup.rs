@@ -173,6 +173,7 @@ fn open_store(settings: &Settings, metrics: Arc<Metrics>) -> std::io::Result<Arc
                 max_attempts: settings.max_attempts,
                 ttl: settings.result_ttl(),
                 connections: settings.db_connections.into(),
+                result_budget: settings.result_disk.bytes(),
             };
             Arc::new(crate::store::PgStore::open(&options).map_err(std::io::Error::other)?)
         }
@@ -200,16 +201,21 @@ fn start_dispatcher(
     let (nice, sched, budget) = (settings.worker_nice, settings.worker_sched, settings.pdf_budget());
     let hook = store.start_hook();
     let on_start = hook.clone();
-    let pdf = SyncArbiter::start(pdf_workers, move || {
-        JobWorker::on_pool_thread(c"pdf-worker", nice, sched, on_start.clone(), budget)
-    });
     let image_workers = settings.image_workers();
-    let image = SyncArbiter::start(image_workers, move || {
-        JobWorker::on_pool_thread(c"image-worker", nice, sched, hook.clone(), budget)
-    });
+    // A kind with no workers here has no pool: another instance on the shared store runs it.
     let mut pools = HashMap::new();
-    pools.insert(JobKind::Pdf, Pool::new(pdf.recipient(), pdf_workers));
-    pools.insert(JobKind::Image, Pool::new(image.recipient(), image_workers));
+    if pdf_workers > 0 {
+        let pdf = SyncArbiter::start(pdf_workers, move || {
+            JobWorker::on_pool_thread(c"pdf-worker", nice, sched, on_start.clone(), budget)
+        });
+        pools.insert(JobKind::Pdf, Pool::new(pdf.recipient(), pdf_workers));
+    }
+    if image_workers > 0 {
+        let image = SyncArbiter::start(image_workers, move || {
+            JobWorker::on_pool_thread(c"image-worker", nice, sched, hook.clone(), budget)
+        });
+        pools.insert(JobKind::Image, Pool::new(image.recipient(), image_workers));
+    }
     let admission = Admission {
         max_pending: settings.max_pending,
         max_queued_bytes: settings.max_queued_bytes.bytes(),

@@ -786,7 +786,8 @@ impl Dispatcher {
             *wanted.entry(payload.kind()).or_default() += 1;
         }
         for (&kind, &count) in &wanted {
-            if !self.pools.contains_key(&kind) {
+            // Without a pool here, only a shared store has someone else to run it.
+            if !self.pools.contains_key(&kind) && !self.store.shared() {
                 return Err(SubmitError::NoPool(kind));
             }
             let limit = self.admission.max_pending;

@@ -205,6 +205,10 @@ pub(crate) fn kind_index(kind: JobKind) -> usize {
 pub trait JobStore: Send + Sync + 'static {
     /// Whether accepted jobs survive the process (decides what a shutdown does with them).
     fn durable(&self) -> bool;
+    /// Whether other processes share the jobs (and so may run the ones no pool here runs).
+    fn shared(&self) -> bool {
+        false
+    }
 
     /// Creates jobs, all or none, with their payloads; with a key, at most once per key.
     fn insert(&self, jobs: Vec<NewJob>, key: Option<IdempotencyKey>) -> Pending<Inserted>;

@@ -171,6 +171,75 @@ async fn a_killed_instances_jobs_run_on_another_once_its_lease_ends() {
 }
 
 #[actix_web::test]
+async fn an_instance_without_workers_takes_jobs_that_another_runs() {
+    let pg = Postgres::get();
+    let url = pg.fresh_database().await;
+    let mut s = settings();
+    s.store = StoreKind::Postgres;
+    s.database_url = Some(url.parse().unwrap());
+    (s.pdf_workers, s.image_workers) = (Some(0), Some(0));
+    let front = spawn_app_with(s).await;
+    let job = front.submit_pdf(&json!({"title": "run elsewhere"})).await;
+    let id = id_of(&job).to_string();
+    // Nobody runs it yet: it waits, accepted.
+    assert_eq!(front.job(&id).await["status"], "queued");
+    let worker = instance(&url, Duration::from_secs(30)).await;
+    let done = front.wait_finished(&id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(succeeded_here(&worker).await, 1.0);
+    let pdf = front.get(&format!("/jobs/{id}/result")).await;
+    assert!(pdf.body.starts_with(b"%PDF-"));
+    // On a store of its own some pool must run the jobs: 0 is read as 1 there.
+    let mut alone = settings();
+    alone.pdf_workers = Some(0);
+    assert!(alone.pdf_workers() >= 1, "0 workers only with a shared store");
+}
+
+#[actix_web::test]
+async fn stored_results_are_bounded_by_the_result_budget_across_the_database() {
+    let pg = Postgres::get();
+    let url = pg.fresh_database().await;
+    let mut s = settings();
+    s.store = StoreKind::Postgres;
+    s.database_url = Some(url.parse().unwrap());
+    s.pdf_workers = Some(1);
+    s.result_disk = "8KiB".parse().unwrap();
+    let app = spawn_app_with(s.clone()).await;
+    let mut jobs = Vec::new();
+    for n in 0..12 {
+        let job = app.submit_pdf(&json!({"title": format!("doc {n}")})).await;
+        assert_eq!(app.wait_finished(id_of(&job)).await["status"], "succeeded");
+        jobs.push(id_of(&job).to_string());
+    }
+    let kept = crate::helpers::poll_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async {
+            let mut kept = 0;
+            for id in &jobs {
+                let reply = app.get(&format!("/jobs/{id}/result")).await;
+                if reply.status.as_u16() == 200 {
+                    kept += reply.body.len();
+                }
+            }
+            kept
+        },
+        |kept| *kept <= 8 * 1024,
+        |kept| format!("{kept} result bytes kept"),
+    )
+    .await;
+    assert!(kept > 0);
+    assert_eq!(app.get(&format!("/jobs/{}/result", jobs[11])).await.status.as_u16(), 200, "the newest is kept");
+    assert_eq!(app.get(&format!("/jobs/{}", jobs[0])).await.status.as_u16(), 404, "the oldest was forgotten");
+
+    s.result_disk = "100B".parse().unwrap();
+    s.database_url = Some(pg.fresh_database().await.parse().unwrap());
+    let app = spawn_app_with(s).await;
+    let failed = app.wait_finished(id_of(&app.submit_pdf(&json!({"title": "too big to keep"})).await)).await;
+    assert_eq!((failed["status"].as_str(), failed["error"]["code"].as_str()), (Some("failed"), Some("result_too_large")));
+}
+
+#[actix_web::test]
 async fn a_webhook_owed_by_a_killed_instance_is_delivered_by_one_still_running() {
     use crate::helpers::{Behaviour, Receiver};
     let receiver = Receiver::start(Behaviour { always_fail: true, fail_status: 503, ..Default::default() }).await;

@@ -51,6 +51,9 @@ pub struct PgOptions {
     /// Connections to keep open (half shared by single statements, half for transactions),
     /// besides the one that listens.
     pub connections: usize,
+    /// Most result bytes kept in the database, all instances together: a larger result fails
+    /// its job, and past it the oldest finished jobs go first.
+    pub result_budget: usize,
 }
 
 /// Results larger than this are sent from the database piece by piece.
@@ -99,6 +102,9 @@ struct Inner {
     lease: Duration,
     max_attempts: u32,
     ttl: Duration,
+    result_budget: usize,
+    /// An eviction (results past the budget) is running.
+    evicting: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
     /// Asks the counts refresh to run now (a notification said there is new work).
     refresh_now: tokio::sync::Notify,
@@ -181,6 +187,8 @@ impl PgStore {
             lease: options.lease.max(Duration::from_secs(1)),
             max_attempts: options.max_attempts.max(1),
             ttl: options.ttl,
+            result_budget: options.result_budget.max(1),
+            evicting: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(State::default()),
             refresh_now: tokio::sync::Notify::new(),
         });
@@ -752,8 +760,14 @@ async fn save(tx: &tokio_postgres::Transaction<'_>, seq: i64, job: &Job) -> Resu
 }
 
 /// The job as a run's end leaves it (started, if the start was not recorded), with the result
-/// to keep; `None` if the state machine refuses the end.
-fn ended(mut job: Job, outcome: Final) -> Option<(Job, Option<Bytes>)> {
+/// to keep; `None` if the state machine refuses the end. A result larger than `budget` fails it.
+fn ended(mut job: Job, outcome: Final, budget: usize) -> Option<(Job, Option<Bytes>)> {
+    let outcome = match outcome {
+        Final::Succeeded { bytes, .. } if bytes.len() > budget => {
+            Final::Failed(crate::store::result_too_large(bytes.len(), budget))
+        }
+        other => other,
+    };
     let bytes = match &outcome {
         Final::Succeeded { bytes, .. } => Some(bytes.clone()),
         _ => None,
@@ -1053,6 +1067,7 @@ impl Inner {
                         s.held.remove(&id);
                         if ended.contains(&id) {
                             *s.stats.by_status.slot(request.job.status) += 1;
+                            s.stats.result_bytes += request.bytes.as_ref().map_or(0, Bytes::len);
                         }
                     }
                     // Not ended: the Dispatcher retries, and may, from the job as held.
@@ -1064,6 +1079,17 @@ impl Inner {
                 }
             }
         });
+        // Results past the budget: the oldest finished jobs go now, not at the next sweep.
+        let over = self.with_state(|s| s.stats.result_bytes).saturating_sub(self.result_budget);
+        if over > 0 && !self.evicting.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.evict(over).await {
+                    tracing::warn!("cannot forget the oldest results: {e}");
+                }
+                this.evicting.store(false, std::sync::atomic::Ordering::Release);
+            });
+        }
         for request in batch {
             let answer = match &result {
                 Ok(ended) => Ok(ended.contains(&request.job.id).then_some(request.job)),
@@ -1168,7 +1194,7 @@ impl Inner {
             .await
             .map_err(unavailable)?;
         let Some((job, bytes)) = row.map(|r| job_from_row(&r)).transpose()?.and_then(|(seq, job)| {
-            let (job, bytes) = ended(job, outcome)?;
+            let (job, bytes) = ended(job, outcome, self.result_budget)?;
             Some(((seq, job), bytes))
         }) else {
             self.settle(id);
@@ -1242,6 +1268,8 @@ impl Inner {
         Ok(changed == 1)
     }
 
+    /// Forgets finished jobs past the TTL, in batches; then, while the results kept pass the
+    /// budget, the oldest finished jobs.
     async fn expire(self: Arc<Self>, now: SystemTime) -> Result<usize, StoreError> {
         let cutoff = micros(now.checked_sub(self.ttl).unwrap_or(SystemTime::UNIX_EPOCH));
         let mut total = 0;
@@ -1250,25 +1278,54 @@ impl Inner {
             let tx = conn.transaction().await.map_err(unavailable)?;
             let rows = tx
                 .query(
-                    "DELETE FROM offload_jobs WHERE seq IN (SELECT seq FROM offload_jobs WHERE finished_at < $1 \
-                     ORDER BY finished_at LIMIT 2000 FOR UPDATE SKIP LOCKED) RETURNING seq",
+                    "SELECT seq FROM offload_jobs WHERE finished_at < $1 ORDER BY finished_at LIMIT 2000 \
+                     FOR UPDATE SKIP LOCKED",
                     &[&cutoff],
                 )
                 .await
                 .map_err(unavailable)?;
             let seqs: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-            for table in ["offload_payloads", "offload_results"] {
-                tx.execute(&format!("DELETE FROM {table} WHERE seq = ANY($1)"), &[&seqs]).await.map_err(unavailable)?;
-            }
-            tx.execute("DELETE FROM offload_idempotency WHERE first_seq = ANY($1)", &[&seqs])
-                .await
-                .map_err(unavailable)?;
+            forget(&tx, &seqs).await?;
             tx.commit().await.map_err(unavailable)?;
             total += seqs.len();
             if seqs.len() < 2000 {
-                return Ok(total);
+                break;
             }
         }
+        let over = self.with_state(|s| s.stats.result_bytes).saturating_sub(self.result_budget);
+        if over > 0 {
+            total += self.evict(over).await?;
+        }
+        Ok(total)
+    }
+
+    /// The oldest finished jobs holding at least `over` result bytes, forgotten.
+    async fn evict(&self, over: usize) -> Result<usize, StoreError> {
+        let mut conn = self.conns.alone().await?;
+        let tx = conn.transaction().await.map_err(unavailable)?;
+        let rows = tx
+            .query(
+                "SELECT seq, coalesce(result_bytes, 0) FROM offload_jobs WHERE finished_at IS NOT NULL \
+                 ORDER BY finished_at, seq LIMIT 2000 FOR UPDATE SKIP LOCKED",
+                &[],
+            )
+            .await
+            .map_err(unavailable)?;
+        let (mut seqs, mut freed) = (Vec::new(), 0usize);
+        for row in rows {
+            if freed >= over {
+                break;
+            }
+            seqs.push(row.get::<_, i64>(0));
+            freed += row.get::<_, i64>(1).max(0) as usize;
+        }
+        forget(&tx, &seqs).await?;
+        tx.commit().await.map_err(unavailable)?;
+        if !seqs.is_empty() {
+            tracing::info!(jobs = seqs.len(), freed, "finished jobs forgotten early: results past --result-disk");
+        }
+        self.with_state(|s| s.stats.result_bytes = s.stats.result_bytes.saturating_sub(freed));
+        Ok(seqs.len())
     }
 
     async fn list(&self, filter: ListFilter) -> Result<Vec<Job>, StoreError> {
@@ -1298,6 +1355,22 @@ impl Inner {
         .map_err(unavailable)?;
         rows.iter().map(|r| job_from_row(r).map(|(_, j)| self.live(j))).collect()
     }
+}
+
+/// Deletes jobs and everything kept with them.
+async fn forget(tx: &tokio_postgres::Transaction<'_>, seqs: &[i64]) -> Result<(), StoreError> {
+    if seqs.is_empty() {
+        return Ok(());
+    }
+    for sql in [
+        "DELETE FROM offload_jobs WHERE seq = ANY($1)",
+        "DELETE FROM offload_payloads WHERE seq = ANY($1)",
+        "DELETE FROM offload_results WHERE seq = ANY($1)",
+        "DELETE FROM offload_idempotency WHERE first_seq = ANY($1)",
+    ] {
+        tx.execute(sql, &[&seqs]).await.map_err(unavailable)?;
+    }
+    Ok(())
 }
 
 fn weight(jobs: &[NewJob]) -> usize {
@@ -1336,6 +1409,10 @@ impl ResultReader for PieceReader {
 
 impl JobStore for PgStore {
     fn durable(&self) -> bool {
+        true
+    }
+
+    fn shared(&self) -> bool {
         true
     }
 
@@ -1380,7 +1457,7 @@ impl JobStore for PgStore {
             if job.status.is_terminal() {
                 return Some(None);
             }
-            let (job, bytes) = match ended(job, outcome.clone()) {
+            let (job, bytes) = match ended(job, outcome.clone(), self.inner.result_budget) {
                 Some(end) => end,
                 None => return Some(None),
             };
