@@ -49,10 +49,14 @@ async fn a_database_from_a_newer_release_is_refused() {
 }
 
 /// An in-process instance on `url`.
+/// Test settings on the PostgreSQL database at `url`.
+fn pg_settings(url: &str) -> offload::configuration::Settings {
+    let mut s = pg_settings(&url);
+    s
+}
+
 async fn instance(url: &str, lease: Duration) -> TestApp {
-    let mut s = settings();
-    s.store = StoreKind::Postgres;
-    s.database_url = Some(url.parse().unwrap());
+    let mut s = pg_settings(url);
     s.lease = duration(lease);
     spawn_app_with(s).await
 }
@@ -174,9 +178,7 @@ async fn a_killed_instances_jobs_run_on_another_once_its_lease_ends() {
 async fn an_instance_without_workers_takes_jobs_that_another_runs() {
     let pg = Postgres::get();
     let url = pg.fresh_database().await;
-    let mut s = settings();
-    s.store = StoreKind::Postgres;
-    s.database_url = Some(url.parse().unwrap());
+    let mut s = pg_settings(&url);
     (s.pdf_workers, s.image_workers) = (Some(0), Some(0));
     let front = spawn_app_with(s).await;
     let job = front.submit_pdf(&json!({"title": "run elsewhere"})).await;
@@ -199,9 +201,7 @@ async fn an_instance_without_workers_takes_jobs_that_another_runs() {
 async fn stored_results_are_bounded_by_the_result_budget_across_the_database() {
     let pg = Postgres::get();
     let url = pg.fresh_database().await;
-    let mut s = settings();
-    s.store = StoreKind::Postgres;
-    s.database_url = Some(url.parse().unwrap());
+    let mut s = pg_settings(&url);
     s.pdf_workers = Some(1);
     s.result_disk = "8KiB".parse().unwrap();
     let app = spawn_app_with(s.clone()).await;
