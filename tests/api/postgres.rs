@@ -48,12 +48,15 @@ async fn a_database_from_a_newer_release_is_refused() {
     assert_eq!(version(&client).await.unwrap(), SCHEMA_VERSION + 1, "left as it was");
 }
 
-/// An in-process instance on `url`.
 /// Test settings on the PostgreSQL database at `url`.
 fn pg_settings(url: &str) -> offload::configuration::Settings {
-    let mut s = pg_settings(&url);
+    let mut s = settings();
+    s.store = StoreKind::Postgres;
+    s.database_url = Some(url.parse().unwrap());
     s
 }
+
+/// An in-process instance on `url`.
 
 async fn instance(url: &str, lease: Duration) -> TestApp {
     let mut s = pg_settings(url);
