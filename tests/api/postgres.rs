@@ -148,17 +148,55 @@ async fn submit_slow(app: &TestApp, n: usize, millis: u64) -> Vec<String> {
 
 #[actix_web::test]
 async fn a_killed_instances_jobs_run_on_another_once_its_lease_ends() {
+    use crate::helpers::{Behaviour, Receiver};
+    use futures::SinkExt;
+    let receiver = Receiver::start(Behaviour::default()).await;
     let pg = Postgres::get();
     let url = pg.fresh_database().await;
-    let args = ["--store", "postgres", "--database-url", &url, "--lease", "2s", "--pdf-workers", "2"];
+    let args =
+        ["--store", "postgres", "--database-url", &url, "--lease", "2s", "--pdf-workers", "2", "--allow-private-webhooks"];
     let mut a = crate::process::start(&crate::helpers::fresh_data_dir(), &args);
-    let ids = submit_slow(&a.app, 4, 300).await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let mut spec = slow(&format!("slow {i}"), 300);
+        spec["callback_url"] = json!(format!("{}/hooks", receiver.url));
+        ids.push(id_of(&a.app.submit_pdf(&spec).await).to_string());
+    }
     for id in &ids[..2] {
         a.app.wait_for(id, Duration::from_secs(20), |j| j["status"] == "running").await;
     }
     a.kill9();
     let killed_at = std::time::Instant::now();
     let b = crate::process::start(&crate::helpers::fresh_data_dir(), &args);
+    // Followed on B over WebSocket: one ending per job.
+    let (_, mut socket) = b.app.client.ws(b.app.url("/ws")).connect().await.expect("WebSocket on B");
+    let subscribe = json!({ "subscribe": ids }).to_string();
+    socket.send(awc::ws::Message::Text(subscribe.into())).await.unwrap();
+    let mut endings: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    while endings.len() < ids.len() {
+        let job = next_job_frame(&mut socket).await;
+        if ["succeeded", "failed", "cancelled"].contains(&job["status"].as_str().unwrap()) {
+            *endings.entry(job["id"].as_str().unwrap().to_string()).or_default() += 1;
+        }
+    }
+    // Frames come in order: anything sent before the answer to this arrives before it.
+    let probe = "0".repeat(32);
+    socket.send(awc::ws::Message::Text(json!({"subscribe": [&probe]}).to_string().into())).await.unwrap();
+    loop {
+        let frame = next_frame(&mut socket).await;
+        if frame["type"] == "job" && ["succeeded", "failed", "cancelled"].contains(&frame["job"]["status"].as_str().unwrap()) {
+            *endings.entry(frame["job"]["id"].as_str().unwrap().to_string()).or_default() += 1;
+        }
+        if frame["type"] == "error" {
+            break;
+        }
+    }
+    assert!(endings.values().all(|n| *n == 1), "one ending per job on the WebSocket: {endings:?}");
+    let hooks = receiver.wait_until(Duration::from_secs(20), |r| r.len() >= ids.len()).await;
+    let mut hooked: Vec<String> = hooks.iter().map(|r| r.json()["id"].as_str().unwrap().to_string()).collect();
+    hooked.sort();
+    hooked.dedup();
+    assert_eq!((hooks.len(), hooked.len()), (ids.len(), ids.len()), "one webhook per job");
     for id in &ids {
         let done = b.app.wait_for(id, Duration::from_secs(60), |j| j["status"] == "succeeded").await;
         assert!(done["attempts"].as_u64().unwrap() <= 2, "{done}");
@@ -312,6 +350,13 @@ async fn an_instance_frozen_past_its_lease_cannot_overwrite_the_rerun() {
 type Socket = actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>;
 
 async fn next_job_frame(socket: &mut Socket) -> serde_json::Value {
+    let v = next_frame(socket).await;
+    assert_eq!(v["type"], "job", "{v}");
+    v["job"].clone()
+}
+
+/// The next text frame (pings answered on the way).
+async fn next_frame(socket: &mut Socket) -> serde_json::Value {
     use futures::{SinkExt, StreamExt};
     loop {
         let frame = actix_rt::time::timeout(Duration::from_secs(30), socket.next())
@@ -320,11 +365,7 @@ async fn next_job_frame(socket: &mut Socket) -> serde_json::Value {
             .expect("socket open")
             .expect("frame");
         match frame {
-            awc::ws::Frame::Text(bytes) => {
-                let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-                assert_eq!(v["type"], "job", "{v}");
-                return v["job"].clone();
-            }
+            awc::ws::Frame::Text(bytes) => return serde_json::from_slice(&bytes).unwrap(),
             awc::ws::Frame::Ping(p) => socket.send(awc::ws::Message::Pong(p)).await.unwrap(),
             _ => {}
         }
