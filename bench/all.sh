@@ -13,7 +13,8 @@
 # then with room for all 20,000 jobs) and bench/ws_fanout.sh (10,000 clients). Then
 # bench/durability.sh RUNS (memory vs sqlite --sync full/normal: PDF batches, submit throughput
 # and restart RUNS times in-run, RSS with 100,000 jobs + 1 GiB of results and the CHURN-long
-# churn (default 600s) once). Results go to $OUT (default bench/results/all-<date>),
+# churn (default 600s) once). Then bench/postgres.sh RUNS and bench/postgres_events.sh RUNS
+# (their medians: bench/pg_summary.py). Results go to $OUT (default bench/results/all-<date>),
 # one JSON line per measurement; the summary is printed and written to $OUT/summary.md.
 # Needs what the scripts need: oha, curl, python3, and root or redis-server for the peers.
 set -euo pipefail
@@ -48,5 +49,10 @@ echo "== WebSocket fan-out"
 CLIENTS=10000 bash bench/ws_fanout.sh | tee "$OUT/ws-fanout.txt" || true
 echo "== durable store: memory vs sqlite (full, normal)"
 CHURN=${CHURN:-600s} bash bench/durability.sh "$RUNS" | tee "$OUT/durability.txt" || true
+
+echo "== PostgreSQL store: against embedded, two instances, submissions, events across instances, kill -9"
+bash bench/postgres.sh "$RUNS" | tee "$OUT/postgres.txt" || true
+bash bench/postgres_events.sh "$RUNS" | tee "$OUT/postgres-events.txt" || true
+python3 bench/pg_summary.py "$OUT/postgres.txt" "$OUT/postgres-events.txt" | tee "$OUT/postgres-summary.md" || true
 
 python3 bench/summary.py "$OUT" | tee "$OUT/summary.md"

@@ -7,7 +7,7 @@
 #              workers: --pdf-workers 0) follow jobs submitted to and run by instance A
 #              (examples/ws_fanout.rs), against the same clients on A itself in the same run.
 #              Latency = receive time - the job's own started_at / finished_at (one clock).
-#   rerun      kill -9 to rerun: A (--lease 10s) runs 40 long documents, B (no workers) serves
+#   rerun      kill -9 to rerun: A (--lease 10s) runs 60 long documents, B (no workers) serves
 #              reads; A is killed; C starts; the time until every job A was running has been
 #              started again (attempt 2). A lease has 2/3 to 3/3 of its length left at a
 #              kill (renewed every third) and rescues run every third: expect 2/3 to 4/3 of it.
@@ -87,16 +87,22 @@ rerun() {
   local args=(--store postgres --database-url "$url" --lease 10s)
   start_instance "$PORT" "$OUT/pge-kill-a.log" "${args[@]}" --max-pending 200
   local victim=$PID_LAST
+  PIDS+=("$victim")
   start_instance "$((PORT + 1))" "$OUT/pge-kill-b.log" "${args[@]}" --pdf-workers 0 --image-workers 0
   PIDS+=("$PID_LAST")
-  # 40 documents of about 430 pages (a few tenths of a second each): A is running some of them
-  # whenever it is killed.
-  local doc
-  doc=$(python3 -c 'import json; print(json.dumps({"title": "long", "paragraphs": ["p\n" * 20000]}))')
-  for _ in $(seq 40); do
-    curl -sf -o /dev/null -H 'content-type: application/json' "http://127.0.0.1:$PORT/generate-pdf" -d "$doc"
+  # 60 documents of 52,000 lines (about 980 pages, under --max-pdf-pages; a paragraph holds at
+  # most 100,000 characters), most of a second each: A is running some whenever it is killed.
+  local doc tries=0
+  doc="$OUT/pge-long.json"
+  python3 -c 'import json; print(json.dumps({"title": "long", "paragraphs": ["p\n" * 13000] * 4}))' >"$doc"
+  for _ in $(seq 60); do
+    curl -sf -o /dev/null -H 'content-type: application/json' "http://127.0.0.1:$PORT/generate-pdf" -d "@$doc"
   done
-  until curl -sf "http://127.0.0.1:$((PORT + 1))/jobs?status=running" | grep -q '"status":"running"'; do sleep 0.05; done
+  until curl -sf "http://127.0.0.1:$((PORT + 1))/jobs?status=running" | grep -q '"status":"running"'; do
+    tries=$((tries + 1))
+    [ "$tries" -gt 200 ] && { echo "no job seen running on A" >&2; stop_all; return 1; }
+    sleep 0.05
+  done
   t0=$(date +%s.%N)
   kill -9 "$victim"
   held=$(curl -sf "http://127.0.0.1:$((PORT + 1))/jobs?status=running" | python3 -c 'import json,sys; print(" ".join(j["id"] for j in json.load(sys.stdin)["jobs"]))')

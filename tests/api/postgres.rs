@@ -57,7 +57,6 @@ fn pg_settings(url: &str) -> offload::configuration::Settings {
 }
 
 /// An in-process instance on `url`.
-
 async fn instance(url: &str, lease: Duration) -> TestApp {
     let mut s = pg_settings(url);
     s.lease = duration(lease);
@@ -153,8 +152,17 @@ async fn a_killed_instances_jobs_run_on_another_once_its_lease_ends() {
     let receiver = Receiver::start(Behaviour::default()).await;
     let pg = Postgres::get();
     let url = pg.fresh_database().await;
-    let args =
-        ["--store", "postgres", "--database-url", &url, "--lease", "2s", "--pdf-workers", "2", "--allow-private-webhooks"];
+    let args = [
+        "--store",
+        "postgres",
+        "--database-url",
+        &url,
+        "--lease",
+        "2s",
+        "--pdf-workers",
+        "2",
+        "--allow-private-webhooks",
+    ];
     let mut a = crate::process::start(&crate::helpers::fresh_data_dir(), &args);
     let mut ids = Vec::new();
     for i in 0..4 {
@@ -184,7 +192,9 @@ async fn a_killed_instances_jobs_run_on_another_once_its_lease_ends() {
     socket.send(awc::ws::Message::Text(json!({"subscribe": [&probe]}).to_string().into())).await.unwrap();
     loop {
         let frame = next_frame(&mut socket).await;
-        if frame["type"] == "job" && ["succeeded", "failed", "cancelled"].contains(&frame["job"]["status"].as_str().unwrap()) {
+        if frame["type"] == "job"
+            && ["succeeded", "failed", "cancelled"].contains(&frame["job"]["status"].as_str().unwrap())
+        {
             *endings.entry(frame["job"]["id"].as_str().unwrap().to_string()).or_default() += 1;
         }
         if frame["type"] == "error" {
@@ -277,7 +287,10 @@ async fn stored_results_are_bounded_by_the_result_budget_across_the_database() {
     s.database_url = Some(pg.fresh_database().await.parse().unwrap());
     let app = spawn_app_with(s).await;
     let failed = app.wait_finished(id_of(&app.submit_pdf(&json!({"title": "too big to keep"})).await)).await;
-    assert_eq!((failed["status"].as_str(), failed["error"]["code"].as_str()), (Some("failed"), Some("result_too_large")));
+    assert_eq!(
+        (failed["status"].as_str(), failed["error"]["code"].as_str()),
+        (Some("failed"), Some("result_too_large"))
+    );
 }
 
 #[actix_web::test]
@@ -379,7 +392,8 @@ async fn followers_and_cancels_reach_across_instances() {
     let url = pg.fresh_database().await;
     let (a, b) = (instance(&url, Duration::from_secs(30)).await, instance(&url, Duration::from_secs(30)).await);
     // A job followed from the instance that does not run it: its progress and its end arrive.
-    let pages = json!({"title": "followed", "paragraphs": ["p\n".repeat(400)], "test_hook": {"slow_pages": {"millis": 150}}});
+    let pages =
+        json!({"title": "followed", "paragraphs": ["p\n".repeat(400)], "test_hook": {"slow_pages": {"millis": 150}}});
     let id = id_of(&a.submit_pdf(&pages).await).to_string();
     a.wait_for(&id, Duration::from_secs(20), |j| j["status"] == "running").await;
     let follower = if in_flight(&a).await > 0.0 { &b } else { &a };

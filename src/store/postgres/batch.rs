@@ -71,8 +71,6 @@ async fn take<R: Weigh>(rx: &Mutex<mpsc::UnboundedReceiver<R>>, limits: Limits) 
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     struct Req(usize, tokio::sync::oneshot::Sender<usize>);

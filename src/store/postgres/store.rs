@@ -409,7 +409,11 @@ impl Inner {
             .filter_map(|r| {
                 let id: Vec<u8> = r.get(0);
                 let url = CallbackUrl::parse(&r.get::<_, String>(1), CallbackPolicy { allow_private: true }).ok()?;
-                Some(OwedWebhook { job: JobId::from_bytes(id.try_into().ok()?), url, body: Bytes::from(r.get::<_, Vec<u8>>(2)) })
+                Some(OwedWebhook {
+                    job: JobId::from_bytes(id.try_into().ok()?),
+                    url,
+                    body: Bytes::from(r.get::<_, Vec<u8>>(2)),
+                })
             })
             .collect())
     }
@@ -458,7 +462,8 @@ impl Inner {
     /// statement for all of them.
     async fn write_progress(&self) -> Result<(), StoreError> {
         let mut started = Vec::new();
-        let moved: Vec<(JobId, u32, Option<i64>, f32, Option<String>, bool)> = self.with_state(|s| {
+        // Each run as held, and whether its progress moved (not only its start).
+        let moved: Vec<(Job, bool)> = self.with_state(|s| {
             s.held
                 .values_mut()
                 .filter(|h| (h.dirty || h.start_unsaid) && h.job.status == JobStatus::Running)
@@ -466,24 +471,23 @@ impl Inner {
                     if std::mem::take(&mut h.start_unsaid) {
                         started.push(notice::changed(h.job.id, JobStatus::Running, &self.tag));
                     }
-                    let dirty = std::mem::take(&mut h.dirty);
-                    let j = &h.job;
-                    (j.id, j.attempts, j.started_at.map(micros), j.progress, j.stage.clone(), dirty)
+                    (h.job.clone(), std::mem::take(&mut h.dirty))
                 })
                 .collect()
         });
         if moved.is_empty() {
             return Ok(());
         }
-        let announced: Vec<_> = moved.iter().filter(|m| m.5).map(|m| (m.0, m.3, m.4.clone())).collect();
+        let announced: Vec<_> =
+            moved.iter().filter(|m| m.1).map(|(j, _)| (j.id, j.progress, j.stage.clone())).collect();
         let mut notices = started;
         notices.extend(notice::progress(&self.tag, &announced));
-        let raw: Vec<[u8; 16]> = moved.iter().map(|m| m.0.to_bytes()).collect();
+        let raw: Vec<[u8; 16]> = moved.iter().map(|(j, _)| j.id.to_bytes()).collect();
         let ids: Vec<&[u8]> = raw.iter().map(|b| b.as_slice()).collect();
-        let attempts: Vec<i32> = moved.iter().map(|m| m.1 as i32).collect();
-        let starts: Vec<Option<i64>> = moved.iter().map(|m| m.2).collect();
-        let fractions: Vec<f32> = moved.iter().map(|m| m.3).collect();
-        let stages: Vec<Option<&str>> = moved.iter().map(|m| m.4.as_deref()).collect();
+        let attempts: Vec<i32> = moved.iter().map(|(j, _)| j.attempts as i32).collect();
+        let starts: Vec<Option<i64>> = moved.iter().map(|(j, _)| j.started_at.map(micros)).collect();
+        let fractions: Vec<f32> = moved.iter().map(|(j, _)| j.progress).collect();
+        let stages: Vec<Option<&str>> = moved.iter().map(|(j, _)| j.stage.as_deref()).collect();
         let conn = self.conns.shared().await?;
         conn.query(
             "WITH u AS (UPDATE offload_jobs o SET status = 1, started_at = x.t, progress = x.p, stage = x.s \
@@ -575,7 +579,8 @@ impl Inner {
         if work {
             self.refresh_now.notify_one();
         }
-        let mut wanted: Vec<[u8; 16]> = changes.iter().map(|c| c.0).chain(progress.iter().map(|p| p.0)).map(|id| id.to_bytes()).collect();
+        let mut wanted: Vec<[u8; 16]> =
+            changes.iter().map(|c| c.0).chain(progress.iter().map(|p| p.0)).map(|id| id.to_bytes()).collect();
         wanted.sort_unstable();
         wanted.dedup();
         if wanted.is_empty() {
@@ -605,7 +610,10 @@ impl Inner {
     async fn load(&self, id: JobId) -> Result<Option<(i64, Job)>, StoreError> {
         let conn = self.conns.shared().await?;
         let row = conn
-            .query_opt(concat!("SELECT ", job_columns!(), " FROM offload_jobs WHERE id = $1"), &[&id.to_bytes().as_slice()])
+            .query_opt(
+                concat!("SELECT ", job_columns!(), " FROM offload_jobs WHERE id = $1"),
+                &[&id.to_bytes().as_slice()],
+            )
             .await?;
         row.map(|r| job_from_row(&r)).transpose()
     }
@@ -939,9 +947,8 @@ impl Inner {
 
     async fn replay(&self, key: &IdempotencyKey) -> Result<Option<Vec<Job>>, StoreError> {
         let conn = self.conns.shared().await?;
-        let row = conn
-            .query_opt("SELECT fingerprint, ids FROM offload_idempotency WHERE key = $1", &[&key.key])
-            .await?;
+        let row =
+            conn.query_opt("SELECT fingerprint, ids FROM offload_idempotency WHERE key = $1", &[&key.key]).await?;
         let Some(row) = row else { return Ok(None) };
         let print: Vec<u8> = row.get(0);
         if print != key.fingerprint {
@@ -1222,9 +1229,10 @@ impl Inner {
         let mut conn = self.conns.alone().await?;
         let tx = conn.transaction().await.map_err(unavailable)?;
         let row = tx
-            .query_opt(concat!("SELECT ", job_columns!(), " FROM offload_jobs WHERE id = $1 FOR UPDATE"), &[&id
-                .to_bytes()
-                .as_slice()])
+            .query_opt(
+                concat!("SELECT ", job_columns!(), " FROM offload_jobs WHERE id = $1 FOR UPDATE"),
+                &[&id.to_bytes().as_slice()],
+            )
             .await
             .map_err(unavailable)?;
         let Some((seq, mut job)) = row.map(|r| job_from_row(&r)).transpose()? else {
@@ -1465,7 +1473,9 @@ impl JobStore for PgStore {
             Some(Some((job, bytes, held.start_unsaid)))
         });
         let (job, bytes, start_unsaid) = match held {
-            None => return self.write(move |inner| Box::pin(async move { inner.finish_read(id, attempt, outcome).await })),
+            None => {
+                return self.write(move |inner| Box::pin(async move { inner.finish_read(id, attempt, outcome).await }))
+            }
             Some(None) => return crate::store::ready(Ok(None)),
             Some(Some(end)) => end,
         };
@@ -1492,7 +1502,8 @@ impl JobStore for PgStore {
         let inner = self.inner.clone();
         self.rt().spawn(async move {
             if let Ok(conn) = inner.conns.shared().await {
-                let _ = conn.execute("DELETE FROM offload_webhooks WHERE job_id = $1", &[&id.to_bytes().as_slice()]).await;
+                let _ =
+                    conn.execute("DELETE FROM offload_webhooks WHERE job_id = $1", &[&id.to_bytes().as_slice()]).await;
             }
         });
     }
