@@ -2,7 +2,7 @@
 //!
 //! An HTTP service (actix-web 4) whose handlers only validate and hand a job to the
 //! [`dispatch::Dispatcher`] actor, answering `202 Accepted` at once. The Dispatcher owns all job
-//! state (behind the narrow [`dispatch::JobStore`] interface), bounds how much work is accepted,
+//! state (behind the narrow [`store::JobStore`] interface), bounds how much work is accepted,
 //! and feeds CPU-bound jobs to `SyncArbiter`-hosted worker pools, one pool per job kind.
 //!
 //! Data flows one way: handler → Dispatcher → worker → Dispatcher → readers (polling clients,

@@ -1,0 +1,158 @@
+//! Rows and parameters: a job read from a row, its mutable fields as parameters, how an end
+//! changes it, the webhook it owes, and forgetting jobs with what is kept beside them.
+
+use super::*;
+
+pub(super) fn stored_status(code: i16) -> Result<JobStatus, StoreError> {
+    status_of(i64::from(code)).ok_or_else(|| unavailable(format!("a stored job has status {code}")))
+}
+
+pub(super) fn stored_kind(code: i16) -> Result<JobKind, StoreError> {
+    kind_of(i64::from(code)).ok_or_else(|| unavailable(format!("a stored job has kind {code}")))
+}
+
+pub(super) fn job_from_row(r: &Row) -> Result<(i64, Job), StoreError> {
+    let id: Vec<u8> = r.get(1);
+    let id: [u8; 16] = id.try_into().map_err(|_| unavailable("a stored job id is not 16 bytes"))?;
+    let status = stored_status(r.get(3))?;
+    let error = r
+        .get::<_, Option<String>>(10)
+        .map(|code| ErrorBody::new(code, r.get::<_, Option<String>>(11).unwrap_or_default()));
+    let result = r.get::<_, Option<String>>(12).map(|t| ResultMeta {
+        content_type: content_type(&t),
+        bytes: r.get::<_, Option<i64>>(13).unwrap_or(0) as usize,
+        filename: r.get::<_, Option<String>>(14).unwrap_or_default(),
+        dimensions: r.get::<_, Option<i32>>(15).zip(r.get::<_, Option<i32>>(16)).map(|(w, h)| (w as u32, h as u32)),
+    });
+    let callback = r
+        .get::<_, Option<String>>(17)
+        .and_then(|raw| CallbackUrl::parse(&raw, CallbackPolicy { allow_private: true }).ok());
+    let owner = r.get::<_, Option<Vec<u8>>>(18).and_then(|o| <[u8; 16]>::try_from(o).ok()).map(Owner::from_bytes);
+    let job = Job {
+        id: JobId::from_bytes(id),
+        kind: stored_kind(r.get(2))?,
+        status,
+        attempts: r.get::<_, i32>(4) as u32,
+        progress: r.get::<_, f32>(5),
+        stage: r.get(6),
+        created_at: time_of(r.get(7)),
+        started_at: r.get::<_, Option<i64>>(8).map(time_of),
+        finished_at: r.get::<_, Option<i64>>(9).map(time_of),
+        error,
+        result,
+        callback,
+        owner,
+    };
+    Ok((r.get(0), job))
+}
+
+/// The mutable fields of a job as statement parameters (in [`save`]'s order, from `$2`).
+pub(super) struct Fields<'a> {
+    pub(super) status: i16,
+    pub(super) progress: f32,
+    pub(super) stage: Option<&'a str>,
+    pub(super) started_at: Option<i64>,
+    pub(super) finished_at: Option<i64>,
+    pub(super) error_code: Option<&'a str>,
+    pub(super) error_message: Option<&'a str>,
+    pub(super) result_type: Option<&'a str>,
+    pub(super) result_bytes: Option<i64>,
+    pub(super) result_name: Option<&'a str>,
+    pub(super) result_width: Option<i32>,
+    pub(super) result_height: Option<i32>,
+}
+
+impl<'a> Fields<'a> {
+    pub(super) fn of(job: &'a Job) -> Self {
+        let result = job.result.as_ref();
+        Fields {
+            status: status_code(job.status) as i16,
+            progress: job.progress,
+            stage: job.stage.as_deref(),
+            started_at: job.started_at.map(micros),
+            finished_at: job.finished_at.map(micros),
+            error_code: job.error.as_ref().map(|e| e.code.as_str()),
+            error_message: job.error.as_ref().map(|e| e.message.as_str()),
+            result_type: result.map(|m| m.content_type),
+            result_bytes: result.map(|m| m.bytes as i64),
+            result_name: result.map(|m| m.filename.as_str()),
+            result_width: result.and_then(|m| m.dimensions).map(|d| d.0 as i32),
+            result_height: result.and_then(|m| m.dimensions).map(|d| d.1 as i32),
+        }
+    }
+
+    pub(super) fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 12] {
+        [
+            &self.status,
+            &self.progress,
+            &self.stage,
+            &self.started_at,
+            &self.finished_at,
+            &self.error_code,
+            &self.error_message,
+            &self.result_type,
+            &self.result_bytes,
+            &self.result_name,
+            &self.result_width,
+            &self.result_height,
+        ]
+    }
+}
+
+/// Writes every mutable field of `job` back ($2…$13), and lets go of its lease.
+pub(super) async fn save(tx: &tokio_postgres::Transaction<'_>, seq: i64, job: &Job) -> Result<(), StoreError> {
+    let fields = Fields::of(job);
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&seq];
+    params.extend(fields.params());
+    tx.execute(
+        "UPDATE offload_jobs SET status = $2, progress = $3, stage = $4, started_at = $5, finished_at = $6, \
+         error_code = $7, error_message = $8, result_type = $9, result_bytes = $10, result_name = $11, \
+         result_width = $12, result_height = $13, lease_owner = NULL, lease_until = NULL WHERE seq = $1",
+        &params,
+    )
+    .await
+    .map_err(unavailable)?;
+    Ok(())
+}
+
+/// The job as a run's end leaves it (started, if the start was not recorded), with the result
+/// to keep; `None` if the state machine refuses the end. A result larger than `budget` fails it.
+pub(super) fn ended(mut job: Job, outcome: Final, budget: usize) -> Option<(Job, Option<Bytes>)> {
+    let outcome = match outcome {
+        Final::Succeeded { bytes, .. } if bytes.len() > budget => {
+            Final::Failed(crate::store::result_too_large(bytes.len(), budget))
+        }
+        other => other,
+    };
+    let bytes = match &outcome {
+        Final::Succeeded { bytes, .. } => Some(bytes.clone()),
+        _ => None,
+    };
+    let now = SystemTime::now();
+    job.start(now);
+    apply_final(&mut job, outcome, now).then_some(())?;
+    let bytes = bytes.filter(|_| job.status == JobStatus::Succeeded);
+    Some((job, bytes))
+}
+
+/// The webhook a job's end owes: its URL and the final job object, exactly as POSTed.
+pub(super) fn owed_body(job: &Job) -> Option<(&str, Vec<u8>)> {
+    let url = job.callback.as_ref()?;
+    Some((url.as_str(), serde_json::to_vec(&job.view()).unwrap_or_default()))
+}
+
+/// Deletes jobs and everything kept with them.
+pub(super) async fn forget(tx: &tokio_postgres::Transaction<'_>, seqs: &[i64]) -> Result<(), StoreError> {
+    if seqs.is_empty() {
+        return Ok(());
+    }
+    for sql in [
+        "DELETE FROM offload_jobs WHERE seq = ANY($1)",
+        "DELETE FROM offload_payloads WHERE seq = ANY($1)",
+        "DELETE FROM offload_results WHERE seq = ANY($1)",
+        "DELETE FROM offload_idempotency WHERE first_seq = ANY($1)",
+    ] {
+        tx.execute(sql, &[&seqs]).await.map_err(unavailable)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! Keeping the shared tables right: leases renewed, expired leases taken back (jobs queued again
+//! or failed, webhooks delivered from here), retention by TTL and by the result budget.
+
+use super::*;
+
+impl Inner {
+    /// Renews this instance's leases: on the jobs it holds and on the webhooks it delivers.
+    pub(super) async fn heartbeat(&self) -> Result<(), StoreError> {
+        let conn = self.conns.shared().await?;
+        conn.query(
+            "WITH j AS (UPDATE offload_jobs SET lease_until = now() + make_interval(secs => $2) \
+               WHERE lease_owner = $1 RETURNING 1), \
+             w AS (UPDATE offload_webhooks SET lease_until = now() + make_interval(secs => $2) \
+               WHERE lease_owner = $1 RETURNING 1) \
+             SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM w)",
+            &[&self.me, &self.lease.as_secs_f64()],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Webhooks whose lease ran out (the instance delivering them stopped, or none took them
+    /// yet), taken by this instance: at most `limit` at a time.
+    pub(super) async fn take_webhooks(&self, limit: i64) -> Result<Vec<OwedWebhook>, StoreError> {
+        let conn = self.conns.shared().await?;
+        let rows = conn
+            .query(
+                "UPDATE offload_webhooks SET lease_owner = $1, lease_until = now() + make_interval(secs => $2) \
+                 WHERE job_id IN (SELECT job_id FROM offload_webhooks WHERE lease_until IS NULL OR lease_until < now() \
+                   LIMIT $3 FOR UPDATE SKIP LOCKED) \
+                 RETURNING job_id, url, body",
+                &[&self.me, &self.lease.as_secs_f64(), &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let id: Vec<u8> = r.get(0);
+                let url = CallbackUrl::parse(&r.get::<_, String>(1), CallbackPolicy { allow_private: true }).ok()?;
+                Some(OwedWebhook {
+                    job: JobId::from_bytes(id.try_into().ok()?),
+                    url,
+                    body: Bytes::from(r.get::<_, Vec<u8>>(2)),
+                })
+            })
+            .collect())
+    }
+
+    /// Jobs whose holder stopped renewing: queued again, or failed past the attempts allowed.
+    /// Followers everywhere hear of both.
+    pub(super) async fn rescue(&self) -> Result<(), StoreError> {
+        let conn = self.conns.shared().await?;
+        let lost = crate::store::worker_lost(self.max_attempts);
+        let now = micros(SystemTime::now());
+        let failed = conn
+            .execute(
+                "UPDATE offload_jobs SET status = 3, stage = 'failed', error_code = $2, error_message = $3, \
+                 finished_at = $4, lease_owner = NULL, lease_until = NULL \
+                 WHERE lease_owner IS NOT NULL AND lease_until < now() AND status IN (0, 1) AND attempts >= $1 \
+                 RETURNING pg_notify('offload', 'j3' || encode(id, 'hex') || $5)",
+                &[&(self.max_attempts as i32), &lost.code, &lost.message, &now, &EVERYONE],
+            )
+            .await?;
+        let requeued = conn
+            .execute(
+                "UPDATE offload_jobs SET status = 0, stage = 'queued', progress = 0, started_at = NULL, \
+                 lease_owner = NULL, lease_until = NULL \
+                 WHERE lease_owner IS NOT NULL AND lease_until < now() AND status IN (0, 1) \
+                 RETURNING pg_notify('offload', 'j0' || encode(id, 'hex') || $1), pg_notify('offload', 'q')",
+                &[&EVERYONE],
+            )
+            .await?;
+        if failed + requeued > 0 {
+            tracing::info!(requeued, failed, "jobs of an instance that stopped renewing its leases taken back");
+        }
+        // Webhooks a stopped instance owed: delivered from here (only once the Dispatcher
+        // listens: before that, the start takes them with `owed_webhooks`).
+        if let Some(events) = self.with_state(|s| s.events.clone()) {
+            let owed = self.take_webhooks(RESCUED_WEBHOOKS).await?;
+            if !owed.is_empty() {
+                tracing::info!(owed = owed.len(), "delivering webhooks owed by an instance that stopped");
+                events.owed(owed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets finished jobs past the TTL, in batches; then, while the results kept pass the
+    /// budget, the oldest finished jobs.
+    pub(super) async fn expire(self: Arc<Self>, now: SystemTime) -> Result<usize, StoreError> {
+        let cutoff = micros(now.checked_sub(self.ttl).unwrap_or(SystemTime::UNIX_EPOCH));
+        let mut total = 0;
+        loop {
+            let mut conn = self.conns.alone().await?;
+            let tx = conn.transaction().await.map_err(unavailable)?;
+            let rows = tx
+                .query(
+                    "SELECT seq FROM offload_jobs WHERE finished_at < $1 ORDER BY finished_at LIMIT 2000 \
+                     FOR UPDATE SKIP LOCKED",
+                    &[&cutoff],
+                )
+                .await
+                .map_err(unavailable)?;
+            let seqs: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+            forget(&tx, &seqs).await?;
+            tx.commit().await.map_err(unavailable)?;
+            total += seqs.len();
+            if seqs.len() < 2000 {
+                break;
+            }
+        }
+        let over = self.with_state(|s| s.stats.result_bytes).saturating_sub(self.result_budget);
+        if over > 0 {
+            total += self.evict(over).await?;
+        }
+        Ok(total)
+    }
+
+    /// The oldest finished jobs holding at least `over` result bytes, forgotten.
+    pub(super) async fn evict(&self, over: usize) -> Result<usize, StoreError> {
+        let mut conn = self.conns.alone().await?;
+        let tx = conn.transaction().await.map_err(unavailable)?;
+        let rows = tx
+            .query(
+                "SELECT seq, coalesce(result_bytes, 0) FROM offload_jobs WHERE finished_at IS NOT NULL \
+                 ORDER BY finished_at, seq LIMIT 2000 FOR UPDATE SKIP LOCKED",
+                &[],
+            )
+            .await
+            .map_err(unavailable)?;
+        let (mut seqs, mut freed) = (Vec::new(), 0usize);
+        for row in rows {
+            if freed >= over {
+                break;
+            }
+            seqs.push(row.get::<_, i64>(0));
+            freed += row.get::<_, i64>(1).max(0) as usize;
+        }
+        forget(&tx, &seqs).await?;
+        tx.commit().await.map_err(unavailable)?;
+        if !seqs.is_empty() {
+            tracing::info!(jobs = seqs.len(), freed, "finished jobs forgotten early: results past --result-disk");
+        }
+        self.with_state(|s| s.stats.result_bytes = s.stats.result_bytes.saturating_sub(freed));
+        Ok(seqs.len())
+    }
+}

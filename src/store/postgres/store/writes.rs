@@ -1,0 +1,498 @@
+//! The writes of a job's life: submissions (grouped, or one transaction for a keyed one),
+//! claims (grouped), starts (noted here), ends (grouped, or read and locked when this instance
+//! has no copy of the job), cancels and releases.
+
+use super::*;
+
+impl Inner {
+    /// A job's end in a transaction: the row, no more payload, the webhook owed if it has a
+    /// callback (held by this instance, which delivers it).
+    pub(super) async fn end(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        seq: i64,
+        job: &Job,
+    ) -> Result<(), StoreError> {
+        save(tx, seq, job).await?;
+        tx.execute("DELETE FROM offload_payloads WHERE seq = $1", &[&seq]).await.map_err(unavailable)?;
+        if let Some((url, body)) = owed_body(job) {
+            tx.execute(
+                "INSERT INTO offload_webhooks (job_id, url, body, lease_owner, lease_until) \
+                 VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5)) \
+                 ON CONFLICT (job_id) DO UPDATE SET url = $2, body = $3, lease_owner = $4, \
+                 lease_until = now() + make_interval(secs => $5)",
+                &[&job.id.to_bytes().as_slice(), &url, &body, &self.me, &self.lease.as_secs_f64()],
+            )
+            .await
+            .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// Submissions without a key, inserted in one statement: one commit for all, every
+    /// submitter answered after it.
+    pub(super) async fn insert_batch(self: Arc<Self>, batch: Vec<InsertRequest>) {
+        let all: Vec<&NewJob> = batch.iter().flat_map(|r| &r.jobs).collect();
+        let result = self.insert_many(&all).await;
+        if result.is_ok() {
+            self.inserted(&all);
+        }
+        for request in batch {
+            let answer = match &result {
+                Ok(()) => Ok(Inserted::Created(request.jobs.into_iter().map(|n| n.job).collect())),
+                Err(e) => Err(e.clone()),
+            };
+            let _ = request.reply.send(answer);
+        }
+    }
+
+    pub(super) async fn insert_many(&self, jobs: &[&NewJob]) -> Result<(), StoreError> {
+        let raw: Vec<[u8; 16]> = jobs.iter().map(|n| n.job.id.to_bytes()).collect();
+        let ids: Vec<&[u8]> = raw.iter().map(|b| b.as_slice()).collect();
+        let kinds: Vec<i16> = jobs.iter().map(|n| kind_code(n.job.kind) as i16).collect();
+        let statuses: Vec<i16> = jobs.iter().map(|n| status_code(n.job.status) as i16).collect();
+        let attempts: Vec<i32> = jobs.iter().map(|n| n.job.attempts as i32).collect();
+        let progress: Vec<f32> = jobs.iter().map(|n| n.job.progress).collect();
+        let stages: Vec<Option<&str>> = jobs.iter().map(|n| n.job.stage.as_deref()).collect();
+        let created: Vec<i64> = jobs.iter().map(|n| micros(n.job.created_at)).collect();
+        let callbacks: Vec<Option<&str>> = jobs.iter().map(|n| n.job.callback.as_ref().map(|c| c.as_str())).collect();
+        let weights: Vec<i64> = jobs.iter().map(|n| n.weight as i64).collect();
+        let owners: Vec<Option<Vec<u8>>> = jobs.iter().map(|n| n.job.owner.map(|o| o.to_bytes().to_vec())).collect();
+        let specs: Vec<&[u8]> = jobs.iter().map(|n| n.record.spec.as_slice()).collect();
+        let data: Vec<Option<&[u8]>> = jobs.iter().map(|n| n.record.data.as_deref()).collect();
+        let conn = self.conns.shared().await?;
+        let row = conn
+            .query_opt(
+                "WITH new AS (SELECT * FROM unnest($1::bytea[], $2::int2[], $3::int2[], $4::int4[], $5::real[], \
+                   $6::text[], $7::int8[], $8::text[], $9::int8[], $10::bytea[], $11::bytea[], $12::bytea[]) \
+                   AS x(id, kind, status, attempts, progress, stage, created_at, callback, weight, owner, spec, data)), \
+                 j AS (INSERT INTO offload_jobs (id, kind, status, attempts, progress, stage, created_at, callback, \
+                   weight, owner) SELECT id, kind, status, attempts, progress, stage, created_at, callback, weight, \
+                   owner FROM new RETURNING seq, id), \
+                 p AS (INSERT INTO offload_payloads (seq, spec, data) \
+                   SELECT j.seq, new.spec, new.data FROM j JOIN new USING (id)) \
+                 SELECT count(*), pg_notify('offload', 'q') FROM j",
+                &[
+                    &ids, &kinds, &statuses, &attempts, &progress, &stages, &created, &callbacks, &weights, &owners,
+                    &specs, &data,
+                ],
+            )
+            .await?;
+        let n = row.map_or(0, |r| r.get::<_, i64>(0)) as usize;
+        if n != jobs.len() {
+            return Err(unavailable(format!("inserted {n} of {} jobs", jobs.len())));
+        }
+        Ok(())
+    }
+
+    /// What this instance added, counted before the next refresh sees it.
+    pub(super) fn inserted(&self, jobs: &[&NewJob]) {
+        self.with_state(|s| {
+            for new in jobs {
+                let k = kind_index(new.job.kind);
+                s.claimable[k] += 1;
+                s.stats.queued[k] += 1;
+                s.stats.by_status.queued += 1;
+                s.stats.queued_bytes += new.weight;
+            }
+        });
+    }
+
+    /// A submission with an `Idempotency-Key`, in a transaction of its own: the jobs and the
+    /// key together, or (another request with the key committed first) nothing, and that
+    /// request's jobs.
+    pub(super) async fn insert_keyed(
+        self: Arc<Self>,
+        jobs: Vec<NewJob>,
+        key: IdempotencyKey,
+    ) -> Result<Inserted, StoreError> {
+        let mut conn = self.conns.alone().await?;
+        let tx = conn.transaction().await.map_err(unavailable)?;
+        let mut first_seq = None;
+        for new in &jobs {
+            let job = &new.job;
+            let row = tx
+                .query_one(
+                    "INSERT INTO offload_jobs (id, kind, status, attempts, progress, stage, created_at, callback, weight, owner) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING seq",
+                    &[
+                        &job.id.to_bytes().as_slice(),
+                        &(kind_code(job.kind) as i16),
+                        &(status_code(job.status) as i16),
+                        &(job.attempts as i32),
+                        &job.progress,
+                        &job.stage,
+                        &micros(job.created_at),
+                        &job.callback.as_ref().map(|c| c.as_str()),
+                        &(new.weight as i64),
+                        &job.owner.map(|o| o.to_bytes().to_vec()),
+                    ],
+                )
+                .await
+                .map_err(unavailable)?;
+            let seq: i64 = row.get(0);
+            first_seq.get_or_insert(seq);
+            tx.execute(
+                "INSERT INTO offload_payloads (seq, spec, data) VALUES ($1, $2, $3)",
+                &[&seq, &new.record.spec, &new.record.data.as_deref()],
+            )
+            .await
+            .map_err(unavailable)?;
+        }
+        let Some(first) = first_seq else { return Ok(Inserted::Created(Vec::new())) };
+        let ids = pack_ids(jobs.iter().map(|j| j.job.id));
+        let added = tx
+            .execute(
+                "INSERT INTO offload_idempotency (key, fingerprint, first_seq, ids) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (key) DO NOTHING",
+                &[&key.key, &key.fingerprint.as_slice(), &first, &ids],
+            )
+            .await
+            .map_err(unavailable)?;
+        if added == 0 {
+            // Another request with this key committed first: nothing of this one is kept.
+            tx.rollback().await.map_err(unavailable)?;
+            drop(conn);
+            return match self.replay(&key).await? {
+                Some(jobs) => Ok(Inserted::Replayed(jobs)),
+                None => Err(unavailable("the idempotency key vanished meanwhile")),
+            };
+        }
+        tx.execute("SELECT pg_notify('offload', 'q')", &[]).await.map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        drop(conn);
+        self.inserted(&jobs.iter().collect::<Vec<_>>());
+        Ok(Inserted::Created(jobs.into_iter().map(|n| n.job).collect()))
+    }
+
+    pub(super) async fn replay(&self, key: &IdempotencyKey) -> Result<Option<Vec<Job>>, StoreError> {
+        let conn = self.conns.shared().await?;
+        let row =
+            conn.query_opt("SELECT fingerprint, ids FROM offload_idempotency WHERE key = $1", &[&key.key]).await?;
+        let Some(row) = row else { return Ok(None) };
+        let print: Vec<u8> = row.get(0);
+        if print != key.fingerprint {
+            return Err(StoreError::KeyReused);
+        }
+        let ids: Vec<u8> = row.get(1);
+        let mut jobs = Vec::new();
+        for id in unpack_ids(&ids) {
+            if let Some((_, job)) = self.load(id).await? {
+                jobs.push(self.live(job));
+            }
+        }
+        Ok(Some(jobs))
+    }
+
+    /// Claims, for as many jobs of each kind as were asked together: one statement per kind.
+    pub(super) async fn claim_batch(self: Arc<Self>, batch: Vec<ClaimRequest>) {
+        let mut by_kind: HashMap<JobKind, Vec<ClaimRequest>> = HashMap::new();
+        for request in batch {
+            by_kind.entry(request.kind).or_default().push(request);
+        }
+        for (kind, requests) in by_kind {
+            match self.claim_many(kind, requests.len()).await {
+                Ok(claimed) => {
+                    let mut claimed = claimed.into_iter();
+                    for request in requests {
+                        let _ = request.reply.send(Ok(claimed.next()));
+                    }
+                }
+                Err(e) => {
+                    for request in requests {
+                        let _ = request.reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Up to `n` of the oldest claimable jobs of `kind`, with their payloads, in one round trip.
+    pub(super) async fn claim_many(&self, kind: JobKind, n: usize) -> Result<Vec<Claimed>, StoreError> {
+        let conn = self.conns.shared().await?;
+        let rows = conn
+            .query(
+                concat!(
+                    "WITH picked AS (SELECT seq FROM offload_jobs WHERE status = 0 AND lease_owner IS NULL AND kind = $1 \
+                       ORDER BY seq LIMIT $4 FOR UPDATE SKIP LOCKED), \
+                     claimed AS (UPDATE offload_jobs SET attempts = attempts + 1, lease_owner = $2, \
+                       lease_until = now() + make_interval(secs => $3) WHERE seq IN (SELECT seq FROM picked) \
+                       RETURNING ",
+                    job_columns!(),
+                    ") SELECT claimed.*, p.spec, p.data FROM claimed LEFT JOIN offload_payloads p ON p.seq = claimed.seq \
+                     ORDER BY claimed.seq"
+                ),
+                &[&(kind_code(kind) as i16), &self.me, &self.lease.as_secs_f64(), &(n as i64)],
+            )
+            .await?;
+        drop(conn);
+        if rows.len() < n {
+            self.with_state(|s| s.claimable[kind_index(kind)] = 0);
+        }
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in rows {
+            let (seq, job) = job_from_row(&row)?;
+            let record = row
+                .get::<_, Option<Vec<u8>>>(19)
+                .map(|spec| PayloadRecord { spec, data: row.get::<_, Option<Vec<u8>>>(20).map(Bytes::from) });
+            let decoded = match record {
+                Some(record) => JobPayload::decode(job.kind, record),
+                None => Err("the payload is missing".to_string()),
+            };
+            match decoded {
+                Ok(payload) => {
+                    self.with_state(|s| {
+                        s.held.insert(job.id, Held { job: job.clone(), start_unsaid: false, dirty: false })
+                    });
+                    claimed.push(Claimed { job, payload });
+                }
+                Err(message) => self.unreadable(seq, job, message).await?,
+            }
+        }
+        Ok(claimed)
+    }
+
+    /// A claimed job whose stored payload cannot be read: failed, for good.
+    pub(super) async fn unreadable(&self, seq: i64, mut job: Job, message: String) -> Result<(), StoreError> {
+        tracing::error!(job = %job.id, "stored payload unreadable: {message}");
+        job.fail(ErrorBody::new("payload_unreadable", message), SystemTime::now());
+        let mut conn = self.conns.alone().await?;
+        let tx = conn.transaction().await.map_err(unavailable)?;
+        self.end(&tx, seq, &job).await?;
+        tx.execute("SELECT pg_notify('offload', $1)", &[&notice::changed(job.id, job.status, EVERYONE)])
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    /// A start is noted here, and written with the next progress (within 50 ms): a start costs
+    /// no statement of its own. The attempt was counted at the claim, so a crash before the
+    /// write loses nothing: the lease brings the job back either way.
+    pub(super) fn start(&self, id: JobId, attempt: u32, at: SystemTime) -> bool {
+        self.with_state(|s| {
+            let Some(held) = s.held.get_mut(&id).filter(|h| h.job.attempts == attempt) else { return false };
+            let started = held.job.start(at);
+            held.start_unsaid |= started;
+            started
+        })
+    }
+
+    pub(super) fn settle(&self, id: JobId) {
+        self.with_state(|s| s.held.remove(&id));
+    }
+
+    /// Ends of runs, in one statement for all: each job's row, its result, its payload gone,
+    /// its webhook owed (held by this instance, which delivers it) and its notices, fenced on
+    /// (attempt, lease owner) job by job.
+    pub(super) async fn end_batch(self: Arc<Self>, batch: Vec<EndRequest>) {
+        let result = self.end_many(&batch).await;
+        self.with_state(|s| {
+            for request in &batch {
+                let id = request.job.id;
+                match &result {
+                    Ok(ended) => {
+                        s.held.remove(&id);
+                        if ended.contains(&id) {
+                            *s.stats.by_status.slot(request.job.status) += 1;
+                            s.stats.result_bytes += request.bytes.as_ref().map_or(0, Bytes::len);
+                        }
+                    }
+                    // Not ended: the Dispatcher retries, and may, from the job as held.
+                    Err(_) => {
+                        if let Some(held) = s.held.get_mut(&id) {
+                            held.job.status = JobStatus::Running;
+                        }
+                    }
+                }
+            }
+        });
+        // Results past the budget: the oldest finished jobs go now, not at the next sweep.
+        let over = self.with_state(|s| s.stats.result_bytes).saturating_sub(self.result_budget);
+        if over > 0 && !self.evicting.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.evict(over).await {
+                    tracing::warn!("cannot forget the oldest results: {e}");
+                }
+                this.evicting.store(false, std::sync::atomic::Ordering::Release);
+            });
+        }
+        for request in batch {
+            let answer = match &result {
+                Ok(ended) => Ok(ended.contains(&request.job.id).then_some(request.job)),
+                Err(e) => Err(e.clone()),
+            };
+            let _ = request.reply.send(answer);
+        }
+    }
+
+    pub(super) async fn end_many(&self, batch: &[EndRequest]) -> Result<Vec<JobId>, StoreError> {
+        let raw: Vec<[u8; 16]> = batch.iter().map(|r| r.job.id.to_bytes()).collect();
+        let ids: Vec<&[u8]> = raw.iter().map(|b| b.as_slice()).collect();
+        let attempts: Vec<i32> = batch.iter().map(|r| r.job.attempts as i32).collect();
+        let fields: Vec<Fields> = batch.iter().map(|r| Fields::of(&r.job)).collect();
+        let owed: Vec<Option<(&str, Vec<u8>)>> = batch.iter().map(|r| owed_body(&r.job)).collect();
+        let said: Vec<String> = batch.iter().map(|r| notice::changed(r.job.id, r.job.status, &self.tag)).collect();
+        let ran: Vec<Option<String>> = batch
+            .iter()
+            .map(|r| r.start_unsaid.then(|| notice::changed(r.job.id, JobStatus::Running, &self.tag)))
+            .collect();
+        let column = |f: for<'f> fn(&'f Fields<'_>) -> Option<&'f str>| fields.iter().map(f).collect::<Vec<_>>();
+        let statuses: Vec<i16> = fields.iter().map(|f| f.status).collect();
+        let progress: Vec<f32> = fields.iter().map(|f| f.progress).collect();
+        let started: Vec<Option<i64>> = fields.iter().map(|f| f.started_at).collect();
+        let finished: Vec<Option<i64>> = fields.iter().map(|f| f.finished_at).collect();
+        let result_bytes: Vec<Option<i64>> = fields.iter().map(|f| f.result_bytes).collect();
+        let widths: Vec<Option<i32>> = fields.iter().map(|f| f.result_width).collect();
+        let heights: Vec<Option<i32>> = fields.iter().map(|f| f.result_height).collect();
+        let results: Vec<Option<&[u8]>> = batch.iter().map(|r| r.bytes.as_deref()).collect();
+        let urls: Vec<Option<&str>> = owed.iter().map(|o| o.as_ref().map(|o| o.0)).collect();
+        let bodies: Vec<Option<&[u8]>> = owed.iter().map(|o| o.as_ref().map(|o| o.1.as_slice())).collect();
+        let conn = self.conns.shared().await?;
+        let rows = conn
+            .query(
+                "WITH x AS (SELECT * FROM unnest($1::bytea[], $2::int4[], $3::int2[], $4::real[], $5::text[], \
+                   $6::int8[], $7::int8[], $8::text[], $9::text[], $10::text[], $11::int8[], $12::text[], $13::int4[], \
+                   $14::int4[], $15::bytea[], $16::text[], $17::bytea[], $18::text[], $19::text[]) \
+                   AS x(id, attempt, status, progress, stage, started_at, finished_at, error_code, error_message, \
+                   result_type, result_bytes, result_name, result_width, result_height, result, url, body, said, ran)), \
+                 u AS (UPDATE offload_jobs o SET status = x.status, progress = x.progress, stage = x.stage, \
+                   started_at = x.started_at, finished_at = x.finished_at, error_code = x.error_code, \
+                   error_message = x.error_message, result_type = x.result_type, result_bytes = x.result_bytes, \
+                   result_name = x.result_name, result_width = x.result_width, result_height = x.result_height, \
+                   lease_owner = NULL, lease_until = NULL \
+                   FROM x WHERE o.id = x.id AND o.attempts = x.attempt AND o.lease_owner = $20 AND o.status IN (0, 1) \
+                   RETURNING o.seq, o.id), \
+                 r AS (INSERT INTO offload_results (seq, bytes) SELECT u.seq, x.result FROM u JOIN x USING (id) \
+                   WHERE x.result IS NOT NULL ON CONFLICT (seq) DO UPDATE SET bytes = excluded.bytes), \
+                 d AS (DELETE FROM offload_payloads WHERE seq IN (SELECT seq FROM u)), \
+                 w AS (INSERT INTO offload_webhooks (job_id, url, body, lease_owner, lease_until) \
+                   SELECT u.id, x.url, x.body, $20, now() + make_interval(secs => $21) FROM u JOIN x USING (id) \
+                   WHERE x.url IS NOT NULL ON CONFLICT (job_id) DO UPDATE SET url = excluded.url, \
+                   body = excluded.body, lease_owner = excluded.lease_owner, lease_until = excluded.lease_until) \
+                 SELECT u.id, CASE WHEN x.ran IS NOT NULL THEN pg_notify('offload', x.ran) END, \
+                   pg_notify('offload', x.said) FROM u JOIN x USING (id)",
+                &[
+                    &ids,
+                    &attempts,
+                    &statuses,
+                    &progress,
+                    &column(|f| f.stage),
+                    &started,
+                    &finished,
+                    &column(|f| f.error_code),
+                    &column(|f| f.error_message),
+                    &column(|f| f.result_type),
+                    &result_bytes,
+                    &column(|f| f.result_name),
+                    &widths,
+                    &heights,
+                    &results,
+                    &urls,
+                    &bodies,
+                    &said,
+                    &ran,
+                    &self.me,
+                    &self.lease.as_secs_f64(),
+                ],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| <[u8; 16]>::try_from(r.get::<_, Vec<u8>>(0)).ok())
+            .map(JobId::from_bytes)
+            .collect())
+    }
+
+    /// An end this instance has no copy of the job for: read and locked in a transaction.
+    pub(super) async fn finish_read(&self, id: JobId, attempt: u32, outcome: Final) -> Result<Option<Job>, StoreError> {
+        let mut conn = self.conns.alone().await?;
+        let tx = conn.transaction().await.map_err(unavailable)?;
+        let row = tx
+            .query_opt(
+                concat!(
+                    "SELECT ",
+                    job_columns!(),
+                    " FROM offload_jobs WHERE id = $1 AND attempts = $2 AND lease_owner = $3 \
+                     AND status IN (0, 1) FOR UPDATE"
+                ),
+                &[&id.to_bytes().as_slice(), &(attempt as i32), &self.me],
+            )
+            .await
+            .map_err(unavailable)?;
+        let Some((job, bytes)) = row.map(|r| job_from_row(&r)).transpose()?.and_then(|(seq, job)| {
+            let (job, bytes) = ended(job, outcome, self.result_budget)?;
+            Some(((seq, job), bytes))
+        }) else {
+            self.settle(id);
+            return Ok(None);
+        };
+        let (seq, job) = job;
+        if let Some(bytes) = bytes {
+            tx.execute(
+                "INSERT INTO offload_results (seq, bytes) VALUES ($1, $2) ON CONFLICT (seq) DO UPDATE SET bytes = $2",
+                &[&seq, &bytes.as_ref()],
+            )
+            .await
+            .map_err(unavailable)?;
+        }
+        self.end(&tx, seq, &job).await?;
+        tx.execute("SELECT pg_notify('offload', $1)", &[&notice::changed(id, job.status, &self.tag)])
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        self.settle(id);
+        Ok(Some(job))
+    }
+
+    pub(super) async fn cancel(self: Arc<Self>, id: JobId, reason: ErrorBody) -> Result<CancelOutcome, StoreError> {
+        let mut conn = self.conns.alone().await?;
+        let tx = conn.transaction().await.map_err(unavailable)?;
+        let row = tx
+            .query_opt(
+                concat!("SELECT ", job_columns!(), " FROM offload_jobs WHERE id = $1 FOR UPDATE"),
+                &[&id.to_bytes().as_slice()],
+            )
+            .await
+            .map_err(unavailable)?;
+        let Some((seq, mut job)) = row.map(|r| job_from_row(&r)).transpose()? else {
+            return Ok(CancelOutcome::Unknown);
+        };
+        if job.status.is_terminal() {
+            return Ok(CancelOutcome::Finished(job));
+        }
+        job.cancel(SystemTime::now());
+        job.error = Some(reason);
+        self.end(&tx, seq, &job).await?;
+        // Followers elsewhere see it (this instance's Dispatcher tells its own); the instance
+        // running it stops the run.
+        tx.execute("SELECT pg_notify('offload', $1)", &[&notice::changed(id, job.status, &self.tag)])
+            .await
+            .map_err(unavailable)?;
+        tx.execute("SELECT pg_notify('offload', $1)", &[&notice::cancelled(id)]).await.map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        self.settle(id);
+        Ok(CancelOutcome::Cancelled(job))
+    }
+
+    pub(super) async fn release(self: Arc<Self>, id: JobId, attempt: u32) -> Result<bool, StoreError> {
+        let conn = self.conns.shared().await?;
+        // A claim that never started gives its attempt back.
+        let changed = conn
+            .execute(
+                "UPDATE offload_jobs SET attempts = CASE WHEN status = 0 THEN attempts - 1 ELSE attempts END, \
+                 status = 0, stage = 'queued', progress = 0, started_at = NULL, lease_owner = NULL, lease_until = NULL \
+                 WHERE id = $1 AND attempts = $2 AND lease_owner = $3 AND status IN (0, 1) \
+                 RETURNING pg_notify('offload', $4), pg_notify('offload', 'q')",
+                &[
+                    &id.to_bytes().as_slice(),
+                    &(attempt as i32),
+                    &self.me,
+                    &notice::changed(id, JobStatus::Queued, EVERYONE),
+                ],
+            )
+            .await?;
+        self.settle(id);
+        Ok(changed == 1)
+    }
+}
