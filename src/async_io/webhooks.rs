@@ -181,8 +181,10 @@ impl Handler<Deliver> for Webhooks {
         let metrics = self.metrics.clone();
         guarded(self, ctx, "webhooks", &metrics, |this, ctx| {
             if this.waiting.len() + this.running >= this.settings.capacity.max(1) {
-                // Still owed in a durable store: delivered after the next start.
+                // Still owed in a durable store: delivered after the next start (with a shared
+                // store, by any instance once this one lets go of it).
                 tracing::warn!(job = %msg.job, "webhook queue full; delivery dropped");
+                this.store.webhook_dropped(msg.job);
                 this.metrics.webhook_deliveries.with_label_values(&["dropped"]).inc();
                 return;
             }

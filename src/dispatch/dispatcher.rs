@@ -641,6 +641,10 @@ impl crate::store::StoreEvents for RemoteEvents {
         self.hub.is_watched(id)
     }
 
+    fn watched(&self) -> Vec<JobId> {
+        self.hub.watched()
+    }
+
     fn owed(&self, hooks: Vec<crate::store::OwedWebhook>) {
         for w in hooks {
             self.webhooks.do_send(Deliver { job: w.job, url: w.url, body: w.body });

@@ -103,6 +103,11 @@ impl Hub {
         }
     }
 
+    /// Every job someone follows.
+    pub fn watched(&self) -> Vec<JobId> {
+        self.lock().watchers.keys().copied().collect()
+    }
+
     /// Whether anyone follows `id` (lets the publisher skip building snapshots).
     pub fn is_watched(&self, id: JobId) -> bool {
         self.lock().watchers.contains_key(&id)

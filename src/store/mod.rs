@@ -242,6 +242,9 @@ pub trait JobStore: Send + Sync + 'static {
     fn expire(&self, now: SystemTime) -> Pending<usize>;
     /// A webhook was delivered or given up on: no longer owed.
     fn webhook_done(&self, id: JobId);
+    /// A webhook this process could not take on (its queue was full): still owed, for whoever
+    /// delivers it later (the next start; with a shared store, any instance after a while).
+    fn webhook_dropped(&self, _id: JobId) {}
     /// Webhooks owed from before this start (a durable store after a crash).
     fn owed_webhooks(&self) -> Result<Vec<OwedWebhook>, StoreError>;
 
@@ -291,6 +294,10 @@ pub trait StoreEvents: Send + Sync {
     /// Whether anyone here follows `id` (a shared store reads a job it heard of only then).
     fn wants(&self, _id: JobId) -> bool {
         true
+    }
+    /// The jobs someone here follows (re-read after notices may have been lost).
+    fn watched(&self) -> Vec<JobId> {
+        Vec::new()
     }
     /// Webhooks owed by an instance that stopped (its lease on them ran out): deliver them.
     fn owed(&self, _hooks: Vec<OwedWebhook>) {}

@@ -256,6 +256,9 @@ async fn stored_results_are_bounded_by_the_result_budget_across_the_database() {
     s.pdf_workers = Some(1);
     s.result_disk = "8KiB".parse().unwrap();
     let app = spawn_app_with(s.clone()).await;
+    // Ended first, with no result: the budget has nothing to take from it.
+    let cancelled = id_of(&app.submit_pdf(&slow("cancelled", 200)).await).to_string();
+    assert_eq!(app.delete(&format!("/jobs/{cancelled}")).await.json()["status"], "cancelled");
     let mut jobs = Vec::new();
     for n in 0..12 {
         let job = app.submit_pdf(&json!({"title": format!("doc {n}")})).await;
@@ -282,6 +285,7 @@ async fn stored_results_are_bounded_by_the_result_budget_across_the_database() {
     assert!(kept > 0);
     assert_eq!(app.get(&format!("/jobs/{}/result", jobs[11])).await.status.as_u16(), 200, "the newest is kept");
     assert_eq!(app.get(&format!("/jobs/{}", jobs[0])).await.status.as_u16(), 404, "the oldest was forgotten");
+    assert_eq!(app.get(&format!("/jobs/{cancelled}")).await.status.as_u16(), 200, "a job without a result stays");
 
     s.result_disk = "100B".parse().unwrap();
     s.database_url = Some(pg.fresh_database().await.parse().unwrap());

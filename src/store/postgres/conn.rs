@@ -2,10 +2,10 @@
 //!
 //! Two kinds, because a transaction needs its connection alone while a single statement does
 //! not: *shared* connections carry single statements of many tasks at once (tokio-postgres
-//! pipelines them: a claim, a start and an end on one connection cost one round trip together,
+//! pipelines them: an insert, a claim and an end on one connection cost one round trip together,
 //! not three), and *alone* connections are lent to one transaction at a time. The hot path
-//! (batched inserts, claims, starts, ends) is single statements; transactions are for keyed
-//! submissions, cancels and the retention sweep. Every shared statement is prepared once per
+//! (grouped inserts, claims and ends, the progress writer) is single statements; transactions are
+//! for keyed submissions, cancels and the retention sweep. Every shared statement is prepared once per
 //! connection, so a claim is one Bind/Execute, not Parse + Bind/Execute.
 
 use std::collections::HashMap;

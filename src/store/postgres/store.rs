@@ -5,7 +5,8 @@
 //! renews this instance's leases every third of the lease; any instance gives expired leases
 //! back to the queue (or fails the job `worker_lost` past `--max-attempts`). Starts, ends and
 //! releases are fenced on (attempt, lease owner): an instance that comes back late changes
-//! nothing. Counts for admission and `GET /jobs` are the database's, refreshed every 250 ms.
+//! nothing. Counts for admission and `GET /jobs` are the database's: queued and running every
+//! 250 ms and on notices, ended ones every 5 s.
 //!
 //! The hot path is one statement per step, each on a shared, pipelined connection
 //! (`conn`) and each carrying as many jobs as wait (`batch`): submissions
@@ -77,6 +78,8 @@ const ENDED_COUNTS_EVERY: Duration = Duration::from_secs(5);
 /// The sender tag of notices meant for every instance, the sender included (it matches no
 /// instance's hex tag).
 const EVERYONE: &str = "********";
+/// The advisory lock an eviction holds (one instance evicts at a time).
+const EVICT_LOCK: i64 = 0x6f66_666c_6f61_6402; // "offload" + 2
 /// Webhooks of stopped instances taken per rescue (each rescue, every third of the lease).
 const RESCUED_WEBHOOKS: i64 = 100;
 
@@ -129,12 +132,18 @@ struct State {
     /// Jobs this instance claimed (then started), as they are in the database: an end is
     /// written from this, in one statement.
     held: HashMap<JobId, Held>,
+    /// Webhooks this instance holds a lease on and delivers (renewed by the heartbeat until
+    /// delivered or dropped).
+    delivering: std::collections::HashSet<JobId>,
     stats: StoreStats,
     events: Option<Arc<dyn StoreEvents>>,
 }
 
 struct Held {
     job: Job,
+    /// Its end is being written: a second end (a timeout and the run's own) is refused, and the
+    /// progress writer leaves it alone; readers still see the run as held until it commits.
+    ending: bool,
     /// The start is known here and not yet written (it is written with the next progress).
     start_unsaid: bool,
     /// Progress changed since it was last written.
@@ -526,15 +535,14 @@ impl JobStore for PgStore {
         // run's own end): the first one wins.
         let held = self.inner.with_state(|s| {
             let held = s.held.get_mut(&id).filter(|h| h.job.attempts == attempt)?;
-            let job = held.job.clone();
-            if job.status.is_terminal() {
+            if held.ending {
                 return Some(None);
             }
-            let (job, bytes) = match ended(job, outcome.clone(), self.inner.result_budget) {
+            let (job, bytes) = match ended(held.job.clone(), outcome.clone(), self.inner.result_budget) {
                 Some(end) => end,
                 None => return Some(None),
             };
-            held.job.status = job.status;
+            held.ending = true;
             Some(Some((job, bytes, held.start_unsaid)))
         });
         let (job, bytes, start_unsaid) = match held {
@@ -566,9 +574,33 @@ impl JobStore for PgStore {
     fn webhook_done(&self, id: JobId) {
         let inner = self.inner.clone();
         self.rt().spawn(async move {
+            let deleted = match inner.conns.shared().await {
+                Ok(conn) => {
+                    conn.execute("DELETE FROM offload_webhooks WHERE job_id = $1", &[&id.to_bytes().as_slice()]).await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = deleted {
+                // Left leased: it expires, and another delivery follows (at least once).
+                tracing::warn!(job = %id, "cannot mark the webhook delivered: {e}");
+            }
+            inner.with_state(|s| s.delivering.remove(&id));
+        });
+    }
+
+    fn webhook_dropped(&self, id: JobId) {
+        let inner = self.inner.clone();
+        self.rt().spawn(async move {
+            inner.with_state(|s| s.delivering.remove(&id));
+            // Let go of it: any instance's rescue takes it again after a minute.
             if let Ok(conn) = inner.conns.shared().await {
-                let _ =
-                    conn.execute("DELETE FROM offload_webhooks WHERE job_id = $1", &[&id.to_bytes().as_slice()]).await;
+                let _ = conn
+                    .execute(
+                        "UPDATE offload_webhooks SET lease_owner = NULL, lease_until = now() + interval '1 minute' \
+                         WHERE job_id = $1 AND lease_owner = $2",
+                        &[&id.to_bytes().as_slice(), &inner.me],
+                    )
+                    .await;
             }
         });
     }

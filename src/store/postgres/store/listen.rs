@@ -7,50 +7,63 @@ use super::*;
 impl Inner {
     /// This instance's runs that started or moved since the last time: written (readers on
     /// every instance see them) and announced (followers on every instance get them), in one
-    /// statement for all of them.
+    /// statement for all of them. Only the rows this instance still holds are written, and only
+    /// those are announced: a run that lost its lease says nothing.
     pub(super) async fn write_progress(&self) -> Result<(), StoreError> {
-        let mut started = Vec::new();
-        // Each run as held, and whether its progress moved (not only its start).
-        let moved: Vec<(Job, bool)> = self.with_state(|s| {
+        // Each run as held, whether its start is news, whether its progress moved.
+        let moved: Vec<(Job, bool, bool)> = self.with_state(|s| {
             s.held
                 .values_mut()
-                .filter(|h| (h.dirty || h.start_unsaid) && h.job.status == JobStatus::Running)
-                .map(|h| {
-                    if std::mem::take(&mut h.start_unsaid) {
-                        started.push(notice::changed(h.job.id, JobStatus::Running, &self.tag));
-                    }
-                    (h.job.clone(), std::mem::take(&mut h.dirty))
-                })
+                .filter(|h| (h.dirty || h.start_unsaid) && !h.ending && h.job.status == JobStatus::Running)
+                .map(|h| (h.job.clone(), std::mem::take(&mut h.start_unsaid), std::mem::take(&mut h.dirty)))
                 .collect()
         });
         if moved.is_empty() {
             return Ok(());
         }
-        let announced: Vec<_> =
-            moved.iter().filter(|m| m.1).map(|(j, _)| (j.id, j.progress, j.stage.clone())).collect();
-        let mut notices = started;
-        notices.extend(notice::progress(&self.tag, &announced));
-        let raw: Vec<[u8; 16]> = moved.iter().map(|(j, _)| j.id.to_bytes()).collect();
+        let said =
+            |(j, start, _): &(Job, bool, bool)| start.then(|| notice::changed(j.id, JobStatus::Running, &self.tag));
+        let progress = |(j, _, dirty): &(Job, bool, bool)| {
+            dirty.then(|| notice::progress(&self.tag, &[(j.id, j.progress, j.stage.clone())]).remove(0))
+        };
+        let started: Vec<Option<String>> = moved.iter().map(said).collect();
+        let announced: Vec<Option<String>> = moved.iter().map(progress).collect();
+        let raw: Vec<[u8; 16]> = moved.iter().map(|m| m.0.id.to_bytes()).collect();
         let ids: Vec<&[u8]> = raw.iter().map(|b| b.as_slice()).collect();
-        let attempts: Vec<i32> = moved.iter().map(|(j, _)| j.attempts as i32).collect();
-        let starts: Vec<Option<i64>> = moved.iter().map(|(j, _)| j.started_at.map(micros)).collect();
-        let fractions: Vec<f32> = moved.iter().map(|(j, _)| j.progress).collect();
-        let stages: Vec<Option<&str>> = moved.iter().map(|(j, _)| j.stage.as_deref()).collect();
-        let conn = self.conns.shared().await?;
-        conn.query(
-            "WITH u AS (UPDATE offload_jobs o SET status = 1, started_at = x.t, progress = x.p, stage = x.s \
-               FROM unnest($1::bytea[], $2::int4[], $3::int8[], $4::real[], $5::text[]) AS x(id, a, t, p, s) \
-               WHERE o.id = x.id AND o.attempts = x.a AND o.lease_owner = $6 AND o.status IN (0, 1) RETURNING 1), \
-             n AS (SELECT pg_notify('offload', t) FROM unnest($7::text[]) AS t) \
-             SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM n)",
-            &[&ids, &attempts, &starts, &fractions, &stages, &self.me, &notices],
-        )
-        .await?;
+        let attempts: Vec<i32> = moved.iter().map(|m| m.0.attempts as i32).collect();
+        let starts: Vec<Option<i64>> = moved.iter().map(|m| m.0.started_at.map(micros)).collect();
+        let fractions: Vec<f32> = moved.iter().map(|m| m.0.progress).collect();
+        let stages: Vec<Option<&str>> = moved.iter().map(|m| m.0.stage.as_deref()).collect();
+        let written = async {
+            let conn = self.conns.shared().await?;
+            conn.query(
+                "WITH x AS (SELECT * FROM unnest($1::bytea[], $2::int4[], $3::int8[], $4::real[], $5::text[], \
+                   $7::text[], $8::text[]) AS x(id, a, t, p, s, started, moved)), \
+                 u AS (UPDATE offload_jobs o SET status = 1, started_at = x.t, progress = x.p, stage = x.s FROM x \
+                   WHERE o.id = x.id AND o.attempts = x.a AND o.lease_owner = $6 AND o.status IN (0, 1) RETURNING o.id) \
+                 SELECT CASE WHEN x.started IS NOT NULL THEN pg_notify('offload', x.started) END, \
+                   CASE WHEN x.moved IS NOT NULL THEN pg_notify('offload', x.moved) END FROM x JOIN u USING (id)",
+                &[&ids, &attempts, &starts, &fractions, &stages, &self.me, &started, &announced],
+            )
+            .await
+        };
+        if let Err(e) = written.await {
+            // Written next time: the flags come back for the runs still held as they were.
+            self.with_state(|s| {
+                for (job, start, dirty) in &moved {
+                    if let Some(h) = s.held.get_mut(&job.id).filter(|h| h.job.attempts == job.attempts) {
+                        h.start_unsaid |= *start;
+                        h.dirty |= *dirty;
+                    }
+                }
+            });
+            return Err(e);
+        }
         Ok(())
     }
 
     /// One connection that LISTENs; reconnects with backoff when it drops, and then refreshes
-    /// (notifications sent meanwhile are lost: the refresh and the slow poll catch up).
+    /// the counts and re-reads the jobs followed here (notices sent meanwhile are lost).
     pub(super) async fn listen(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -86,6 +99,7 @@ impl Inner {
         client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
         let load = client.prepare(concat!("SELECT ", job_columns!(), " FROM offload_jobs WHERE id = ANY($1)")).await?;
         self.refresh_now.notify_one();
+        self.catch_up(&client, &load).await;
         while let Some(first) = rx.recv().await {
             // Whatever arrived meanwhile is handled together: one read for all the jobs.
             let mut batch = vec![first];
@@ -100,6 +114,25 @@ impl Inner {
         match driver.await {
             Ok(result) => result,
             Err(_) => Ok(()),
+        }
+    }
+
+    /// After (re)connecting: what followers here may have missed while no one listened, as the
+    /// jobs are now.
+    async fn catch_up(&self, client: &Client, load: &tokio_postgres::Statement) {
+        let Some(events) = self.with_state(|s| s.events.clone()) else { return };
+        let raw: Vec<[u8; 16]> = events.watched().iter().map(|id| id.to_bytes()).collect();
+        if raw.is_empty() {
+            return;
+        }
+        let ids: Vec<&[u8]> = raw.iter().map(|b| b.as_slice()).collect();
+        match client.query(load, &[&ids]).await {
+            Ok(rows) => {
+                for (_, job) in rows.iter().filter_map(|r| job_from_row(r).ok()) {
+                    events.changed(self.live(job));
+                }
+            }
+            Err(e) => tracing::warn!("cannot re-read the followed jobs: {e}"),
         }
     }
 

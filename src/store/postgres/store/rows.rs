@@ -131,6 +131,14 @@ pub(super) fn ended(mut job: Job, outcome: Final, budget: usize) -> Option<(Job,
     let now = SystemTime::now();
     job.start(now);
     apply_final(&mut job, outcome, now).then_some(())?;
+    // PostgreSQL's text refuses NUL; a file name or a message may carry one from the input.
+    for text in
+        [job.error.as_mut().map(|e| &mut e.message), job.result.as_mut().map(|r| &mut r.filename)].into_iter().flatten()
+    {
+        if text.contains('\0') {
+            *text = text.replace('\0', "\u{fffd}");
+        }
+    }
     let bytes = bytes.filter(|_| job.status == JobStatus::Succeeded);
     Some((job, bytes))
 }

@@ -4,16 +4,23 @@
 use super::*;
 
 impl Inner {
-    /// Renews this instance's leases: on the jobs it holds and on the webhooks it delivers.
+    /// Renews this instance's leases on the jobs it holds and the webhooks it delivers, and on
+    /// nothing else: a lease whose work this instance lost track of (a claim whose answer was
+    /// lost with its connection) runs out and is rescued.
     pub(super) async fn heartbeat(&self) -> Result<(), StoreError> {
+        let (jobs, hooks): (Vec<[u8; 16]>, Vec<[u8; 16]>) = self.with_state(|s| {
+            (s.held.keys().map(|id| id.to_bytes()).collect(), s.delivering.iter().map(|id| id.to_bytes()).collect())
+        });
+        let jobs: Vec<&[u8]> = jobs.iter().map(|b| b.as_slice()).collect();
+        let hooks: Vec<&[u8]> = hooks.iter().map(|b| b.as_slice()).collect();
         let conn = self.conns.shared().await?;
         conn.query(
             "WITH j AS (UPDATE offload_jobs SET lease_until = now() + make_interval(secs => $2) \
-               WHERE lease_owner = $1 RETURNING 1), \
+               WHERE lease_owner = $1 AND id = ANY($3::bytea[]) RETURNING 1), \
              w AS (UPDATE offload_webhooks SET lease_until = now() + make_interval(secs => $2) \
-               WHERE lease_owner = $1 RETURNING 1) \
+               WHERE lease_owner = $1 AND job_id = ANY($4::bytea[]) RETURNING 1) \
              SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM w)",
-            &[&self.me, &self.lease.as_secs_f64()],
+            &[&self.me, &self.lease.as_secs_f64(), &jobs, &hooks],
         )
         .await?;
         Ok(())
@@ -32,7 +39,7 @@ impl Inner {
                 &[&self.me, &self.lease.as_secs_f64(), &limit],
             )
             .await?;
-        Ok(rows
+        let owed: Vec<OwedWebhook> = rows
             .iter()
             .filter_map(|r| {
                 let id: Vec<u8> = r.get(0);
@@ -43,7 +50,9 @@ impl Inner {
                     body: Bytes::from(r.get::<_, Vec<u8>>(2)),
                 })
             })
-            .collect())
+            .collect();
+        self.with_state(|s| s.delivering.extend(owed.iter().map(|w| w.job)));
+        Ok(owed)
     }
 
     /// Jobs whose holder stopped renewing: queued again, or failed past the attempts allowed.
@@ -109,39 +118,55 @@ impl Inner {
                 break;
             }
         }
-        let over = self.with_state(|s| s.stats.result_bytes).saturating_sub(self.result_budget);
-        if over > 0 {
-            total += self.evict(over).await?;
+        if self.with_state(|s| s.stats.result_bytes) > self.result_budget {
+            total += self.evict().await?;
         }
         Ok(total)
     }
 
-    /// The oldest finished jobs holding at least `over` result bytes, forgotten.
-    pub(super) async fn evict(&self, over: usize) -> Result<usize, StoreError> {
+    /// Results past `--result-disk`: the oldest succeeded jobs holding at least the excess,
+    /// forgotten. The excess is counted by the database (every instance's results), under a lock
+    /// so that one instance evicts at a time; this instance's own estimate only says when to
+    /// look.
+    pub(super) async fn evict(&self) -> Result<usize, StoreError> {
         let mut conn = self.conns.alone().await?;
         let tx = conn.transaction().await.map_err(unavailable)?;
-        let rows = tx
-            .query(
-                "SELECT seq, coalesce(result_bytes, 0) FROM offload_jobs WHERE finished_at IS NOT NULL \
-                 ORDER BY finished_at, seq LIMIT 2000 FOR UPDATE SKIP LOCKED",
-                &[],
-            )
-            .await
-            .map_err(unavailable)?;
-        let (mut seqs, mut freed) = (Vec::new(), 0usize);
-        for row in rows {
-            if freed >= over {
-                break;
-            }
-            seqs.push(row.get::<_, i64>(0));
-            freed += row.get::<_, i64>(1).max(0) as usize;
+        let alone: bool =
+            tx.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&EVICT_LOCK]).await.map_err(unavailable)?.get(0);
+        if !alone {
+            return Ok(0);
         }
-        forget(&tx, &seqs).await?;
+        let total: i64 = tx
+            .query_one("SELECT coalesce(sum(result_bytes), 0)::BIGINT FROM offload_jobs WHERE status = 2", &[])
+            .await
+            .map_err(unavailable)?
+            .get(0);
+        let total = total.max(0) as usize;
+        let over = total.saturating_sub(self.result_budget);
+        let (mut seqs, mut freed) = (Vec::new(), 0usize);
+        if over > 0 {
+            let rows = tx
+                .query(
+                    "SELECT seq, result_bytes FROM offload_jobs WHERE status = 2 AND result_bytes > 0 \
+                     ORDER BY finished_at, seq LIMIT 2000 FOR UPDATE SKIP LOCKED",
+                    &[],
+                )
+                .await
+                .map_err(unavailable)?;
+            for row in rows {
+                if freed >= over {
+                    break;
+                }
+                seqs.push(row.get::<_, i64>(0));
+                freed += row.get::<_, i64>(1).max(0) as usize;
+            }
+            forget(&tx, &seqs).await?;
+        }
         tx.commit().await.map_err(unavailable)?;
         if !seqs.is_empty() {
             tracing::info!(jobs = seqs.len(), freed, "finished jobs forgotten early: results past --result-disk");
         }
-        self.with_state(|s| s.stats.result_bytes = s.stats.result_bytes.saturating_sub(freed));
+        self.with_state(|s| s.stats.result_bytes = total.saturating_sub(freed));
         Ok(seqs.len())
     }
 }

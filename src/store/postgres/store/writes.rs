@@ -25,6 +25,7 @@ impl Inner {
             )
             .await
             .map_err(unavailable)?;
+            self.with_state(|s| s.delivering.insert(job.id));
         }
         Ok(())
     }
@@ -33,15 +34,24 @@ impl Inner {
     /// submitter answered after it.
     pub(super) async fn insert_batch(self: Arc<Self>, batch: Vec<InsertRequest>) {
         let all: Vec<&NewJob> = batch.iter().flat_map(|r| &r.jobs).collect();
-        let result = self.insert_many(&all).await;
-        if result.is_ok() {
-            self.inserted(&all);
-        }
-        for request in batch {
-            let answer = match &result {
-                Ok(()) => Ok(Inserted::Created(request.jobs.into_iter().map(|n| n.job).collect())),
-                Err(e) => Err(e.clone()),
-            };
+        let results = match self.insert_many(&all).await {
+            Ok(()) => vec![Ok(()); batch.len()],
+            // One submission the database refuses must not fail the others: each alone.
+            Err(e) if batch.len() > 1 => {
+                tracing::warn!("a grouped insert failed ({e}); inserting its {} submissions one by one", batch.len());
+                let mut results = Vec::with_capacity(batch.len());
+                for request in &batch {
+                    results.push(self.insert_many(&request.jobs.iter().collect::<Vec<_>>()).await);
+                }
+                results
+            }
+            Err(e) => vec![Err(e)],
+        };
+        for (request, result) in batch.into_iter().zip(results) {
+            if result.is_ok() {
+                self.inserted(&request.jobs.iter().collect::<Vec<_>>());
+            }
+            let answer = result.map(|()| Inserted::Created(request.jobs.into_iter().map(|n| n.job).collect()));
             let _ = request.reply.send(answer);
         }
     }
@@ -231,7 +241,7 @@ impl Inner {
         }
         let mut claimed = Vec::with_capacity(rows.len());
         for row in rows {
-            let (seq, job) = job_from_row(&row)?;
+            let (_, job) = job_from_row(&row)?;
             let record = row
                 .get::<_, Option<Vec<u8>>>(19)
                 .map(|spec| PayloadRecord { spec, data: row.get::<_, Option<Vec<u8>>>(20).map(Bytes::from) });
@@ -242,27 +252,26 @@ impl Inner {
             match decoded {
                 Ok(payload) => {
                     self.with_state(|s| {
-                        s.held.insert(job.id, Held { job: job.clone(), start_unsaid: false, dirty: false })
+                        s.held
+                            .insert(job.id, Held { job: job.clone(), ending: false, start_unsaid: false, dirty: false })
                     });
                     claimed.push(Claimed { job, payload });
                 }
-                Err(message) => self.unreadable(seq, job, message).await?,
+                Err(message) => self.unreadable(job, message).await,
             }
         }
         Ok(claimed)
     }
 
-    /// A claimed job whose stored payload cannot be read: failed, for good.
-    pub(super) async fn unreadable(&self, seq: i64, mut job: Job, message: String) -> Result<(), StoreError> {
+    /// A claimed job whose stored payload cannot be read: failed, for good (fenced like any
+    /// end: a cancel from elsewhere meanwhile wins). Not failing it now only delays: its lease
+    /// brings it back.
+    pub(super) async fn unreadable(&self, job: Job, message: String) {
         tracing::error!(job = %job.id, "stored payload unreadable: {message}");
-        job.fail(ErrorBody::new("payload_unreadable", message), SystemTime::now());
-        let mut conn = self.conns.alone().await?;
-        let tx = conn.transaction().await.map_err(unavailable)?;
-        self.end(&tx, seq, &job).await?;
-        tx.execute("SELECT pg_notify('offload', $1)", &[&notice::changed(job.id, job.status, EVERYONE)])
-            .await
-            .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)
+        let failed = Final::Failed(ErrorBody::new("payload_unreadable", message));
+        if let Err(e) = self.finish_read(job.id, job.attempts, failed).await {
+            tracing::warn!(job = %job.id, "cannot record the unreadable payload yet: {e}");
+        }
     }
 
     /// A start is noted here, and written with the next progress (within 50 ms): a start costs
@@ -277,22 +286,45 @@ impl Inner {
         })
     }
 
-    pub(super) fn settle(&self, id: JobId) {
-        self.with_state(|s| s.held.remove(&id));
+    /// This instance no longer holds `attempt` of the job (a later claim of it stays held).
+    pub(super) fn settle(&self, id: JobId, attempt: u32) {
+        self.with_state(|s| {
+            if s.held.get(&id).is_some_and(|h| h.job.attempts == attempt) {
+                s.held.remove(&id);
+            }
+        });
     }
 
     /// Ends of runs, in one statement for all: each job's row, its result, its payload gone,
     /// its webhook owed (held by this instance, which delivers it) and its notices, fenced on
     /// (attempt, lease owner) job by job.
     pub(super) async fn end_batch(self: Arc<Self>, batch: Vec<EndRequest>) {
-        let result = self.end_many(&batch).await;
+        let results: Vec<Result<bool, StoreError>> = match self.end_many(&batch).await {
+            Ok(ended) => batch.iter().map(|r| Ok(ended.contains(&r.job.id))).collect(),
+            // One end the database refuses must not fail the others: each alone.
+            Err(e) if batch.len() > 1 => {
+                tracing::warn!("a grouped end failed ({e}); writing its {} ends one by one", batch.len());
+                let mut results = Vec::with_capacity(batch.len());
+                for request in &batch {
+                    let alone = self.end_many(std::slice::from_ref(request)).await;
+                    results.push(alone.map(|ended| ended.contains(&request.job.id)));
+                }
+                results
+            }
+            Err(e) => vec![Err(e)],
+        };
         self.with_state(|s| {
-            for request in &batch {
-                let id = request.job.id;
-                match &result {
+            for (request, result) in batch.iter().zip(&results) {
+                let (id, attempt) = (request.job.id, request.job.attempts);
+                match result {
                     Ok(ended) => {
-                        s.held.remove(&id);
-                        if ended.contains(&id) {
+                        if s.held.get(&id).is_some_and(|h| h.job.attempts == attempt) {
+                            s.held.remove(&id);
+                        }
+                        if *ended {
+                            if request.job.callback.is_some() {
+                                s.delivering.insert(id);
+                            }
                             *s.stats.by_status.slot(request.job.status) += 1;
                             s.stats.result_bytes += request.bytes.as_ref().map_or(0, Bytes::len);
                         }
@@ -300,29 +332,25 @@ impl Inner {
                     // Not ended: the Dispatcher retries, and may, from the job as held.
                     Err(_) => {
                         if let Some(held) = s.held.get_mut(&id) {
-                            held.job.status = JobStatus::Running;
+                            held.ending = false;
                         }
                     }
                 }
             }
         });
         // Results past the budget: the oldest finished jobs go now, not at the next sweep.
-        let over = self.with_state(|s| s.stats.result_bytes).saturating_sub(self.result_budget);
-        if over > 0 && !self.evicting.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        let over = self.with_state(|s| s.stats.result_bytes) > self.result_budget;
+        if over && !self.evicting.swap(true, std::sync::atomic::Ordering::AcqRel) {
             let this = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = this.evict(over).await {
+                if let Err(e) = this.evict().await {
                     tracing::warn!("cannot forget the oldest results: {e}");
                 }
                 this.evicting.store(false, std::sync::atomic::Ordering::Release);
             });
         }
-        for request in batch {
-            let answer = match &result {
-                Ok(ended) => Ok(ended.contains(&request.job.id).then_some(request.job)),
-                Err(e) => Err(e.clone()),
-            };
-            let _ = request.reply.send(answer);
+        for (request, result) in batch.into_iter().zip(results) {
+            let _ = request.reply.send(result.map(|ended| ended.then_some(request.job)));
         }
     }
 
@@ -424,7 +452,7 @@ impl Inner {
             let (job, bytes) = ended(job, outcome, self.result_budget)?;
             Some(((seq, job), bytes))
         }) else {
-            self.settle(id);
+            self.settle(id, attempt);
             return Ok(None);
         };
         let (seq, job) = job;
@@ -441,7 +469,7 @@ impl Inner {
             .await
             .map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
-        self.settle(id);
+        self.settle(id, attempt);
         Ok(Some(job))
     }
 
@@ -471,13 +499,14 @@ impl Inner {
             .map_err(unavailable)?;
         tx.execute("SELECT pg_notify('offload', $1)", &[&notice::cancelled(id)]).await.map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
-        self.settle(id);
+        self.settle(id, job.attempts);
         Ok(CancelOutcome::Cancelled(job))
     }
 
     pub(super) async fn release(self: Arc<Self>, id: JobId, attempt: u32) -> Result<bool, StoreError> {
         let conn = self.conns.shared().await?;
-        // A claim that never started gives its attempt back.
+        // A run whose start is not written yet (a claim not started, or started within the last
+        // 50 ms) gives its attempt back.
         let changed = conn
             .execute(
                 "UPDATE offload_jobs SET attempts = CASE WHEN status = 0 THEN attempts - 1 ELSE attempts END, \
@@ -492,7 +521,7 @@ impl Inner {
                 ],
             )
             .await?;
-        self.settle(id);
+        self.settle(id, attempt);
         Ok(changed == 1)
     }
 }
