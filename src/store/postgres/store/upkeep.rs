@@ -6,23 +6,51 @@ use super::*;
 impl Inner {
     /// Renews this instance's leases on the jobs it holds and the webhooks it delivers, and on
     /// nothing else: a lease whose work this instance lost track of (a claim whose answer was
-    /// lost with its connection) runs out and is rescued.
+    /// lost with its connection) runs out and is rescued. A held job whose lease could not be
+    /// renewed was taken back (this instance was cut off past its lease): its run here stops,
+    /// so a job runs on one instance at a time.
     pub(super) async fn heartbeat(&self) -> Result<(), StoreError> {
         let (jobs, hooks): (Vec<[u8; 16]>, Vec<[u8; 16]>) = self.with_state(|s| {
             (s.held.keys().map(|id| id.to_bytes()).collect(), s.delivering.iter().map(|id| id.to_bytes()).collect())
         });
-        let jobs: Vec<&[u8]> = jobs.iter().map(|b| b.as_slice()).collect();
-        let hooks: Vec<&[u8]> = hooks.iter().map(|b| b.as_slice()).collect();
+        let job_ids: Vec<&[u8]> = jobs.iter().map(|b| b.as_slice()).collect();
+        let hook_ids: Vec<&[u8]> = hooks.iter().map(|b| b.as_slice()).collect();
         let conn = self.conns.shared().await?;
-        conn.query(
-            "WITH j AS (UPDATE offload_jobs SET lease_until = now() + make_interval(secs => $2) \
-               WHERE lease_owner = $1 AND id = ANY($3::bytea[]) RETURNING 1), \
-             w AS (UPDATE offload_webhooks SET lease_until = now() + make_interval(secs => $2) \
-               WHERE lease_owner = $1 AND job_id = ANY($4::bytea[]) RETURNING 1) \
-             SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM w)",
-            &[&self.me, &self.lease.as_secs_f64(), &jobs, &hooks],
-        )
-        .await?;
+        let row = conn
+            .query_opt(
+                "WITH j AS (UPDATE offload_jobs SET lease_until = now() + make_interval(secs => $2) \
+                   WHERE lease_owner = $1 AND id = ANY($3::bytea[]) RETURNING id), \
+                 w AS (UPDATE offload_webhooks SET lease_until = now() + make_interval(secs => $2) \
+                   WHERE lease_owner = $1 AND job_id = ANY($4::bytea[]) RETURNING 1) \
+                 SELECT (SELECT coalesce(array_agg(id), '{}') FROM j), (SELECT count(*) FROM w)",
+                &[&self.me, &self.lease.as_secs_f64(), &job_ids, &hook_ids],
+            )
+            .await?;
+        let renewed: std::collections::HashSet<Vec<u8>> =
+            row.map(|r| r.get::<_, Vec<Vec<u8>>>(0)).unwrap_or_default().into_iter().collect();
+        let lost: Vec<JobId> = jobs
+            .iter()
+            .filter(|id| !renewed.contains(id.as_slice()))
+            .map(|id| JobId::from_bytes(*id))
+            .filter(|id| self.with_state(|s| s.held.get(id).is_some_and(|h| !h.ending)))
+            .collect();
+        if !lost.is_empty() {
+            tracing::warn!(
+                jobs = lost.len(),
+                "leases lost (another instance took the jobs back): stopping their runs here"
+            );
+            let events = self.with_state(|s| {
+                for id in &lost {
+                    s.held.remove(id);
+                }
+                s.events.clone()
+            });
+            for id in lost {
+                if let Some(events) = &events {
+                    events.cancelled(id);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -58,18 +86,8 @@ impl Inner {
     /// Jobs whose holder stopped renewing: queued again, or failed past the attempts allowed.
     /// Followers everywhere hear of both.
     pub(super) async fn rescue(&self) -> Result<(), StoreError> {
+        let failed = self.fail_lost().await?;
         let conn = self.conns.shared().await?;
-        let lost = crate::store::worker_lost(self.max_attempts);
-        let now = micros(SystemTime::now());
-        let failed = conn
-            .execute(
-                "UPDATE offload_jobs SET status = 3, stage = 'failed', error_code = $2, error_message = $3, \
-                 finished_at = $4, lease_owner = NULL, lease_until = NULL \
-                 WHERE lease_owner IS NOT NULL AND lease_until < now() AND status IN (0, 1) AND attempts >= $1 \
-                 RETURNING pg_notify('offload', 'j3' || encode(id, 'hex') || $5)",
-                &[&(self.max_attempts as i32), &lost.code, &lost.message, &now, &EVERYONE],
-            )
-            .await?;
         let requeued = conn
             .execute(
                 "UPDATE offload_jobs SET status = 0, stage = 'queued', progress = 0, started_at = NULL, \
@@ -92,6 +110,49 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// Expired leases of jobs started `--max-attempts` times: failed `worker_lost` like any end
+    /// (the payload gone, the webhook owed, held by this instance and handed to the Dispatcher
+    /// to deliver), at most 100 at a time.
+    async fn fail_lost(&self) -> Result<u64, StoreError> {
+        let lost = crate::store::worker_lost(self.max_attempts);
+        let mut conn = self.conns.alone().await?;
+        let tx = conn.transaction().await.map_err(unavailable)?;
+        let rows = tx
+            .query(
+                concat!(
+                    "SELECT ",
+                    job_columns!(),
+                    " FROM offload_jobs WHERE lease_owner IS NOT NULL AND lease_until < now() \
+                     AND status IN (0, 1) AND attempts >= $1 LIMIT 100 FOR UPDATE SKIP LOCKED"
+                ),
+                &[&(self.max_attempts as i32)],
+            )
+            .await
+            .map_err(unavailable)?;
+        let mut owed = Vec::new();
+        for (seq, mut job) in rows.iter().filter_map(|r| job_from_row(r).ok()) {
+            job.fail(lost.clone(), SystemTime::now());
+            self.end(&tx, seq, &job).await?;
+            tx.execute("SELECT pg_notify('offload', $1)", &[&notice::changed(job.id, job.status, EVERYONE)])
+                .await
+                .map_err(unavailable)?;
+            if let (Some(url), Ok(body)) = (job.callback.clone(), serde_json::to_vec(&job.view())) {
+                owed.push(OwedWebhook { job: job.id, url, body: Bytes::from(body) });
+            }
+        }
+        tx.commit().await.map_err(unavailable)?;
+        match self.with_state(|s| s.events.clone()) {
+            Some(events) if !owed.is_empty() => events.owed(owed),
+            // No Dispatcher yet to deliver them: let the leases run out for a rescue to take.
+            _ => self.with_state(|s| {
+                for w in &owed {
+                    s.delivering.remove(&w.job);
+                }
+            }),
+        }
+        Ok(rows.len() as u64)
     }
 
     /// Forgets finished jobs past the TTL, in batches; then, while the results kept pass the
