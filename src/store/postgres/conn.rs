@@ -21,6 +21,34 @@ pub(super) fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// How long the server may run one statement before it cancels it.
+const STATEMENT_TIMEOUT_MS: u64 = 30_000;
+
+/// The connection settings of `url`, with bounded waits on a database that stops answering: a
+/// connect gives up after 5 s (unless the URL says otherwise), a connection whose peer vanished
+/// is noticed within about half a minute (TCP keepalives after 10 s idle, and a 30 s TCP user
+/// timeout for data never acknowledged), and the server cancels a statement after 30 s (added
+/// to the URL's `options`). Without them a half-open connection would hold every statement
+/// pipelined on it until the kernel's two-hour default.
+pub(super) fn config(url: &str) -> Result<tokio_postgres::Config, tokio_postgres::Error> {
+    use std::time::Duration;
+    let mut config: tokio_postgres::Config = url.parse()?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(5));
+    }
+    config
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3)
+        .tcp_user_timeout(Duration::from_secs(30));
+    let options = config.get_options().unwrap_or_default().to_string();
+    if !options.contains("statement_timeout") {
+        config.options(format!("{options} -c statement_timeout={STATEMENT_TIMEOUT_MS}").trim());
+    }
+    Ok(config)
+}
+
 /// The connections of one store.
 pub(super) struct Conns {
     url: String,
@@ -61,7 +89,11 @@ impl Conns {
     }
 
     pub async fn connect(&self) -> Result<Client, StoreError> {
-        match tokio_postgres::connect(&self.url, NoTls).await {
+        let connected = match config(&self.url) {
+            Ok(config) => config.connect(NoTls).await,
+            Err(e) => Err(e),
+        };
+        match connected {
             Ok((client, connection)) => {
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {
@@ -158,5 +190,28 @@ impl Shared {
     /// For statements built at run time (a list's filters): prepared each time.
     pub fn client(&self) -> &Client {
         &self.client
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn connections_get_bounded_waits_unless_the_url_sets_its_own() {
+        let c = config("postgres://u@db:5432/offload").unwrap();
+        assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(5)));
+        assert_eq!(c.get_options(), Some("-c statement_timeout=30000"));
+        assert_eq!(c.get_keepalives_idle(), Duration::from_secs(10));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(30)));
+
+        let own = config("postgres://u@db/offload?connect_timeout=2&options=-c%20statement_timeout%3D1000").unwrap();
+        assert_eq!(own.get_connect_timeout(), Some(&Duration::from_secs(2)));
+        assert_eq!(own.get_options(), Some("-c statement_timeout=1000"));
+
+        let other = config("postgres://u@db/offload?options=-c%20search_path%3Djobs").unwrap();
+        assert_eq!(other.get_options(), Some("-c search_path=jobs -c statement_timeout=30000"));
     }
 }

@@ -81,7 +81,7 @@ impl Inner {
 
     pub(super) async fn listen_once(self: &Arc<Self>) -> Result<(), tokio_postgres::Error> {
         use futures::StreamExt;
-        let (client, mut connection) = tokio_postgres::connect(&self.url, NoTls).await?;
+        let (client, mut connection) = super::super::conn::config(&self.url)?.connect(NoTls).await?;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let driver = tokio::spawn(async move {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
