@@ -88,8 +88,13 @@ impl Conns {
         }
     }
 
+    /// The settings every connection of this store is made with (see [`config`]).
+    pub fn config(&self) -> Result<tokio_postgres::Config, tokio_postgres::Error> {
+        config(&self.url)
+    }
+
     pub async fn connect(&self) -> Result<Client, StoreError> {
-        let connected = match config(&self.url) {
+        let connected = match self.config() {
             Ok(config) => config.connect(NoTls).await,
             Err(e) => Err(e),
         };

@@ -109,7 +109,6 @@ pub struct PgStore {
 
 struct Inner {
     conns: Conns,
-    url: String,
     /// This instance, as the lease owner.
     me: Vec<u8>,
     /// This instance as the sender of notices (8 hex digits of `me`).
@@ -202,7 +201,6 @@ impl PgStore {
         let tag = me[..4].iter().map(|b| format!("{b:02x}")).collect();
         let inner = Arc::new(Inner {
             conns: Conns::new(options.url.clone(), options.connections),
-            url: options.url.clone(),
             me,
             tag,
             lease: options.lease.max(Duration::from_secs(1)),
@@ -214,7 +212,7 @@ impl PgStore {
             refresh_now: tokio::sync::Notify::new(),
         });
         let setup = inner.clone();
-        run_on(&rt, async move {
+        run_on(rt.handle(), async move {
             let mut client = setup.conns.connect().await.map_err(|e| e.to_string())?;
             super::schema::migrate(&mut client).await?;
             setup.refresh(true).await.map_err(|e| e.to_string())
@@ -249,8 +247,11 @@ impl PgStore {
     }
 
     /// A read, blocking the calling thread on the store's runtime.
-    fn read<T: Send>(&self, fut: impl Future<Output = Result<T, StoreError>> + Send) -> Result<T, StoreError> {
-        run_on(self.rt(), fut)
+    fn read<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        run_on(self.rt().handle(), fut)
     }
 }
 
@@ -262,13 +263,15 @@ impl Drop for PgStore {
     }
 }
 
-/// Runs `fut` on `rt` from any thread (an async context included: then from a thread of its own).
-fn run_on<T: Send>(rt: &tokio::runtime::Runtime, fut: impl Future<Output = T> + Send) -> T {
-    if tokio::runtime::Handle::try_current().is_ok() {
-        std::thread::scope(|s| s.spawn(|| rt.block_on(fut)).join().expect("store read thread"))
-    } else {
-        rt.block_on(fut)
-    }
+/// Runs `fut` on the store's runtime and waits for it on the calling thread, whatever that is
+/// (a handler's blocking-pool thread, the start-up thread): the future runs on the store's own
+/// threads, the caller only waits on a channel (no thread is made per read).
+fn run_on<T: Send + 'static>(rt: &tokio::runtime::Handle, fut: impl Future<Output = T> + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    rt.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv().expect("the store's runtime runs until the store is dropped")
 }
 
 #[derive(Clone, Copy)]
@@ -480,12 +483,7 @@ impl ResultReader for PieceReader {
                 .await?;
             Ok(row.map(|r| Bytes::from(r.get::<_, Vec<u8>>(0))).unwrap_or_default())
         };
-        if tokio::runtime::Handle::try_current().is_ok() {
-            let rt = self.rt.clone();
-            std::thread::scope(|s| s.spawn(|| rt.block_on(fut)).join().expect("read thread"))
-        } else {
-            self.rt.block_on(fut)
-        }
+        run_on(&self.rt, fut)
     }
 }
 

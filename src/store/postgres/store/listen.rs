@@ -24,7 +24,7 @@ impl Inner {
         let said =
             |(j, start, _): &(Job, bool, bool)| start.then(|| notice::changed(j.id, JobStatus::Running, &self.tag));
         let progress = |(j, _, dirty): &(Job, bool, bool)| {
-            dirty.then(|| notice::progress(&self.tag, &[(j.id, j.progress, j.stage.clone())]).remove(0))
+            dirty.then(|| notice::progress(&self.tag, j.id, j.progress, j.stage.as_deref()))
         };
         let started: Vec<Option<String>> = moved.iter().map(said).collect();
         let announced: Vec<Option<String>> = moved.iter().map(progress).collect();
@@ -81,7 +81,7 @@ impl Inner {
 
     pub(super) async fn listen_once(self: &Arc<Self>) -> Result<(), tokio_postgres::Error> {
         use futures::StreamExt;
-        let (client, mut connection) = super::super::conn::config(&self.url)?.connect(NoTls).await?;
+        let (client, mut connection) = self.conns.config()?.connect(NoTls).await?;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let driver = tokio::spawn(async move {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
