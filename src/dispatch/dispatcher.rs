@@ -334,7 +334,14 @@ impl Dispatcher {
         let control = JobControl::default();
         let deadline = Instant::now() + self.admission.job_timeout;
         let Some(pool) = self.pools.get_mut(&kind) else { return };
-        let msg = Execute { id, payload, control: control.clone(), deadline, events: ctx.address().recipient() };
+        let msg = Execute {
+            id,
+            attempt: job.attempts,
+            payload,
+            control: control.clone(),
+            deadline,
+            events: ctx.address().recipient(),
+        };
         if let Err(err) = pool.recipient.try_send(msg) {
             tracing::error!(job = %id, kind = kind.as_str(), "worker pool unavailable: {err}");
             let error = ErrorBody::new("pool_unavailable", "the worker pool is not running");
@@ -713,6 +720,8 @@ pub enum SubmitError {
     NoPool(JobKind),
     /// The store cannot write; nothing was accepted.
     Storage(String),
+    /// The store failed while committing: these jobs may exist (see [`StoreError::Uncertain`]).
+    Uncertain { message: String, ids: Vec<JobId> },
     /// The idempotency key was used for another request.
     KeyReused,
     /// The request alone is more than the limits allow, so no retry can ever fit it (a 413, not
@@ -753,6 +762,7 @@ impl Handler<Submit> for Dispatcher {
                 Ok(Inserted::Replayed(jobs)) => Ok(Submitted { jobs, replayed: true }),
                 Err(StoreError::KeyReused) => Err(SubmitError::KeyReused),
                 Err(StoreError::Unavailable(m)) => Err(SubmitError::Storage(m)),
+                Err(StoreError::Uncertain { message, ids }) => Err(SubmitError::Uncertain { message, ids }),
             };
             if let Err(e) = &outcome {
                 this.rejected(e);
@@ -770,7 +780,7 @@ impl Dispatcher {
             SubmitError::Overloaded { .. } => "overloaded",
             SubmitError::ShuttingDown => "shutting_down",
             SubmitError::NoPool(_) => "no_pool",
-            SubmitError::Storage(_) => "storage_unavailable",
+            SubmitError::Storage(_) | SubmitError::Uncertain { .. } => "storage_unavailable",
             SubmitError::KeyReused => "idempotency_key_reused",
             SubmitError::NeverFits(_) => "never_fits",
         };

@@ -11,7 +11,7 @@ use crate::domain::callback::CallbackError;
 use crate::domain::image::ImageError;
 use crate::domain::pdf::SpecError;
 use crate::error::ErrorBody;
-use crate::job::Job;
+use crate::job::{Job, JobId};
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +50,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Unavailable(m) => ApiError::Storage(m),
+            StoreError::Uncertain { message, ids } => ApiError::Submit(SubmitError::Uncertain { message, ids }),
             StoreError::KeyReused => ApiError::Submit(SubmitError::KeyReused),
         }
     }
@@ -124,7 +125,11 @@ impl ResponseError for ApiError {
                 ErrorBody::new("pool_unavailable", format!("no worker pool runs {} jobs", kind.as_str()))
                     .response_retry_after(status, 5)
             }
-            ApiError::Submit(SubmitError::Storage(m)) | ApiError::Storage(m) => storage_unavailable(m, status),
+            ApiError::Submit(SubmitError::Storage(m)) => storage_unavailable(m, status, Kept::No),
+            ApiError::Storage(m) => storage_unavailable(m, status, Kept::NotAWrite),
+            ApiError::Submit(SubmitError::Uncertain { message, ids }) => {
+                storage_unavailable(message, status, Kept::Unknown(ids))
+            }
             ApiError::Submit(SubmitError::KeyReused) => ErrorBody::new(
                 "idempotency_key_reused",
                 "Idempotency-Key: this key was already used for a different request; use a new key",
@@ -146,12 +151,35 @@ impl ResponseError for ApiError {
     }
 }
 
-/// The store cannot write or read: nothing was changed, retry shortly.
-pub fn storage_unavailable(detail: &str, status: StatusCode) -> HttpResponse {
+/// What a `503 storage_unavailable` did to the request's jobs.
+pub enum Kept<'a> {
+    /// Refused before anything was written: nothing was created.
+    No,
+    /// The write may have been kept (a failed fsync, a lost answer): these jobs may exist.
+    Unknown(&'a [JobId]),
+    /// Not a submission (a read, a cancel, readiness).
+    NotAWrite,
+}
+
+/// The store cannot write or read. The message says what became of a submission: nothing
+/// created, or (when the store cannot know) which jobs may exist and how to retry safely.
+pub fn storage_unavailable(detail: &str, status: StatusCode, kept: Kept<'_>) -> HttpResponse {
     tracing::debug!("storage unavailable: {detail}");
-    ErrorBody::new(
-        "storage_unavailable",
-        "the job store cannot write right now (disk full or I/O error); retry shortly",
-    )
-    .response_retry_after(status, 2)
+    let message = match kept {
+        Kept::No => "the job store cannot write right now (disk full or I/O error): nothing was created; retry shortly"
+            .to_string(),
+        Kept::Unknown(ids) => {
+            let ids: Vec<String> = ids.iter().map(JobId::to_string).collect();
+            format!(
+                "the job store failed while committing this request, so whether it was kept is unknown: \
+                 job {} may exist (GET /jobs/{{id}} tells; it may also appear after a restart). A retry with \
+                 the same Idempotency-Key header is safe: it never creates a second job",
+                ids.join(", ")
+            )
+        }
+        Kept::NotAWrite => "the job store cannot be used right now (disk full, I/O error or database \
+                            unreachable); retry shortly"
+            .to_string(),
+    };
+    ErrorBody::new("storage_unavailable", message).response_retry_after(status, 2)
 }

@@ -39,7 +39,11 @@ pub async fn readyz(dispatcher: web::Data<Addr<Dispatcher>>) -> Result<HttpRespo
         return Ok(body.response_retry_after(StatusCode::SERVICE_UNAVAILABLE, 5));
     }
     if let Some(detail) = &state.storage {
-        return Ok(super::errors::storage_unavailable(detail, StatusCode::SERVICE_UNAVAILABLE));
+        return Ok(super::errors::storage_unavailable(
+            detail,
+            StatusCode::SERVICE_UNAVAILABLE,
+            super::errors::Kept::NotAWrite,
+        ));
     }
     if !state.pools_down.is_empty() {
         let down: Vec<&str> = state.pools_down.iter().map(|k| k.as_str()).collect();

@@ -44,6 +44,11 @@ pub enum StoreError {
     /// The store cannot write (disk full, I/O error) or read; nothing was changed.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// A write reached the storage but whether it was kept is unknown: a commit whose fsync
+    /// failed (its frames may be replayed by a restart), or a database's answer lost with its
+    /// connection. `ids`: the jobs an insert would have created, which may exist.
+    #[error("storage failed while committing, the outcome is unknown: {message}")]
+    Uncertain { message: String, ids: Vec<JobId> },
     /// An idempotency key already used for a different request.
     #[error("the Idempotency-Key was already used for a different request")]
     KeyReused,

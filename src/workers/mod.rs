@@ -25,6 +25,8 @@ use crate::job::JobId;
 /// (unbounded) mailbox never holds more than one message per thread.
 pub struct Execute {
     pub id: JobId,
+    /// The attempt this run is (the job's `attempts` once claimed): the start hook notes it.
+    pub attempt: u32,
     pub payload: JobPayload,
     /// Shared with the Dispatcher, which raises it on cancel, timeout or shutdown.
     pub control: JobControl,
@@ -152,8 +154,8 @@ impl JobContext {
 }
 
 /// Called on the worker thread right before a job runs: lets a durable store note the start
-/// where a crash of the process cannot lose it (see `store::sqlite::StartLog`).
-pub type StartHook = Arc<dyn Fn(JobId) + Send + Sync>;
+/// and attempt where a crash of the process cannot lose them (see `store::sqlite::StartLog`).
+pub type StartHook = Arc<dyn Fn(JobId, u32) + Send + Sync>;
 
 /// The actor each pool thread runs. Stateless: all job state lives with the Dispatcher and
 /// the store.
@@ -190,14 +192,14 @@ impl Handler<Execute> for JobWorker {
     type Result = ();
 
     fn handle(&mut self, msg: Execute, _: &mut SyncContext<Self>) {
-        let Execute { id, payload, control, deadline, events } = msg;
+        let Execute { id, attempt, payload, control, deadline, events } = msg;
         let started = Instant::now();
         let mut job = JobContext { id, control, deadline, events: Some(events.clone()), last_progress: None };
         let outcome = match job.checkpoint() {
             Err(stopped) => Err(stopped),
             Ok(()) => {
                 if let Some(hook) = &self.on_start {
-                    hook(id);
+                    hook(id, attempt);
                 }
                 events.do_send(WorkerEvent::Started { id });
                 let budget = self.pdf_budget;

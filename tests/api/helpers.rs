@@ -190,6 +190,18 @@ impl TestApp {
     }
 }
 
+/// Polls `/readyz` until it answers `status`, failing the test after `within`.
+pub async fn wait_ready(app: &TestApp, status: u16, within: Duration) -> Reply {
+    poll_until(
+        within,
+        Duration::from_millis(20),
+        || app.get("/readyz"),
+        |r| r.status.as_u16() == status,
+        |r| format!("/readyz {} {}", r.status, String::from_utf8_lossy(&r.body)),
+    )
+    .await
+}
+
 /// Fetches with `fetch` every `every` until `done` holds; fails the test after `within`, showing
 /// the last value with `show`.
 pub async fn poll_until<T, F: std::future::Future<Output = T>>(

@@ -38,7 +38,13 @@ pub enum Outcome {
 /// Workers use the normal scheduler: with `SCHED_IDLE` the test process's busy threads could
 /// starve them and make deadlines flaky. Core dumps are off (a test may make the process abort).
 pub fn spawn(data_dir: &Path, args: &[&str]) -> Spawned {
+    spawn_with_env(data_dir, args, &[])
+}
+
+/// [`spawn`] with environment variables of its own (test hooks, `LD_PRELOAD`).
+pub fn spawn_with_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Spawned {
     let mut command = Command::new(env!("CARGO_BIN_EXE_offload"));
+    command.envs(env.iter().copied());
     command
         .args(["--bind", "127.0.0.1:0", "--worker-sched", "normal"])
         .arg("--data-dir")

@@ -40,7 +40,7 @@ use crate::domain::callback::{CallbackPolicy, CallbackUrl};
 use crate::domain::JobPayload;
 use crate::error::ErrorBody;
 use crate::job::{Job, JobId, JobKind, JobStatus, Owner, ResultMeta};
-pub use startlog::StartLog;
+pub use startlog::{StartLog, Starts};
 use writer::Op;
 
 /// How hard a commit tries to reach the disk.
@@ -98,6 +98,12 @@ pub(crate) struct Shared {
     progress: Mutex<HashMap<JobId, Live>>,
     /// The last write error, while writes fail.
     failing: Mutex<Option<String>>,
+    /// Set for good when the data directory was deleted or replaced under this process: writes
+    /// would go to files nobody can open again, so they are refused until a restart.
+    gone: Mutex<Option<String>>,
+    /// Told when jobs become claimable without a submission here (a recovery that waited for
+    /// the disk finished).
+    events: Mutex<Option<Arc<dyn super::StoreEvents>>>,
     /// Set by the checkpointer when the WAL grew long: the writer restarts it.
     pub(crate) restart_wal: AtomicBool,
     pub(crate) ttl: Duration,
@@ -277,9 +283,21 @@ impl Shared {
     }
 
     pub(crate) fn health(&self) -> Result<(), StoreError> {
+        if let Some(message) = &*self.gone.lock().unwrap_or_else(|p| p.into_inner()) {
+            return Err(StoreError::Unavailable(message.clone()));
+        }
         match &*self.failing.lock().unwrap_or_else(|p| p.into_inner()) {
             None => Ok(()),
             Some(message) => Err(StoreError::Unavailable(message.clone())),
+        }
+    }
+
+    /// Marks the data directory gone (see [`Shared::gone`]); logs it loudly, once.
+    fn set_gone(&self, message: String) {
+        let mut gone = self.gone.lock().unwrap_or_else(|p| p.into_inner());
+        if gone.is_none() {
+            tracing::error!("{message}");
+            *gone = Some(message);
         }
     }
 
@@ -306,13 +324,38 @@ impl Shared {
         self.progress.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
     }
 
-    /// Test builds: `Err` while the `fail-writes` file exists in the data directory.
-    pub(crate) fn check_fail_hook(&self) -> Result<(), String> {
+    /// `Err` when a write must not be tried: the data directory is gone, or (test builds) the
+    /// `fail-writes` file exists in it.
+    pub(crate) fn check_writable(&self) -> Result<(), String> {
+        if let Some(message) = &*self.gone.lock().unwrap_or_else(|p| p.into_inner()) {
+            return Err(message.clone());
+        }
         #[cfg(feature = "test-hooks")]
         if self.fail_file.exists() {
             return Err("disk I/O error (test hook: fail-writes)".into());
         }
         Ok(())
+    }
+
+    /// Puts what recovery found in memory: the queue (every job queued on disk) and the counts.
+    pub(crate) fn install(&self, recovered: Recovered) {
+        self.with_state(|s| {
+            s.stats = recovered.stats;
+            // enqueue_back counts them in again.
+            s.stats.queued = [0; 2];
+            s.stats.queued_bytes = 0;
+            s.stats.suspects = 0;
+            for w in recovered.queued {
+                s.enqueue_back(w);
+            }
+        });
+    }
+
+    /// Tells the Dispatcher that jobs wait to be claimed.
+    pub(crate) fn wake(&self) {
+        if let Some(events) = &*self.events.lock().unwrap_or_else(|p| p.into_inner()) {
+            events.claimable();
+        }
     }
 }
 
@@ -333,9 +376,6 @@ impl SqliteStore {
         schema::migrate(&mut conn)?;
         let (start_log, started) =
             StartLog::open(dir).map_err(|e| format!("cannot open the start log in {}: {e}", dir.display()))?;
-        let recovered =
-            recover(&mut conn, options.max_attempts, &started).map_err(|e| format!("recovery failed: {e}"))?;
-        start_log.clear().map_err(|e| format!("cannot clear the start log: {e}"))?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 queues: Default::default(),
@@ -343,41 +383,65 @@ impl SqliteStore {
                 waiting: HashMap::new(),
                 claimed: HashMap::new(),
                 started: HashMap::new(),
-                stats: recovered.stats,
+                stats: StoreStats::default(),
             }),
             progress: Mutex::new(HashMap::new()),
             failing: Mutex::new(None),
+            gone: Mutex::new(None),
+            events: Mutex::new(None),
             restart_wal: AtomicBool::new(false),
             ttl: options.ttl,
             result_budget: options.result_bytes,
             metrics,
             fail_file: dir.join("fail-writes"),
         });
-        shared.with_state(|s| {
-            // enqueue_back counts them in again.
-            s.stats.queued = [0; 2];
-            s.stats.queued_bytes = 0;
-            s.stats.suspects = 0;
-            for w in recovered.queued {
-                s.enqueue_back(w);
+        let (mut requeued, mut lost, mut pending) = (0, 0, None);
+        match recover(&mut conn, options.max_attempts, &started) {
+            Ok(recovered) => {
+                (requeued, lost) = (recovered.requeued, recovered.lost);
+                shared.install(recovered);
+                // Test builds: die between the recovery's commit and the log's clear.
+                #[cfg(feature = "test-hooks")]
+                if std::env::var_os("OFFLOAD_TEST_KILL_AFTER_RECOVERY").is_some() {
+                    // SAFETY: raising a signal on this process is always sound.
+                    unsafe { libc::raise(libc::SIGKILL) };
+                }
+                // Safe to fail: a run the log still names is counted once however often it is read.
+                if let Err(e) = start_log.clear() {
+                    tracing::warn!("cannot clear the start log: {e}");
+                }
             }
-        });
+            Err(e) if waits_for_storage(&e) => {
+                // Serve reads now; the writer finishes recovery once the disk takes writes.
+                let message = format!("recovery after the last stop waits for the disk: {e}");
+                tracing::error!("{message}; reads are served, writes refused until it succeeds (retried every second)");
+                shared.with_state(|s| s.stats = count_stats(&conn).unwrap_or_default());
+                shared.set_health(Some(message));
+                pending = Some(writer::PendingRecovery {
+                    max_attempts: options.max_attempts,
+                    started,
+                    start_log: start_log.clone(),
+                });
+            }
+            Err(e) => return Err(format!("recovery failed: {e}")),
+        }
         let (ops, rx) = mpsc::channel();
         let writer_shared = shared.clone();
         std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || {
                 crate::process::name_thread(c"store-writer");
-                writer::run(conn, rx, writer_shared)
+                writer::run(conn, rx, writer_shared, pending)
             })
             .map_err(|e| format!("cannot start the store writer: {e}"))?;
-        start_checkpointer(&path, Arc::downgrade(&shared))?;
+        let identity = DirIdentity::of(dir, &lock)?;
+        start_checkpointer(&path, Arc::downgrade(&shared), identity)?;
         let stats = shared.stats();
         tracing::info!(
             path = %path.display(),
             queued = stats.by_status.queued,
-            requeued = recovered.requeued,
-            lost = recovered.lost,
+            requeued,
+            lost,
             finished = stats.by_status.succeeded + stats.by_status.failed + stats.by_status.cancelled,
             "store opened"
         );
@@ -501,7 +565,48 @@ fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
-fn start_checkpointer(path: &Path, shared: Weak<Shared>) -> Result<(), String> {
+/// Which directory and lock file this process opened, to notice when either is deleted or
+/// replaced under it (`rm -rf` of the data directory: the open files live on, unlinked, and a
+/// second process could lock a new directory at the same path).
+struct DirIdentity {
+    dir: PathBuf,
+    dir_id: (u64, u64),
+    lock: PathBuf,
+    lock_id: (u64, u64),
+}
+
+impl DirIdentity {
+    fn of(dir: &Path, lock: &File) -> Result<Self, String> {
+        use std::os::unix::fs::MetadataExt;
+        let dir_meta = std::fs::metadata(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+        let lock_meta = lock.metadata().map_err(|e| format!("cannot read the lock file: {e}"))?;
+        Ok(DirIdentity {
+            dir: dir.to_path_buf(),
+            dir_id: (dir_meta.dev(), dir_meta.ino()),
+            lock: dir.join("lock"),
+            lock_id: (lock_meta.dev(), lock_meta.ino()),
+        })
+    }
+
+    /// `Err` with what changed, when the path no longer names what was opened.
+    fn check(&self) -> Result<(), String> {
+        use std::os::unix::fs::MetadataExt;
+        for (path, id, what) in [(&self.dir, self.dir_id, "data directory"), (&self.lock, self.lock_id, "lock file")] {
+            match std::fs::metadata(path) {
+                Ok(m) if (m.dev(), m.ino()) == id => {}
+                Ok(_) => return Err(format!("the {what} {} was replaced by another", path.display())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(format!("the {what} {} was deleted", path.display()))
+                }
+                // Cannot tell (permissions changed, say): not a reason to stop writing.
+                Err(e) => tracing::debug!("cannot check the {what}: {e}"),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn start_checkpointer(path: &Path, shared: Weak<Shared>, identity: DirIdentity) -> Result<(), String> {
     let conn = Connection::open(path).map_err(|e| format!("cannot open the checkpointer's connection: {e}"))?;
     conn.busy_timeout(Duration::from_millis(100)).map_err(|e| e.to_string())?;
     std::thread::Builder::new()
@@ -513,6 +618,13 @@ fn start_checkpointer(path: &Path, shared: Weak<Shared>) -> Result<(), String> {
             loop {
                 std::thread::sleep(CHECKPOINT_EVERY);
                 let Some(shared) = shared.upgrade() else { return };
+                if let Err(what) = identity.check() {
+                    shared.set_gone(format!(
+                        "{what} while this process used it: every write is refused from now on (it would go to \
+                         unlinked files); restart the service"
+                    ));
+                    continue;
+                }
                 // PASSIVE never blocks the writer or readers. The WAL restarts from its start (and
                 // is cut back to journal_size_limit) only when a write begins with every frame
                 // copied back, which a steady stream of writes never allows: past RESTART_WAL_AT
@@ -528,8 +640,33 @@ fn start_checkpointer(path: &Path, shared: Weak<Shared>) -> Result<(), String> {
         .map_err(|e| format!("cannot start the checkpointer: {e}"))
 }
 
+/// Counts of jobs by status and the bytes of stored results, as on disk.
+fn count_stats(conn: &Connection) -> rusqlite::Result<StoreStats> {
+    let mut stats = StoreStats::default();
+    let mut stmt = conn.prepare("SELECT status, count(*) FROM jobs GROUP BY status")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let status: i64 = r.get(0)?;
+        let n: i64 = r.get(1)?;
+        *stats.by_status.slot(schema::status_of(status)?) += n as usize;
+    }
+    stats.result_bytes =
+        conn.query_row("SELECT coalesce(sum(result_bytes), 0) FROM jobs WHERE status = 2", [], |r| r.get::<_, i64>(0))?
+            as usize;
+    Ok(stats)
+}
+
+/// Whether recovery failed for want of a disk that takes writes (full, I/O errors), which may
+/// pass, rather than for a database it cannot use.
+fn waits_for_storage(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DiskFull | rusqlite::ErrorCode::SystemIoFailure | rusqlite::ErrorCode::ReadOnly)
+    )
+}
+
 /// What recovery found.
-struct Recovered {
+pub(crate) struct Recovered {
     queued: Vec<Waiting>,
     stats: StoreStats,
     requeued: usize,
@@ -539,11 +676,7 @@ struct Recovered {
 /// Jobs that were running when the last process died run again, or fail past `max_attempts`;
 /// jobs it had claimed but not started (per the database and the start log) are queued as if
 /// never claimed.
-fn recover(
-    conn: &mut Connection,
-    max_attempts: u32,
-    started: &std::collections::HashSet<JobId>,
-) -> rusqlite::Result<Recovered> {
+pub(crate) fn recover(conn: &mut Connection, max_attempts: u32, started: &Starts) -> rusqlite::Result<Recovered> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let running: Vec<(i64, Job)> = {
         // Started by the process that died: its worker threads noted them in the start log
@@ -552,10 +685,14 @@ fn recover(
         let mut stmt = tx.prepare(&sql)?;
         let rows = stmt.query_map([], schema::job_from_row)?;
         let mut found: Vec<(i64, Job)> = rows.collect::<rusqlite::Result<_>>()?;
-        for id in started {
-            if let Some((seq, mut job)) = schema::load(&tx, *id)?.filter(|(_, j)| j.status == JobStatus::Queued) {
-                // Its run counts as an attempt: it may be what took the process down.
-                job.attempts += 1;
+        for (id, logged) in started {
+            let Some((seq, mut job)) = schema::load(&tx, *id)?.filter(|(_, j)| j.status == JobStatus::Queued) else {
+                continue;
+            };
+            // Its run counts as an attempt (it may be what took the process down), once: a run a
+            // shutdown released, or an earlier recovery counted, is on disk already.
+            if let Some(attempts) = startlog::counted_attempts(job.attempts, *logged) {
+                job.attempts = attempts;
                 found.push((seq, job));
             }
         }
@@ -576,28 +713,7 @@ fn recover(
             requeued += 1;
         }
     }
-    let mut stats = StoreStats::default();
-    {
-        let mut stmt = tx.prepare("SELECT status, count(*) FROM jobs GROUP BY status")?;
-        let mut rows = stmt.query([])?;
-        while let Some(r) = rows.next()? {
-            let status: i64 = r.get(0)?;
-            let n: i64 = r.get(1)?;
-            let counts: &mut StatusCounts = &mut stats.by_status;
-            let slot = match status {
-                0 => &mut counts.queued,
-                1 => &mut counts.running,
-                2 => &mut counts.succeeded,
-                3 => &mut counts.failed,
-                _ => &mut counts.cancelled,
-            };
-            *slot += n as usize;
-        }
-        stats.result_bytes =
-            tx.query_row("SELECT coalesce(sum(result_bytes), 0) FROM jobs WHERE status = 2", [], |r| {
-                r.get::<_, i64>(0)
-            })? as usize;
-    }
+    let stats = count_stats(&tx)?;
     let queued = {
         // Suspects stay suspects until a run of theirs ends (a kill or a deploy before they ran
         // alone does not clear them).
@@ -622,6 +738,10 @@ fn recover(
 impl JobStore for SqliteStore {
     fn durable(&self) -> bool {
         true
+    }
+
+    fn set_events(&self, events: Arc<dyn super::StoreEvents>) {
+        *self.shared.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(events);
     }
 
     fn insert(&self, jobs: Vec<NewJob>, key: Option<IdempotencyKey>) -> Pending<Inserted> {
@@ -698,7 +818,7 @@ impl JobStore for SqliteStore {
 
     fn start_hook(&self) -> Option<crate::workers::StartHook> {
         let log = self.start_log.clone();
-        Some(Arc::new(move |id| log.mark(id)))
+        Some(Arc::new(move |id, attempt| log.mark(id, attempt)))
     }
 
     fn progress(&self, id: JobId, fraction: f32, stage: Option<String>) {
@@ -907,7 +1027,7 @@ mod tests {
             let ended = block_on(store.finish(first.id, first.attempts, outcome)).unwrap().unwrap();
             // Claimed and started on a worker thread, its start not written yet: counted.
             let second = block_on(store.claim(JobKind::Pdf).unwrap()).unwrap().unwrap().job;
-            store.start_hook().expect("a start hook")(second.id);
+            store.start_hook().expect("a start hook")(second.id, second.attempts);
             // Claimed, waiting in a pool's mailbox: not started, not counted.
             let third = block_on(store.claim(JobKind::Pdf).unwrap()).unwrap().unwrap().job;
             (ended, second.id, third.id)

@@ -137,18 +137,75 @@ struct Evicted {
     result_bytes: usize,
 }
 
-pub fn run(mut conn: Connection, ops: Receiver<Op>, shared: Arc<Shared>) {
+/// A recovery that could not commit at start (disk full): the writer retries it every
+/// [`RETRY_RECOVERY`], refusing every write meanwhile.
+pub struct PendingRecovery {
+    pub max_attempts: u32,
+    /// What the start log named (kept until recovery commits).
+    pub started: super::Starts,
+    pub start_log: Arc<super::StartLog>,
+}
+
+const RETRY_RECOVERY: Duration = Duration::from_secs(1);
+
+/// Tries a pending recovery again; `true` once it committed (the queue and counts installed).
+fn retry_recovery(conn: &mut Connection, shared: &Shared, pending: &PendingRecovery) -> bool {
+    let tried = shared
+        .check_writable()
+        .and_then(|()| super::recover(conn, pending.max_attempts, &pending.started).map_err(|e| e.to_string()));
+    match tried {
+        Ok(recovered) => {
+            tracing::info!(
+                requeued = recovered.requeued,
+                lost = recovered.lost,
+                "recovery finished; writes succeed again"
+            );
+            shared.install(recovered);
+            if let Err(e) = pending.start_log.clear() {
+                tracing::warn!("cannot clear the start log: {e}");
+            }
+            shared.set_health(None);
+            shared.wake();
+            true
+        }
+        Err(message) => {
+            tracing::debug!("recovery still waits for the disk: {message}");
+            shared.set_health(Some(format!("recovery after the last stop waits for the disk: {message}")));
+            false
+        }
+    }
+}
+
+pub fn run(mut conn: Connection, ops: Receiver<Op>, shared: Arc<Shared>, mut pending: Option<PendingRecovery>) {
+    let mut last_try = std::time::Instant::now();
     loop {
+        if let Some(p) = &pending {
+            if last_try.elapsed() >= RETRY_RECOVERY {
+                last_try = std::time::Instant::now();
+                if retry_recovery(&mut conn, &shared, p) {
+                    pending = None;
+                }
+            }
+        }
         let first = match ops.recv_timeout(Duration::from_secs(1)) {
             Ok(op) => op,
             Err(RecvTimeoutError::Timeout) => {
-                if shared.health().is_err() {
+                if pending.is_none() && shared.health().is_err() {
                     probe(&mut conn, &shared);
                 }
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => return,
         };
+        if pending.is_some() {
+            // Nothing is written before recovery: the queue it rebuilds is not there yet.
+            let message = "recovery after the last stop waits for the disk; nothing was written";
+            abandon(first, &shared, message);
+            while let Ok(op) = ops.try_recv() {
+                abandon(op, &shared, message);
+            }
+            continue;
+        }
         let mut batch_bytes = first.bytes();
         let mut batch = vec![first];
         let mut lingered = false;
@@ -198,9 +255,10 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Op>, shared: &Shared) {
     shared.metrics.store_batch.observe(batch.len() as f64);
     let mut done = Vec::with_capacity(batch.len());
     let mut ops = batch.into_iter();
-    let result = (|| -> Result<(), String> {
-        shared.check_fail_hook()?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| e.to_string())?;
+    // Err((message, whether the batch may have been kept)).
+    let result = (|| -> Result<(), (String, bool)> {
+        shared.check_writable().map_err(|m| (m, false))?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| (e.to_string(), false))?;
         for op in ops.by_ref() {
             // A claim carries a job taken out of the in-memory queue: if its write goes wrong in
             // any way, panics included, the job goes back.
@@ -217,9 +275,9 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Op>, shared: &Shared) {
             if let Some(w) = rescue {
                 shared.with_state(|s| s.put_back(w));
             }
-            return Err(error);
+            return Err((error, false));
         }
-        tx.commit().map_err(|e| e.to_string())
+        tx.commit().map_err(|e| (e.to_string(), commit_may_have_kept(&e)))
     })();
     match result {
         Ok(()) => {
@@ -229,18 +287,38 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Op>, shared: &Shared) {
                 complete(d, shared);
             }
         }
-        Err(message) => {
-            tracing::error!("store write failed, nothing of the batch was kept: {message}");
+        Err((message, uncertain)) => {
+            if uncertain {
+                tracing::error!(
+                    "store commit failed; the batch may still be on disk (a restart before the next commit \
+                     may replay it): {message}"
+                );
+            } else {
+                tracing::error!("store write failed, nothing of the batch was kept: {message}");
+            }
             shared.metrics.store_write_errors.inc();
             shared.set_health(Some(message.clone()));
             for d in done {
-                fail(d, shared, &message);
+                fail(d, shared, &message, uncertain);
             }
             // Writes not applied yet: answered too, and their claimed jobs queued again.
             for op in ops {
                 abandon(op, shared, &message);
             }
         }
+    }
+}
+
+/// Whether a failed commit may still have reached the disk. In WAL mode the commit writes the
+/// batch's frames, its commit frame last, then fsyncs: a full disk stops the writes before the
+/// commit frame is whole (nothing can be replayed), but after an I/O error, a failed fsync above
+/// all, every frame may be in the file, and a restart before the next commit (which would
+/// overwrite them) replays them.
+fn commit_may_have_kept(e: &rusqlite::Error) -> bool {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DiskFull) => false,
+        Some(rusqlite::ErrorCode::SystemIoFailure) => true,
+        _ => false,
     }
 }
 
@@ -297,7 +375,7 @@ fn restart_wal(conn: &Connection) {
 
 /// A write with no effect, to learn whether the disk takes writes again.
 fn probe(conn: &mut Connection, shared: &Shared) {
-    let result = shared.check_fail_hook().and_then(|()| {
+    let result = shared.check_writable().and_then(|()| {
         conn.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('probe', ?1)", params![micros(SystemTime::now())])
             .map(drop)
             .map_err(|e| e.to_string())
@@ -601,10 +679,15 @@ fn complete(done: Done, shared: &Shared) {
     }
 }
 
-/// The batch was rolled back: undo what was taken from memory, answer `Unavailable`.
-fn fail(done: Done, shared: &Shared, message: &str) {
+/// The batch was rolled back: undo what was taken from memory, answer `Unavailable`, or
+/// `Uncertain` to an insert whose commit may still have reached the disk.
+fn fail(done: Done, shared: &Shared, message: &str, uncertain: bool) {
     let error = || StoreError::Unavailable(message.to_string());
     match done {
+        Done::Insert { reply, outcome: Ok(Inserted::Created(jobs)), .. } if uncertain => {
+            let ids = jobs.iter().map(|j| j.id).collect();
+            drop(reply.send(Err(StoreError::Uncertain { message: message.to_string(), ids })))
+        }
         Done::Insert { reply, .. } => drop(reply.send(Err(error()))),
         Done::Claim { reply, took } => {
             // Nothing of it was kept: the job is queued again.
