@@ -38,7 +38,7 @@ use crate::workers::pdf::layout;
         (status = 413, description = "Larger than `--max-json-body`, or more than the limits could ever queue", body = ErrorResponse),
         (status = 415, description = "Not sent as application/json", body = ErrorResponse),
         (status = 422, description = "Well-formed but invalid: the message names the field", body = ErrorResponse),
-        (status = 503, description = "Overloaded, draining or the store cannot write: retry after `Retry-After` seconds", body = ErrorResponse, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "Overloaded, draining or the store cannot write: retry after `Retry-After` seconds. For `storage_unavailable` the message says either that nothing was created, or that the commit failed and names the job that may exist (a retry with the same `Idempotency-Key` is safe)", body = ErrorResponse, headers(("Retry-After" = u64, description = "Seconds to wait"))),
     )
 )]
 // One extractor per concern (key, body budget, limits, store, Dispatcher).
