@@ -295,6 +295,12 @@ pub struct Settings {
     #[arg(long, env = "OFFLOAD_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
 
+    /// Webhooks, with `--api-keys`: `@path`, a file of `KEY SECRET` lines (a secret is 16 or more
+    /// visible ASCII characters): these keys' webhooks are signed with their own secret instead
+    /// of one derived from `--webhook-secret`.
+    #[arg(long, env = "OFFLOAD_WEBHOOK_SECRETS", hide_env_values = true)]
+    pub webhook_secrets: Option<Secret>,
+
     /// Webhooks: attempts per delivery.
     #[arg(long, env = "OFFLOAD_WEBHOOK_MAX_ATTEMPTS", default_value_t = 5)]
     pub webhook_max_attempts: u32,

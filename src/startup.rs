@@ -10,7 +10,8 @@ use actix::prelude::*;
 use actix_web::dev::Server;
 use actix_web::{middleware, web, App, HttpServer};
 
-use crate::access::ApiKeys;
+use crate::access::{ApiKeys, KeySecrets};
+use crate::async_io::webhooks::Signing;
 use crate::async_io::webhooks::Deliver;
 use crate::async_io::{self, AsyncIo};
 use crate::configuration::{Settings, StoreKind};
@@ -56,15 +57,16 @@ impl Application {
             ),
             None => {}
         }
+        let signing = webhook_signing(&settings, access.keys.as_deref())?;
         let metrics = Arc::new(Metrics::new());
         let store = open_store(&settings, metrics.clone())?;
-        let io = async_io::start(&settings, metrics.clone(), store.clone());
+        let io = async_io::start(&settings, signing.clone(), metrics.clone(), store.clone());
         let owed = store.owed_webhooks().map_err(|e| std::io::Error::other(e.to_string()))?;
         if !owed.is_empty() {
             tracing::info!(owed = owed.len(), "delivering webhooks owed from before the restart");
         }
         for w in owed {
-            io.webhooks.do_send(Deliver { job: w.job, url: w.url, body: w.body });
+            io.webhooks.do_send(Deliver { job: w.job, owner: w.owner, url: w.url, body: w.body });
         }
         let hub = Arc::new(Hub::new());
         let app_store = store.clone();
@@ -117,6 +119,7 @@ impl Application {
                 .app_data(web::Data::new(body_timeout))
                 .app_data(web::Data::new(body_budget.clone()))
                 .app_data(web::Data::new(access.clone()))
+                .app_data(web::Data::new(signing.clone()))
                 .app_data(web::Data::new(app_dispatcher.clone()))
                 .app_data(web::Data::new(store.clone()))
                 .app_data(web::Data::new(hub.clone()))
@@ -153,6 +156,22 @@ impl Application {
         actix_rt::spawn(shutdown::on_signal(self.dispatcher, self.store, self.server.handle(), self.grace));
         self.server.await
     }
+}
+
+/// The webhook secrets: `--webhook-secret`, and the explicit ones of `--webhook-secrets`.
+fn webhook_signing(settings: &Settings, keys: Option<&ApiKeys>) -> std::io::Result<Signing> {
+    let service = settings.webhook_secret.clone().filter(|s| !s.is_empty());
+    let explicit = match (&settings.webhook_secrets, keys) {
+        (None, _) => KeySecrets::default(),
+        (Some(_), None) => return Err(std::io::Error::other("--webhook-secrets needs --api-keys")),
+        (Some(raw), Some(keys)) => {
+            KeySecrets::from_arg(raw.expose(), keys).map_err(|e| std::io::Error::other(format!("--webhook-secrets: {e}")))?
+        }
+    };
+    if !explicit.is_empty() {
+        tracing::info!(keys = explicit.len(), "webhooks of these API keys are signed with their own explicit secrets");
+    }
+    Ok(Signing { service, keys: Arc::new(explicit) })
 }
 
 /// The store `--store` names. The embedded one refuses to open a data directory in use.

@@ -200,7 +200,9 @@ impl Dispatcher {
     fn send_webhook(&self, job: &Job, url: CallbackUrl) {
         // The same bytes the store wrote as the owed delivery.
         match serde_json::to_vec(&job.view()) {
-            Ok(body) => self.observers.webhooks.do_send(Deliver { job: job.id, url, body: body.into() }),
+            Ok(body) => {
+                self.observers.webhooks.do_send(Deliver { job: job.id, owner: job.owner, url, body: body.into() })
+            }
             Err(e) => tracing::error!(job = %job.id, "job object not serializable: {e}"),
         }
     }
@@ -647,7 +649,7 @@ impl crate::store::StoreEvents for RemoteEvents {
 
     fn owed(&self, hooks: Vec<crate::store::OwedWebhook>) {
         for w in hooks {
-            self.webhooks.do_send(Deliver { job: w.job, url: w.url, body: w.body });
+            self.webhooks.do_send(Deliver { job: w.job, owner: w.owner, url: w.url, body: w.body });
         }
     }
 }

@@ -116,6 +116,9 @@ pub trait ResultReader: Send {
 #[derive(Clone, Debug)]
 pub struct OwedWebhook {
     pub job: JobId,
+    /// The job's owner, kept with the webhook (its signing secret is derived from it at delivery,
+    /// so no secret is stored, and a webhook owed past its job's expiry is still signed right).
+    pub owner: Option<Owner>,
     pub url: CallbackUrl,
     /// The final job object, exactly as POSTed.
     pub body: Bytes,

@@ -10,8 +10,8 @@ use serde_json::{json, Value};
 use crate::helpers::{fresh_data_dir, id_of, settings, spawn_app_with, Part, TestApp};
 use crate::process::{self, Outcome};
 
-const KEY_A: &str = "alpha-key-0123456789abcdef";
-const KEY_B: &str = "bravo-key-0123456789abcdef";
+pub const KEY_A: &str = "alpha-key-0123456789abcdef";
+pub const KEY_B: &str = "bravo-key-0123456789abcdef";
 
 async fn keyed_app() -> TestApp {
     let mut s = settings();
@@ -20,7 +20,7 @@ async fn keyed_app() -> TestApp {
 }
 
 /// A client of `app` that sends `key` on every request.
-fn as_key(app: &TestApp, key: &str) -> TestApp {
+pub fn as_key(app: &TestApp, key: &str) -> TestApp {
     let client = awc::Client::builder()
         .timeout(Duration::from_secs(30))
         .add_default_header(("authorization", format!("Bearer {key}")))
@@ -53,6 +53,7 @@ async fn every_api_route_answers_401_without_a_valid_key_and_health_and_the_page
         ("DELETE", format!("/jobs/{some_id}"), None, vec![]),
         ("GET", format!("/jobs/{some_id}/result"), None, vec![]),
         ("GET", "/ws".into(), None, vec![]),
+        ("GET", "/webhook-secret".into(), None, vec![]),
         ("POST", "/analytics/events".into(), Some("application/json"), br#"{"name": "x"}"#.to_vec()),
         ("GET", "/analytics/summary".into(), None, vec![]),
         ("GET", "/metrics".into(), None, vec![]),
