@@ -19,7 +19,7 @@ use crate::dispatch::{Admission, Dispatcher, Observers, Pool};
 use crate::domain::callback::CallbackPolicy;
 use crate::domain::image::ImageLimits;
 use crate::domain::pdf::SpecLimits;
-use crate::job::JobKind;
+use crate::job::{JobKind, Owner};
 use crate::metrics::{self, Metrics};
 use crate::realtime::{Hub, WsSettings};
 use crate::routes;
@@ -58,6 +58,9 @@ impl Application {
             None => {}
         }
         let signing = webhook_signing(&settings, access.keys.as_deref())?;
+        if access.keys.is_none() && settings.max_pending_per_key.is_some() {
+            tracing::warn!("--max-pending-per-key has no effect without --api-keys");
+        }
         let metrics = Arc::new(Metrics::new());
         let store = open_store(&settings, metrics.clone())?;
         let io = async_io::start(&settings, signing.clone(), metrics.clone(), store.clone());
@@ -70,7 +73,12 @@ impl Application {
         }
         let hub = Arc::new(Hub::new());
         let app_store = store.clone();
-        let dispatcher = start_dispatcher(&settings, &io, metrics.clone(), store.clone(), hub.clone());
+        // `--max-pending-per-key` counts the jobs recovered by a durable store for their keys.
+        let owners = match settings.max_pending_per_key {
+            Some(_) => store.pending_by_owner().map_err(|e| std::io::Error::other(e.to_string()))?,
+            None => HashMap::new(),
+        };
+        let dispatcher = start_dispatcher(&settings, &io, metrics.clone(), store.clone(), hub.clone(), owners);
         let policy = CallbackPolicy { allow_private: settings.allow_private_webhooks };
         let analytics_limits = routes::AnalyticsLimits {
             max_batch: settings.analytics_max_batch.max(1),
@@ -215,6 +223,7 @@ fn start_dispatcher(
     metrics: Arc<Metrics>,
     store: Arc<dyn JobStore>,
     hub: Arc<Hub>,
+    owners: HashMap<Owner, usize>,
 ) -> Addr<Dispatcher> {
     let pdf_workers = settings.pdf_workers();
     let (nice, sched, budget) = (settings.worker_nice, settings.worker_sched, settings.pdf_budget());
@@ -237,6 +246,7 @@ fn start_dispatcher(
     }
     let admission = Admission {
         max_pending: settings.max_pending,
+        max_pending_per_key: settings.max_pending_per_key.map(|n| n as usize),
         max_queued_bytes: settings.max_queued_bytes.bytes(),
         job_timeout: settings.job_timeout(),
     };
@@ -246,5 +256,7 @@ fn start_dispatcher(
     // Its own thread and event loop: job bookkeeping never competes with HTTP workers.
     let arbiter = Arbiter::new();
     arbiter.spawn_fn(|| crate::process::name_thread(c"dispatcher"));
-    Dispatcher::start_in_arbiter(&arbiter.handle(), move |_| Dispatcher::new(store, pools, admission, ttl, observers))
+    Dispatcher::start_in_arbiter(&arbiter.handle(), move |_| {
+        Dispatcher::new(store, pools, admission, ttl, observers, owners)
+    })
 }

@@ -828,6 +828,21 @@ impl JobStore for SqliteStore {
         self.shared.stats()
     }
 
+    fn pending_by_owner(&self) -> Result<HashMap<Owner, usize>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT owner, count(*) FROM jobs WHERE owner IS NOT NULL AND status IN (0, 1) GROUP BY owner",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, [u8; 16]>(0)?, r.get::<_, i64>(1)?)))?;
+            let mut pending = HashMap::new();
+            for row in rows {
+                let (owner, n) = row?;
+                pending.insert(Owner::from_bytes(owner), n as usize);
+            }
+            Ok(pending)
+        })
+    }
+
     fn counts(&self, owner: Owner) -> Result<StatusCounts, StoreError> {
         let mut counts = StatusCounts::default();
         self.read(|conn| {

@@ -111,6 +111,9 @@ impl Inner {
                 s.stats.queued[k] += 1;
                 s.stats.by_status.queued += 1;
                 s.stats.queued_bytes += new.weight;
+                if let Some(owner) = new.job.owner {
+                    *s.owners.entry(owner).or_default() += 1;
+                }
             }
         });
     }
