@@ -118,7 +118,8 @@ impl KeySecrets {
             let (Some(key), Some(secret), None) = (words.next(), words.next(), words.next()) else {
                 return Err(format!("line {i}: expected KEY SECRET"));
             };
-            let owner = keys.identify(key.as_bytes()).ok_or_else(|| format!("line {i}: the key is not in --api-keys"))?;
+            let owner =
+                keys.identify(key.as_bytes()).ok_or_else(|| format!("line {i}: the key is not in --api-keys"))?;
             if secret.len() < MIN_WEBHOOK_SECRET || !secret.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
                 return Err(format!(
                     "line {i}: a webhook secret must be at least {MIN_WEBHOOK_SECRET} visible ASCII characters"
@@ -371,7 +372,7 @@ mod tests {
         assert!(!format!("{secrets:?}").contains("secret-of"), "Debug never shows a secret");
         // (file, what the error says)
         let bad: [(String, &str); 5] = [
-            (format!("{A}"), "line 1: expected KEY SECRET"),
+            (A.to_string(), "line 1: expected KEY SECRET"),
             (format!("{A} secret-of-a-0123456789 extra"), "line 1: expected KEY SECRET"),
             ("key-c-0123456789abcdef secret-of-c-0123456789".into(), "line 1: the key is not in --api-keys"),
             (format!("# x\n{A} short-secret"), "line 2: a webhook secret must be at least 16"),

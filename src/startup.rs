@@ -11,8 +11,8 @@ use actix_web::dev::Server;
 use actix_web::{middleware, web, App, HttpServer};
 
 use crate::access::{ApiKeys, KeySecrets};
-use crate::async_io::webhooks::Signing;
 use crate::async_io::webhooks::Deliver;
+use crate::async_io::webhooks::Signing;
 use crate::async_io::{self, AsyncIo};
 use crate::configuration::{Settings, StoreKind};
 use crate::dispatch::{Admission, Dispatcher, Observers, Pool};
@@ -172,9 +172,8 @@ fn webhook_signing(settings: &Settings, keys: Option<&ApiKeys>) -> std::io::Resu
     let explicit = match (&settings.webhook_secrets, keys) {
         (None, _) => KeySecrets::default(),
         (Some(_), None) => return Err(std::io::Error::other("--webhook-secrets needs --api-keys")),
-        (Some(raw), Some(keys)) => {
-            KeySecrets::from_arg(raw.expose(), keys).map_err(|e| std::io::Error::other(format!("--webhook-secrets: {e}")))?
-        }
+        (Some(raw), Some(keys)) => KeySecrets::from_arg(raw.expose(), keys)
+            .map_err(|e| std::io::Error::other(format!("--webhook-secrets: {e}")))?,
     };
     if !explicit.is_empty() {
         tracing::info!(keys = explicit.len(), "webhooks of these API keys are signed with their own explicit secrets");

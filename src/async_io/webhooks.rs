@@ -317,7 +317,8 @@ mod tests {
         let a = keys.identify(b"key-a-0123456789abcdef").unwrap();
         let b = keys.identify(b"key-b-0123456789abcdef").unwrap();
         let explicit = KeySecrets::parse("key-a-0123456789abcdef explicit-secret-of-a", &keys).unwrap();
-        let with = |service: Option<&str>| Signing { service: service.map(str::to_string), keys: Arc::new(explicit.clone()) };
+        let with =
+            |service: Option<&str>| Signing { service: service.map(str::to_string), keys: Arc::new(explicit.clone()) };
         // (service secret, owner, signing secret)
         let cases: [(Option<&str>, Option<Owner>, Option<String>); 5] = [
             (Some("service-secret"), Some(a), Some("explicit-secret-of-a".into())),

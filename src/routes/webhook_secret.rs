@@ -49,7 +49,5 @@ pub async fn webhook_secret(caller: Caller, signing: web::Data<Signing>) -> Http
         );
         return body.response(StatusCode::NOT_FOUND);
     };
-    HttpResponse::Ok()
-        .insert_header((header::CACHE_CONTROL, "no-store"))
-        .json(serde_json::json!({"secret": secret}))
+    HttpResponse::Ok().insert_header((header::CACHE_CONTROL, "no-store")).json(serde_json::json!({"secret": secret}))
 }

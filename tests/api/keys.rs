@@ -270,7 +270,9 @@ fn pngs(n: usize) -> Vec<Part> {
 enum Want {
     Accepted,
     /// 503 `overloaded` naming the key's own count and limit, with `Retry-After`.
-    KeyFull { pending: usize },
+    KeyFull {
+        pending: usize,
+    },
     /// 413: more jobs in one request than the key may ever have pending.
     NeverFits,
 }
@@ -319,7 +321,10 @@ async fn one_key_at_its_pending_limit_is_refused_while_another_key_still_gets_in
                 let message = reply.expect_error(503, "overloaded", &context);
                 let own = format!("this API key has {pending} jobs pending; its limit is 2");
                 assert!(message.contains(&own), "{context}: {message}");
-                assert!(!message.contains("the limit is"), "{context}: not the service-wide limit's message: {message}");
+                assert!(
+                    !message.contains("the limit is"),
+                    "{context}: not the service-wide limit's message: {message}"
+                );
                 let retry = reply.header("retry-after").unwrap_or_default();
                 assert!(retry.parse::<u64>().is_ok_and(|s| s >= 1), "{context}: Retry-After {retry:?}");
             }
@@ -345,7 +350,8 @@ async fn a_keys_pending_jobs_recovered_after_a_restart_count_against_its_limit()
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut first = process::start(&dir, &args);
     let a = as_key(&first.app, KEY_A);
-    let ids = [id_of(&a.submit_pdf(&hang("a1")).await).to_string(), id_of(&a.submit_pdf(&hang("a2")).await).to_string()];
+    let ids =
+        [id_of(&a.submit_pdf(&hang("a1")).await).to_string(), id_of(&a.submit_pdf(&hang("a2")).await).to_string()];
     first.kill9();
 
     let second = process::start(&dir, &args);

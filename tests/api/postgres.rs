@@ -534,7 +534,8 @@ async fn the_per_key_limit_counts_a_keys_jobs_on_every_instance() {
     let (one, two) = (spawn_app_with(keyed()).await, spawn_app_with(keyed()).await);
     let (a1, a2, b2) = (as_key(&one, KEY_A), as_key(&two, KEY_A), as_key(&two, KEY_B));
     let hang = |title: &str| json!({"title": title, "test_hook": "hang"});
-    let held = [id_of(&a1.submit_pdf(&hang("a1")).await).to_string(), id_of(&a1.submit_pdf(&hang("a2")).await).to_string()];
+    let held =
+        [id_of(&a1.submit_pdf(&hang("a1")).await).to_string(), id_of(&a1.submit_pdf(&hang("a2")).await).to_string()];
     let counted = |n: f64| {
         let two = &b2;
         async move {

@@ -321,7 +321,10 @@ async fn a_key_with_an_explicit_secret_is_signed_with_it_and_the_others_keep_the
     let job_b = b.submit_pdf(&with_callback(report(1), &receiver.url)).await;
     let requests = receiver.wait_until(Duration::from_secs(15), |r| r.len() >= 2).await;
     // (job, the key its signature must verify with)
-    let cases = [(id_of(&job_a), "explicit-secret-of-a-01234".to_string()), (id_of(&job_b), derived_secret(SERVICE_SECRET, KEY_B))];
+    let cases = [
+        (id_of(&job_a), "explicit-secret-of-a-01234".to_string()),
+        (id_of(&job_b), derived_secret(SERVICE_SECRET, KEY_B)),
+    ];
     for (id, key) in cases {
         let r = requests.iter().find(|r| r.json()["id"] == id).expect("delivered");
         let expected = format!("sha256={}", hmac_hex(&key, &r.body));
