@@ -10,6 +10,7 @@
 //! every configured digest. Keys are never logged (their `Debug` is redacted, and the access log
 //! writes paths without their query, where `/ws?access_token=` carries one).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -92,6 +93,68 @@ impl ApiKeys {
 impl fmt::Debug for ApiKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ApiKeys({} keys)", self.digests.len())
+    }
+}
+
+/// Shortest explicit webhook secret accepted.
+const MIN_WEBHOOK_SECRET: usize = 16;
+
+/// Explicit webhook secrets of some API keys (`--webhook-secrets @file`): they win over the
+/// secret derived from `--webhook-secret`.
+#[derive(Clone, Default)]
+pub struct KeySecrets(HashMap<Owner, String>);
+
+impl KeySecrets {
+    /// `text`: one `KEY SECRET` pair a line (blank lines and `#` comments skipped); each key must
+    /// be one of `keys`, once; a secret is 16 or more visible ASCII characters. Errors name the
+    /// line, never a key or a secret.
+    pub fn parse(text: &str, keys: &ApiKeys) -> Result<Self, String> {
+        let mut secrets = HashMap::new();
+        for (i, line) in text.lines().enumerate().map(|(i, l)| (i + 1, l.trim())) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut words = line.split_whitespace();
+            let (Some(key), Some(secret), None) = (words.next(), words.next(), words.next()) else {
+                return Err(format!("line {i}: expected KEY SECRET"));
+            };
+            let owner =
+                keys.identify(key.as_bytes()).ok_or_else(|| format!("line {i}: the key is not in --api-keys"))?;
+            if secret.len() < MIN_WEBHOOK_SECRET || !secret.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+                return Err(format!(
+                    "line {i}: a webhook secret must be at least {MIN_WEBHOOK_SECRET} visible ASCII characters"
+                ));
+            }
+            if secrets.insert(owner, secret.to_string()).is_some() {
+                return Err(format!("line {i}: the key already has a secret"));
+            }
+        }
+        Ok(KeySecrets(secrets))
+    }
+
+    /// `@path`: [`KeySecrets::parse`] of the file.
+    pub fn from_arg(raw: &str, keys: &ApiKeys) -> Result<Self, String> {
+        let path = raw.strip_prefix('@').ok_or("give a file: @path (secrets on the command line would show in ps)")?;
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+        Self::parse(&text, keys)
+    }
+
+    pub fn get(&self, owner: Owner) -> Option<&str> {
+        self.0.get(&owner).map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for KeySecrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeySecrets({} keys)", self.0.len())
     }
 }
 
@@ -296,6 +359,31 @@ mod tests {
         for wrong in ["", "key-a-0123456789abcdeF", &A[..A.len() - 1], "key-c-0123456789abcdef"] {
             assert_eq!(keys.identify(wrong.as_bytes()), None, "{wrong:?}");
         }
+    }
+
+    #[test]
+    fn explicit_webhook_secrets_are_key_secret_pairs_of_configured_keys() {
+        let keys = ApiKeys::new(&[ApiKey::parse(A).unwrap(), ApiKey::parse(B).unwrap()]).unwrap();
+        let a = keys.identify(A.as_bytes()).unwrap();
+        let good = format!("# per-tenant secrets\n{A} secret-of-a-0123456789\n\n  {B}\tsecret-of-b-0123456789  \n");
+        let secrets = KeySecrets::parse(&good, &keys).unwrap();
+        assert_eq!(secrets.len(), 2);
+        assert_eq!(secrets.get(a), Some("secret-of-a-0123456789"));
+        assert!(!format!("{secrets:?}").contains("secret-of"), "Debug never shows a secret");
+        // (file, what the error says)
+        let bad: [(String, &str); 5] = [
+            (A.to_string(), "line 1: expected KEY SECRET"),
+            (format!("{A} secret-of-a-0123456789 extra"), "line 1: expected KEY SECRET"),
+            ("key-c-0123456789abcdef secret-of-c-0123456789".into(), "line 1: the key is not in --api-keys"),
+            (format!("# x\n{A} short-secret"), "line 2: a webhook secret must be at least 16"),
+            (format!("{A} secret-of-a-0123456789\n{A} secret-of-a-9876543210"), "line 2: the key already has"),
+        ];
+        for (text, want) in bad {
+            let err = KeySecrets::parse(&text, &keys).unwrap_err();
+            assert!(err.starts_with(want), "{text:?}: {err}");
+            assert!(!err.contains(A) && !err.contains("secret-of"), "an error echoes a key or a secret: {err}");
+        }
+        assert!(KeySecrets::from_arg("secret-on-the-command-line", &keys).is_err(), "only @file");
     }
 
     #[test]

@@ -110,6 +110,12 @@ pub struct Settings {
     #[arg(long, env = "OFFLOAD_MAX_PENDING", default_value_t = 1024)]
     pub max_pending: usize,
 
+    /// With `--api-keys`: most jobs of one key, queued plus running (all pools together); past
+    /// it that key's submissions get 503 while other keys' still go in. Off by default. On
+    /// PostgreSQL it counts the key's jobs on every instance.
+    #[arg(long, env = "OFFLOAD_MAX_PENDING_PER_KEY", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending_per_key: Option<u32>,
+
     /// Most request bytes held by queued jobs across all pools; beyond it submissions get 503.
     #[arg(long, env = "OFFLOAD_MAX_QUEUED_BYTES", default_value = "128MiB")]
     pub max_queued_bytes: ByteSize,
@@ -294,6 +300,12 @@ pub struct Settings {
     /// Webhooks: key for `X-Offload-Signature: sha256=<HMAC-SHA256 of the body>` (unsigned without).
     #[arg(long, env = "OFFLOAD_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
+
+    /// Webhooks, with `--api-keys`: `@path`, a file of `KEY SECRET` lines (a secret is 16 or more
+    /// visible ASCII characters): these keys' webhooks are signed with their own secret instead
+    /// of one derived from `--webhook-secret`.
+    #[arg(long, env = "OFFLOAD_WEBHOOK_SECRETS", hide_env_values = true)]
+    pub webhook_secrets: Option<Secret>,
 
     /// Webhooks: attempts per delivery.
     #[arg(long, env = "OFFLOAD_WEBHOOK_MAX_ATTEMPTS", default_value_t = 5)]

@@ -10,15 +10,16 @@ use actix::prelude::*;
 use actix_web::dev::Server;
 use actix_web::{middleware, web, App, HttpServer};
 
-use crate::access::ApiKeys;
+use crate::access::{ApiKeys, KeySecrets};
 use crate::async_io::webhooks::Deliver;
+use crate::async_io::webhooks::Signing;
 use crate::async_io::{self, AsyncIo};
 use crate::configuration::{Settings, StoreKind};
 use crate::dispatch::{Admission, Dispatcher, Observers, Pool};
 use crate::domain::callback::CallbackPolicy;
 use crate::domain::image::ImageLimits;
 use crate::domain::pdf::SpecLimits;
-use crate::job::JobKind;
+use crate::job::{JobKind, Owner};
 use crate::metrics::{self, Metrics};
 use crate::realtime::{Hub, WsSettings};
 use crate::routes;
@@ -56,19 +57,28 @@ impl Application {
             ),
             None => {}
         }
+        let signing = webhook_signing(&settings, access.keys.as_deref())?;
+        if access.keys.is_none() && settings.max_pending_per_key.is_some() {
+            tracing::warn!("--max-pending-per-key has no effect without --api-keys");
+        }
         let metrics = Arc::new(Metrics::new());
         let store = open_store(&settings, metrics.clone())?;
-        let io = async_io::start(&settings, metrics.clone(), store.clone());
+        let io = async_io::start(&settings, signing.clone(), metrics.clone(), store.clone());
         let owed = store.owed_webhooks().map_err(|e| std::io::Error::other(e.to_string()))?;
         if !owed.is_empty() {
             tracing::info!(owed = owed.len(), "delivering webhooks owed from before the restart");
         }
         for w in owed {
-            io.webhooks.do_send(Deliver { job: w.job, url: w.url, body: w.body });
+            io.webhooks.do_send(Deliver { job: w.job, owner: w.owner, url: w.url, body: w.body });
         }
         let hub = Arc::new(Hub::new());
         let app_store = store.clone();
-        let dispatcher = start_dispatcher(&settings, &io, metrics.clone(), store.clone(), hub.clone());
+        // `--max-pending-per-key` counts the jobs recovered by a durable store for their keys.
+        let owners = match settings.max_pending_per_key {
+            Some(_) => store.pending_by_owner().map_err(|e| std::io::Error::other(e.to_string()))?,
+            None => HashMap::new(),
+        };
+        let dispatcher = start_dispatcher(&settings, &io, metrics.clone(), store.clone(), hub.clone(), owners);
         let policy = CallbackPolicy { allow_private: settings.allow_private_webhooks };
         let analytics_limits = routes::AnalyticsLimits {
             max_batch: settings.analytics_max_batch.max(1),
@@ -117,6 +127,7 @@ impl Application {
                 .app_data(web::Data::new(body_timeout))
                 .app_data(web::Data::new(body_budget.clone()))
                 .app_data(web::Data::new(access.clone()))
+                .app_data(web::Data::new(signing.clone()))
                 .app_data(web::Data::new(app_dispatcher.clone()))
                 .app_data(web::Data::new(store.clone()))
                 .app_data(web::Data::new(hub.clone()))
@@ -153,6 +164,21 @@ impl Application {
         actix_rt::spawn(shutdown::on_signal(self.dispatcher, self.store, self.server.handle(), self.grace));
         self.server.await
     }
+}
+
+/// The webhook secrets: `--webhook-secret`, and the explicit ones of `--webhook-secrets`.
+fn webhook_signing(settings: &Settings, keys: Option<&ApiKeys>) -> std::io::Result<Signing> {
+    let service = settings.webhook_secret.clone().filter(|s| !s.is_empty());
+    let explicit = match (&settings.webhook_secrets, keys) {
+        (None, _) => KeySecrets::default(),
+        (Some(_), None) => return Err(std::io::Error::other("--webhook-secrets needs --api-keys")),
+        (Some(raw), Some(keys)) => KeySecrets::from_arg(raw.expose(), keys)
+            .map_err(|e| std::io::Error::other(format!("--webhook-secrets: {e}")))?,
+    };
+    if !explicit.is_empty() {
+        tracing::info!(keys = explicit.len(), "webhooks of these API keys are signed with their own explicit secrets");
+    }
+    Ok(Signing { service, keys: Arc::new(explicit) })
 }
 
 /// The store `--store` names. The embedded one refuses to open a data directory in use.
@@ -196,6 +222,7 @@ fn start_dispatcher(
     metrics: Arc<Metrics>,
     store: Arc<dyn JobStore>,
     hub: Arc<Hub>,
+    owners: HashMap<Owner, usize>,
 ) -> Addr<Dispatcher> {
     let pdf_workers = settings.pdf_workers();
     let (nice, sched, budget) = (settings.worker_nice, settings.worker_sched, settings.pdf_budget());
@@ -218,6 +245,7 @@ fn start_dispatcher(
     }
     let admission = Admission {
         max_pending: settings.max_pending,
+        max_pending_per_key: settings.max_pending_per_key.map(|n| n as usize),
         max_queued_bytes: settings.max_queued_bytes.bytes(),
         job_timeout: settings.job_timeout(),
     };
@@ -227,5 +255,7 @@ fn start_dispatcher(
     // Its own thread and event loop: job bookkeeping never competes with HTTP workers.
     let arbiter = Arbiter::new();
     arbiter.spawn_fn(|| crate::process::name_thread(c"dispatcher"));
-    Dispatcher::start_in_arbiter(&arbiter.handle(), move |_| Dispatcher::new(store, pools, admission, ttl, observers))
+    Dispatcher::start_in_arbiter(&arbiter.handle(), move |_| {
+        Dispatcher::new(store, pools, admission, ttl, observers, owners)
+    })
 }

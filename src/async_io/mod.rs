@@ -22,7 +22,7 @@ use actix::prelude::*;
 
 use self::analytics::{AggregateLimits, AnalyticsHandle, SinkSettings};
 use self::backoff::Backoff;
-use self::webhooks::{WebhookSettings, Webhooks};
+use self::webhooks::{Signing, WebhookSettings, Webhooks};
 use crate::configuration::Settings;
 use crate::metrics::Metrics;
 use crate::store::JobStore;
@@ -35,7 +35,7 @@ pub struct AsyncIo {
 }
 
 /// Starts the arbiter and its actors. Needs a running actix `System`.
-pub fn start(settings: &Settings, metrics: Arc<Metrics>, store: Arc<dyn JobStore>) -> AsyncIo {
+pub fn start(settings: &Settings, signing: Signing, metrics: Arc<Metrics>, store: Arc<dyn JobStore>) -> AsyncIo {
     let arbiter = Arbiter::new();
     arbiter.spawn_fn(|| crate::process::name_thread(c"async-io"));
     let limits = AggregateLimits { max_names: settings.analytics_max_names, max_minutes: settings.analytics_minutes };
@@ -55,7 +55,7 @@ pub fn start(settings: &Settings, metrics: Arc<Metrics>, store: Arc<dyn JobStore
     };
     let analytics = analytics::start(&arbiter.handle(), limits, queue, sink, metrics.clone());
     let webhook_settings = WebhookSettings {
-        secret: settings.webhook_secret.clone().filter(|s| !s.is_empty()),
+        signing,
         max_attempts: settings.webhook_max_attempts.max(1),
         backoff: Backoff { first: settings.webhook_backoff.into(), max: Duration::from_secs(300) },
         timeout: settings.webhook_timeout.into(),

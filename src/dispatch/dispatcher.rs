@@ -36,6 +36,8 @@ pub struct Admission {
     pub max_pending: usize,
     /// Most payload bytes held by queued jobs, all pools together.
     pub max_queued_bytes: usize,
+    /// Most jobs of one API key, queued plus running, all pools together (`None`: no limit).
+    pub max_pending_per_key: Option<usize>,
     /// Running time after which a job fails with `timeout`.
     pub job_timeout: Duration,
 }
@@ -109,6 +111,12 @@ pub struct Dispatcher {
     /// against the limits like queued ones, so concurrent submissions cannot overshoot them.
     reserved: HashMap<JobKind, usize>,
     reserved_bytes: usize,
+    /// With `--max-pending-per-key`, each API key owner's jobs admitted and not ended. With a store
+    /// alone on its data every job ends here, so they are counted here: from the store's count at
+    /// start, up on admit, down on a failed insert, a replay or the job's end. A shared store
+    /// counts its owners' jobs itself, every instance together ([`JobStore::owner_pending`]): here
+    /// are then only the jobs admitted whose insert has not committed yet.
+    owners: HashMap<Owner, usize>,
     /// Release writes (runs stopped by a shutdown) and final writes not committed yet: a drain
     /// waits for them.
     releasing: usize,
@@ -140,8 +148,10 @@ impl Dispatcher {
         admission: Admission,
         ttl: Duration,
         observers: Observers,
+        owners: HashMap<Owner, usize>,
     ) -> Self {
         let sweep_every = (ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(10));
+        let owners = if store.shared() { HashMap::new() } else { owners };
         Dispatcher {
             store,
             suspect: Suspect::Idle,
@@ -150,6 +160,7 @@ impl Dispatcher {
             admission,
             reserved: HashMap::new(),
             reserved_bytes: 0,
+            owners,
             releasing: 0,
             finishing: 0,
             sweep_every,
@@ -170,7 +181,7 @@ impl Dispatcher {
     }
 
     /// A job reached its final state: count it, record the event, send its webhook.
-    fn ended(&self, job: &Job) {
+    fn ended(&mut self, job: &Job) {
         let kind = job.kind.as_str();
         let status = job.status.as_str();
         let o = &self.observers;
@@ -192,6 +203,9 @@ impl Dispatcher {
             _ => "job_cancelled",
         };
         o.analytics.record(Event::internal(name, props));
+        if let Some(owner) = job.owner.filter(|_| self.counts_owners_here()) {
+            self.owner_settled(owner, 1);
+        }
         if let Some(url) = &job.callback {
             self.send_webhook(job, url.clone());
         }
@@ -200,7 +214,9 @@ impl Dispatcher {
     fn send_webhook(&self, job: &Job, url: CallbackUrl) {
         // The same bytes the store wrote as the owed delivery.
         match serde_json::to_vec(&job.view()) {
-            Ok(body) => self.observers.webhooks.do_send(Deliver { job: job.id, url, body: body.into() }),
+            Ok(body) => {
+                self.observers.webhooks.do_send(Deliver { job: job.id, owner: job.owner, url, body: body.into() })
+            }
             Err(e) => tracing::error!(job = %job.id, "job object not serializable: {e}"),
         }
     }
@@ -489,6 +505,28 @@ impl Dispatcher {
         in_pool + self.store.stats().queued(kind) + self.reserved.get(&kind).copied().unwrap_or(0)
     }
 
+    /// `owner`'s jobs admitted and not ended: this instance's count, or a shared store's (every
+    /// instance together) plus the ones admitted here whose insert has not committed.
+    fn owner_pending(&self, owner: Owner) -> usize {
+        let here = self.owners.get(&owner).copied().unwrap_or(0);
+        self.store.owner_pending(owner).unwrap_or(0) + here
+    }
+
+    /// Whether the jobs of each owner are counted here until they end (see `owners`).
+    fn counts_owners_here(&self) -> bool {
+        self.admission.max_pending_per_key.is_some() && !self.store.shared()
+    }
+
+    /// `n` jobs of `owner` counted here are no longer.
+    fn owner_settled(&mut self, owner: Owner, n: usize) {
+        if let std::collections::hash_map::Entry::Occupied(mut e) = self.owners.entry(owner) {
+            *e.get_mut() = e.get().saturating_sub(n);
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+
     /// What a drain waits for: with a durable store only the jobs running here (queued ones are
     /// kept for the next start); with a memory store everything accepted.
     fn drain_outstanding(&self) -> usize {
@@ -654,7 +692,7 @@ impl crate::store::StoreEvents for RemoteEvents {
 
     fn owed(&self, hooks: Vec<crate::store::OwedWebhook>) {
         for w in hooks {
-            self.webhooks.do_send(Deliver { job: w.job, url: w.url, body: w.body });
+            self.webhooks.do_send(Deliver { job: w.job, owner: w.owner, url: w.url, body: w.body });
         }
     }
 }
@@ -733,6 +771,8 @@ impl Handler<Submit> for Dispatcher {
     type Result = ResponseActFuture<Self, Result<Submitted, SubmitError>>;
 
     fn handle(&mut self, msg: Submit, _: &mut Context<Self>) -> Self::Result {
+        let owner = msg.owner.filter(|_| self.admission.max_pending_per_key.is_some());
+        let count = msg.jobs.len();
         let admitted = self.admit(msg);
         let (insert, wanted, weight) = match admitted {
             Ok(parts) => parts,
@@ -748,6 +788,14 @@ impl Handler<Submit> for Dispatcher {
                 }
             }
             this.reserved_bytes -= weight;
+            if let Some(owner) = owner {
+                // Counted here until they end, unless the store counts them itself from now on;
+                // nothing was created by a failed insert or a replay.
+                let created = matches!(res, Ok(Inserted::Created(_)));
+                if !created || !this.counts_owners_here() {
+                    this.owner_settled(owner, count);
+                }
+            }
             let outcome = match res {
                 Ok(Inserted::Created(jobs)) => {
                     for job in &jobs {
@@ -818,6 +866,20 @@ impl Dispatcher {
                 return Err(SubmitError::Overloaded { retry_after: self.retry_after(kind), reason });
             }
         }
+        if let (Some(limit), Some(owner)) = (self.admission.max_pending_per_key, msg.owner) {
+            let count = msg.jobs.len();
+            if count > limit {
+                return Err(SubmitError::NeverFits(format!(
+                    "the request makes {count} jobs, more than the {limit} this API key may have pending"
+                )));
+            }
+            let pending = self.owner_pending(owner);
+            if pending + count > limit {
+                let kind = msg.jobs.first().map_or(JobKind::Pdf, |(p, _)| p.kind());
+                let reason = format!("this API key has {pending} jobs pending; its limit is {limit}");
+                return Err(SubmitError::Overloaded { retry_after: self.retry_after(kind), reason });
+            }
+        }
         let weight: usize = msg.jobs.iter().map(|(p, _)| p.approx_bytes()).sum();
         if weight > self.admission.max_queued_bytes {
             return Err(SubmitError::NeverFits(format!(
@@ -832,7 +894,7 @@ impl Dispatcher {
             return Err(SubmitError::Overloaded { retry_after: self.retry_after(kind), reason });
         }
         let now = SystemTime::now();
-        let jobs = msg
+        let jobs: Vec<NewJob> = msg
             .jobs
             .into_iter()
             .map(|(payload, record)| {
@@ -847,6 +909,9 @@ impl Dispatcher {
             *self.reserved.entry(*kind).or_default() += n;
         }
         self.reserved_bytes += weight;
+        if let (Some(_), Some(owner)) = (self.admission.max_pending_per_key, msg.owner) {
+            *self.owners.entry(owner).or_default() += jobs.len();
+        }
         Ok((self.store.insert(jobs, msg.key), wanted, weight))
     }
 }

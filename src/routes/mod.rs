@@ -13,6 +13,7 @@ mod metrics;
 pub mod openapi;
 mod pdf;
 mod submit;
+mod webhook_secret;
 
 use std::path::Path;
 
@@ -65,6 +66,7 @@ pub const ROUTES: &[(&str, &[Verb])] = &[
     ("/jobs/{id}", &[Verb::Get, Verb::Delete]),
     ("/jobs/{id}/result", &[Verb::Get]),
     ("/ws", &[Verb::Get]),
+    ("/webhook-secret", &[Verb::Get]),
     ("/analytics/events", &[Verb::Post]),
     ("/analytics/summary", &[Verb::Get]),
     ("/metrics", &[Verb::Get]),
@@ -85,6 +87,7 @@ fn handler(path: &str, verb: Verb) -> actix_web::Route {
         ("/jobs/{id}/result", Verb::Get) => route.to(jobs::get_result),
         // A WebSocket handshake is a GET; HEAD is not one.
         ("/ws", Verb::Get) => web::get().to(crate::realtime::ws::connect),
+        ("/webhook-secret", Verb::Get) => route.to(webhook_secret::webhook_secret),
         ("/analytics/events", Verb::Post) => route.to(analytics::ingest),
         ("/analytics/summary", Verb::Get) => route.to(analytics::summary),
         ("/metrics", Verb::Get) => route.to(metrics::metrics),

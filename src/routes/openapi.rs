@@ -28,7 +28,7 @@ pub struct ErrorResponse {
 pub struct ErrorDetail {
     /// snake_case and stable. 400: `malformed_json`, `malformed_multipart`, `invalid_header`,
     /// `bad_request`; 401: `unauthorized`; 403: `origin_not_allowed`; 404: `not_found`,
-    /// `job_not_found`; 405: `method_not_allowed`; 408: `request_timeout`; 409: `result_not_ready`,
+    /// `job_not_found`, `webhook_secret_not_set`, `no_api_keys`; 405: `method_not_allowed`; 408: `request_timeout`; 409: `result_not_ready`,
     /// `job_finished`; 413: `payload_too_large`; 415: `unsupported_media_type`,
     /// `unsupported_image`; 422: `invalid_field`, `too_many_rows`, `too_many_columns`,
     /// `cell_too_long`, `text_too_long`, `too_many_paragraphs`, `document_too_large`,
@@ -320,6 +320,16 @@ pub struct MinuteCount {
     count: u64,
 }
 
+/// The secret an API key's webhooks are signed with.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct WebhookSecretDoc {
+    /// The HMAC-SHA256 key of `X-Offload-Signature`, used as is: 64 lowercase hex digits when
+    /// derived from `--webhook-secret`, or the key's own from `--webhook-secrets`.
+    #[schema(min_length = 16)]
+    secret: String,
+}
+
 #[derive(ToSchema)]
 #[allow(dead_code)]
 pub struct Health {
@@ -357,6 +367,7 @@ impl Modify for BearerKeys {
         super::jobs::cancel_job,
         super::jobs::get_result,
         crate::realtime::ws::connect,
+        super::webhook_secret::webhook_secret,
         super::analytics::ingest,
         super::analytics::summary,
         super::metrics::metrics,

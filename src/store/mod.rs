@@ -121,6 +121,9 @@ pub trait ResultReader: Send {
 #[derive(Clone, Debug)]
 pub struct OwedWebhook {
     pub job: JobId,
+    /// The job's owner, kept with the webhook (its signing secret is derived from it at delivery,
+    /// so no secret is stored, and a webhook owed past its job's expiry is still signed right).
+    pub owner: Option<Owner>,
     pub url: CallbackUrl,
     /// The final job object, exactly as POSTed.
     pub body: Bytes,
@@ -282,6 +285,19 @@ pub trait JobStore: Send + Sync + 'static {
     fn replay(&self, key: &IdempotencyKey) -> Result<Option<Vec<Job>>, StoreError>;
 
     fn stats(&self) -> StoreStats;
+    /// Queued and running jobs per owner, as stored now (a read: call it off the event loop). The
+    /// Dispatcher starts its per-key counts from it (`--max-pending-per-key`) and keeps them
+    /// itself from then on. A store that starts empty has nothing to report.
+    fn pending_by_owner(&self) -> Result<std::collections::HashMap<Owner, usize>, StoreError> {
+        Ok(std::collections::HashMap::new())
+    }
+    /// A shared store's own count of `owner`'s queued and running jobs, every instance together
+    /// (others end jobs this process submitted, unseen by its Dispatcher); `None` for a store
+    /// alone on its data, whose jobs all end through this process's Dispatcher. Every shared
+    /// store answers `Some`.
+    fn owner_pending(&self, _owner: Owner) -> Option<usize> {
+        None
+    }
     /// How many of `owner`'s jobs are in each status (the service-wide counts are in `stats`).
     fn counts(&self, owner: Owner) -> Result<StatusCounts, StoreError>;
     /// `Err` while writes fail (disk full, I/O errors); clears once a write succeeds again.

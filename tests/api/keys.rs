@@ -10,8 +10,8 @@ use serde_json::{json, Value};
 use crate::helpers::{fresh_data_dir, id_of, settings, spawn_app_with, Part, TestApp};
 use crate::process::{self, Outcome};
 
-const KEY_A: &str = "alpha-key-0123456789abcdef";
-const KEY_B: &str = "bravo-key-0123456789abcdef";
+pub const KEY_A: &str = "alpha-key-0123456789abcdef";
+pub const KEY_B: &str = "bravo-key-0123456789abcdef";
 
 async fn keyed_app() -> TestApp {
     let mut s = settings();
@@ -20,7 +20,7 @@ async fn keyed_app() -> TestApp {
 }
 
 /// A client of `app` that sends `key` on every request.
-fn as_key(app: &TestApp, key: &str) -> TestApp {
+pub fn as_key(app: &TestApp, key: &str) -> TestApp {
     let client = awc::Client::builder()
         .timeout(Duration::from_secs(30))
         .add_default_header(("authorization", format!("Bearer {key}")))
@@ -53,6 +53,7 @@ async fn every_api_route_answers_401_without_a_valid_key_and_health_and_the_page
         ("DELETE", format!("/jobs/{some_id}"), None, vec![]),
         ("GET", format!("/jobs/{some_id}/result"), None, vec![]),
         ("GET", "/ws".into(), None, vec![]),
+        ("GET", "/webhook-secret".into(), None, vec![]),
         ("POST", "/analytics/events".into(), Some("application/json"), br#"{"name": "x"}"#.to_vec()),
         ("GET", "/analytics/summary".into(), None, vec![]),
         ("GET", "/metrics".into(), None, vec![]),
@@ -253,4 +254,113 @@ async fn a_key_that_is_too_short_stops_the_service_at_start_with_a_clear_message
         }
         Outcome::Listening(_) => panic!("started with a 5-character key"),
     }
+}
+
+/// A hanging PDF job: it holds a worker (and counts as pending) until cancelled.
+fn hang(title: &str) -> Value {
+    json!({"title": title, "test_hook": "hang"})
+}
+
+/// `n` small PNG files for one `POST /images`.
+fn pngs(n: usize) -> Vec<Part> {
+    (0..n).map(|i| Part::file(&format!("{i}.png"), "image/png", tiny_png())).collect()
+}
+
+/// What one submission of a key got.
+enum Want {
+    Accepted,
+    /// 503 `overloaded` naming the key's own count and limit, with `Retry-After`.
+    KeyFull {
+        pending: usize,
+    },
+    /// 413: more jobs in one request than the key may ever have pending.
+    NeverFits,
+}
+
+#[actix_web::test]
+async fn one_key_at_its_pending_limit_is_refused_while_another_key_still_gets_in() {
+    let mut s = settings();
+    s.api_keys = Some(format!("{KEY_A},{KEY_B}").parse().unwrap());
+    s.max_pending_per_key = Some(2);
+    let app = spawn_app_with(s).await;
+    let (a, b) = (as_key(&app, KEY_A), as_key(&app, KEY_B));
+    enum What {
+        Pdf(Value),
+        Images(usize),
+    }
+    // In order: (who, what, outcome). Hanging jobs stay pending; images end quickly, so an
+    // accepted image upload is the last of a key's rows.
+    let steps: Vec<(&str, &TestApp, What, Want)> = vec![
+        ("A", &a, What::Pdf(hang("a1")), Want::Accepted),
+        ("A", &a, What::Pdf(hang("a2")), Want::Accepted),
+        ("A", &a, What::Pdf(json!({"title": "a3"})), Want::KeyFull { pending: 2 }),
+        // Every pool counts towards the key's limit.
+        ("A", &a, What::Images(1), Want::KeyFull { pending: 2 }),
+        // The other key is not held back by A's jobs.
+        ("B", &b, What::Pdf(hang("b1")), Want::Accepted),
+        // Each file of an upload is a job: two do not fit beside B's one.
+        ("B", &b, What::Images(2), Want::KeyFull { pending: 1 }),
+        ("B", &b, What::Images(3), Want::NeverFits),
+        ("B", &b, What::Images(1), Want::Accepted),
+    ];
+    let mut held = Vec::new();
+    for (i, (who, client, what, want)) in steps.into_iter().enumerate() {
+        let reply = match &what {
+            What::Pdf(spec) => client.post_json("/generate-pdf", spec).await,
+            What::Images(n) => client.upload(&pngs(*n)).await,
+        };
+        let context = format!("step {i} ({who})");
+        match want {
+            Want::Accepted => {
+                assert_eq!(reply.status, 202, "{context}: {}", String::from_utf8_lossy(&reply.body));
+                if let What::Pdf(_) = what {
+                    held.push((client, reply.json()["id"].as_str().unwrap().to_string()));
+                }
+            }
+            Want::KeyFull { pending } => {
+                let message = reply.expect_error(503, "overloaded", &context);
+                let own = format!("this API key has {pending} jobs pending; its limit is 2");
+                assert!(message.contains(&own), "{context}: {message}");
+                assert!(
+                    !message.contains("the limit is"),
+                    "{context}: not the service-wide limit's message: {message}"
+                );
+                let retry = reply.header("retry-after").unwrap_or_default();
+                assert!(retry.parse::<u64>().is_ok_and(|s| s >= 1), "{context}: Retry-After {retry:?}");
+            }
+            Want::NeverFits => {
+                let message = reply.expect_error(413, "payload_too_large", &context);
+                assert!(message.contains("this API key"), "{context}: {message}");
+            }
+        }
+    }
+    // A's jobs end: A is admitted again at once (and B's one is still held).
+    for (client, id) in held.iter().filter(|(c, _)| std::ptr::eq(*c, &a)) {
+        assert_eq!(client.delete(&format!("/jobs/{id}")).await.json()["status"], "cancelled");
+    }
+    let again = a.post_json("/generate-pdf", &json!({"title": "after"})).await;
+    assert_eq!(again.status, 202, "{}", String::from_utf8_lossy(&again.body));
+    assert_eq!(a.wait_finished(again.json()["id"].as_str().unwrap()).await["status"], "succeeded");
+}
+
+#[actix_web::test]
+async fn a_keys_pending_jobs_recovered_after_a_restart_count_against_its_limit() {
+    let dir = fresh_data_dir();
+    let args = [format!("--api-keys={KEY_A},{KEY_B}"), "--max-pending-per-key=2".to_string()];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut first = process::start(&dir, &args);
+    let a = as_key(&first.app, KEY_A);
+    let ids =
+        [id_of(&a.submit_pdf(&hang("a1")).await).to_string(), id_of(&a.submit_pdf(&hang("a2")).await).to_string()];
+    first.kill9();
+
+    let second = process::start(&dir, &args);
+    let (a, b) = (as_key(&second.app, KEY_A), as_key(&second.app, KEY_B));
+    let message = a.post_json("/generate-pdf", &json!({"title": "a3"})).await.assert_error(503, "overloaded");
+    assert!(message.contains("this API key has 2 jobs pending; its limit is 2"), "{message}");
+    assert_eq!(b.post_json("/generate-pdf", &json!({"title": "b1"})).await.status, 202);
+    for id in &ids {
+        assert_eq!(a.delete(&format!("/jobs/{id}")).await.json()["status"], "cancelled");
+    }
+    assert_eq!(a.post_json("/generate-pdf", &json!({"title": "a4"})).await.status, 202);
 }

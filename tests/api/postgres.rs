@@ -512,3 +512,54 @@ async fn three_instances_started_at_once_come_up_on_one_new_database() {
         p.app.wait_for(id_of(&job), Duration::from_secs(30), |j| j["status"] == "succeeded").await;
     }
 }
+
+/// Queued plus running jobs as an instance last counted them (the refresh that also counts each
+/// key's jobs).
+async fn live_counted(app: &TestApp) -> f64 {
+    let m = app.metrics().await;
+    m.value("offload_jobs", &[("status", "queued")]) + m.value("offload_jobs", &[("status", "running")])
+}
+
+#[actix_web::test]
+async fn the_per_key_limit_counts_a_keys_jobs_on_every_instance() {
+    use crate::keys::{as_key, KEY_A, KEY_B};
+    let pg = Postgres::get();
+    let url = pg.fresh_database().await;
+    let keyed = || {
+        let mut s = pg_settings(&url);
+        s.api_keys = Some(format!("{KEY_A},{KEY_B}").parse().unwrap());
+        s.max_pending_per_key = Some(2);
+        s
+    };
+    let (one, two) = (spawn_app_with(keyed()).await, spawn_app_with(keyed()).await);
+    let (a1, a2, b2) = (as_key(&one, KEY_A), as_key(&two, KEY_A), as_key(&two, KEY_B));
+    let hang = |title: &str| json!({"title": title, "test_hook": "hang"});
+    let held =
+        [id_of(&a1.submit_pdf(&hang("a1")).await).to_string(), id_of(&a1.submit_pdf(&hang("a2")).await).to_string()];
+    let counted = |n: f64| {
+        let two = &b2;
+        async move {
+            crate::helpers::poll_until(
+                Duration::from_secs(5),
+                Duration::from_millis(20),
+                || live_counted(two),
+                |c| *c == n,
+                |c| format!("instance two counts {c} live jobs, not {n}"),
+            )
+            .await
+        }
+    };
+    counted(2.0).await;
+    // A's jobs were submitted on the other instance: they still count here.
+    let refused = a2.post_json("/generate-pdf", &json!({"title": "a3"})).await;
+    let message = refused.assert_error(503, "overloaded");
+    assert!(message.contains("this API key has 2 jobs pending; its limit is 2"), "{message}");
+    let theirs = b2.submit_pdf(&hang("b1")).await;
+    for id in &held {
+        assert_eq!(a1.delete(&format!("/jobs/{id}")).await.json()["status"], "cancelled");
+    }
+    counted(1.0).await;
+    let again = a2.post_json("/generate-pdf", &json!({"title": "a4"})).await;
+    assert_eq!(again.status, 202, "{}", String::from_utf8_lossy(&again.body));
+    b2.delete(&format!("/jobs/{}", id_of(&theirs))).await;
+}

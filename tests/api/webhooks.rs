@@ -193,3 +193,141 @@ async fn names_that_resolve_to_private_addresses_are_refused_at_delivery() {
     assert_eq!(requests[0].header("x-offload-signature"), None, "unsigned without a secret");
     assert_eq!(StatusCode::from_u16(requests[0].status).unwrap(), StatusCode::OK);
 }
+
+/// The per-key secret as the README spells it: hex of HMAC-SHA256(S, "offload-webhook-v1:" +
+/// owner), the owner being the hex of the first 16 bytes of SHA-256(key).
+fn derived_secret(service: &str, api_key: &str) -> String {
+    use sha2::Digest;
+    let digest = Sha256::digest(api_key.as_bytes());
+    let owner: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    hmac_hex(service, format!("offload-webhook-v1:{owner}").as_bytes())
+}
+
+const SERVICE_SECRET: &str = "service-secret-0123456789";
+
+#[actix_rt::test]
+async fn each_api_key_s_webhooks_are_signed_with_its_own_secret() {
+    use crate::keys::{as_key, KEY_A, KEY_B};
+    let receiver = Receiver::start(Behaviour::default()).await;
+    let mut s = webhook_settings();
+    s.webhook_secret = Some(SERVICE_SECRET.into());
+    s.api_keys = Some(format!("{KEY_A},{KEY_B}").parse().unwrap());
+    let app = spawn_app_with(s).await;
+    let (a, b) = (as_key(&app, KEY_A), as_key(&app, KEY_B));
+    let secret_of = |reply: crate::helpers::Reply| {
+        assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+        assert_eq!(reply.header("cache-control").as_deref(), Some("no-store"));
+        reply.json()["secret"].as_str().expect("secret").to_string()
+    };
+    let secret_a = secret_of(a.get("/webhook-secret").await);
+    let secret_b = secret_of(b.get("/webhook-secret").await);
+    assert_ne!(secret_a, secret_b);
+    assert_eq!(secret_a, derived_secret(SERVICE_SECRET, KEY_A), "the documented derivation");
+    assert_eq!(secret_b, derived_secret(SERVICE_SECRET, KEY_B));
+    assert!(!secret_a.contains(SERVICE_SECRET) && secret_a.len() == 64, "{secret_a}");
+
+    let job_a = a.submit_pdf(&with_callback(report(1), &format!("{}/a", receiver.url))).await;
+    let job_b = b.submit_pdf(&with_callback(report(1), &format!("{}/b", receiver.url))).await;
+    let requests = receiver.wait_until(Duration::from_secs(15), |r| r.len() >= 2).await;
+    let signed = |id: &str| {
+        let r = requests.iter().find(|r| r.json()["id"] == id).unwrap_or_else(|| panic!("no webhook for {id}"));
+        (r.header("x-offload-signature").expect("signed"), r.body.clone())
+    };
+    let (sig_a, body_a) = signed(id_of(&job_a));
+    let (sig_b, body_b) = signed(id_of(&job_b));
+    // (signature, body, key, verifies)
+    let cases = [
+        (&sig_a, &body_a, secret_a.as_str(), true),
+        (&sig_a, &body_a, secret_b.as_str(), false),
+        (&sig_a, &body_a, SERVICE_SECRET, false),
+        (&sig_b, &body_b, secret_b.as_str(), true),
+        (&sig_b, &body_b, secret_a.as_str(), false),
+        (&sig_b, &body_b, SERVICE_SECRET, false),
+    ];
+    for (i, (sig, body, key, verifies)) in cases.into_iter().enumerate() {
+        let expected = format!("sha256={}", hmac_hex(key, body));
+        assert_eq!(*sig == expected, verifies, "case {i}: {sig} with key {key}");
+    }
+}
+
+#[actix_rt::test]
+async fn the_webhook_secret_route_serves_no_secret_without_keys_or_without_a_service_secret() {
+    use crate::keys::{as_key, KEY_A};
+    // (API keys, --webhook-secret, error code)
+    let cases = [
+        (true, None, "webhook_secret_not_set"),
+        (false, Some(SERVICE_SECRET), "no_api_keys"),
+        (false, None, "no_api_keys"),
+    ];
+    for (keys, secret, code) in cases {
+        let mut s = webhook_settings();
+        s.webhook_secret = secret.map(str::to_string);
+        if keys {
+            s.api_keys = Some(KEY_A.parse().unwrap());
+        }
+        let app = as_key(&spawn_app_with(s).await, KEY_A);
+        let reply = app.get("/webhook-secret").await;
+        let message = reply.expect_error(404, code, &format!("keys {keys}, secret {secret:?}"));
+        assert!(!message.contains(SERVICE_SECRET), "{message}");
+        assert!(!String::from_utf8_lossy(&reply.body).contains(SERVICE_SECRET));
+    }
+}
+
+#[actix_rt::test]
+async fn a_webhook_owed_across_a_restart_is_signed_with_its_key_s_secret() {
+    use crate::keys::{as_key, KEY_A};
+    // The first delivery fails and the next attempt is an hour away: still owed at the kill.
+    let receiver = Receiver::start(Behaviour { always_fail: true, fail_status: 503, ..Default::default() }).await;
+    let dir = crate::helpers::fresh_data_dir();
+    let args = [
+        format!("--api-keys={KEY_A}"),
+        format!("--webhook-secret={SERVICE_SECRET}"),
+        "--allow-private-webhooks".to_string(),
+        "--webhook-backoff=1h".to_string(),
+        "--result-ttl=1h".to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut first = crate::process::start(&dir, &args);
+    let a = as_key(&first.app, KEY_A);
+    let job = a.submit_pdf(&with_callback(report(1), &receiver.url)).await;
+    receiver.wait_until(Duration::from_secs(15), |r| !r.is_empty()).await;
+    first.kill9();
+
+    receiver.set_behaviour(Behaviour::default());
+    let _second = crate::process::start(&dir, &args);
+    let requests = receiver.wait_until(Duration::from_secs(15), |r| r.iter().any(|x| x.status == 200)).await;
+    let delivered = requests.iter().find(|r| r.status == 200).unwrap();
+    assert_eq!(delivered.json()["id"], id_of(&job));
+    let expected = format!("sha256={}", hmac_hex(&derived_secret(SERVICE_SECRET, KEY_A), &delivered.body));
+    assert_eq!(delivered.header("x-offload-signature"), Some(expected), "re-delivered with A's secret, not S");
+}
+
+#[actix_rt::test]
+async fn a_key_with_an_explicit_secret_is_signed_with_it_and_the_others_keep_the_derived_one() {
+    use crate::keys::{as_key, KEY_A, KEY_B};
+    let receiver = Receiver::start(Behaviour::default()).await;
+    let file = crate::helpers::fresh_data_dir().join("webhook-secrets");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, format!("# tenant A chose its own\n{KEY_A} explicit-secret-of-a-01234\n")).unwrap();
+    let mut s = webhook_settings();
+    s.webhook_secret = Some(SERVICE_SECRET.into());
+    s.webhook_secrets = Some(format!("@{}", file.display()).parse().unwrap());
+    s.api_keys = Some(format!("{KEY_A},{KEY_B}").parse().unwrap());
+    let app = spawn_app_with(s).await;
+    let (a, b) = (as_key(&app, KEY_A), as_key(&app, KEY_B));
+    assert_eq!(a.get("/webhook-secret").await.json()["secret"], "explicit-secret-of-a-01234");
+    assert_eq!(b.get("/webhook-secret").await.json()["secret"], derived_secret(SERVICE_SECRET, KEY_B));
+    let job_a = a.submit_pdf(&with_callback(report(1), &receiver.url)).await;
+    let job_b = b.submit_pdf(&with_callback(report(1), &receiver.url)).await;
+    let requests = receiver.wait_until(Duration::from_secs(15), |r| r.len() >= 2).await;
+    // (job, the key its signature must verify with)
+    let cases = [
+        (id_of(&job_a), "explicit-secret-of-a-01234".to_string()),
+        (id_of(&job_b), derived_secret(SERVICE_SECRET, KEY_B)),
+    ];
+    for (id, key) in cases {
+        let r = requests.iter().find(|r| r.json()["id"] == id).expect("delivered");
+        let expected = format!("sha256={}", hmac_hex(&key, &r.body));
+        assert_eq!(r.header("x-offload-signature"), Some(expected), "{id}");
+    }
+}

@@ -12,13 +12,14 @@
 use tokio_postgres::Client;
 
 /// The schema this binary writes.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// The advisory lock migrations hold (any constant no other application on the database uses).
 const MIGRATION_LOCK: i64 = 0x6f66_666c_6f61_6401; // "offload" + 1
 
 /// Migration `n` takes the schema from version `n` to `n + 1`.
-const MIGRATIONS: [&str; 1] = [r#"
+const MIGRATIONS: [&str; 2] = [
+    r#"
 CREATE TABLE offload_jobs (
     seq BIGSERIAL PRIMARY KEY,          -- creation order; never reused
     id BYTEA NOT NULL UNIQUE,           -- 16 random bytes
@@ -69,7 +70,12 @@ CREATE TABLE offload_idempotency (
     ids BYTEA NOT NULL
 );
 CREATE INDEX offload_idempotency_by_job ON offload_idempotency (first_seq);
-"#];
+"#,
+    // Per-key webhook secrets: an owed webhook keeps its job's owner (the job may expire first).
+    r#"
+ALTER TABLE offload_webhooks ADD COLUMN owner BYTEA;
+"#,
+];
 
 /// Brings the database to [`SCHEMA_VERSION`], in one transaction under the migration lock.
 pub async fn migrate(client: &mut Client) -> Result<(), String> {

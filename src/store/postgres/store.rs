@@ -135,6 +135,9 @@ struct State {
     /// delivered or dropped).
     delivering: std::collections::HashSet<JobId>,
     stats: StoreStats,
+    /// Queued and running jobs per API key owner, every instance together, as last counted
+    /// (plus what this instance added since): `--max-pending-per-key` on PostgreSQL.
+    owners: HashMap<Owner, usize>,
     events: Option<Arc<dyn StoreEvents>>,
 }
 
@@ -336,8 +339,8 @@ impl Inner {
     async fn refresh(&self, ended: bool) -> Result<(), StoreError> {
         let conn = self.conns.shared().await?;
         let live = conn.query(
-            "SELECT status, kind, lease_owner IS NULL, count(*), coalesce(sum(weight), 0)::BIGINT \
-             FROM offload_jobs WHERE status IN (0, 1) GROUP BY 1, 2, 3",
+            "SELECT status, kind, lease_owner IS NULL, owner, count(*), coalesce(sum(weight), 0)::BIGINT \
+             FROM offload_jobs WHERE status IN (0, 1) GROUP BY 1, 2, 3, 4",
             &[],
         );
         let (live, done) = if ended {
@@ -354,15 +357,19 @@ impl Inner {
         let mut queued = [0usize; 2];
         let (mut queued_bytes, mut claimable) = (0, [0usize; 2]);
         let (mut queued_n, mut running_n) = (0, 0);
+        let mut owners: HashMap<Owner, usize> = HashMap::new();
         for row in live {
             let status = stored_status(row.get(0))?;
             let kind = stored_kind(row.get(1))?;
             let free: bool = row.get(2);
-            let n = row.get::<_, i64>(3) as usize;
+            let n = row.get::<_, i64>(4) as usize;
+            if let Some(owner) = row.get::<_, Option<Vec<u8>>>(3).and_then(|b| <[u8; 16]>::try_from(b).ok()) {
+                *owners.entry(Owner::from_bytes(owner)).or_default() += n;
+            }
             if status == JobStatus::Queued {
                 queued_n += n;
                 queued[kind_index(kind)] += n;
-                queued_bytes += row.get::<_, i64>(4) as usize;
+                queued_bytes += row.get::<_, i64>(5) as usize;
                 if free {
                     claimable[kind_index(kind)] += n;
                 }
@@ -373,6 +380,7 @@ impl Inner {
         let wake = self.with_state(|s| {
             let more = claimable.iter().zip(&s.claimable).any(|(now, before)| now > before);
             s.claimable = claimable;
+            s.owners = owners;
             let stats = &mut s.stats;
             stats.queued = queued;
             stats.queued_bytes = queued_bytes;
@@ -671,6 +679,10 @@ impl JobStore for PgStore {
 
     fn stats(&self) -> StoreStats {
         self.inner.with_state(|s| s.stats)
+    }
+
+    fn owner_pending(&self, owner: Owner) -> Option<usize> {
+        Some(self.inner.with_state(|s| s.owners.get(&owner).copied().unwrap_or(0)))
     }
 
     fn counts(&self, owner: Owner) -> Result<StatusCounts, StoreError> {

@@ -800,15 +800,20 @@ impl JobStore for SqliteStore {
 
     fn owed_webhooks(&self) -> Result<Vec<OwedWebhook>, StoreError> {
         self.read(|conn| {
-            let mut stmt = conn.prepare("SELECT job_id, url, body FROM webhooks ORDER BY id")?;
+            // Rows written before the owner was kept with them take their job's.
+            let mut stmt = conn.prepare(
+                "SELECT w.job_id, w.url, w.body, coalesce(w.owner, j.owner) FROM webhooks w \
+                 LEFT JOIN jobs j ON j.id = w.job_id ORDER BY w.id",
+            )?;
             let rows = stmt.query_map([], |r| {
-                Ok((JobId::from_bytes(r.get(0)?), r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?))
+                let owner = r.get::<_, Option<[u8; 16]>>(3)?.map(Owner::from_bytes);
+                Ok((JobId::from_bytes(r.get(0)?), r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?, owner))
             })?;
             let mut owed = Vec::new();
             for row in rows {
-                let (job, url, body) = row?;
+                let (job, url, body, owner) = row?;
                 match CallbackUrl::parse(&url, CallbackPolicy { allow_private: true }) {
-                    Ok(url) => owed.push(OwedWebhook { job, url, body: Bytes::from(body) }),
+                    Ok(url) => owed.push(OwedWebhook { job, owner, url, body: Bytes::from(body) }),
                     Err(e) => tracing::warn!(%job, "stored webhook URL unusable: {}", e.message),
                 }
             }
@@ -941,6 +946,21 @@ impl JobStore for SqliteStore {
 
     fn stats(&self) -> StoreStats {
         self.shared.stats()
+    }
+
+    fn pending_by_owner(&self) -> Result<HashMap<Owner, usize>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT owner, count(*) FROM jobs WHERE owner IS NOT NULL AND status IN (0, 1) GROUP BY owner",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, [u8; 16]>(0)?, r.get::<_, i64>(1)?)))?;
+            let mut pending = HashMap::new();
+            for row in rows {
+                let (owner, n) = row?;
+                pending.insert(Owner::from_bytes(owner), n as usize);
+            }
+            Ok(pending)
+        })
     }
 
     fn counts(&self, owner: Owner) -> Result<StatusCounts, StoreError> {

@@ -9,10 +9,10 @@ use crate::store::codes;
 
 /// The schema this binary writes. Older databases are migrated on start; a newer one (written by
 /// a later release) is refused rather than misread.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Migration `n` takes the schema from version `n` to `n + 1`.
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     r#"
 CREATE TABLE jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, -- creation order; never reused (results and payloads are keyed by it)
@@ -53,6 +53,10 @@ CREATE TABLE meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
 ALTER TABLE jobs ADD COLUMN owner BLOB;
 CREATE INDEX jobs_by_owner ON jobs (owner, seq) WHERE owner IS NOT NULL;
 CREATE INDEX jobs_by_owner_status ON jobs (owner, status, seq) WHERE owner IS NOT NULL;
+"#,
+    // Per-key webhook secrets: an owed webhook keeps its job's owner (the job may expire first).
+    r#"
+ALTER TABLE webhooks ADD COLUMN owner BLOB;
 "#,
 ];
 

@@ -17,7 +17,7 @@ use super::schema::{self, micros};
 use super::{Shared, Waiting};
 use crate::domain::JobPayload;
 use crate::error::ErrorBody;
-use crate::job::{Job, JobId, JobKind, JobStatus};
+use crate::job::{Job, JobId, JobKind, JobStatus, Owner};
 use crate::store::{
     apply_final, result_too_large, CancelOutcome, Claimed, Final, IdempotencyKey, Inserted, NewJob, StoreError,
 };
@@ -560,8 +560,8 @@ pub fn end(tx: &Connection, seq: i64, job: &Job) -> rusqlite::Result<()> {
     tx.prepare_cached("DELETE FROM payloads WHERE seq = ?1")?.execute(params![seq])?;
     if let Some(url) = &job.callback {
         let body = serde_json::to_vec(&job.view()).unwrap_or_default();
-        tx.prepare_cached("INSERT OR REPLACE INTO webhooks (job_id, url, body) VALUES (?1, ?2, ?3)")?
-            .execute(params![job.id.to_bytes(), url.as_str(), body])?;
+        tx.prepare_cached("INSERT OR REPLACE INTO webhooks (job_id, url, body, owner) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![job.id.to_bytes(), url.as_str(), body, job.owner.map(Owner::to_bytes)])?;
     }
     Ok(())
 }

@@ -63,7 +63,8 @@ impl Inner {
                 "UPDATE offload_webhooks SET lease_owner = $1, lease_until = now() + make_interval(secs => $2) \
                  WHERE job_id IN (SELECT job_id FROM offload_webhooks WHERE lease_until IS NULL OR lease_until < now() \
                    LIMIT $3 FOR UPDATE SKIP LOCKED) \
-                 RETURNING job_id, url, body",
+                 RETURNING job_id, url, body, \
+                   coalesce(owner, (SELECT j.owner FROM offload_jobs j WHERE j.id = offload_webhooks.job_id))",
                 &[&self.me, &self.lease.as_secs_f64(), &limit],
             )
             .await?;
@@ -72,8 +73,13 @@ impl Inner {
             .filter_map(|r| {
                 let id: Vec<u8> = r.get(0);
                 let url = CallbackUrl::parse(&r.get::<_, String>(1), CallbackPolicy { allow_private: true }).ok()?;
+                let owner = match r.get::<_, Option<Vec<u8>>>(3) {
+                    Some(bytes) => Some(Owner::from_bytes(bytes.try_into().ok()?)),
+                    None => None,
+                };
                 Some(OwedWebhook {
                     job: JobId::from_bytes(id.try_into().ok()?),
+                    owner,
                     url,
                     body: Bytes::from(r.get::<_, Vec<u8>>(2)),
                 })
@@ -139,7 +145,7 @@ impl Inner {
                 .await
                 .map_err(unavailable)?;
             if let (Some(url), Ok(body)) = (job.callback.clone(), serde_json::to_vec(&job.view())) {
-                owed.push(OwedWebhook { job: job.id, url, body: Bytes::from(body) });
+                owed.push(OwedWebhook { job: job.id, owner: job.owner, url, body: Bytes::from(body) });
             }
         }
         tx.commit().await.map_err(unavailable)?;

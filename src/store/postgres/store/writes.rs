@@ -17,11 +17,18 @@ impl Inner {
         tx.execute("DELETE FROM offload_payloads WHERE seq = $1", &[&seq]).await.map_err(unavailable)?;
         if let Some((url, body)) = owed_body(job) {
             tx.execute(
-                "INSERT INTO offload_webhooks (job_id, url, body, lease_owner, lease_until) \
-                 VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5)) \
+                "INSERT INTO offload_webhooks (job_id, url, body, lease_owner, lease_until, owner) \
+                 VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5), $6) \
                  ON CONFLICT (job_id) DO UPDATE SET url = $2, body = $3, lease_owner = $4, \
-                 lease_until = now() + make_interval(secs => $5)",
-                &[&job.id.to_bytes().as_slice(), &url, &body, &self.me, &self.lease.as_secs_f64()],
+                 lease_until = now() + make_interval(secs => $5), owner = $6",
+                &[
+                    &job.id.to_bytes().as_slice(),
+                    &url,
+                    &body,
+                    &self.me,
+                    &self.lease.as_secs_f64(),
+                    &job.owner.map(|o| o.to_bytes().to_vec()),
+                ],
             )
             .await
             .map_err(unavailable)?;
@@ -104,6 +111,9 @@ impl Inner {
                 s.stats.queued[k] += 1;
                 s.stats.by_status.queued += 1;
                 s.stats.queued_bytes += new.weight;
+                if let Some(owner) = new.job.owner {
+                    *s.owners.entry(owner).or_default() += 1;
+                }
             }
         });
     }
@@ -390,14 +400,15 @@ impl Inner {
                    result_name = x.result_name, result_width = x.result_width, result_height = x.result_height, \
                    lease_owner = NULL, lease_until = NULL \
                    FROM x WHERE o.id = x.id AND o.attempts = x.attempt AND o.lease_owner = $20 AND o.status IN (0, 1) \
-                   RETURNING o.seq, o.id), \
+                   RETURNING o.seq, o.id, o.owner), \
                  r AS (INSERT INTO offload_results (seq, bytes) SELECT u.seq, x.result FROM u JOIN x USING (id) \
                    WHERE x.result IS NOT NULL ON CONFLICT (seq) DO UPDATE SET bytes = excluded.bytes), \
                  d AS (DELETE FROM offload_payloads WHERE seq IN (SELECT seq FROM u)), \
-                 w AS (INSERT INTO offload_webhooks (job_id, url, body, lease_owner, lease_until) \
-                   SELECT u.id, x.url, x.body, $20, now() + make_interval(secs => $21) FROM u JOIN x USING (id) \
+                 w AS (INSERT INTO offload_webhooks (job_id, url, body, lease_owner, lease_until, owner) \
+                   SELECT u.id, x.url, x.body, $20, now() + make_interval(secs => $21), u.owner FROM u JOIN x USING (id) \
                    WHERE x.url IS NOT NULL ON CONFLICT (job_id) DO UPDATE SET url = excluded.url, \
-                   body = excluded.body, lease_owner = excluded.lease_owner, lease_until = excluded.lease_until) \
+                   body = excluded.body, lease_owner = excluded.lease_owner, lease_until = excluded.lease_until, \
+                   owner = excluded.owner) \
                  SELECT u.id, CASE WHEN x.ran IS NOT NULL THEN pg_notify('offload', x.ran) END, \
                    pg_notify('offload', x.said) FROM u JOIN x USING (id)",
                 &[
