@@ -1,4 +1,4 @@
-//! The raw PDF loop: the service's own PDF code (`workers::pdf::render`) called in a plain loop on
+//! The raw PDF loop: the service's own PDF code (`kinds::pdf::render::render`) called in a plain loop on
 //! every core, no HTTP, no actors — the baseline the service's completed jobs/s is compared with.
 //!
 //! `cargo run --release --example pdf_bench -- [PAGES] [JOBS] [THREADS]`
@@ -8,8 +8,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use offload::domain::pdf::{DocumentSpec, PdfRequest, RenderBudget, SpecLimits};
-use offload::workers::pdf::render;
+use offload::kinds::pdf::render::render;
+use offload::kinds::pdf::spec::{DocumentSpec, PdfRequest, RenderBudget, SpecLimits};
 use offload::workers::JobContext;
 
 /// The service's default render budget.

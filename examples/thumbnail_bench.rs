@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use image::codecs::jpeg::JpegEncoder;
 use image::metadata::Orientation;
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
-use offload::domain::image::{ImageOp, ImageTask, OutputFormat};
-use offload::workers::image::{apply, decode, decode_full, encode};
+use offload::kinds::image::run::{apply, decode, decode_full, encode};
+use offload::kinds::image::task::{ImageOp, ImageTask, OutputFormat};
 
 /// The service's allocator (src/main.rs), so that the ratio compares like with like.
 #[global_allocator]

@@ -387,8 +387,11 @@ impl Settings {
         }
     }
 
-    pub fn pdf_budget(&self) -> crate::domain::pdf::RenderBudget {
-        crate::domain::pdf::RenderBudget { max_pages: self.max_pdf_pages.max(1), max_lines: self.max_pdf_lines.max(1) }
+    pub fn pdf_budget(&self) -> crate::kinds::pdf::spec::RenderBudget {
+        crate::kinds::pdf::spec::RenderBudget {
+            max_pages: self.max_pdf_pages.max(1),
+            max_lines: self.max_pdf_lines.max(1),
+        }
     }
 
     /// `--database-url`, else `DATABASE_URL`.

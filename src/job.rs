@@ -77,33 +77,63 @@ impl fmt::Display for Owner {
     }
 }
 
-/// What a job does; each kind has its own worker pool.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JobKind {
-    Pdf,
-    Image,
-}
+/// What a job does: the name of its kind (`"pdf"`, `"image"`, or a kind of the operator's own),
+/// interned so that copying and comparing cost nothing. The engine knows kinds only by name (see
+/// [`crate::kind`]).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobKind(&'static str);
+
+/// Every kind name seen by this process: registered at start or read from stored jobs (never
+/// from a client's request, so the set stays as small as the kinds that exist).
+static KINDS: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
 
 impl JobKind {
-    pub const ALL: [JobKind; 2] = [JobKind::Pdf, JobKind::Image];
+    /// The kind named `name` (registered, or read from storage), interned once per process.
+    /// `None` if `name` is not a valid kind name (see [`crate::kind::valid_name`]).
+    pub fn named(name: &str) -> Option<JobKind> {
+        if !crate::kind::valid_name(name) {
+            return None;
+        }
+        let mut kinds = KINDS.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = kinds.iter().find(|k| **k == name) {
+            return Some(JobKind(k));
+        }
+        let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+        kinds.push(leaked);
+        Some(JobKind(leaked))
+    }
+
+    /// The kind named `name` if this process knows it already (for names from clients: an
+    /// unknown one allocates nothing).
+    pub fn known(name: &str) -> Option<JobKind> {
+        KINDS.lock().unwrap_or_else(|p| p.into_inner()).iter().find(|k| **k == name).map(|k| JobKind(k))
+    }
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            JobKind::Pdf => "pdf",
-            JobKind::Image => "image",
-        }
+        self.0
+    }
+
+    /// Every kind this process knows, in the order it learned them.
+    pub fn all() -> Vec<JobKind> {
+        KINDS.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|k| JobKind(k)).collect()
     }
 }
 
-impl FromStr for JobKind {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
-        match s {
-            "pdf" => Ok(JobKind::Pdf),
-            "image" => Ok(JobKind::Image),
-            _ => Err(()),
-        }
+impl fmt::Debug for JobKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.0, f)
+    }
+}
+
+impl fmt::Display for JobKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl Serialize for JobKind {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0)
     }
 }
 
@@ -368,7 +398,7 @@ mod tests {
     use super::*;
 
     fn job() -> Job {
-        Job::new(JobId::random(), JobKind::Pdf, SystemTime::now())
+        Job::new(JobId::random(), JobKind::named("pdf").unwrap(), SystemTime::now())
     }
 
     fn meta() -> ResultMeta {

@@ -36,6 +36,8 @@ pub mod domain;
 pub mod error;
 pub mod healthcheck;
 pub mod job;
+pub mod kind;
+pub mod kinds;
 pub mod metrics;
 pub mod process;
 pub mod realtime;

@@ -17,9 +17,13 @@ use crate::async_io::{self, AsyncIo};
 use crate::configuration::{Settings, StoreKind};
 use crate::dispatch::{Admission, Dispatcher, Observers, Pool};
 use crate::domain::callback::CallbackPolicy;
-use crate::domain::image::ImageLimits;
-use crate::domain::pdf::SpecLimits;
 use crate::job::{JobKind, Owner};
+use crate::kind::Runner;
+use crate::kinds::image::routes::UploadLimits;
+use crate::kinds::image::task::ImageLimits;
+use crate::kinds::image::ImageKind;
+use crate::kinds::pdf::spec::SpecLimits;
+use crate::kinds::pdf::PdfKind;
 use crate::metrics::{self, Metrics};
 use crate::realtime::{Hub, WsSettings};
 use crate::routes;
@@ -44,8 +48,28 @@ impl Application {
         Self::with_listener(settings, listener)
     }
 
-    /// Builds everything on an already bound listener. Needs a running actix `System`.
+    /// Builds everything on an already bound listener, with the built-in kinds. Needs a running
+    /// actix `System`.
     pub fn with_listener(settings: Settings, listener: TcpListener) -> std::io::Result<Self> {
+        Self::with_kinds(settings, listener, Vec::new())
+    }
+
+    /// [`Application::with_listener`] with kinds of your own beside the built-in ones.
+    pub fn with_kinds(
+        settings: Settings,
+        listener: TcpListener,
+        extra: Vec<KindRegistration>,
+    ) -> std::io::Result<Self> {
+        let mut kinds = builtin_kinds(&settings);
+        kinds.extend(extra);
+        for kind in &kinds {
+            if JobKind::named(kind.runner.name()).is_none() {
+                return Err(std::io::Error::other(format!("{:?} cannot name a kind", kind.runner.name())));
+            }
+            if kinds.iter().filter(|k| k.runner.name() == kind.runner.name()).count() > 1 {
+                return Err(std::io::Error::other(format!("the kind {:?} is registered twice", kind.runner.name())));
+            }
+        }
         let address = listener.local_addr()?;
         let keys = settings.api_keys.as_ref().map(|k| k.expose().parse::<ApiKeys>()).transpose();
         let keys = keys.map_err(|e| std::io::Error::other(format!("--api-keys: {e}")))?;
@@ -78,25 +102,17 @@ impl Application {
             Some(_) => store.pending_by_owner().map_err(|e| std::io::Error::other(e.to_string()))?,
             None => HashMap::new(),
         };
-        let dispatcher = start_dispatcher(&settings, &io, metrics.clone(), store.clone(), hub.clone(), owners);
+        let pools: Vec<(Arc<dyn Runner>, usize)> = kinds.iter().map(|k| (k.runner.clone(), k.workers)).collect();
+        let workers_log: Vec<String> = pools.iter().map(|(r, n)| format!("{}={n}", r.name())).collect();
+        let dispatcher = start_dispatcher(&settings, &io, metrics.clone(), store.clone(), hub.clone(), owners, pools);
         let policy = CallbackPolicy { allow_private: settings.allow_private_webhooks };
         let analytics_limits = routes::AnalyticsLimits {
             max_batch: settings.analytics_max_batch.max(1),
             max_properties: settings.analytics_max_properties.bytes(),
         };
         let analytics = io.analytics.clone();
-        let limits = SpecLimits {
-            max_rows: settings.max_rows,
-            max_columns: settings.max_columns,
-            max_cell_chars: settings.max_cell_chars,
-            render: settings.pdf_budget(),
-        };
-        let uploads = routes::UploadLimits {
-            max_bytes: settings.max_upload.bytes(),
-            timeout: settings.body_timeout(),
-            max_files: settings.max_files,
-            image: ImageLimits { max_pixels: settings.max_pixels, max_jpeg_scans: settings.max_jpeg_scans },
-        };
+        let kinds_http: Arc<Vec<routes::KindRoutes>> = Arc::new(kinds.into_iter().map(|k| k.http).collect());
+        let spec = web::Data::new(routes::openapi::Spec::build(kinds_http.iter().map(|k| k.openapi.clone())));
         let ws = WsSettings {
             heartbeat: settings.ws_heartbeat.into(),
             idle_timeout: settings.ws_idle_timeout.into(),
@@ -135,10 +151,9 @@ impl Application {
                 .app_data(web::Data::new(analytics.clone()))
                 .app_data(web::Data::new(analytics_limits))
                 .app_data(web::Data::new(policy))
-                .app_data(web::Data::new(limits))
-                .app_data(web::Data::new(uploads))
                 .app_data(web::Data::new(ws.clone()))
-                .configure(|cfg| routes::configure(cfg, json_limit, &static_dir))
+                .app_data(spec.clone())
+                .configure(|cfg| routes::configure(cfg, json_limit, &static_dir, &kinds_http))
         })
         .workers(settings.http_workers())
         .tcp_nodelay(true)
@@ -147,8 +162,7 @@ impl Application {
         .listen(listener)?
         .run();
         tracing::info!(
-            pdf_workers = settings.pdf_workers(),
-            image_workers = settings.image_workers(),
+            workers = workers_log.join(" "),
             http_workers = settings.http_workers(),
             "listening on http://{address}"
         );
@@ -216,6 +230,51 @@ fn open_store(settings: &Settings, metrics: Arc<Metrics>) -> std::io::Result<Arc
     })
 }
 
+/// A kind as start-up registers it: its runner, its pool here, and its HTTP routes.
+pub struct KindRegistration {
+    pub runner: Arc<dyn Runner>,
+    /// Threads of its pool on this instance (0: none; another instance on a shared store runs it).
+    pub workers: usize,
+    pub http: routes::KindRoutes,
+}
+
+/// The kinds offload runs out of the box, set up from `settings`.
+pub fn builtin_kinds(settings: &Settings) -> Vec<KindRegistration> {
+    let pdf = Arc::new(PdfKind { budget: settings.pdf_budget() });
+    let limits = SpecLimits {
+        max_rows: settings.max_rows,
+        max_columns: settings.max_columns,
+        max_cell_chars: settings.max_cell_chars,
+        render: settings.pdf_budget(),
+    };
+    let image = Arc::new(ImageKind);
+    let uploads = UploadLimits {
+        max_bytes: settings.max_upload.bytes(),
+        timeout: settings.body_timeout(),
+        max_files: settings.max_files,
+        image: ImageLimits { max_pixels: settings.max_pixels, max_jpeg_scans: settings.max_jpeg_scans },
+    };
+    vec![
+        KindRegistration {
+            runner: pdf.clone(),
+            workers: settings.pdf_workers(),
+            http: crate::kinds::pdf::routes::http(pdf, limits),
+        },
+        KindRegistration {
+            runner: image.clone(),
+            workers: settings.image_workers(),
+            http: crate::kinds::image::routes::http(image, uploads),
+        },
+    ]
+}
+
+/// A pool thread's name: `<kind>-worker`, cut to the 15 bytes Linux keeps.
+fn thread_name(kind: &str) -> std::ffi::CString {
+    let mut name = format!("{kind}-worker");
+    name.truncate(15);
+    std::ffi::CString::new(name).expect("kind names have no NUL")
+}
+
 fn start_dispatcher(
     settings: &Settings,
     io: &AsyncIo,
@@ -223,25 +282,20 @@ fn start_dispatcher(
     store: Arc<dyn JobStore>,
     hub: Arc<Hub>,
     owners: HashMap<Owner, usize>,
+    kinds: Vec<(Arc<dyn Runner>, usize)>,
 ) -> Addr<Dispatcher> {
-    let pdf_workers = settings.pdf_workers();
-    let (nice, sched, budget) = (settings.worker_nice, settings.worker_sched, settings.pdf_budget());
+    let (nice, sched) = (settings.worker_nice, settings.worker_sched);
     let hook = store.start_hook();
-    let on_start = hook.clone();
-    let image_workers = settings.image_workers();
     // A kind with no workers here has no pool: another instance on the shared store runs it.
     let mut pools = HashMap::new();
-    if pdf_workers > 0 {
-        let pdf = SyncArbiter::start(pdf_workers, move || {
-            JobWorker::on_pool_thread(c"pdf-worker", nice, sched, on_start.clone(), budget)
+    for (runner, workers) in kinds.into_iter().filter(|(_, n)| *n > 0) {
+        let kind = JobKind::named(runner.name()).expect("checked at start");
+        let thread = thread_name(kind.as_str());
+        let on_start = hook.clone();
+        let pool = SyncArbiter::start(workers, move || {
+            JobWorker::on_pool_thread(&thread, nice, sched, on_start.clone(), runner.clone())
         });
-        pools.insert(JobKind::Pdf, Pool::new(pdf.recipient(), pdf_workers));
-    }
-    if image_workers > 0 {
-        let image = SyncArbiter::start(image_workers, move || {
-            JobWorker::on_pool_thread(c"image-worker", nice, sched, hook.clone(), budget)
-        });
-        pools.insert(JobKind::Image, Pool::new(image.recipient(), image_workers));
+        pools.insert(kind, Pool::new(pool.recipient(), workers));
     }
     let admission = Admission {
         max_pending: settings.max_pending,

@@ -19,9 +19,10 @@ use tokio::sync::oneshot;
 use crate::async_io::analytics::{AnalyticsHandle, Event};
 use crate::async_io::webhooks::Deliver;
 use crate::domain::callback::CallbackUrl;
-use crate::domain::{JobPayload, PayloadRecord};
+use crate::domain::PayloadRecord;
 use crate::error::ErrorBody;
 use crate::job::{Job, JobId, JobKind, JobStatus, Owner, ResultMeta};
+use crate::kind::NewWork;
 use crate::metrics::Metrics;
 use crate::realtime::Hub;
 use crate::store::{
@@ -52,15 +53,13 @@ pub struct Pool {
     in_flight: usize,
     /// Claims sent to the store and not answered yet.
     claiming: usize,
-    /// A retry of the pump is scheduled (after a failed claim).
-    retry_scheduled: bool,
     /// Recent job run time, seconds (exponentially weighted), for `Retry-After`.
     mean_secs: f64,
 }
 
 impl Pool {
     pub fn new(recipient: Recipient<Execute>, workers: usize) -> Self {
-        Pool { recipient, workers, in_flight: 0, claiming: 0, retry_scheduled: false, mean_secs: 0.05 }
+        Pool { recipient, workers, in_flight: 0, claiming: 0, mean_secs: 0.05 }
     }
 
     /// Jobs the pool may hold at once: per thread one running and [`PREFETCH`] waiting.
@@ -117,6 +116,8 @@ pub struct Dispatcher {
     /// counts its owners' jobs itself, every instance together ([`JobStore::owner_pending`]): here
     /// are then only the jobs admitted whose insert has not committed yet.
     owners: HashMap<Owner, usize>,
+    /// A pump of every pool is scheduled (after a failed claim).
+    retry_scheduled: bool,
     /// Release writes (runs stopped by a shutdown) and final writes not committed yet: a drain
     /// waits for them.
     releasing: usize,
@@ -161,6 +162,7 @@ impl Dispatcher {
             reserved: HashMap::new(),
             reserved_bytes: 0,
             owners,
+            retry_scheduled: false,
             releasing: 0,
             finishing: 0,
             sweep_every,
@@ -293,7 +295,7 @@ impl Dispatcher {
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!(kind = kind.as_str(), "cannot claim a job: {e}");
-                self.retry_pump(kind, ctx);
+                self.retry_pump(ctx);
                 self.check_drained();
                 return;
             }
@@ -316,7 +318,7 @@ impl Dispatcher {
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!("cannot claim a job cut off by a crash: {e}");
-                self.retry_pump(JobKind::Pdf, ctx);
+                self.retry_pump(ctx);
                 self.check_drained();
                 return;
             }
@@ -326,26 +328,25 @@ impl Dispatcher {
     }
 
     fn pump_all(&mut self, ctx: &mut Context<Self>) {
-        for kind in JobKind::ALL {
+        let kinds: Vec<JobKind> = self.pools.keys().copied().collect();
+        for kind in kinds {
             self.pump(kind, ctx);
         }
     }
 
-    fn retry_pump(&mut self, kind: JobKind, ctx: &mut Context<Self>) {
-        let Some(pool) = self.pools.get_mut(&kind) else { return };
-        if !pool.retry_scheduled {
-            pool.retry_scheduled = true;
-            ctx.run_later(STORE_RETRY, move |this, ctx| {
-                if let Some(pool) = this.pools.get_mut(&kind) {
-                    pool.retry_scheduled = false;
-                }
+    /// Pumps every pool again after [`STORE_RETRY`] (a claim failed); one timer at a time.
+    fn retry_pump(&mut self, ctx: &mut Context<Self>) {
+        if !self.retry_scheduled {
+            self.retry_scheduled = true;
+            ctx.run_later(STORE_RETRY, |this, ctx| {
+                this.retry_scheduled = false;
                 this.pump_all(ctx);
             });
         }
     }
 
     fn hand_to_pool(&mut self, claimed: Claimed, ctx: &mut Context<Self>) {
-        let Claimed { job, payload, .. } = claimed;
+        let Claimed { job, work, .. } = claimed;
         let (id, kind) = (job.id, job.kind);
         let control = JobControl::default();
         let deadline = Instant::now() + self.admission.job_timeout;
@@ -353,7 +354,7 @@ impl Dispatcher {
         let msg = Execute {
             id,
             attempt: job.attempts,
-            payload,
+            work,
             control: control.clone(),
             deadline,
             events: ctx.address().recipient(),
@@ -577,7 +578,8 @@ impl Dispatcher {
             }
             if !durable {
                 // Nothing of a memory store outlives the process: queued jobs fail now.
-                for kind in JobKind::ALL {
+                let kinds: Vec<JobKind> = store.stats().queued.iter().map(|(kind, _)| kind).collect();
+                for kind in kinds {
                     while let Some(claim) = store.claim(kind) {
                         let Ok(Some(claimed)) = claim.await else { continue };
                         let (id, attempt) = (claimed.job.id, claimed.job.attempts);
@@ -732,7 +734,7 @@ impl Handler<StopRun> for Dispatcher {
 #[rtype(result = "Result<Submitted, SubmitError>")]
 pub struct Submit {
     /// Each job's payload, as the worker needs it and as stored.
-    pub jobs: Vec<(JobPayload, PayloadRecord)>,
+    pub jobs: Vec<(NewWork, PayloadRecord)>,
     /// Where each job's final state is POSTed.
     pub callback: Option<CallbackUrl>,
     pub key: Option<IdempotencyKey>,
@@ -765,6 +767,8 @@ pub enum SubmitError {
     /// The request alone is more than the limits allow, so no retry can ever fit it (a 413, not
     /// a "retry later").
     NeverFits(String),
+    /// A kind with a name no kind may have (a bug of the kind's, caught before anything is stored).
+    UnknownKind(&'static str),
 }
 
 impl Handler<Submit> for Dispatcher {
@@ -831,6 +835,7 @@ impl Dispatcher {
             SubmitError::Storage(_) | SubmitError::Uncertain { .. } => "storage_unavailable",
             SubmitError::KeyReused => "idempotency_key_reused",
             SubmitError::NeverFits(_) => "never_fits",
+            SubmitError::UnknownKind(_) => "unknown_kind",
         };
         self.observers.metrics.jobs_rejected.with_label_values(&[reason]).inc();
     }
@@ -844,9 +849,13 @@ impl Dispatcher {
             return Err(SubmitError::Storage(m));
         }
         let mut wanted: HashMap<JobKind, usize> = HashMap::new();
-        for (payload, _) in &msg.jobs {
-            *wanted.entry(payload.kind()).or_default() += 1;
+        let mut kinds = Vec::with_capacity(msg.jobs.len());
+        for (work, _) in &msg.jobs {
+            let kind = JobKind::named(work.name()).ok_or_else(|| SubmitError::UnknownKind(work.name()))?;
+            *wanted.entry(kind).or_default() += 1;
+            kinds.push(kind);
         }
+        let first_kind = kinds[0];
         for (&kind, &count) in &wanted {
             // Without a pool here, only a shared store has someone else to run it.
             if !self.pools.contains_key(&kind) && !self.store.shared() {
@@ -875,12 +884,12 @@ impl Dispatcher {
             }
             let pending = self.owner_pending(owner);
             if pending + count > limit {
-                let kind = msg.jobs.first().map_or(JobKind::Pdf, |(p, _)| p.kind());
+                let kind = first_kind;
                 let reason = format!("this API key has {pending} jobs pending; its limit is {limit}");
                 return Err(SubmitError::Overloaded { retry_after: self.retry_after(kind), reason });
             }
         }
-        let weight: usize = msg.jobs.iter().map(|(p, _)| p.approx_bytes()).sum();
+        let weight: usize = msg.jobs.iter().map(|(w, _)| w.weight).sum();
         if weight > self.admission.max_queued_bytes {
             return Err(SubmitError::NeverFits(format!(
                 "the request would hold about {weight} bytes while queued, more than the {} allowed for all queued jobs",
@@ -889,7 +898,7 @@ impl Dispatcher {
         }
         let held = self.store.stats().queued_bytes + self.reserved_bytes;
         if held + weight > self.admission.max_queued_bytes {
-            let kind = msg.jobs.first().map_or(JobKind::Pdf, |(p, _)| p.kind());
+            let kind = first_kind;
             let reason = "queued jobs hold as much memory as allowed".to_string();
             return Err(SubmitError::Overloaded { retry_after: self.retry_after(kind), reason });
         }
@@ -897,12 +906,12 @@ impl Dispatcher {
         let jobs: Vec<NewJob> = msg
             .jobs
             .into_iter()
-            .map(|(payload, record)| {
-                let mut job = Job::new(JobId::random(), payload.kind(), now);
+            .zip(kinds)
+            .map(|((work, record), kind)| {
+                let mut job = Job::new(JobId::random(), kind, now);
                 job.callback = msg.callback.clone();
                 job.owner = msg.owner;
-                let weight = payload.approx_bytes();
-                NewJob { job, payload, record, weight }
+                NewJob { job, payload: work.input, record, weight: work.weight }
             })
             .collect();
         for (kind, n) in &wanted {
@@ -1039,7 +1048,7 @@ impl Handler<Drain> for Dispatcher {
     fn handle(&mut self, msg: Drain, ctx: &mut Context<Self>) -> Self::Result {
         let (tx, rx) = oneshot::channel();
         if self.draining.is_none() {
-            let queued: usize = JobKind::ALL.iter().map(|k| self.store.stats().queued(*k)).sum();
+            let queued: usize = self.store.stats().queued.total();
             tracing::info!(
                 running = self.running.len(),
                 queued,

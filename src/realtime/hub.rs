@@ -138,7 +138,7 @@ mod tests {
     fn subscribers_get_the_snapshot_then_changes_until_they_leave() {
         let hub = Hub::new();
         let outbox = Arc::new(Outbox::new());
-        let job = Job::new(JobId::random(), JobKind::Pdf, SystemTime::now());
+        let job = Job::new(JobId::random(), JobKind::named("pdf").unwrap(), SystemTime::now());
         let missing = JobId::random();
         let unknown =
             hub.subscribe(1, &outbox, vec![job.id, missing], Caller::Open, |id| (id == job.id).then(|| job.clone()));
@@ -158,7 +158,7 @@ mod tests {
     fn a_keyed_caller_never_sees_another_keys_job() {
         let hub = Hub::new();
         let (mine, theirs) = (Owner::from_bytes([1; 16]), Owner::from_bytes([2; 16]));
-        let mut job = Job::new(JobId::random(), JobKind::Pdf, SystemTime::now());
+        let mut job = Job::new(JobId::random(), JobKind::named("pdf").unwrap(), SystemTime::now());
         job.owner = Some(theirs);
         let outbox = Arc::new(Outbox::new());
         // A change published while the refused subscription is registered is not delivered.

@@ -110,7 +110,7 @@ mod tests {
     fn progress_is_coalesced_and_every_status_is_kept() {
         let now = SystemTime::now();
         let outbox = Outbox::new();
-        let mut job = Job::new(JobId::random(), JobKind::Pdf, now);
+        let mut job = Job::new(JobId::random(), JobKind::named("pdf").unwrap(), now);
         outbox.push(job.clone());
         job.start(now);
         for p in 1..100 {
@@ -130,7 +130,7 @@ mod tests {
     fn a_snapshot_older_than_what_was_pushed_is_dropped() {
         let now = SystemTime::now();
         let outbox = Outbox::new();
-        let mut job = Job::new(JobId::random(), JobKind::Pdf, now);
+        let mut job = Job::new(JobId::random(), JobKind::named("pdf").unwrap(), now);
         let queued = job.clone();
         job.claim();
         job.start(now);
@@ -152,8 +152,8 @@ mod tests {
     fn jobs_come_out_in_the_order_they_became_pending() {
         let now = SystemTime::now();
         let outbox = Outbox::new();
-        let a = Job::new(JobId::random(), JobKind::Pdf, now);
-        let b = Job::new(JobId::random(), JobKind::Image, now);
+        let a = Job::new(JobId::random(), JobKind::named("pdf").unwrap(), now);
+        let b = Job::new(JobId::random(), JobKind::named("image").unwrap(), now);
         outbox.push(b.clone());
         outbox.push(a.clone());
         outbox.push(b.clone());

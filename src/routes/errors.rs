@@ -8,18 +8,15 @@ use actix_web::{HttpResponse, ResponseError};
 use crate::async_io::analytics::{EventError, IngestError};
 use crate::dispatch::SubmitError;
 use crate::domain::callback::CallbackError;
-use crate::domain::image::ImageError;
-use crate::domain::pdf::SpecError;
 use crate::error::ErrorBody;
 use crate::job::{Job, JobId};
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("{0}")]
-    InvalidSpec(#[from] SpecError),
-    #[error("{0}")]
-    InvalidUpload(#[from] ImageError),
+    /// A kind's input is invalid (its own codes and statuses).
+    #[error("{}", .0.message)]
+    Invalid(InvalidInput),
     #[error("job not found")]
     JobNotFound,
     #[error("job {} is {}", .0.id, .0.status.as_str())]
@@ -44,6 +41,28 @@ pub enum ApiError {
     Storage(String),
     #[error("the blocking pool is gone")]
     Blocking,
+}
+
+/// What a kind says of an input it refuses: a status (413, 415 or 422), a stable code and a
+/// message naming the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidInput {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl InvalidInput {
+    /// A `422` with `code`.
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        InvalidInput { status: StatusCode::UNPROCESSABLE_ENTITY, code, message: message.into() }
+    }
+}
+
+impl From<InvalidInput> for ApiError {
+    fn from(e: InvalidInput) -> Self {
+        ApiError::Invalid(e)
+    }
 }
 
 impl From<StoreError> for ApiError {
@@ -71,15 +90,15 @@ impl From<SubmitError> for ApiError {
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            ApiError::InvalidSpec(_)
-            | ApiError::InvalidQuery { .. }
+            ApiError::InvalidQuery { .. }
             | ApiError::InvalidCallback(_)
             | ApiError::InvalidEvent(_)
             | ApiError::Submit(SubmitError::KeyReused) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Submit(SubmitError::NeverFits(_)) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Submit(SubmitError::UnknownKind(_)) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::InvalidHeader { .. } => StatusCode::BAD_REQUEST,
             ApiError::Ingest(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::InvalidUpload(e) => StatusCode::from_u16(e.status).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY),
+            ApiError::Invalid(e) => e.status,
             ApiError::JobNotFound => StatusCode::NOT_FOUND,
             ApiError::ResultNotReady(_) | ApiError::AlreadyFinished(_) => StatusCode::CONFLICT,
             ApiError::Submit(_) | ApiError::Dispatcher(_) | ApiError::Storage(_) | ApiError::Blocking => {
@@ -91,8 +110,7 @@ impl ResponseError for ApiError {
     fn error_response(&self) -> HttpResponse {
         let status = self.status_code();
         match self {
-            ApiError::InvalidSpec(e) => ErrorBody::new(e.code, &e.message).response(status),
-            ApiError::InvalidUpload(e) => ErrorBody::new(e.code, &e.message).response(status),
+            ApiError::Invalid(e) => ErrorBody::new(e.code, &e.message).response(status),
             ApiError::InvalidCallback(e) => ErrorBody::new(e.code, &e.message).response(status),
             ApiError::InvalidEvent(e) => ErrorBody::new(e.code, &e.message).response(status),
             ApiError::Ingest(e) => ErrorBody::new(e.code(), e.to_string()).response_retry_after(status, 1),
@@ -137,6 +155,9 @@ impl ResponseError for ApiError {
             .response(status),
             ApiError::Submit(SubmitError::NeverFits(reason)) => {
                 ErrorBody::new("payload_too_large", format!("{reason}: it can never be accepted")).response(status)
+            }
+            ApiError::Submit(SubmitError::UnknownKind(name)) => {
+                ErrorBody::new("unknown_kind", format!("{name:?} cannot name a kind")).response(status)
             }
             ApiError::InvalidHeader { header, message } => {
                 ErrorBody::new("invalid_header", format!("{header}: {message}")).response(status)

@@ -11,7 +11,7 @@ use super::openapi::{ErrorResponse, Job as JobDoc, JobList as JobListDoc, Kind a
 use super::ApiError;
 use crate::access::Caller;
 use crate::dispatch::{CancelError, CancelJob, Dispatcher};
-use crate::job::{Job, JobId, JobView};
+use crate::job::{Job, JobId, JobKind, JobView};
 use crate::store::{JobStore, ListFilter, ResultBody, ResultReader, StatusCounts};
 
 /// Most jobs one `GET /jobs` returns.
@@ -218,7 +218,17 @@ fn parse_filter(q: &ListQuery) -> Result<ListFilter, ApiError> {
         .as_deref()
         .map(|s| s.parse().map_err(|_| invalid("status", "must be queued, running, succeeded, failed or cancelled")))
         .transpose()?;
-    let kind = q.kind.as_deref().map(|k| k.parse().map_err(|_| invalid("kind", "must be pdf or image"))).transpose()?;
+    let kind = match q.kind.as_deref() {
+        None => None,
+        // A kind this process never saw has no jobs here (and allocates nothing).
+        Some(k) => match JobKind::known(k) {
+            Some(kind) => Some(kind),
+            None => {
+                let known: Vec<&str> = JobKind::all().iter().map(|k| k.as_str()).collect();
+                return Err(invalid("kind", &format!("must be a kind of this service: {}", known.join(", "))));
+            }
+        },
+    };
     let limit = match q.limit.as_deref() {
         None => DEFAULT_LIST,
         Some(l) => match l.parse::<usize>() {

@@ -7,12 +7,10 @@ mod analytics;
 mod deadline;
 mod errors;
 mod health;
-mod images;
 mod jobs;
 mod metrics;
 pub mod openapi;
-mod pdf;
-mod submit;
+pub mod submit;
 mod webhook_secret;
 
 use std::path::Path;
@@ -25,9 +23,8 @@ use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
 use actix_web::{guard, web, HttpRequest, HttpResponse};
 
 pub use analytics::AnalyticsLimits;
-pub use deadline::{body_deadline, BodyBudget, BodyPermit, BodyTimeout};
-pub use errors::ApiError;
-pub use images::UploadLimits;
+pub use deadline::{body_deadline, is_timeout, BodyBudget, BodyPermit, BodyTimeout};
+pub use errors::{ApiError, InvalidInput};
 
 use crate::error::{code_for_status, ErrorBody};
 
@@ -48,7 +45,8 @@ impl Verb {
         }
     }
 
-    fn route(self) -> actix_web::Route {
+    /// An actix route for this method (`Get` answers HEAD too).
+    pub fn route(self) -> actix_web::Route {
         match self {
             Verb::Get => get_or_head(),
             Verb::Post => web::post(),
@@ -57,11 +55,26 @@ impl Verb {
     }
 }
 
-/// Every route the service answers, with its methods: the one list [`configure`] registers (with
-/// each resource's `405` and `Allow` built from it) and the OpenAPI document is checked against.
+/// What a kind adds to the HTTP API: its routes, what its handlers extract, its OpenAPI paths.
+pub struct KindRoutes {
+    pub routes: Vec<KindRoute>,
+    /// Adds the kind's app data (its limits, the kind itself) to each HTTP worker's app.
+    pub app_data: std::sync::Arc<dyn Fn(&mut web::ServiceConfig) + Send + Sync>,
+    /// The kind's paths and schemas, merged into the served document.
+    pub openapi: utoipa::openapi::OpenApi,
+}
+
+/// One route of a kind: its path, its methods, and the handler of each method.
+pub struct KindRoute {
+    pub path: &'static str,
+    pub verbs: &'static [Verb],
+    pub handler: fn(Verb) -> actix_web::Route,
+}
+
+/// Every route of the engine, with its methods: what [`configure`] registers (with each
+/// resource's `405` and `Allow` built from it) beside the kinds' routes, and what the OpenAPI
+/// document is checked against.
 pub const ROUTES: &[(&str, &[Verb])] = &[
-    ("/generate-pdf", &[Verb::Post]),
-    ("/images", &[Verb::Post]),
     ("/jobs", &[Verb::Get]),
     ("/jobs/{id}", &[Verb::Get, Verb::Delete]),
     ("/jobs/{id}/result", &[Verb::Get]),
@@ -79,8 +92,6 @@ pub const ROUTES: &[(&str, &[Verb])] = &[
 fn handler(path: &str, verb: Verb) -> actix_web::Route {
     let route = verb.route();
     match (path, verb) {
-        ("/generate-pdf", Verb::Post) => route.to(pdf::generate_pdf),
-        ("/images", Verb::Post) => route.to(images::upload_images),
         ("/jobs", Verb::Get) => route.to(jobs::list_jobs),
         ("/jobs/{id}", Verb::Get) => route.to(jobs::get_job),
         ("/jobs/{id}", Verb::Delete) => route.to(jobs::cancel_job),
@@ -98,11 +109,28 @@ fn handler(path: &str, verb: Verb) -> actix_web::Route {
     }
 }
 
-/// Registers every route of [`ROUTES`]. `json_limit` bounds JSON bodies; `static_dir` holds the
-/// browser page.
-pub fn configure(cfg: &mut web::ServiceConfig, json_limit: usize, static_dir: &Path) {
+/// Every route served: the engine's and the kinds'.
+pub fn table(kinds: &[KindRoutes]) -> Vec<(&'static str, &'static [Verb])> {
+    let of_kinds = kinds.iter().flat_map(|k| k.routes.iter().map(|r| (r.path, r.verbs)));
+    ROUTES.iter().copied().chain(of_kinds).collect()
+}
+
+/// Registers every route of [`ROUTES`] and of `kinds`. `json_limit` bounds JSON bodies;
+/// `static_dir` holds the browser page.
+pub fn configure(cfg: &mut web::ServiceConfig, json_limit: usize, static_dir: &Path, kinds: &[KindRoutes]) {
     let static_root = std::sync::Arc::new(static_dir.to_path_buf());
     cfg.app_data(json_config(json_limit)).app_data(web::QueryConfig::default().error_handler(query_error));
+    for kind in kinds {
+        (kind.app_data)(cfg);
+        for route in &kind.routes {
+            let mut resource = web::resource(route.path);
+            for &verb in route.verbs {
+                resource = resource.route((route.handler)(verb));
+            }
+            let allow = allow_of(route.path, route.verbs);
+            cfg.service(resource.default_service(web::to(move || not_allowed(allow))));
+        }
+    }
     for &(path, verbs) in ROUTES {
         let mut resource = web::resource(path);
         for &verb in verbs {
@@ -120,26 +148,35 @@ pub fn configure(cfg: &mut web::ServiceConfig, json_limit: usize, static_dir: &P
     .default_service(web::to(move |req: HttpRequest| fallback(req, static_root.clone())));
 }
 
-/// The `Allow` header of a route: its methods, HEAD with GET (but not on the WebSocket).
+/// The `Allow` header of an engine route: its methods, HEAD with GET (but not on the WebSocket).
 fn allow_header(path: &str) -> &'static str {
     static ALLOWS: std::sync::OnceLock<Vec<(&'static str, &'static str)>> = std::sync::OnceLock::new();
-    let allows = ALLOWS.get_or_init(|| {
-        ROUTES
-            .iter()
-            .map(|&(path, verbs)| {
-                let mut names = Vec::new();
-                for verb in verbs {
-                    names.push(verb.as_str());
-                    if *verb == Verb::Get && path != "/ws" {
-                        names.push("HEAD");
-                    }
-                }
-                // Built once per process (not per HTTP worker), so a leak of a few bytes each.
-                (path, &*Box::leak(names.join(", ").into_boxed_str()))
-            })
-            .collect()
-    });
+    let allows = ALLOWS.get_or_init(|| ROUTES.iter().map(|&(path, verbs)| (path, allow_text(path, verbs))).collect());
     allows.iter().find(|(p, _)| *p == path).map_or("GET", |(_, allow)| allow)
+}
+
+/// The `Allow` header of a kind's route, built once per process and path.
+fn allow_of(path: &'static str, verbs: &'static [Verb]) -> &'static str {
+    static ALLOWS: std::sync::Mutex<Vec<(&'static str, &'static str)>> = std::sync::Mutex::new(Vec::new());
+    let mut allows = ALLOWS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, allow)) = allows.iter().find(|(p, _)| *p == path) {
+        return allow;
+    }
+    let allow = allow_text(path, verbs);
+    allows.push((path, allow));
+    allow
+}
+
+/// Methods as an `Allow` value. Leaked: one short string per route and process.
+fn allow_text(path: &str, verbs: &[Verb]) -> &'static str {
+    let mut names = Vec::new();
+    for verb in verbs {
+        names.push(verb.as_str());
+        if *verb == Verb::Get && path != "/ws" {
+            names.push("HEAD");
+        }
+    }
+    Box::leak(names.join(", ").into_boxed_str())
 }
 
 /// A GET route that answers HEAD the same way (without the body, as HTTP wants).

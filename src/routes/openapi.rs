@@ -8,8 +8,6 @@
 //! (`scripts/test.sh`) drives the real service from the document and checks every answer against
 //! it.
 
-use std::sync::OnceLock;
-
 use actix_web::HttpResponse;
 use serde_json::Value;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -144,107 +142,10 @@ pub struct AcceptedJobs {
     jobs: Vec<Job>,
 }
 
-/// A document to render as PDF. Unknown fields are refused.
-#[derive(ToSchema)]
-#[serde(deny_unknown_fields)]
-#[schema(example = json!({
-    "title": "Quarterly report",
-    "subtitle": "Q3",
-    "paragraphs": ["Sales went up this quarter."],
-    "table": {"columns": ["Item", "Qty", "Price"], "rows": [["Widget", 3, 9.99], ["Gadget", 1, 24.5]]},
-    "page_size": "A4"
-}))]
-#[allow(dead_code)]
-pub struct Document {
-    /// 1 to 500 characters, not only spaces or control characters.
-    #[schema(min_length = 1, max_length = 500, pattern = "[^\\s\\u0000-\\u001f\\u007f-\\u009f]")]
-    title: String,
-    /// Up to 2,000 characters.
-    #[schema(max_length = 2000)]
-    subtitle: Option<String>,
-    /// Wrapped to the page width; `\n` breaks a line. Up to 10,000 paragraphs of 100,000 characters.
-    #[schema(max_items = 10000)]
-    paragraphs: Option<Vec<String>>,
-    table: Option<Table>,
-    /// `A4` (default) or `Letter`.
-    page_size: Option<PageSize>,
-    /// POSTed the final job object when the job ends (public http(s) addresses only).
-    #[schema(format = "uri")]
-    callback_url: Option<String>,
-}
-
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub enum PageSize {
-    A4,
-    Letter,
-}
-
-/// A table: a header row and rows of at most as many cells.
-#[derive(ToSchema)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-pub struct Table {
-    #[schema(min_items = 1, max_items = 50)]
-    columns: Vec<Cell>,
-    #[schema(max_items = 100000)]
-    rows: Option<Vec<Vec<Cell>>>,
-}
-
-/// A cell: text (up to `--max-cell-chars`, default 1,000), or a number, boolean or null printed
-/// as text.
-pub struct Cell;
-
-impl utoipa::PartialSchema for Cell {
-    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        by_hand(serde_json::json!({
-            "description": "Text (up to `--max-cell-chars`, default 1,000), or a number, boolean or null printed as text.",
-            "oneOf": [
-                {"type": "string", "maxLength": 1000},
-                {"type": "number"},
-                {"type": "boolean"},
-                {"type": "null"}
-            ]
-        }))
-    }
-}
-
-impl ToSchema for Cell {}
-
 /// A schema written as JSON, for what the derive cannot say.
-fn by_hand(schema: Value) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+pub fn by_hand(schema: Value) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
     utoipa::openapi::RefOr::T(serde_json::from_value(schema).expect("a valid schema"))
 }
-
-/// `POST /images`: one or more files and how to process them (multipart/form-data).
-pub struct ImageUpload;
-
-impl utoipa::PartialSchema for ImageUpload {
-    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        by_hand(serde_json::json!({
-            "type": "object",
-            "required": ["file"],
-            "properties": {
-                "file": {
-                    "description": "The images (PNG, JPEG, GIF, WebP, BMP or TIFF, detected from the bytes), up to `--max-files` (default 100).",
-                    "type": "array",
-                    "minItems": 1,
-                    "maxItems": 100,
-                    "items": {"type": "string", "contentMediaType": "application/octet-stream"}
-                },
-                "ops": {
-                    "description": "A JSON array of operations, applied in order, e.g. `[{\"op\": \"thumbnail\", \"size\": 256}]`: `thumbnail{size}`, `resize{width?, height?}`, `crop{x, y, width, height}`, `rotate{degrees: 90|180|270}`, `flip{axis: horizontal|vertical}`, `grayscale`, `blur{sigma: 0.1-100}`, `brighten{value: -255-255}`, `contrast{value: -100-100}`; at most 32. Default `[{\"op\": \"thumbnail\", \"size\": 256}]`.",
-                    "type": "string",
-                    "contentMediaType": "application/json"
-                },
-                "format": {"description": "The output format (default png).", "type": "string", "enum": ["png", "jpeg", "webp"]},
-                "callback_url": {"description": "POSTed each job's final object when it ends.", "type": "string", "format": "uri"}
-            }
-        }))
-    }
-}
-
-impl ToSchema for ImageUpload {}
 
 /// An analytics event.
 #[derive(ToSchema)]
@@ -360,8 +261,6 @@ impl Modify for BearerKeys {
                        needs `Authorization: Bearer KEY` (401 otherwise), and a key sees only its own jobs."
     ),
     paths(
-        super::pdf::generate_pdf,
-        super::images::upload_images,
         super::jobs::list_jobs,
         super::jobs::get_job,
         super::jobs::cancel_job,
@@ -380,14 +279,23 @@ impl Modify for BearerKeys {
 )]
 pub struct ApiDoc;
 
-/// The document, built once.
-pub fn spec() -> &'static Value {
-    static SPEC: OnceLock<Value> = OnceLock::new();
-    SPEC.get_or_init(|| {
-        let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the OpenAPI document serializes");
+/// The served document: the engine's paths and each kind's, built once per application.
+pub struct Spec(Value);
+
+impl Spec {
+    pub fn build(kinds: impl IntoIterator<Item = utoipa::openapi::OpenApi>) -> Spec {
+        let mut doc = ApiDoc::openapi();
+        for fragment in kinds {
+            doc.merge(fragment);
+        }
+        let mut doc = serde_json::to_value(doc).expect("the OpenAPI document serializes");
         camel_case_links(&mut doc);
-        doc
-    })
+        Spec(doc)
+    }
+
+    pub fn json(&self) -> &Value {
+        &self.0
+    }
 }
 
 /// utoipa 5.5 writes the fields of Link objects in snake case (`operation_id`); OpenAPI names
@@ -425,6 +333,6 @@ fn camel_case_links(value: &mut Value) {
         (status = 401, description = "With `--api-keys`: no valid key", body = ErrorResponse),
     )
 )]
-pub async fn document(_caller: crate::access::Caller) -> HttpResponse {
-    HttpResponse::Ok().insert_header(("cache-control", "private, max-age=300")).json(spec())
+pub async fn document(_caller: crate::access::Caller, spec: actix_web::web::Data<Spec>) -> HttpResponse {
+    HttpResponse::Ok().insert_header(("cache-control", "private, max-age=300")).json(spec.json())
 }

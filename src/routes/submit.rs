@@ -1,4 +1,4 @@
-//! What both submit routes share: the `Idempotency-Key` header, the request's fingerprint, the
+//! What every submit route shares: the `Idempotency-Key` header, the request's fingerprint, the
 //! replay of a key already seen, and the hand-off to the Dispatcher.
 
 use std::sync::Arc;
@@ -12,7 +12,8 @@ use super::BodyPermit;
 use crate::access::Caller;
 use crate::dispatch::{Dispatcher, Submit, Submitted};
 use crate::domain::callback::CallbackUrl;
-use crate::domain::{JobPayload, PayloadRecord};
+use crate::domain::PayloadRecord;
+use crate::kind::NewWork;
 use crate::store::{IdempotencyKey, JobStore};
 
 /// The request header naming an idempotency key.
@@ -62,7 +63,7 @@ pub async fn submit(
     req: &HttpRequest,
     caller: Caller,
     permit: &BodyPermit,
-    payloads: Vec<JobPayload>,
+    payloads: Vec<NewWork>,
     callback: Option<CallbackUrl>,
     store: &Arc<dyn JobStore>,
     dispatcher: &Addr<Dispatcher>,
@@ -75,7 +76,7 @@ pub async fn submit(
     });
     // Only a durable store or a key needs the stored form of the payloads.
     let records: Vec<PayloadRecord> = if store.durable() || key.is_some() {
-        payloads.iter().map(JobPayload::encode).collect()
+        payloads.iter().map(|p| p.runner.encode(&p.input)).collect()
     } else {
         payloads.iter().map(|_| PayloadRecord { spec: Vec::new(), data: None }).collect()
     };
@@ -83,7 +84,7 @@ pub async fn submit(
         None => (records, None),
         Some(key) => {
             // Hashing an upload's bytes and reading the store: off the event loop.
-            let kinds: Vec<&'static str> = payloads.iter().map(|p| p.kind().as_str()).collect();
+            let kinds: Vec<&'static str> = payloads.iter().map(NewWork::name).collect();
             let (store, callback, held) = (store.clone(), callback.clone(), permit.clone());
             let (records, key, known) = web::block(move || {
                 let _held = held;

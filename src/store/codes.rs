@@ -1,10 +1,10 @@
 //! How job fields are written in a database, the same for every store that keeps jobs in one
-//! (the embedded SQLite store and PostgreSQL): small integer codes for statuses and kinds,
+//! (the embedded SQLite store and PostgreSQL): small integer codes for statuses, kinds by name,
 //! microseconds since the Unix epoch for times, ids packed as 16-byte runs.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::job::{JobId, JobKind, JobStatus};
+use crate::job::{JobId, JobStatus};
 
 pub fn status_code(s: JobStatus) -> i64 {
     match s {
@@ -25,21 +25,6 @@ pub fn status_of(code: i64) -> Option<JobStatus> {
         4 => JobStatus::Cancelled,
         _ => return None,
     })
-}
-
-pub fn kind_code(k: JobKind) -> i64 {
-    match k {
-        JobKind::Pdf => 0,
-        JobKind::Image => 1,
-    }
-}
-
-pub fn kind_of(code: i64) -> Option<JobKind> {
-    match code {
-        0 => Some(JobKind::Pdf),
-        1 => Some(JobKind::Image),
-        _ => None,
-    }
 }
 
 pub fn micros(t: SystemTime) -> i64 {

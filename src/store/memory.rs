@@ -8,12 +8,12 @@ use std::time::SystemTime;
 use bytes::Bytes;
 
 use super::{
-    apply_final, kind_index, ready, result_too_large, CancelOutcome, Claimed, Final, IdempotencyKey, Inserted,
-    JobStore, ListFilter, NewJob, OwedWebhook, Pending, ResultBody, Retention, StatusCounts, StoreError, StoreStats,
+    apply_final, ready, result_too_large, CancelOutcome, Claimed, Final, IdempotencyKey, Inserted, JobStore,
+    ListFilter, NewJob, OwedWebhook, Pending, ResultBody, Retention, StatusCounts, StoreError, StoreStats,
 };
-use crate::domain::JobPayload;
 use crate::error::ErrorBody;
 use crate::job::{Job, JobId, JobKind, JobStatus, Owner, ResultMeta};
+use crate::kind::{Input, Work};
 
 pub struct MemoryStore {
     inner: Mutex<Inner>,
@@ -27,7 +27,7 @@ struct Inner {
     /// Next creation sequence number.
     next_seq: u64,
     /// Queued ids per kind, oldest first; may hold ids that were cancelled meanwhile.
-    queues: [VecDeque<JobId>; 2],
+    queues: std::collections::HashMap<JobKind, VecDeque<JobId>>,
     /// Finished ids in the order they finished, for TTL and budget eviction.
     finished: VecDeque<JobId>,
     /// Idempotency keys → (fingerprint, the jobs created), forgotten with the first job.
@@ -40,7 +40,7 @@ struct Entry {
     job: Job,
     seq: u64,
     /// The work description, until a worker takes it, with its weight.
-    payload: Option<(JobPayload, usize)>,
+    payload: Option<(Input, usize)>,
     /// The result bytes once succeeded.
     result: Option<Bytes>,
     /// The key this job was created under (to forget it with the job).
@@ -56,7 +56,7 @@ impl MemoryStore {
                 entries: HashMap::new(),
                 by_creation: BTreeMap::new(),
                 next_seq: 0,
-                queues: [VecDeque::new(), VecDeque::new()],
+                queues: Default::default(),
                 finished: VecDeque::new(),
                 keys: HashMap::new(),
                 stats: StoreStats::default(),
@@ -72,12 +72,12 @@ impl MemoryStore {
 }
 
 impl Inner {
-    fn drop_payload(&mut self, id: JobId) -> Option<JobPayload> {
+    fn drop_payload(&mut self, id: JobId) -> Option<Input> {
         let entry = self.entries.get_mut(&id)?;
         self.stats.queued_bytes -= std::mem::take(&mut entry.claimed_weight);
         let (payload, weight) = entry.payload.take()?;
         self.stats.queued_bytes -= weight;
-        self.stats.queued[kind_index(entry.job.kind)] -= 1;
+        *self.stats.queued.slot(entry.job.kind) -= 1;
         Some(payload)
     }
 
@@ -149,10 +149,10 @@ impl JobStore for MemoryStore {
             let id = new.job.id;
             let seq = s.next_seq;
             s.next_seq += 1;
-            s.queues[kind_index(new.job.kind)].push_back(id);
+            s.queues.entry(new.job.kind).or_default().push_back(id);
             s.by_creation.insert(seq, id);
             s.stats.queued_bytes += new.weight;
-            s.stats.queued[kind_index(new.job.kind)] += 1;
+            *s.stats.queued.slot(new.job.kind) += 1;
             s.stats.by_status.queued += 1;
             created.push(new.job.clone());
             let entry = Entry {
@@ -173,7 +173,7 @@ impl JobStore for MemoryStore {
 
     fn claim(&self, kind: JobKind) -> Option<Pending<Option<Claimed>>> {
         let mut s = self.lock();
-        while let Some(id) = s.queues[kind_index(kind)].pop_front() {
+        while let Some(id) = s.queues.entry(kind).or_default().pop_front() {
             let still_queued = s.entries.get(&id).is_some_and(|e| e.job.status == JobStatus::Queued);
             if !still_queued {
                 continue;
@@ -186,7 +186,7 @@ impl JobStore for MemoryStore {
             entry.claimed_weight = weight;
             entry.job.claim();
             let job = entry.job.clone();
-            return Some(ready(Ok(Some(Claimed { job, payload }))));
+            return Some(ready(Ok(Some(Claimed { job, work: Work::Ready(payload) }))));
         }
         None
     }
@@ -306,7 +306,7 @@ impl JobStore for MemoryStore {
     }
 
     fn stats(&self) -> StoreStats {
-        self.lock().stats
+        self.lock().stats.clone()
     }
 
     fn counts(&self, owner: Owner) -> Result<StatusCounts, StoreError> {
@@ -336,16 +336,20 @@ mod tests {
     use futures::executor::block_on;
 
     use super::*;
-    use crate::domain::pdf::DocumentSpec;
+    use crate::domain::PayloadRecord;
 
     fn store(ttl_secs: u64, result_bytes: usize, finished_jobs: usize) -> MemoryStore {
         MemoryStore::new(Retention { ttl: Duration::from_secs(ttl_secs), result_bytes, finished_jobs })
     }
 
     fn new_job(now: SystemTime) -> NewJob {
-        let payload = JobPayload::Pdf(DocumentSpec::titled("t"));
-        let record = payload.encode();
-        NewJob { job: Job::new(JobId::random(), JobKind::Pdf, now), payload, record, weight: 100 }
+        let record = PayloadRecord { spec: b"t".to_vec(), data: None };
+        NewJob {
+            job: Job::new(JobId::random(), JobKind::named("pdf").unwrap(), now),
+            payload: Input::new(()),
+            record,
+            weight: 100,
+        }
     }
 
     fn add(s: &MemoryStore, now: SystemTime) -> JobId {
@@ -360,7 +364,7 @@ mod tests {
     }
 
     fn claim(s: &MemoryStore) -> Job {
-        let mut job = block_on(s.claim(JobKind::Pdf).expect("a queued job")).unwrap().unwrap().job;
+        let mut job = block_on(s.claim(JobKind::named("pdf").unwrap()).expect("a queued job")).unwrap().unwrap().job;
         assert!(block_on(s.start(job.id, job.attempts, SystemTime::now())).unwrap());
         job.start(SystemTime::now());
         job
@@ -381,10 +385,10 @@ mod tests {
         assert_eq!(s.stats().queued_bytes, 300);
         block_on(s.cancel(b, ErrorBody::new("cancelled", "test"))).unwrap();
         assert_eq!(s.stats().queued_bytes, 200, "a cancelled job's payload is dropped at once");
-        assert_eq!(s.stats().queued(JobKind::Pdf), 2);
+        assert_eq!(s.stats().queued(JobKind::named("pdf").unwrap()), 2);
         assert_eq!(claim(&s).id, a);
         assert_eq!(claim(&s).id, c);
-        assert!(s.claim(JobKind::Pdf).is_none());
+        assert!(s.claim(JobKind::named("pdf").unwrap()).is_none());
         assert_eq!(s.stats().queued_bytes, 0);
         assert_eq!(counts(&s).running, 2);
     }

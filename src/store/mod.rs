@@ -27,9 +27,10 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 
 use crate::domain::callback::CallbackUrl;
-use crate::domain::{JobPayload, PayloadRecord};
+use crate::domain::PayloadRecord;
 use crate::error::ErrorBody;
 use crate::job::{Job, JobId, JobKind, JobStatus, Owner, ResultMeta};
+use crate::kind::{Input, Work};
 
 pub use memory::MemoryStore;
 pub use postgres::{PgOptions, PgStore};
@@ -57,7 +58,7 @@ pub enum StoreError {
 /// A job to create, with its payload in both forms: as the worker needs it and as stored.
 pub struct NewJob {
     pub job: Job,
-    pub payload: JobPayload,
+    pub payload: Input,
     pub record: PayloadRecord,
     /// Approximate bytes the payload holds while queued (the queued-bytes budget).
     pub weight: usize,
@@ -84,7 +85,7 @@ pub enum Inserted {
 /// it ([`JobStore::start`]).
 pub struct Claimed {
     pub job: Job,
-    pub payload: JobPayload,
+    pub work: Work,
 }
 
 /// How a run ended, as the Dispatcher reports it.
@@ -181,12 +182,42 @@ impl StatusCounts {
     }
 }
 
+/// A count per kind: a few entries, found by name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KindCounts(Vec<(JobKind, usize)>);
+
+impl KindCounts {
+    pub fn get(&self, kind: JobKind) -> usize {
+        self.0.iter().find(|(k, _)| *k == kind).map_or(0, |(_, n)| *n)
+    }
+
+    /// The count of `kind`, created at 0.
+    pub fn slot(&mut self, kind: JobKind) -> &mut usize {
+        let at = match self.0.iter().position(|(k, _)| *k == kind) {
+            Some(at) => at,
+            None => {
+                self.0.push((kind, 0));
+                self.0.len() - 1
+            }
+        };
+        &mut self.0[at].1
+    }
+
+    pub fn total(&self) -> usize {
+        self.0.iter().map(|(_, n)| n).sum()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (JobKind, usize)> + '_ {
+        self.0.iter().copied()
+    }
+}
+
 /// Counters kept in memory by every store, for admission, metrics and `GET /jobs`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StoreStats {
     pub by_status: StatusCounts,
-    /// Jobs waiting for a worker, per kind ([`JobKind::ALL`] order).
-    pub queued: [usize; 2],
+    /// Jobs waiting for a worker, per kind.
+    pub queued: KindCounts,
     /// Bytes held by the payloads of queued jobs.
     pub queued_bytes: usize,
     /// Bytes of stored results.
@@ -197,14 +228,7 @@ pub struct StoreStats {
 
 impl StoreStats {
     pub fn queued(&self, kind: JobKind) -> usize {
-        self.queued[kind_index(kind)]
-    }
-}
-
-pub(crate) fn kind_index(kind: JobKind) -> usize {
-    match kind {
-        JobKind::Pdf => 0,
-        JobKind::Image => 1,
+        self.queued.get(kind)
     }
 }
 

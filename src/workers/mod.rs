@@ -1,11 +1,9 @@
-//! The worker side: the actor hosted by each `SyncArbiter` pool, the context a running job uses to
+//! The worker side: the actor hosted by each `SyncArbiter` pool (one pool per kind, running that
+//! kind's [`Runner`]), the context a running job uses to
 //! report progress and notice cancellation, and the panic boundary around every job.
 //!
 //! A worker never waits on anything but its own work: it reports to the Dispatcher with
 //! `do_send` (fire and forget) and checks its job's control flag between steps.
-
-pub mod image;
-pub mod pdf;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -16,10 +14,9 @@ use actix::prelude::*;
 use bytes::Bytes;
 
 use crate::configuration::WorkerSched;
-use crate::domain::pdf::RenderBudget;
-use crate::domain::JobPayload;
 use crate::error::ErrorBody;
 use crate::job::JobId;
+use crate::kind::{Runner, Work};
 
 /// Hand a job to a pool. Sent by the Dispatcher only when a worker is free, so the pool's own
 /// (unbounded) mailbox never holds more than one message per thread.
@@ -27,7 +24,8 @@ pub struct Execute {
     pub id: JobId,
     /// The attempt this run is (the job's `attempts` once claimed): the start hook notes it.
     pub attempt: u32,
-    pub payload: JobPayload,
+    /// Its input, as accepted here or as stored.
+    pub work: Work,
     /// Shared with the Dispatcher, which raises it on cancel, timeout or shutdown.
     pub control: JobControl,
     /// The worker gives up at its next checkpoint past this instant.
@@ -157,12 +155,11 @@ impl JobContext {
 /// and attempt where a crash of the process cannot lose them (see `store::sqlite::StartLog`).
 pub type StartHook = Arc<dyn Fn(JobId, u32) + Send + Sync>;
 
-/// The actor each pool thread runs. Stateless: all job state lives with the Dispatcher and
-/// the store.
+/// The actor each pool thread runs: one kind's runner. Stateless: all job state lives with the
+/// Dispatcher and the store.
 pub struct JobWorker {
     on_start: Option<StartHook>,
-    /// What one PDF may render to (bounds a PDF job's memory).
-    pdf_budget: RenderBudget,
+    runner: Arc<dyn Runner>,
 }
 
 impl JobWorker {
@@ -176,11 +173,11 @@ impl JobWorker {
         nice: i32,
         sched: WorkerSched,
         on_start: Option<StartHook>,
-        pdf_budget: RenderBudget,
+        runner: Arc<dyn Runner>,
     ) -> Self {
         crate::process::name_thread(name);
         crate::process::lower_priority(nice, sched);
-        JobWorker { on_start, pdf_budget }
+        JobWorker { on_start, runner }
     }
 }
 
@@ -192,7 +189,7 @@ impl Handler<Execute> for JobWorker {
     type Result = ();
 
     fn handle(&mut self, msg: Execute, _: &mut SyncContext<Self>) {
-        let Execute { id, attempt, payload, control, deadline, events } = msg;
+        let Execute { id, attempt, work, control, deadline, events } = msg;
         let started = Instant::now();
         let mut job = JobContext { id, control, deadline, events: Some(events.clone()), last_progress: None };
         let outcome = match job.checkpoint() {
@@ -202,18 +199,11 @@ impl Handler<Execute> for JobWorker {
                     hook(id, attempt);
                 }
                 events.do_send(WorkerEvent::Started { id });
-                let budget = self.pdf_budget;
-                run_guarded(|| execute(payload, budget, &mut job))
+                let runner = &self.runner;
+                run_guarded(|| runner.run(work, &mut job))
             }
         };
         events.do_send(WorkerEvent::Finished { id, outcome, elapsed: started.elapsed() });
-    }
-}
-
-fn execute(payload: JobPayload, budget: RenderBudget, job: &mut JobContext) -> Outcome {
-    match payload {
-        JobPayload::Pdf(spec) => pdf::render(&spec, budget, job),
-        JobPayload::Image(task) => image::process(&task, job),
     }
 }
 

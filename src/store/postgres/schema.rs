@@ -12,13 +12,13 @@
 use tokio_postgres::Client;
 
 /// The schema this binary writes.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// The advisory lock migrations hold (any constant no other application on the database uses).
 const MIGRATION_LOCK: i64 = 0x6f66_666c_6f61_6401; // "offload" + 1
 
 /// Migration `n` takes the schema from version `n` to `n + 1`.
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     r#"
 CREATE TABLE offload_jobs (
     seq BIGSERIAL PRIMARY KEY,          -- creation order; never reused
@@ -74,6 +74,11 @@ CREATE INDEX offload_idempotency_by_job ON offload_idempotency (first_seq);
     // Per-key webhook secrets: an owed webhook keeps its job's owner (the job may expire first).
     r#"
 ALTER TABLE offload_webhooks ADD COLUMN owner BYTEA;
+"#,
+    // Kinds by name: the store knows no kind (0 and 1 were pdf and image).
+    r#"
+ALTER TABLE offload_jobs ALTER COLUMN kind TYPE TEXT
+    USING CASE kind WHEN 0 THEN 'pdf' WHEN 1 THEN 'image' ELSE 'unknown-' || kind::text END;
 "#,
 ];
 

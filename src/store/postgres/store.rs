@@ -36,15 +36,14 @@ use super::batch;
 use super::conn::{unavailable, Conns};
 use super::notice::{self, Notice, CHANNEL};
 use crate::domain::callback::{CallbackPolicy, CallbackUrl};
-use crate::domain::{JobPayload, PayloadRecord};
+use crate::domain::PayloadRecord;
 use crate::error::ErrorBody;
 use crate::job::{Job, JobId, JobKind, JobStatus, Owner, ResultMeta};
-use crate::store::codes::{
-    content_type, kind_code, kind_of, micros, pack_ids, status_code, status_of, time_of, unpack_ids,
-};
+use crate::kind::Work;
+use crate::store::codes::{content_type, micros, pack_ids, status_code, status_of, time_of, unpack_ids};
 use crate::store::{
-    apply_final, kind_index, CancelOutcome, Claimed, Final, IdempotencyKey, Inserted, JobStore, ListFilter, NewJob,
-    OwedWebhook, Pending, ResultBody, ResultReader, StatusCounts, StoreError, StoreEvents, StoreStats,
+    apply_final, CancelOutcome, Claimed, Final, IdempotencyKey, Inserted, JobStore, ListFilter, NewJob, OwedWebhook,
+    Pending, ResultBody, ResultReader, StatusCounts, StoreError, StoreEvents, StoreStats,
 };
 
 /// How a [`PgStore`] is set up.
@@ -127,7 +126,7 @@ struct Inner {
 #[derive(Default)]
 struct State {
     /// Queued jobs no instance holds, per kind, as last counted (plus what this instance added).
-    claimable: [usize; 2],
+    claimable: crate::store::KindCounts,
     /// Jobs this instance claimed (then started), as they are in the database: an end is
     /// written from this, in one statement.
     held: HashMap<JobId, Held>,
@@ -354,8 +353,8 @@ impl Inner {
         } else {
             (live.await?, None)
         };
-        let mut queued = [0usize; 2];
-        let (mut queued_bytes, mut claimable) = (0, [0usize; 2]);
+        let mut queued = crate::store::KindCounts::default();
+        let (mut queued_bytes, mut claimable) = (0, crate::store::KindCounts::default());
         let (mut queued_n, mut running_n) = (0, 0);
         let mut owners: HashMap<Owner, usize> = HashMap::new();
         for row in live {
@@ -368,17 +367,17 @@ impl Inner {
             }
             if status == JobStatus::Queued {
                 queued_n += n;
-                queued[kind_index(kind)] += n;
+                *queued.slot(kind) += n;
                 queued_bytes += row.get::<_, i64>(5) as usize;
                 if free {
-                    claimable[kind_index(kind)] += n;
+                    *claimable.slot(kind) += n;
                 }
             } else {
                 running_n += n;
             }
         }
         let wake = self.with_state(|s| {
-            let more = claimable.iter().zip(&s.claimable).any(|(now, before)| now > before);
+            let more = claimable.iter().any(|(kind, now)| now > s.claimable.get(kind));
             s.claimable = claimable;
             s.owners = owners;
             let stats = &mut s.stats;
@@ -444,7 +443,8 @@ impl Inner {
             clauses.push(format!("status = {}", status_code(s)));
         }
         if let Some(k) = filter.kind {
-            clauses.push(format!("kind = {}", kind_code(k)));
+            // Kind names are letters, digits, `-` and `_` (checked when named): safe as a literal.
+            clauses.push(format!("kind = '{}'", k.as_str()));
         }
         let owner = filter.owner.map(|o| o.to_bytes().to_vec());
         if owner.is_some() {
@@ -517,7 +517,7 @@ impl JobStore for PgStore {
 
     fn claim(&self, kind: JobKind) -> Option<Pending<Option<Claimed>>> {
         let any = self.inner.with_state(|s| {
-            let slot = &mut s.claimable[kind_index(kind)];
+            let slot = s.claimable.slot(kind);
             let any = *slot > 0;
             *slot = slot.saturating_sub(1);
             any
@@ -678,7 +678,7 @@ impl JobStore for PgStore {
     }
 
     fn stats(&self) -> StoreStats {
-        self.inner.with_state(|s| s.stats)
+        self.inner.with_state(|s| s.stats.clone())
     }
 
     fn owner_pending(&self, owner: Owner) -> Option<usize> {

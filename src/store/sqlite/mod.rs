@@ -33,13 +33,13 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::oneshot;
 
 use super::{
-    kind_index, ready, CancelOutcome, Claimed, Final, IdempotencyKey, Inserted, JobStore, ListFilter, NewJob,
-    OwedWebhook, Pending, ResultBody, ResultReader, StatusCounts, StoreError, StoreStats,
+    ready, CancelOutcome, Claimed, Final, IdempotencyKey, Inserted, JobStore, ListFilter, NewJob, OwedWebhook, Pending,
+    ResultBody, ResultReader, StatusCounts, StoreError, StoreStats,
 };
 use crate::domain::callback::{CallbackPolicy, CallbackUrl};
-use crate::domain::JobPayload;
 use crate::error::ErrorBody;
 use crate::job::{Job, JobId, JobKind, JobStatus, Owner, ResultMeta};
+use crate::kind::{Input, Work};
 pub use startlog::{StartLog, Starts};
 use writer::Op;
 
@@ -127,7 +127,7 @@ pub(crate) struct Live {
 /// The in-memory queue and counters.
 pub(crate) struct State {
     /// Queued ids per kind, oldest first; an id without a `waiting` entry is skipped.
-    queues: [VecDeque<JobId>; 2],
+    queues: HashMap<JobKind, VecDeque<JobId>>,
     /// Jobs cut off by the last process's death, oldest first: each runs alone (see
     /// [`JobStore::claim_suspect`]).
     suspects: VecDeque<JobId>,
@@ -149,7 +149,7 @@ pub(crate) struct Waiting {
     pub(crate) seq: i64,
     pub(crate) weight: usize,
     /// The payload and the job, for jobs accepted by this process (a claim needs no read).
-    pub(crate) payload: Option<JobPayload>,
+    pub(crate) payload: Option<Input>,
     pub(crate) job: Option<Job>,
     /// It was running when the last process died: it may be what killed it, so it runs alone.
     pub(crate) suspect: bool,
@@ -172,12 +172,12 @@ impl State {
         if w.suspect {
             &mut self.suspects
         } else {
-            &mut self.queues[kind_index(w.kind)]
+            self.queues.entry(w.kind).or_default()
         }
     }
 
     fn count_in(&mut self, w: &Waiting) {
-        self.stats.queued[kind_index(w.kind)] += 1;
+        *self.stats.queued.slot(w.kind) += 1;
         self.stats.queued_bytes += w.weight;
         self.stats.suspects += usize::from(w.suspect);
     }
@@ -186,7 +186,7 @@ impl State {
     pub(crate) fn pop_suspect(&mut self) -> Option<Waiting> {
         while let Some(id) = self.suspects.pop_front() {
             if let Some(w) = self.waiting.remove(&id) {
-                self.stats.queued[kind_index(w.kind)] -= 1;
+                *self.stats.queued.slot(w.kind) -= 1;
                 self.stats.suspects -= 1;
                 return Some(w);
             }
@@ -199,9 +199,9 @@ impl State {
     /// bytes stay counted: see
     /// [`State::claimed`], [`State::dropped`] and [`State::put_back`] for how the claim ends.
     pub(crate) fn pop_queued(&mut self, kind: JobKind) -> Option<Waiting> {
-        while let Some(id) = self.queues[kind_index(kind)].pop_front() {
+        while let Some(id) = self.queues.entry(kind).or_default().pop_front() {
             if let Some(w) = self.waiting.remove(&id) {
-                self.stats.queued[kind_index(kind)] -= 1;
+                *self.stats.queued.slot(kind) -= 1;
                 return Some(w);
             }
         }
@@ -225,7 +225,7 @@ impl State {
 
     /// The claim did not commit: the popped job is queued again, at the front.
     pub(crate) fn put_back(&mut self, w: Waiting) {
-        self.stats.queued[kind_index(w.kind)] += 1;
+        *self.stats.queued.slot(w.kind) += 1;
         self.stats.suspects += usize::from(w.suspect);
         self.queue_of(&w).push_front(w.id);
         self.waiting.insert(w.id, w);
@@ -258,7 +258,7 @@ impl State {
     /// A queued job was cancelled.
     pub(crate) fn forget_queued(&mut self, id: JobId) {
         if let Some(w) = self.waiting.remove(&id) {
-            self.stats.queued[kind_index(w.kind)] -= 1;
+            *self.stats.queued.slot(w.kind) -= 1;
             self.stats.queued_bytes -= w.weight;
             self.stats.suspects -= usize::from(w.suspect);
         }
@@ -279,7 +279,7 @@ impl Shared {
     }
 
     pub(crate) fn stats(&self) -> StoreStats {
-        self.with_state(|s| s.stats)
+        self.with_state(|s| s.stats.clone())
     }
 
     pub(crate) fn health(&self) -> Result<(), StoreError> {
@@ -342,7 +342,7 @@ impl Shared {
         self.with_state(|s| {
             s.stats = recovered.stats;
             // enqueue_back counts them in again.
-            s.stats.queued = [0; 2];
+            s.stats.queued = Default::default();
             s.stats.queued_bytes = 0;
             s.stats.suspects = 0;
             for w in recovered.queued {
@@ -456,7 +456,7 @@ impl SqliteStore {
             (Some(mut job), Some(payload)) => {
                 job.claim();
                 self.shared.with_state(|s| s.claimed(&waiting, job.attempts));
-                ready(Ok(Some(Claimed { job, payload })))
+                ready(Ok(Some(Claimed { job, work: Work::Ready(payload) })))
             }
             (_, payload) => {
                 waiting.payload = payload;
@@ -864,7 +864,8 @@ impl JobStore for SqliteStore {
             clauses.push(format!("status = {}", schema::status_code(s)));
         }
         if let Some(k) = filter.kind {
-            clauses.push(format!("kind = {}", schema::kind_code(k)));
+            // Kind names are letters, digits, `-` and `_` (checked when named): safe as a literal.
+            clauses.push(format!("kind = '{}'", k.as_str()));
         }
         if filter.owner.is_some() {
             clauses.push("owner = ?2".to_string());
@@ -994,7 +995,7 @@ mod tests {
     use futures::executor::block_on;
 
     use super::*;
-    use crate::domain::pdf::DocumentSpec;
+    use crate::domain::PayloadRecord;
 
     fn options(dir: &Path) -> SqliteOptions {
         SqliteOptions {
@@ -1012,9 +1013,9 @@ mod tests {
     }
 
     fn new_job() -> NewJob {
-        let payload = JobPayload::Pdf(DocumentSpec::titled("stored"));
-        let record = payload.encode();
-        NewJob { job: Job::new(JobId::random(), JobKind::Pdf, SystemTime::now()), payload, record, weight: 10 }
+        let record = PayloadRecord { spec: b"stored".to_vec(), data: None };
+        let job = Job::new(JobId::random(), JobKind::named("pdf").unwrap(), SystemTime::now());
+        NewJob { job, payload: Input::new(()), record, weight: 10 }
     }
 
     fn meta() -> ResultMeta {
@@ -1038,7 +1039,7 @@ mod tests {
             else {
                 panic!("created")
             };
-            let first = block_on(store.claim(JobKind::Pdf).unwrap()).unwrap().unwrap().job;
+            let first = block_on(store.claim(JobKind::named("pdf").unwrap()).unwrap()).unwrap().unwrap().job;
             assert_eq!(first.id, jobs[0].id, "oldest first");
             assert!(block_on(store.start(first.id, first.attempts, SystemTime::now())).unwrap());
             let outcome = Final::Succeeded { meta: meta(), bytes: Bytes::from_static(b"pdf") };
@@ -1046,10 +1047,10 @@ mod tests {
             assert!(stale.unwrap().is_none(), "fenced on the attempt");
             let ended = block_on(store.finish(first.id, first.attempts, outcome)).unwrap().unwrap();
             // Claimed and started on a worker thread, its start not written yet: counted.
-            let second = block_on(store.claim(JobKind::Pdf).unwrap()).unwrap().unwrap().job;
+            let second = block_on(store.claim(JobKind::named("pdf").unwrap()).unwrap()).unwrap().unwrap().job;
             store.start_hook().expect("a start hook")(second.id, second.attempts);
             // Claimed, waiting in a pool's mailbox: not started, not counted.
-            let third = block_on(store.claim(JobKind::Pdf).unwrap()).unwrap().unwrap().job;
+            let third = block_on(store.claim(JobKind::named("pdf").unwrap()).unwrap()).unwrap().unwrap().job;
             (ended, second.id, third.id)
             // Dropped here with both claimed, as a crash would leave them.
         };
@@ -1071,13 +1072,13 @@ mod tests {
         let never_started = store.get(waiting).unwrap().unwrap();
         assert_eq!((never_started.status, never_started.attempts), (JobStatus::Queued, 0));
         assert_eq!(store.stats().suspects, 1, "the run cut off is a suspect");
-        let claimed = block_on(store.claim(JobKind::Pdf).unwrap()).unwrap().unwrap();
+        let claimed = block_on(store.claim(JobKind::named("pdf").unwrap()).unwrap()).unwrap().unwrap();
         assert_eq!(claimed.job.id, waiting, "suspects are not claimed with the others");
-        assert!(store.claim(JobKind::Pdf).is_none());
+        assert!(store.claim(JobKind::named("pdf").unwrap()).is_none());
         let claimed = block_on(store.claim_suspect().unwrap()).unwrap().unwrap();
         assert_eq!((claimed.job.id, claimed.job.attempts), (cut, 2));
         assert_eq!(store.stats().suspects, 0);
-        assert!(matches!(claimed.payload, JobPayload::Pdf(ref spec) if spec.title == "stored"));
+        assert!(matches!(claimed.work, Work::Stored(ref r) if r.spec == b"stored"), "read back as stored, not decoded");
     }
 
     #[test]

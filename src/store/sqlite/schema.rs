@@ -9,10 +9,10 @@ use crate::store::codes;
 
 /// The schema this binary writes. Older databases are migrated on start; a newer one (written by
 /// a later release) is refused rather than misread.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Migration `n` takes the schema from version `n` to `n + 1`.
-const MIGRATIONS: [&str; 3] = [
+const MIGRATIONS: [&str; 4] = [
     r#"
 CREATE TABLE jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, -- creation order; never reused (results and payloads are keyed by it)
@@ -58,6 +58,12 @@ CREATE INDEX jobs_by_owner_status ON jobs (owner, status, seq) WHERE owner IS NO
     r#"
 ALTER TABLE webhooks ADD COLUMN owner BLOB;
 "#,
+    // Kinds by name: the store knows no kind (0 and 1 were pdf and image). The column keeps its
+    // declared INTEGER type (SQLite cannot alter one); its affinity leaves names as text.
+    r#"
+UPDATE jobs SET kind = CASE kind WHEN 0 THEN 'pdf' WHEN 1 THEN 'image' ELSE 'unknown-' || kind END
+    WHERE typeof(kind) = 'integer';
+"#,
 ];
 
 /// Brings the schema to [`SCHEMA_VERSION`], in one transaction.
@@ -84,14 +90,14 @@ pub fn migrate(conn: &mut Connection) -> Result<(), String> {
 pub const JOB_COLUMNS: &str = "seq, id, kind, status, attempts, progress, stage, created_at, started_at, finished_at, \
      error_code, error_message, result_type, result_bytes, result_name, result_width, result_height, callback, owner";
 
-pub use crate::store::codes::{content_type, kind_code, micros, pack_ids, status_code, time_of, unpack_ids};
+pub use crate::store::codes::{content_type, micros, pack_ids, status_code, time_of, unpack_ids};
 
 pub fn status_of(code: i64) -> rusqlite::Result<JobStatus> {
     codes::status_of(code).ok_or_else(|| bad_column(3, format!("status {code}")))
 }
 
-pub fn kind_of(code: i64) -> rusqlite::Result<JobKind> {
-    codes::kind_of(code).ok_or_else(|| bad_column(2, format!("kind {code}")))
+pub fn kind_of(name: String) -> rusqlite::Result<JobKind> {
+    JobKind::named(&name).ok_or_else(|| bad_column(2, format!("kind {name:?}")))
 }
 
 fn bad_column(i: usize, what: String) -> rusqlite::Error {
@@ -157,7 +163,7 @@ pub fn insert(conn: &Connection, job: &Job, weight: usize) -> rusqlite::Result<i
     )?
     .execute(params![
         job.id.to_bytes(),
-        kind_code(job.kind),
+        job.kind.as_str(),
         status_code(job.status),
         job.attempts,
         f64::from(job.progress),
@@ -221,7 +227,7 @@ mod tests {
         conn.pragma_update(None, "user_version", 1).unwrap();
         let id = JobId::random();
         conn.execute(
-            "INSERT INTO jobs (id, kind, status, attempts, progress, created_at, weight) VALUES (?1, 0, 0, 0, 0, 1, 5)",
+            "INSERT INTO jobs (id, kind, status, attempts, progress, created_at, weight) VALUES (?1, 1, 0, 0, 0, 1, 5)",
             params![id.to_bytes()],
         )
         .unwrap();
@@ -229,7 +235,7 @@ mod tests {
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, SCHEMA_VERSION);
         let (_, job) = load(&conn, id).unwrap().expect("the job is kept");
-        assert_eq!((job.status, job.owner), (JobStatus::Queued, None));
+        assert_eq!((job.status, job.owner, job.kind.as_str()), (JobStatus::Queued, None, "image"), "kind 1 was image");
         migrate(&mut conn).expect("migrating again changes nothing");
     }
 
@@ -237,7 +243,7 @@ mod tests {
     fn the_owner_is_stored_and_read_back() {
         let mut conn = Connection::open_in_memory().unwrap();
         migrate(&mut conn).unwrap();
-        let mut job = Job::new(JobId::random(), JobKind::Image, std::time::SystemTime::now());
+        let mut job = Job::new(JobId::random(), JobKind::named("image").unwrap(), std::time::SystemTime::now());
         job.owner = Some(Owner::from_bytes([7; 16]));
         insert(&conn, &job, 10).unwrap();
         assert_eq!(load(&conn, job.id).unwrap().unwrap().1.owner, job.owner);

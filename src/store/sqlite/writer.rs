@@ -15,9 +15,9 @@ use tokio::sync::oneshot;
 
 use super::schema::{self, micros};
 use super::{Shared, Waiting};
-use crate::domain::JobPayload;
 use crate::error::ErrorBody;
-use crate::job::{Job, JobId, JobKind, JobStatus, Owner};
+use crate::job::{Job, JobId, JobStatus, Owner};
+use crate::kind::Work;
 use crate::store::{
     apply_final, result_too_large, CancelOutcome, Claimed, Final, IdempotencyKey, Inserted, NewJob, StoreError,
 };
@@ -115,12 +115,12 @@ fn claim(tx: &Connection, mut waiting: Waiting) -> rusqlite::Result<Took> {
     if !job.claim() {
         return Ok(Took::Skipped(waiting));
     }
-    let payload = match waiting.payload.take() {
-        Some(payload) => Ok(payload),
-        None => load_payload(tx, seq, waiting.kind)?,
+    let work = match waiting.payload.take() {
+        Some(input) => Ok(Work::Ready(input)),
+        None => load_payload(tx, seq)?,
     };
-    match payload {
-        Ok(payload) => Ok(Took::Claimed(Box::new((Claimed { job, payload }, waiting)))),
+    match work {
+        Ok(work) => Ok(Took::Claimed(Box::new((Claimed { job, work }, waiting)))),
         Err(message) => {
             tracing::error!(job = %waiting.id, "stored payload unreadable: {message}");
             job.fail(ErrorBody::new("payload_unreadable", message), SystemTime::now());
@@ -588,16 +588,15 @@ fn make_room(tx: &Connection, shared: &Shared, extra: usize) -> rusqlite::Result
     Ok(evicted)
 }
 
-fn load_payload(tx: &Connection, seq: i64, kind: JobKind) -> rusqlite::Result<Result<JobPayload, String>> {
+/// A job's stored payload, as stored: its kind reads it back on the worker thread.
+fn load_payload(tx: &Connection, seq: i64) -> rusqlite::Result<Result<Work, String>> {
     let row: Option<(Vec<u8>, Option<Vec<u8>>)> = tx
         .prepare_cached("SELECT spec, data FROM payloads WHERE seq = ?1")?
         .query_row(params![seq], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     Ok(match row {
         None => Err("the job's payload is missing".to_string()),
-        Some((spec, data)) => {
-            JobPayload::decode(kind, crate::domain::PayloadRecord { spec, data: data.map(Bytes::from) })
-        }
+        Some((spec, data)) => Ok(Work::Stored(crate::domain::PayloadRecord { spec, data: data.map(Bytes::from) })),
     })
 }
 
@@ -694,7 +693,9 @@ fn fail(done: Done, shared: &Shared, message: &str, uncertain: bool) {
             let waiting = match took {
                 Took::Claimed(c) => {
                     let (claimed, mut waiting) = *c;
-                    waiting.payload = Some(claimed.payload);
+                    if let Work::Ready(input) = claimed.work {
+                        waiting.payload = Some(input);
+                    }
                     waiting
                 }
                 Took::Skipped(w) | Took::Failed(w) => w,

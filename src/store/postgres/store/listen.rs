@@ -215,7 +215,7 @@ mod tests {
 
     #[test]
     fn a_job_that_ended_before_it_was_read_shows_its_run_first() {
-        let mut job = Job::new(JobId::random(), JobKind::Pdf, SystemTime::now());
+        let mut job = Job::new(JobId::random(), JobKind::named("pdf").unwrap(), SystemTime::now());
         job.start(SystemTime::now());
         job.fail(ErrorBody::new("timeout", "too slow"), SystemTime::now());
         let running = as_of(&job, JobStatus::Running).expect("a running snapshot");
@@ -223,6 +223,10 @@ mod tests {
         assert!(running.error.is_none() && running.finished_at.is_none());
         assert_eq!(as_of(&job, JobStatus::Failed).map(|j| j.status), Some(JobStatus::Failed));
         // Queued again since: nothing to show for the old state.
-        assert!(as_of(&Job::new(JobId::random(), JobKind::Pdf, SystemTime::now()), JobStatus::Running).is_none());
+        assert!(as_of(
+            &Job::new(JobId::random(), JobKind::named("pdf").unwrap(), SystemTime::now()),
+            JobStatus::Running
+        )
+        .is_none());
     }
 }

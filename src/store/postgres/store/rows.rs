@@ -7,8 +7,8 @@ pub(super) fn stored_status(code: i16) -> Result<JobStatus, StoreError> {
     status_of(i64::from(code)).ok_or_else(|| unavailable(format!("a stored job has status {code}")))
 }
 
-pub(super) fn stored_kind(code: i16) -> Result<JobKind, StoreError> {
-    kind_of(i64::from(code)).ok_or_else(|| unavailable(format!("a stored job has kind {code}")))
+pub(super) fn stored_kind(name: &str) -> Result<JobKind, StoreError> {
+    JobKind::named(name).ok_or_else(|| unavailable(format!("a stored job has kind {name:?}")))
 }
 
 pub(super) fn job_from_row(r: &Row) -> Result<(i64, Job), StoreError> {

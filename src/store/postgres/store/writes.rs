@@ -66,7 +66,7 @@ impl Inner {
     pub(super) async fn insert_many(&self, jobs: &[&NewJob]) -> Result<(), StoreError> {
         let raw: Vec<[u8; 16]> = jobs.iter().map(|n| n.job.id.to_bytes()).collect();
         let ids: Vec<&[u8]> = raw.iter().map(|b| b.as_slice()).collect();
-        let kinds: Vec<i16> = jobs.iter().map(|n| kind_code(n.job.kind) as i16).collect();
+        let kinds: Vec<&str> = jobs.iter().map(|n| n.job.kind.as_str()).collect();
         let statuses: Vec<i16> = jobs.iter().map(|n| status_code(n.job.status) as i16).collect();
         let attempts: Vec<i32> = jobs.iter().map(|n| n.job.attempts as i32).collect();
         let progress: Vec<f32> = jobs.iter().map(|n| n.job.progress).collect();
@@ -80,7 +80,7 @@ impl Inner {
         let conn = self.conns.shared().await?;
         let row = conn
             .query_opt(
-                "WITH new AS (SELECT * FROM unnest($1::bytea[], $2::int2[], $3::int2[], $4::int4[], $5::real[], \
+                "WITH new AS (SELECT * FROM unnest($1::bytea[], $2::text[], $3::int2[], $4::int4[], $5::real[], \
                    $6::text[], $7::int8[], $8::text[], $9::int8[], $10::bytea[], $11::bytea[], $12::bytea[]) \
                    AS x(id, kind, status, attempts, progress, stage, created_at, callback, weight, owner, spec, data)), \
                  j AS (INSERT INTO offload_jobs (id, kind, status, attempts, progress, stage, created_at, callback, \
@@ -106,9 +106,8 @@ impl Inner {
     pub(super) fn inserted(&self, jobs: &[&NewJob]) {
         self.with_state(|s| {
             for new in jobs {
-                let k = kind_index(new.job.kind);
-                s.claimable[k] += 1;
-                s.stats.queued[k] += 1;
+                *s.claimable.slot(new.job.kind) += 1;
+                *s.stats.queued.slot(new.job.kind) += 1;
                 s.stats.by_status.queued += 1;
                 s.stats.queued_bytes += new.weight;
                 if let Some(owner) = new.job.owner {
@@ -137,7 +136,7 @@ impl Inner {
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING seq",
                     &[
                         &job.id.to_bytes().as_slice(),
-                        &(kind_code(job.kind) as i16),
+                        &job.kind.as_str(),
                         &(status_code(job.status) as i16),
                         &(job.attempts as i32),
                         &job.progress,
@@ -242,12 +241,12 @@ impl Inner {
                     ") SELECT claimed.*, p.spec, p.data FROM claimed LEFT JOIN offload_payloads p ON p.seq = claimed.seq \
                      ORDER BY claimed.seq"
                 ),
-                &[&(kind_code(kind) as i16), &self.me, &self.lease.as_secs_f64(), &(n as i64)],
+                &[&kind.as_str(), &self.me, &self.lease.as_secs_f64(), &(n as i64)],
             )
             .await?;
         drop(conn);
         if rows.len() < n {
-            self.with_state(|s| s.claimable[kind_index(kind)] = 0);
+            self.with_state(|s| *s.claimable.slot(kind) = 0);
         }
         let mut claimed = Vec::with_capacity(rows.len());
         for row in rows {
@@ -255,17 +254,15 @@ impl Inner {
             let record = row
                 .get::<_, Option<Vec<u8>>>(19)
                 .map(|spec| PayloadRecord { spec, data: row.get::<_, Option<Vec<u8>>>(20).map(Bytes::from) });
-            let decoded = match record {
-                Some(record) => JobPayload::decode(job.kind, record),
-                None => Err("the payload is missing".to_string()),
-            };
+            // Read back by the kind, on the worker thread: the store never decodes a payload.
+            let decoded = record.map(Work::Stored).ok_or_else(|| "the payload is missing".to_string());
             match decoded {
-                Ok(payload) => {
+                Ok(work) => {
                     self.with_state(|s| {
                         s.held
                             .insert(job.id, Held { job: job.clone(), ending: false, start_unsaid: false, dirty: false })
                     });
-                    claimed.push(Claimed { job, payload });
+                    claimed.push(Claimed { job, work });
                 }
                 Err(message) => self.unreadable(job, message).await,
             }

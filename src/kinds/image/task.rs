@@ -882,8 +882,8 @@ mod tests {
         ]);
         let task = ImageTask::inspect("file", "../My Photo.png", png.into(), ops, OutputFormat::Webp, &LIMITS).unwrap();
         assert_eq!(task.orientation, Orientation::NoTransforms, "no EXIF");
-        let payload = crate::domain::JobPayload::Image(task.clone());
-        let record = payload.encode();
+        use crate::kind::Kind;
+        let record = crate::kinds::image::ImageKind.encode(&task);
         let data = record.data.clone().expect("the bytes go beside the spec");
         assert_eq!(data.as_ptr(), task.bytes.as_ptr(), "shared, not copied");
         let json: Value = serde_json::from_slice(&record.spec).unwrap();
@@ -893,7 +893,7 @@ mod tests {
         assert_eq!(json["ops"][0], serde_json::json!({"op": "crop", "x": 5, "y": 4, "width": 50, "height": 30}));
         assert_eq!(json["ops"][5], serde_json::json!({"op": "grayscale"}));
         assert!(json.get("bytes").is_none());
-        assert_eq!(crate::domain::JobPayload::decode(crate::job::JobKind::Image, record).unwrap(), payload);
+        assert_eq!(crate::kinds::image::ImageKind.decode(record).unwrap(), task);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! PDF points measured from the page's top-left corner; the renderer flips them.
 
 use super::metrics::{text_width, Face};
-use crate::domain::pdf::{DocumentSpec, PageSize, RenderBudget, Table};
+use crate::kinds::pdf::spec::{DocumentSpec, PageSize, RenderBudget, Table};
 
 /// Something to draw.
 #[derive(Clone, Debug, PartialEq)]
@@ -422,7 +422,7 @@ pub fn wrap(text: &str, face: Face, size: f32, max_width: f32) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::pdf::{DocumentSpec, PageSize};
+    use crate::kinds::pdf::spec::{DocumentSpec, PageSize};
 
     const BUDGET: RenderBudget = RenderBudget { max_pages: usize::MAX, max_lines: usize::MAX };
 

@@ -11,9 +11,9 @@ use image::codecs::webp::WebPEncoder;
 use image::imageops::FilterType;
 use image::{DynamicImage, ImageFormat, ImageReader, Rgb, RgbImage};
 
-use super::{JobContext, JobFailure, JobOutput, Outcome};
-use crate::domain::image::{decode_limits, swaps_axes, Axis, ImageOp, ImageTask, OutputFormat};
+use super::task::{decode_limits, swaps_axes, Axis, ImageOp, ImageTask, OutputFormat};
 use crate::error::ErrorBody;
+use crate::workers::{JobContext, JobFailure, JobOutput, Outcome};
 
 /// JPEG quality of `jpeg` output.
 const JPEG_QUALITY: u8 = 85;

@@ -13,17 +13,38 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use serde::Serialize;
 
-use super::openapi::{AcceptedJobs, ErrorResponse, ImageUpload};
-use super::submit::{submit, REPLAYED};
-use super::ApiError;
-use super::BodyPermit;
+use utoipa::{OpenApi, ToSchema};
+
+use super::task::{default_ops, parse_ops, ImageError, ImageLimits, ImageOp, ImageTask, OutputFormat};
+use super::ImageKind;
 use crate::access::Caller;
 use crate::dispatch::Dispatcher;
 use crate::domain::callback::{CallbackPolicy, CallbackUrl};
-use crate::domain::image::{default_ops, parse_ops, ImageError, ImageLimits, ImageOp, ImageTask, OutputFormat};
-use crate::domain::JobPayload;
 use crate::job::JobView;
+use crate::kind::NewWork;
+use crate::routes::openapi::{by_hand, AcceptedJobs, ErrorResponse};
+use crate::routes::submit::{submit, REPLAYED};
+use crate::routes::{ApiError, BodyPermit, KindRoute, KindRoutes, Verb};
 use crate::store::JobStore;
+
+/// The routes, app data and OpenAPI paths of image jobs.
+pub fn http(kind: Arc<ImageKind>, limits: UploadLimits) -> KindRoutes {
+    KindRoutes {
+        routes: vec![KindRoute {
+            path: "/images",
+            verbs: &[Verb::Post],
+            handler: |verb| verb.route().to(upload_images),
+        }],
+        app_data: Arc::new(move |cfg: &mut web::ServiceConfig| {
+            cfg.app_data(web::Data::new(limits)).app_data(web::Data::from(kind.clone()));
+        }),
+        openapi: ImageDoc::openapi(),
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(paths(upload_images))]
+struct ImageDoc;
 
 /// Upload limits, from configuration.
 #[derive(Clone, Copy, Debug)]
@@ -83,12 +104,13 @@ pub async fn upload_images(
     req: HttpRequest,
     payload: web::Payload,
     limits: web::Data<UploadLimits>,
+    kind: web::Data<ImageKind>,
     policy: web::Data<CallbackPolicy>,
     store: web::Data<Arc<dyn JobStore>>,
     dispatcher: web::Data<Addr<Dispatcher>>,
 ) -> Result<HttpResponse, ApiError> {
     // A bad key is refused before the upload is read.
-    super::submit::idempotency_key(&req)?;
+    crate::routes::submit::idempotency_key(&req)?;
     let is_multipart = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -128,7 +150,8 @@ pub async fn upload_images(
     })
     .await
     .map_err(|_| ImageError::new(500, "internal_error", "the upload could not be checked"))??;
-    let payloads = tasks.into_iter().map(JobPayload::Image).collect();
+    let kind = kind.into_inner();
+    let payloads = tasks.into_iter().map(|task| NewWork::new(&kind, task)).collect();
     let submitted = submit(&req, caller, &permit, payloads, callback, &store, &dispatcher).await?;
     let mut res = HttpResponse::Accepted();
     if submitted.replayed {
@@ -222,7 +245,7 @@ async fn read_upload(mut multipart: Multipart, limits: &UploadLimits) -> Result<
 
 fn bad_multipart(e: actix_multipart::MultipartError) -> ImageError {
     if let actix_multipart::MultipartError::Payload(p) = &e {
-        if super::deadline::is_timeout(p) {
+        if crate::routes::is_timeout(p) {
             return ImageError::new(408, "request_timeout", "the upload did not arrive in time");
         }
     }
@@ -249,3 +272,33 @@ fn inspect(upload: Upload, limits: &UploadLimits) -> Result<Vec<ImageTask>, Imag
         })
         .collect()
 }
+
+/// `POST /images`: one or more files and how to process them (multipart/form-data).
+pub struct ImageUpload;
+
+impl utoipa::PartialSchema for ImageUpload {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        by_hand(serde_json::json!({
+            "type": "object",
+            "required": ["file"],
+            "properties": {
+                "file": {
+                    "description": "The images (PNG, JPEG, GIF, WebP, BMP or TIFF, detected from the bytes), up to `--max-files` (default 100).",
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": 100,
+                    "items": {"type": "string", "contentMediaType": "application/octet-stream"}
+                },
+                "ops": {
+                    "description": "A JSON array of operations, applied in order, e.g. `[{\"op\": \"thumbnail\", \"size\": 256}]`: `thumbnail{size}`, `resize{width?, height?}`, `crop{x, y, width, height}`, `rotate{degrees: 90|180|270}`, `flip{axis: horizontal|vertical}`, `grayscale`, `blur{sigma: 0.1-100}`, `brighten{value: -255-255}`, `contrast{value: -100-100}`; at most 32. Default `[{\"op\": \"thumbnail\", \"size\": 256}]`.",
+                    "type": "string",
+                    "contentMediaType": "application/json"
+                },
+                "format": {"description": "The output format (default png).", "type": "string", "enum": ["png", "jpeg", "webp"]},
+                "callback_url": {"description": "POSTed each job's final object when it ends.", "type": "string", "format": "uri"}
+            }
+        }))
+    }
+}
+
+impl ToSchema for ImageUpload {}

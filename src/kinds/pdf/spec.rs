@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::object::Object;
+use crate::domain::object::Object;
 
 /// Limits on a document, from configuration.
 #[derive(Clone, Copy, Debug)]
@@ -490,13 +490,12 @@ mod tests {
     }
 
     fn round_trip(spec: &DocumentSpec) -> DocumentSpec {
-        let record = crate::domain::JobPayload::Pdf(spec.clone()).encode();
+        use crate::kind::Kind;
+        let kind = crate::kinds::pdf::PdfKind { budget: RenderBudget { max_pages: 1, max_lines: 1 } };
+        let record = kind.encode(spec);
         assert_eq!(record.data, None, "a PDF has no bulk data");
         assert!(!record.spec.contains(&b'\n'), "compact JSON");
-        match crate::domain::JobPayload::decode(crate::job::JobKind::Pdf, record) {
-            Ok(crate::domain::JobPayload::Pdf(decoded)) => decoded,
-            other => panic!("{other:?}"),
-        }
+        kind.decode(record).unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]
@@ -521,7 +520,8 @@ mod tests {
     /// The stored form is what a store keeps across upgrades: changing it needs a migration.
     #[test]
     fn the_stored_form_is_stable_and_ignores_unknown_keys() {
-        let record = crate::domain::JobPayload::Pdf(DocumentSpec::titled("t")).encode();
+        let kind = crate::kinds::pdf::PdfKind { budget: RenderBudget { max_pages: 1, max_lines: 1 } };
+        let record = crate::kind::Kind::encode(&kind, &DocumentSpec::titled("t"));
         assert_eq!(
             std::str::from_utf8(&record.spec).unwrap(),
             r#"{"title":"t","subtitle":null,"paragraphs":[],"table":null,"page_size":"a4"}"#

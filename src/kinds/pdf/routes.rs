@@ -1,23 +1,43 @@
-//! `POST /generate-pdf`.
+//! `POST /generate-pdf`, its OpenAPI description, and what start-up registers of it.
 
 use std::sync::Arc;
 
 use actix::Addr;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
+use utoipa::{OpenApi, ToSchema};
 
-use super::openapi::{Document, ErrorResponse, Job};
-use super::submit::{submit, REPLAYED};
-use super::ApiError;
-use super::BodyPermit;
+use super::render::layout;
+use super::spec::{DocumentSpec, PdfRequest, SpecError, SpecLimits};
+use super::PdfKind;
 use crate::access::Caller;
 use crate::dispatch::Dispatcher;
 use crate::domain::callback::{CallbackPolicy, CallbackUrl};
 use crate::domain::object::Object;
-use crate::domain::pdf::{DocumentSpec, PdfRequest, SpecError, SpecLimits};
-use crate::domain::JobPayload;
+use crate::kind::NewWork;
+use crate::routes::openapi::{by_hand, ErrorResponse, Job};
+use crate::routes::submit::{submit, REPLAYED};
+use crate::routes::{ApiError, BodyPermit, KindRoute, KindRoutes, Verb};
 use crate::store::JobStore;
-use crate::workers::pdf::layout;
+
+/// The routes, app data and OpenAPI paths of PDF jobs.
+pub fn http(kind: Arc<PdfKind>, limits: SpecLimits) -> KindRoutes {
+    KindRoutes {
+        routes: vec![KindRoute {
+            path: "/generate-pdf",
+            verbs: &[Verb::Post],
+            handler: |verb| verb.route().to(generate_pdf),
+        }],
+        app_data: Arc::new(move |cfg: &mut web::ServiceConfig| {
+            cfg.app_data(web::Data::new(limits)).app_data(web::Data::from(kind.clone()));
+        }),
+        openapi: PdfDoc::openapi(),
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(paths(generate_pdf))]
+struct PdfDoc;
 
 /// Submit a PDF document: answered at once with the queued job.
 #[utoipa::path(
@@ -49,6 +69,7 @@ pub async fn generate_pdf(
     req: HttpRequest,
     body: web::Json<Object<PdfRequest>>,
     limits: web::Data<SpecLimits>,
+    kind: web::Data<PdfKind>,
     policy: web::Data<CallbackPolicy>,
     store: web::Data<Arc<dyn JobStore>>,
     dispatcher: web::Data<Addr<Dispatcher>>,
@@ -59,7 +80,9 @@ pub async fn generate_pdf(
     // A document that cannot fit what one PDF may render is refused now, not after a worker
     // spent seconds and hundreds of MiB on it (one pass over the text).
     layout::check_budget(&spec, limits.render).map_err(|message| SpecError { code: "document_too_large", message })?;
-    let submitted = submit(&req, caller, &permit, vec![JobPayload::Pdf(spec)], callback, &store, &dispatcher).await?;
+    let submitted =
+        submit(&req, caller, &permit, vec![NewWork::new(&kind.into_inner(), spec)], callback, &store, &dispatcher)
+            .await?;
     let job = submitted.jobs.first().ok_or(ApiError::JobNotFound)?;
     let mut res = HttpResponse::Accepted();
     res.insert_header((header::LOCATION, format!("/jobs/{}", job.id)));
@@ -68,3 +91,70 @@ pub async fn generate_pdf(
     }
     Ok(res.json(job.view()))
 }
+
+/// A document to render as PDF. Unknown fields are refused.
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "title": "Quarterly report",
+    "subtitle": "Q3",
+    "paragraphs": ["Sales went up this quarter."],
+    "table": {"columns": ["Item", "Qty", "Price"], "rows": [["Widget", 3, 9.99], ["Gadget", 1, 24.5]]},
+    "page_size": "A4"
+}))]
+#[allow(dead_code)]
+pub struct Document {
+    /// 1 to 500 characters, not only spaces or control characters.
+    #[schema(min_length = 1, max_length = 500, pattern = "[^\\s\\u0000-\\u001f\\u007f-\\u009f]")]
+    title: String,
+    /// Up to 2,000 characters.
+    #[schema(max_length = 2000)]
+    subtitle: Option<String>,
+    /// Wrapped to the page width; `\n` breaks a line. Up to 10,000 paragraphs of 100,000 characters.
+    #[schema(max_items = 10000)]
+    paragraphs: Option<Vec<String>>,
+    table: Option<Table>,
+    /// `A4` (default) or `Letter`.
+    page_size: Option<PageSize>,
+    /// POSTed the final job object when the job ends (public http(s) addresses only).
+    #[schema(format = "uri")]
+    callback_url: Option<String>,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub enum PageSize {
+    A4,
+    Letter,
+}
+
+/// A table: a header row and rows of at most as many cells.
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct Table {
+    #[schema(min_items = 1, max_items = 50)]
+    columns: Vec<Cell>,
+    #[schema(max_items = 100000)]
+    rows: Option<Vec<Vec<Cell>>>,
+}
+
+/// A cell: text (up to `--max-cell-chars`, default 1,000), or a number, boolean or null printed
+/// as text.
+pub struct Cell;
+
+impl utoipa::PartialSchema for Cell {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        by_hand(serde_json::json!({
+            "description": "Text (up to `--max-cell-chars`, default 1,000), or a number, boolean or null printed as text.",
+            "oneOf": [
+                {"type": "string", "maxLength": 1000},
+                {"type": "number"},
+                {"type": "boolean"},
+                {"type": "null"}
+            ]
+        }))
+    }
+}
+
+impl ToSchema for Cell {}

@@ -12,9 +12,9 @@ use printpdf::{
 
 use self::layout::{Item, PageLayout, Stop};
 use self::metrics::Face;
-use super::{JobContext, JobFailure, JobOutput, Outcome};
-use crate::domain::pdf::{DocumentSpec, RenderBudget};
 use crate::error::ErrorBody;
+use crate::kinds::pdf::spec::{DocumentSpec, RenderBudget};
+use crate::workers::{JobContext, JobFailure, JobOutput, Outcome};
 
 /// Renders `spec` to PDF bytes within `budget`, reporting progress per page.
 pub fn render(spec: &DocumentSpec, budget: RenderBudget, job: &mut JobContext) -> Outcome {
@@ -140,7 +140,7 @@ fn slug(title: &str) -> String {
 mod test_hooks {
     use std::time::Duration;
 
-    use crate::domain::pdf::{DocumentSpec, TestHook};
+    use crate::kinds::pdf::spec::{DocumentSpec, TestHook};
     use crate::workers::{JobContext, JobFailure};
 
     pub fn before(spec: &DocumentSpec, job: &JobContext) -> Result<(), JobFailure> {
