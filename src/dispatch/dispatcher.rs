@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
@@ -141,7 +141,8 @@ impl Dispatcher {
         ttl: Duration,
         observers: Observers,
     ) -> Self {
-        let sweep_every = (ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(10));
+        let sweep_every =
+            crate::clock::sweep_every((ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(10)));
         Dispatcher {
             store,
             suspect: Suspect::Idle,
@@ -358,7 +359,7 @@ impl Dispatcher {
         if running.control.interrupted().is_some() {
             return;
         }
-        let now = SystemTime::now();
+        let now = crate::clock::now();
         if !running.job.start(now) {
             return;
         }
@@ -559,7 +560,7 @@ impl Dispatcher {
             return;
         }
         self.sweeping = true;
-        let expire = self.store.expire(SystemTime::now());
+        let expire = self.store.expire(crate::clock::now());
         ctx.spawn(expire.into_actor(self).map(|res, this, ctx| {
             this.sweeping = false;
             match res {
@@ -821,7 +822,7 @@ impl Dispatcher {
             let reason = "queued jobs hold as much memory as allowed".to_string();
             return Err(SubmitError::Overloaded { retry_after: self.retry_after(kind), reason });
         }
-        let now = SystemTime::now();
+        let now = crate::clock::now();
         let jobs = msg
             .jobs
             .into_iter()

@@ -38,7 +38,13 @@ pub enum Outcome {
 /// Workers use the normal scheduler: with `SCHED_IDLE` the test process's busy threads could
 /// starve them and make deadlines flaky. Core dumps are off (a test may make the process abort).
 pub fn spawn(data_dir: &Path, args: &[&str]) -> Spawned {
+    spawn_with_env(data_dir, args, &[])
+}
+
+/// [`spawn`], with these environment variables set too.
+pub fn spawn_with_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Spawned {
     let mut command = Command::new(env!("CARGO_BIN_EXE_offload"));
+    command.envs(env.iter().copied());
     command
         .args(["--bind", "127.0.0.1:0", "--worker-sched", "normal"])
         .arg("--data-dir")
@@ -80,7 +86,12 @@ fn forward(stream: impl Read + Send + 'static, output: Arc<Mutex<Vec<String>>>, 
 /// Starts `offload` (see [`spawn`]) and waits for its `listening on` line; panics if it exits
 /// first.
 pub fn start(data_dir: &Path, args: &[&str]) -> Process {
-    match spawn(data_dir, args).wait_listening(Duration::from_secs(20)) {
+    start_with_env(data_dir, args, &[])
+}
+
+/// [`start`], with these environment variables set too.
+pub fn start_with_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Process {
+    match spawn_with_env(data_dir, args, env).wait_listening(Duration::from_secs(20)) {
         Outcome::Listening(p) => p,
         Outcome::Exited { status, output } => panic!("offload exited ({status}) before listening:\n{output}"),
     }
