@@ -121,7 +121,15 @@ async fn two_instances_are_one_service_and_share_the_work() {
         let done = b.wait_for(id, Duration::from_secs(60), |j| j["status"] == "succeeded").await;
         assert_eq!(done["attempts"], 1, "{done}");
     }
-    let (on_a, on_b) = (succeeded_here(&a).await, succeeded_here(&b).await);
+    // Counted when the ending instance has the end's answer, a moment after readers see it.
+    let (on_a, on_b) = crate::helpers::poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || async { (succeeded_here(&a).await, succeeded_here(&b).await) },
+        |(on_a, on_b)| on_a + on_b >= 12.0,
+        |counts| format!("ended on (A, B): {counts:?}"),
+    )
+    .await;
     assert_eq!(on_a + on_b, 12.0, "every job ended once");
     assert!(on_b >= 1.0, "B took some of A's queue: A {on_a}, B {on_b}");
     // The same bytes from either instance.
@@ -580,6 +588,7 @@ async fn rows_locked_by_another_session_hold_up_no_request_and_their_jobs_end_on
         assert!(locked_at.elapsed() < Duration::from_secs(30), "the runs did not end");
         actix_rt::time::sleep(Duration::from_millis(50)).await;
     }
+    eprintln!("slowest request while rows were locked: {slowest:?} (held {:?})", locked_at.elapsed());
     // The runs are over (the third job too, if a worker had it claimed before the lock), but
     // their ends wait for the rows: none ended yet, to readers still running (or queued).
     let mut statuses = Vec::new();
@@ -614,6 +623,7 @@ async fn a_frozen_database_turns_readyz_503_and_no_request_waits_past_its_bound(
         assert!(took < FAST, "/readyz took {took:?}");
         if ready.status == 503 {
             ready.assert_error(503, "storage_unavailable");
+            eprintln!("/readyz 503 {:?} after the freeze", frozen_at.elapsed());
             break;
         }
         assert!(
@@ -629,6 +639,7 @@ async fn a_frozen_database_turns_readyz_503_and_no_request_waits_past_its_bound(
     read.assert_error(503, "storage_unavailable");
     assert!(read.header("retry-after").is_some());
     assert!(took < Duration::from_secs(7), "a read took {took:?}");
+    eprintln!("a read while frozen answered 503 after {took:?}");
     let (posted, took) = timed(app.post_json("/generate-pdf", &json!({"title": "while frozen"}))).await;
     posted.assert_error(503, "storage_unavailable");
     assert!(took < FAST, "a submission took {took:?}");
