@@ -25,11 +25,13 @@
 //! - [`error`]: the JSON error body shared by every error type.
 //! - [`metrics`]: Prometheus metrics and the request-timing middleware.
 //! - [`healthcheck`]: `offload --healthcheck`, the container health probe.
+//! - [`clock`]: the wall clock jobs are dated by (test builds can put it off).
 //! - [`job`]: the job vocabulary (id, kind, status, the state machine); imports nothing above it.
 //! - [`process`]: OS-level helpers (thread names and priorities, no transparent huge pages, panic text).
 
 pub mod access;
 pub mod async_io;
+pub mod clock;
 pub mod configuration;
 pub mod dispatch;
 pub mod domain;

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
@@ -151,7 +151,8 @@ impl Dispatcher {
         observers: Observers,
         owners: HashMap<Owner, usize>,
     ) -> Self {
-        let sweep_every = (ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(10));
+        let sweep_every =
+            crate::clock::sweep_every((ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(10)));
         let owners = if store.shared() { HashMap::new() } else { owners };
         Dispatcher {
             store,
@@ -382,7 +383,7 @@ impl Dispatcher {
         if running.control.interrupted().is_some() {
             return;
         }
-        let now = SystemTime::now();
+        let now = crate::clock::now();
         if !running.job.start(now) {
             return;
         }
@@ -606,7 +607,7 @@ impl Dispatcher {
             return;
         }
         self.sweeping = true;
-        let expire = self.store.expire(SystemTime::now());
+        let expire = self.store.expire(crate::clock::now());
         ctx.spawn(expire.into_actor(self).map(|res, this, ctx| {
             this.sweeping = false;
             match res {
@@ -902,7 +903,7 @@ impl Dispatcher {
             let reason = "queued jobs hold as much memory as allowed".to_string();
             return Err(SubmitError::Overloaded { retry_after: self.retry_after(kind), reason });
         }
-        let now = SystemTime::now();
+        let now = crate::clock::now();
         let jobs: Vec<NewJob> = msg
             .jobs
             .into_iter()

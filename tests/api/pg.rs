@@ -93,6 +93,42 @@ impl Postgres {
         }
     }
 
+    /// Freezes an own cluster (SIGSTOP to the server and every process it started), as a stuck
+    /// host or a long pause would: connections stay open, nothing answers. It goes on when the
+    /// guard is dropped (a failing test included).
+    pub fn freeze(&self) -> Frozen<'_> {
+        for pid in self.processes() {
+            // SAFETY: kill with a pid of the cluster and a valid signal.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
+        Frozen(self)
+    }
+
+    /// Lets a frozen own cluster go on (SIGCONT).
+    fn thaw(&self) {
+        for pid in self.processes().into_iter().rev() {
+            // SAFETY: as in `freeze`.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+    }
+
+    /// The server of an own cluster first, then the processes it started (from `/proc`).
+    fn processes(&self) -> Vec<i32> {
+        let server = self.child.lock().unwrap().as_ref().expect("an own, running cluster").id() as i32;
+        let mut pids = vec![server];
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+            // pid (comm) state ppid ...: the command may hold spaces, the fields after ')' do not.
+            let parent =
+                stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
+            if parent == Some(server) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
     /// Starts an own cluster again, on the same port and data.
     pub fn start_again(&self) {
         let child = server(&self.dir, self.port).spawn().expect("start postgres");
@@ -196,6 +232,15 @@ fn server(dir: &Path, port: u16) -> Command {
         });
     }
     command
+}
+
+/// An own cluster frozen by [`Postgres::freeze`], until dropped.
+pub struct Frozen<'a>(&'a Postgres);
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        self.0.thaw();
+    }
 }
 
 impl Drop for Postgres {

@@ -121,7 +121,15 @@ async fn two_instances_are_one_service_and_share_the_work() {
         let done = b.wait_for(id, Duration::from_secs(60), |j| j["status"] == "succeeded").await;
         assert_eq!(done["attempts"], 1, "{done}");
     }
-    let (on_a, on_b) = (succeeded_here(&a).await, succeeded_here(&b).await);
+    // Counted when the ending instance has the end's answer, a moment after readers see it.
+    let (on_a, on_b) = crate::helpers::poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || async { (succeeded_here(&a).await, succeeded_here(&b).await) },
+        |(on_a, on_b)| on_a + on_b >= 12.0,
+        |counts| format!("ended on (A, B): {counts:?}"),
+    )
+    .await;
     assert_eq!(on_a + on_b, 12.0, "every job ended once");
     assert!(on_b >= 1.0, "B took some of A's queue: A {on_a}, B {on_b}");
     // The same bytes from either instance.
@@ -562,4 +570,223 @@ async fn the_per_key_limit_counts_a_keys_jobs_on_every_instance() {
     let again = a2.post_json("/generate-pdf", &json!({"title": "a4"})).await;
     assert_eq!(again.status, 202, "{}", String::from_utf8_lossy(&again.body));
     b2.delete(&format!("/jobs/{}", id_of(&theirs))).await;
+}
+
+/// How long a test allows a request that must not wait on the database (a read of a job no one
+/// locked, a submission, `/readyz`).
+const FAST: Duration = Duration::from_secs(1);
+
+/// `request`, and how long it took.
+async fn timed<T>(request: impl std::future::Future<Output = T>) -> (T, Duration) {
+    let sent = std::time::Instant::now();
+    let reply = request.await;
+    (reply, sent.elapsed())
+}
+
+#[actix_web::test]
+async fn rows_locked_by_another_session_hold_up_no_request_and_their_jobs_end_once_the_lock_goes() {
+    let pg = Postgres::get();
+    let url = pg.fresh_database().await;
+    let mut s = pg_settings(&url);
+    s.pdf_workers = Some(2);
+    let app = spawn_app_with(s).await;
+    let before = id_of(&app.submit_pdf(&json!({"title": "ended before"})).await).to_string();
+    assert_eq!(app.wait_finished(&before).await["status"], "succeeded");
+    // Two runs on the two workers, and one queued behind them.
+    let submitted = submit_slow(&app, 3, 1000).await;
+    crate::helpers::poll_until(
+        Duration::from_secs(20),
+        Duration::from_millis(10),
+        || async {
+            let mut running = 0;
+            for id in &submitted {
+                running += usize::from(app.job(id).await["status"] == "running");
+            }
+            running
+        },
+        |n| *n == 2,
+        |n| format!("{n} running"),
+    )
+    .await;
+    // Another client locks their rows, as a report or a repair by hand would.
+    let other = pg.connect(&url).await;
+    other.batch_execute("BEGIN").await.unwrap();
+    let rows = other.query("SELECT id FROM offload_jobs WHERE status IN (0, 1) FOR UPDATE", &[]).await.unwrap();
+    let locked: Vec<String> = rows.iter().map(|r| hex::encode(r.get::<_, Vec<u8>>(0))).collect();
+    assert!(locked.len() >= 2, "the two runs are locked: {locked:?}");
+    let locked_at = std::time::Instant::now();
+    // Meanwhile reads, submissions and readiness answer at once, and a new job runs and ends;
+    // the lock is held past the lock timeout (3 s) and until both runs are over.
+    let (posted, took) = timed(app.post_json("/generate-pdf", &json!({"title": "while locked"}))).await;
+    assert_eq!(posted.status, 202, "{}", String::from_utf8_lossy(&posted.body));
+    assert!(took < FAST, "a submission took {took:?}");
+    let new = id_of(&posted.json()).to_string();
+    let mut slowest = Duration::ZERO;
+    loop {
+        let (read, took) = timed(app.get(&format!("/jobs/{before}"))).await;
+        assert_eq!(read.status, 200);
+        slowest = slowest.max(took);
+        let (ready, took) = timed(app.get("/readyz")).await;
+        assert_eq!(ready.status, 200, "{}", String::from_utf8_lossy(&ready.body));
+        slowest = slowest.max(took);
+        let (job, took) = timed(app.job(&new)).await;
+        slowest = slowest.max(took);
+        assert!(slowest < FAST, "a request took {slowest:?} while rows were locked");
+        if job["status"] == "succeeded" && in_flight(&app).await == 0.0 && locked_at.elapsed() > Duration::from_secs(4)
+        {
+            break;
+        }
+        assert!(locked_at.elapsed() < Duration::from_secs(30), "the runs did not end");
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("slowest request while rows were locked: {slowest:?} (held {:?})", locked_at.elapsed());
+    // The runs are over (the third job too, if a worker had it claimed before the lock), but
+    // their ends wait for the rows: none ended yet, to readers still running (or queued).
+    let mut statuses = Vec::new();
+    for id in &locked {
+        statuses.push(app.job(id).await["status"].as_str().unwrap().to_string());
+    }
+    let running = statuses.iter().filter(|s| *s == "running").count();
+    assert!(
+        running >= 2 && statuses.iter().all(|s| s == "running" || s == "queued"),
+        "the ends of the locked runs were written while the rows were locked: {statuses:?}"
+    );
+    other.batch_execute("COMMIT").await.unwrap();
+    for id in &locked {
+        let done = app.wait_for(id, Duration::from_secs(20), |j| j["status"] == "succeeded").await;
+        assert_eq!(done["attempts"], 1, "ended once, by its first run: {done}");
+    }
+    assert_eq!(succeeded_here(&app).await, 5.0, "every job ended once");
+}
+
+#[actix_web::test]
+async fn a_frozen_database_turns_readyz_503_and_no_request_waits_past_its_bound() {
+    let pg = Postgres::own();
+    let url = pg.fresh_database().await;
+    let app = instance(&url, Duration::from_secs(30)).await;
+    let before = id_of(&app.submit_pdf(&json!({"title": "before"})).await).to_string();
+    assert_eq!(app.wait_finished(&before).await["status"], "succeeded");
+    let frozen = pg.freeze();
+    let frozen_at = std::time::Instant::now();
+    // Readiness answers at once, and turns 503 once the database has not answered for 5 s.
+    loop {
+        let (ready, took) = timed(app.get("/readyz")).await;
+        assert!(took < FAST, "/readyz took {took:?}");
+        if ready.status == 503 {
+            ready.assert_error(503, "storage_unavailable");
+            eprintln!("/readyz 503 {:?} after the freeze", frozen_at.elapsed());
+            break;
+        }
+        assert!(
+            frozen_at.elapsed() < Duration::from_secs(10),
+            "/readyz still {} after {:?}",
+            ready.status,
+            frozen_at.elapsed()
+        );
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A read gives up after its bound (5 s); a submission is refused at once.
+    let (read, took) = timed(app.get(&format!("/jobs/{before}"))).await;
+    read.assert_error(503, "storage_unavailable");
+    assert!(read.header("retry-after").is_some());
+    assert!(took < Duration::from_secs(7), "a read took {took:?}");
+    eprintln!("a read while frozen answered 503 after {took:?}");
+    let (posted, took) = timed(app.post_json("/generate-pdf", &json!({"title": "while frozen"}))).await;
+    posted.assert_error(503, "storage_unavailable");
+    assert!(took < FAST, "a submission took {took:?}");
+    drop(frozen);
+    crate::helpers::poll_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async { app.get("/readyz").await.status.as_u16() },
+        |s| *s == 200,
+        |s| s.to_string(),
+    )
+    .await;
+    let after = app.submit_pdf(&json!({"title": "after"})).await;
+    assert_eq!(app.wait_finished(id_of(&after)).await["status"], "succeeded");
+    assert_eq!(app.job(&before).await["status"], "succeeded", "nothing accepted was lost");
+}
+
+/// Puts an ended job straight into the database (as if ended long ago): `finished_at` by an
+/// instance's clock, `db_finished_at` by the database's (NULL: a job ended before that column),
+/// both as microseconds before the database's now. Its id.
+async fn ended_long_ago(db: &tokio_postgres::Client, finished_ago: i64, db_finished_ago: Option<i64>) -> String {
+    let id: u128 = rand::random();
+    let id_bytes = id.to_be_bytes();
+    let id_ref: &[u8] = &id_bytes;
+    // Without the column when it is NULL: so this runs on the schema from before it, too.
+    let (columns, value) = match db_finished_ago {
+        Some(_) => (", db_finished_at", ", n - $3"),
+        None => ("", ""),
+    };
+    let sql = format!(
+        "INSERT INTO offload_jobs (id, kind, status, attempts, progress, stage, created_at, finished_at, weight{columns}) \
+         SELECT $1, 0, 4, 0, 0, 'cancelled', n - $2 - 1000000, n - $2, 0{value} \
+         FROM (SELECT (extract(epoch FROM now()) * 1000000)::int8 AS n) t"
+    );
+    let ago = db_finished_ago.unwrap_or(0);
+    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = match db_finished_ago {
+        Some(_) => vec![&id_ref, &finished_ago, &ago],
+        None => vec![&id_ref, &finished_ago],
+    };
+    db.execute(&sql, &params).await.unwrap();
+    format!("{id:032x}")
+}
+
+#[actix_web::test]
+async fn retention_goes_by_the_databases_clock_not_by_an_instance_two_hours_ahead() {
+    const HOUR: i64 = 3_600_000_000;
+    let pg = Postgres::get();
+    let url = pg.fresh_database().await;
+    let args = ["--store", "postgres", "--database-url", &url, "--result-ttl", "1h"];
+    let a = crate::process::start(&crate::helpers::fresh_data_dir(), &args);
+    // B's clock is two hours ahead; it runs nothing and sweeps every 100 ms.
+    let b_args: Vec<&str> = args.iter().copied().chain(["--pdf-workers", "0", "--image-workers", "0"]).collect();
+    let b = crate::process::start_with_env(
+        &crate::helpers::fresh_data_dir(),
+        &b_args,
+        &[("OFFLOAD_TEST_CLOCK_OFFSET", "2h"), ("OFFLOAD_TEST_SWEEP_EVERY", "100ms")],
+    );
+    let mut ended = Vec::new();
+    for i in 0..3 {
+        let id = id_of(&a.app.submit_pdf(&json!({"title": format!("kept {i}")})).await).to_string();
+        assert_eq!(a.app.wait_finished(&id).await["status"], "succeeded");
+        ended.push(id);
+    }
+    let db = pg.connect(&url).await;
+    // Jobs ended two hours ago go; each one gone is a sweep that ran after the jobs above
+    // ended. These two have only `finished_at` (as jobs ended before `db_finished_at` existed).
+    for _ in 0..2 {
+        let old = ended_long_ago(&db, 2 * HOUR, None).await;
+        gone(&b.app, &old).await;
+    }
+    for id in &ended {
+        let kept = b.app.get(&format!("/jobs/{id}")).await;
+        assert_eq!(kept.status, 200, "a job ended a moment ago was forgotten by the instance two hours ahead");
+        assert_eq!(b.app.get(&format!("/jobs/{id}/result")).await.status, 200);
+    }
+    // The database's clock wins over the instance's: ended two hours ago by the database while
+    // the instance dated it now, it goes; ended half an hour ago by the database while the
+    // instance dated it two hours ago, it stays (past one more sweep).
+    let old = ended_long_ago(&db, 0, Some(2 * HOUR)).await;
+    gone(&b.app, &old).await;
+    let recent = ended_long_ago(&db, 2 * HOUR, Some(HOUR / 2)).await;
+    gone(&b.app, &ended_long_ago(&db, 2 * HOUR, None).await).await;
+    assert_eq!(b.app.get(&format!("/jobs/{recent}")).await.status, 200, "db_finished_at wins over finished_at");
+    for id in &ended {
+        assert_eq!(a.app.get(&format!("/jobs/{id}")).await.status, 200);
+    }
+}
+
+/// Waits until the job `id` is forgotten.
+async fn gone(app: &TestApp, id: &str) {
+    crate::helpers::poll_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async { app.get(&format!("/jobs/{id}")).await.status.as_u16() },
+        |s| *s == 404,
+        |s| format!("job {id}, past the TTL by the database's clock, is still there: {s}"),
+    )
+    .await;
 }

@@ -86,7 +86,12 @@ fn forward(stream: impl Read + Send + 'static, output: Arc<Mutex<Vec<String>>>, 
 /// Starts `offload` (see [`spawn`]) and waits for its `listening on` line; panics if it exits
 /// first.
 pub fn start(data_dir: &Path, args: &[&str]) -> Process {
-    match spawn(data_dir, args).wait_listening(Duration::from_secs(20)) {
+    start_with_env(data_dir, args, &[])
+}
+
+/// [`start`], with these environment variables set too.
+pub fn start_with_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Process {
+    match spawn_with_env(data_dir, args, env).wait_listening(Duration::from_secs(20)) {
         Outcome::Listening(p) => p,
         Outcome::Exited { status, output } => panic!("offload exited ({status}) before listening:\n{output}"),
     }

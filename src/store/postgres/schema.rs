@@ -12,13 +12,13 @@
 use tokio_postgres::Client;
 
 /// The schema this binary writes.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// The advisory lock migrations hold (any constant no other application on the database uses).
 const MIGRATION_LOCK: i64 = 0x6f66_666c_6f61_6401; // "offload" + 1
 
 /// Migration `n` takes the schema from version `n` to `n + 1`.
-const MIGRATIONS: [&str; 3] = [
+const MIGRATIONS: [&str; 4] = [
     r#"
 CREATE TABLE offload_jobs (
     seq BIGSERIAL PRIMARY KEY,          -- creation order; never reused
@@ -80,13 +80,28 @@ ALTER TABLE offload_webhooks ADD COLUMN owner BYTEA;
 ALTER TABLE offload_jobs ALTER COLUMN kind TYPE TEXT
     USING CASE kind WHEN 0 THEN 'pdf' WHEN 1 THEN 'image' ELSE 'unknown-' || kind::text END;
 "#,
+    // Retention by the database's clock.
+    r#"
+-- When the database wrote each end, by its own clock (microseconds since the Unix epoch):
+-- retention goes by it, so instances whose clocks disagree forget a job at the same time.
+-- finished_at (the ending instance's clock) stands in for jobs ended before this column.
+ALTER TABLE offload_jobs ADD COLUMN db_finished_at BIGINT;
+CREATE INDEX offload_jobs_by_db_finish ON offload_jobs ((coalesce(db_finished_at, finished_at)))
+    WHERE finished_at IS NOT NULL;
+DROP INDEX offload_jobs_by_finish;
+"#,
 ];
 
 /// Brings the database to [`SCHEMA_VERSION`], in one transaction under the migration lock.
 pub async fn migrate(client: &mut Client) -> Result<(), String> {
     let text = |e: tokio_postgres::Error| e.to_string();
     let tx = client.transaction().await.map_err(text)?;
+    // Waits for an instance migrating meanwhile as long as the statement timeout lets it (not
+    // the connection's short lock timeout); then a table this migration changes may be waited
+    // for a little longer than a statement of the service would.
+    tx.batch_execute("SET LOCAL lock_timeout = 0").await.map_err(text)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(text)?;
+    tx.batch_execute("SET LOCAL lock_timeout = '10s'").await.map_err(text)?;
     tx.batch_execute("CREATE TABLE IF NOT EXISTS offload_schema (version INTEGER NOT NULL)").await.map_err(text)?;
     let version: i32 = match tx.query_opt("SELECT version FROM offload_schema", &[]).await.map_err(text)? {
         Some(row) => row.get(0),

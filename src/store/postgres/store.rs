@@ -81,6 +81,19 @@ const EVERYONE: &str = "********";
 const EVICT_LOCK: i64 = 0x6f66_666c_6f61_6402; // "offload" + 2
 /// Webhooks of stopped instances taken per rescue (each rescue, every third of the lease).
 const RESCUED_WEBHOOKS: i64 = 100;
+/// The longest a request waits for a read (a job, a list, a result, counts): they take
+/// milliseconds, and never wait on a lock, so a read this late means the database is stuck.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a request waits for its write (a submission, a cancel): the server's own
+/// statement timeout, which also holds while the server does not answer at all.
+const WRITE_TIMEOUT: Duration = super::conn::STATEMENT_TIMEOUT;
+
+/// The most a grouped statement's requests tried one by one (the database refused the group)
+/// may take together: the ones not tried by then get the group's error.
+const ONE_BY_ONE: Duration = Duration::from_secs(5);
+/// How soon an end skipped because another session holds its row is tried again (doubling up
+/// to a second while the row stays locked).
+const SKIPPED_END_RETRY: Duration = Duration::from_millis(100);
 
 /// The job columns [`job_from_row`] reads, in its order.
 macro_rules! job_columns {
@@ -182,6 +195,47 @@ struct EndRequest {
     reply: oneshot::Sender<Result<Option<Job>, StoreError>>,
 }
 
+/// A grouped statement's failure, and whether the database refused what it carries (then its
+/// requests are worth trying one by one; not when it timed out or lost its connection).
+struct Grouped {
+    error: StoreError,
+    refused: bool,
+}
+
+impl Grouped {
+    fn of(e: tokio_postgres::Error) -> Self {
+        Grouped { refused: super::conn::refused(&e), error: unavailable(e) }
+    }
+
+    fn other(error: StoreError) -> Self {
+        Grouped { error, refused: false }
+    }
+}
+
+/// What one end statement did: the jobs it ended, and those whose rows were locked by another
+/// session (skipped, to be tried again).
+#[derive(Default)]
+struct Ends {
+    ended: Vec<JobId>,
+    skipped: Vec<JobId>,
+}
+
+impl Ends {
+    /// `batch` split into the requests answered (whether each ended its job) and those skipped.
+    #[allow(clippy::type_complexity)]
+    fn split(&self, batch: Vec<EndRequest>) -> (Vec<(EndRequest, Result<bool, StoreError>)>, Vec<EndRequest>) {
+        let (skipped, done): (Vec<_>, Vec<_>) = batch.into_iter().partition(|r| self.skipped.contains(&r.job.id));
+        let done = done
+            .into_iter()
+            .map(|r| {
+                let ended = self.ended.contains(&r.job.id);
+                (r, Ok(ended))
+            })
+            .collect();
+        (done, skipped)
+    }
+}
+
 impl batch::Weigh for EndRequest {
     fn bytes(&self) -> usize {
         self.bytes.as_ref().map_or(0, Bytes::len)
@@ -248,12 +302,20 @@ impl PgStore {
         Box::pin(async move { handle.await.map_err(|e| unavailable(format!("store task: {e}")))? })
     }
 
-    /// A read, blocking the calling thread on the store's runtime.
+    /// A read, blocking the calling thread on the store's runtime, for at most [`READ_TIMEOUT`].
     fn read<T: Send + 'static>(
         &self,
         fut: impl Future<Output = Result<T, StoreError>> + Send + 'static,
     ) -> Result<T, StoreError> {
-        run_on(self.rt().handle(), fut)
+        run_on(self.rt().handle(), bounded(READ_TIMEOUT, fut))
+    }
+
+    /// A request's write (a keyed submission, a cancel), given up after [`WRITE_TIMEOUT`].
+    fn write_bounded<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(Arc<Inner>) -> std::pin::Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>,
+    ) -> Pending<T> {
+        Box::pin(bounded(WRITE_TIMEOUT, self.write(f)))
     }
 }
 
@@ -262,6 +324,15 @@ impl Drop for PgStore {
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+/// `fut`, or `Unavailable` once `within` passed (the database did not answer in time: a request
+/// is answered 503 rather than left waiting on it).
+async fn bounded<T>(within: Duration, fut: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+    match tokio::time::timeout(within, fut).await {
+        Ok(done) => done,
+        Err(_) => Err(unavailable(format!("the database did not answer within {} s", within.as_secs()))),
     }
 }
 
@@ -458,10 +529,9 @@ impl Inner {
         sql.push_str(" ORDER BY seq DESC LIMIT $1");
         let limit = filter.limit as i64;
         let rows = match &owner {
-            Some(o) => conn.client().query(&sql, &[&limit, o]).await,
-            None => conn.client().query(&sql, &[&limit]).await,
-        }
-        .map_err(unavailable)?;
+            Some(o) => conn.query_built(&sql, &[&limit, o]).await,
+            None => conn.query_built(&sql, &[&limit]).await,
+        }?;
         rows.iter().map(|r| job_from_row(r).map(|(_, j)| self.live(j))).collect()
     }
 }
@@ -491,7 +561,7 @@ impl ResultReader for PieceReader {
                 .await?;
             Ok(row.map(|r| Bytes::from(r.get::<_, Vec<u8>>(0))).unwrap_or_default())
         };
-        run_on(&self.rt, fut)
+        run_on(&self.rt, bounded(READ_TIMEOUT, fut))
     }
 }
 
@@ -506,13 +576,15 @@ impl JobStore for PgStore {
 
     fn insert(&self, jobs: Vec<NewJob>, key: Option<IdempotencyKey>) -> Pending<Inserted> {
         if let Some(key) = key {
-            return self.write(move |inner| Box::pin(inner.insert_keyed(jobs, key)));
+            return self.write_bounded(move |inner| Box::pin(inner.insert_keyed(jobs, key)));
         }
         let (reply, answer) = oneshot::channel();
         if self.inserts.send(InsertRequest { jobs, reply }).is_err() {
             return crate::store::ready(Err(unavailable("the store is closed")));
         }
-        Box::pin(async move { answer.await.map_err(|_| unavailable("the store is closed"))? })
+        // Given up after the bound, it is not inserted if it still waits for its statement (a
+        // request whose answer is gone is left out).
+        Box::pin(bounded(WRITE_TIMEOUT, async move { answer.await.map_err(|_| unavailable("the store is closed"))? }))
     }
 
     fn claim(&self, kind: JobKind) -> Option<Pending<Option<Claimed>>> {
@@ -566,29 +638,47 @@ impl JobStore for PgStore {
     }
 
     fn cancel(&self, id: JobId, reason: ErrorBody) -> Pending<CancelOutcome> {
-        self.write(move |inner| Box::pin(inner.cancel(id, reason)))
+        self.write_bounded(move |inner| Box::pin(inner.cancel(id, reason)))
     }
 
     fn release(&self, id: JobId, attempt: u32) -> Pending<bool> {
         self.write(move |inner| Box::pin(inner.release(id, attempt)))
     }
 
-    fn expire(&self, now: SystemTime) -> Pending<usize> {
-        self.write(move |inner| Box::pin(inner.expire(now)))
+    /// Judged by the database's clock, not by `now` (this instance's): every instance forgets
+    /// a job at the same time, whatever its own clock says.
+    fn expire(&self, _now: SystemTime) -> Pending<usize> {
+        self.write(move |inner| Box::pin(inner.expire()))
     }
 
     fn webhook_done(&self, id: JobId) {
         let inner = self.inner.clone();
         self.rt().spawn(async move {
-            let deleted = match inner.conns.shared().await {
-                Ok(conn) => {
-                    conn.execute("DELETE FROM offload_webhooks WHERE job_id = $1", &[&id.to_bytes().as_slice()]).await
+            // A row another session holds locked is not waited for: tried again a few times.
+            let mut deleted = Ok(false);
+            for pause in [0, 200, 500, 1000, 2000, 5000] {
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                deleted = match inner.conns.shared().await {
+                    Ok(conn) => conn
+                        .query_opt(
+                            "WITH d AS (DELETE FROM offload_webhooks WHERE job_id IN (SELECT job_id FROM offload_webhooks \
+                               WHERE job_id = $1 FOR UPDATE SKIP LOCKED) RETURNING 1) \
+                             SELECT NOT EXISTS (SELECT 1 FROM d) AND EXISTS (SELECT 1 FROM offload_webhooks WHERE job_id = $1)",
+                            &[&id.to_bytes().as_slice()],
+                        )
+                        .await
+                        .map(|r| r.is_some_and(|r| r.get::<_, bool>(0))),
+                    Err(e) => Err(e),
+                };
+                if !matches!(deleted, Ok(true)) {
+                    break;
                 }
-                Err(e) => Err(e),
-            };
-            if let Err(e) = deleted {
+            }
+            match deleted {
                 // Left leased: it expires, and another delivery follows (at least once).
-                tracing::warn!(job = %id, "cannot mark the webhook delivered: {e}");
+                Err(e) => tracing::warn!(job = %id, "cannot mark the webhook delivered: {e}"),
+                Ok(true) => tracing::warn!(job = %id, "cannot mark the webhook delivered: its row stays locked"),
+                Ok(false) => {}
             }
             inner.with_state(|s| s.delivering.remove(&id));
         });
@@ -598,12 +688,14 @@ impl JobStore for PgStore {
         let inner = self.inner.clone();
         self.rt().spawn(async move {
             inner.with_state(|s| s.delivering.remove(&id));
-            // Let go of it: any instance's rescue takes it again after a minute.
+            // Let go of it: any instance's rescue takes it again after a minute (as it does if
+            // its row is locked now and the lease runs out).
             if let Ok(conn) = inner.conns.shared().await {
                 let _ = conn
                     .execute(
                         "UPDATE offload_webhooks SET lease_owner = NULL, lease_until = now() + interval '1 minute' \
-                         WHERE job_id = $1 AND lease_owner = $2",
+                         WHERE job_id IN (SELECT job_id FROM offload_webhooks WHERE job_id = $1 AND lease_owner = $2 \
+                           FOR UPDATE SKIP LOCKED)",
                         &[&id.to_bytes().as_slice(), &inner.me],
                     )
                     .await;
@@ -704,9 +796,17 @@ impl JobStore for PgStore {
         })
     }
 
+    /// `Err` while the last background statement failed, or while the database has not
+    /// answered a statement for [`STALL_AFTER`](super::conn::STALL_AFTER) (frozen, or the way to
+    /// it lost): both clear by themselves.
     fn health(&self) -> Result<(), StoreError> {
-        match self.inner.conns.failing() {
-            Some(m) => Err(StoreError::Unavailable(m)),
+        if let Some(m) = self.inner.conns.failing() {
+            return Err(StoreError::Unavailable(m));
+        }
+        match self.inner.conns.stalled() {
+            Some(waited) => {
+                Err(StoreError::Unavailable(format!("the database has not answered for {} s", waited.as_secs())))
+            }
             None => Ok(()),
         }
     }

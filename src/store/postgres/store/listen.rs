@@ -36,30 +36,54 @@ impl Inner {
         let stages: Vec<Option<&str>> = moved.iter().map(|m| m.0.stage.as_deref()).collect();
         let written = async {
             let conn = self.conns.shared().await?;
+            // Rows another session holds locked are skipped, not waited for: written next time.
             conn.query(
                 "WITH x AS (SELECT * FROM unnest($1::bytea[], $2::int4[], $3::int8[], $4::real[], $5::text[], \
                    $7::text[], $8::text[]) AS x(id, a, t, p, s, started, moved)), \
+                 l AS (SELECT seq FROM offload_jobs WHERE id = ANY($1::bytea[]) AND lease_owner = $6 \
+                   AND status IN (0, 1) FOR UPDATE SKIP LOCKED), \
                  u AS (UPDATE offload_jobs o SET status = 1, started_at = x.t, progress = x.p, stage = x.s FROM x \
-                   WHERE o.id = x.id AND o.attempts = x.a AND o.lease_owner = $6 AND o.status IN (0, 1) RETURNING o.id) \
-                 SELECT CASE WHEN x.started IS NOT NULL THEN pg_notify('offload', x.started) END, \
-                   CASE WHEN x.moved IS NOT NULL THEN pg_notify('offload', x.moved) END FROM x JOIN u USING (id)",
+                   WHERE o.seq IN (SELECT seq FROM l) AND o.id = x.id AND o.attempts = x.a AND o.lease_owner = $6 \
+                   AND o.status IN (0, 1) RETURNING o.id) \
+                 SELECT x.id, CASE WHEN u.id IS NOT NULL AND x.started IS NOT NULL THEN pg_notify('offload', x.started) END, \
+                   CASE WHEN u.id IS NOT NULL AND x.moved IS NOT NULL THEN pg_notify('offload', x.moved) END, \
+                   u.id IS NULL AND EXISTS (SELECT 1 FROM offload_jobs o WHERE o.id = x.id AND o.attempts = x.a \
+                     AND o.lease_owner = $6 AND o.status IN (0, 1)) \
+                 FROM x LEFT JOIN u USING (id)",
                 &[&ids, &attempts, &starts, &fractions, &stages, &self.me, &started, &announced],
             )
             .await
         };
-        if let Err(e) = written.await {
-            // Written next time: the flags come back for the runs still held as they were.
-            self.with_state(|s| {
-                for (job, start, dirty) in &moved {
-                    if let Some(h) = s.held.get_mut(&job.id).filter(|h| h.job.attempts == job.attempts) {
-                        h.start_unsaid |= *start;
-                        h.dirty |= *dirty;
-                    }
-                }
-            });
-            return Err(e);
+        // Written next time: the flags come back for the runs still held as they were, when
+        // nothing was written or their rows were skipped.
+        let skipped: Vec<[u8; 16]> = match written.await {
+            Ok(rows) => rows
+                .iter()
+                .filter(|r| r.get::<_, bool>(3))
+                .filter_map(|r| <[u8; 16]>::try_from(r.get::<_, Vec<u8>>(0)).ok())
+                .collect(),
+            Err(e) => {
+                self.again(&moved, |_| true);
+                return Err(e);
+            }
+        };
+        if !skipped.is_empty() {
+            self.again(&moved, |id| skipped.contains(&id.to_bytes()));
         }
         Ok(())
+    }
+
+    /// Runs of `moved` to write again next time (those `which` says), when still held as they
+    /// were.
+    fn again(&self, moved: &[(Job, bool, bool)], which: impl Fn(JobId) -> bool) {
+        self.with_state(|s| {
+            for (job, start, dirty) in moved.iter().filter(|m| which(m.0.id)) {
+                if let Some(h) = s.held.get_mut(&job.id).filter(|h| h.job.attempts == job.attempts) {
+                    h.start_unsaid |= *start;
+                    h.dirty |= *dirty;
+                }
+            }
+        });
     }
 
     /// One connection that LISTENs; reconnects with backoff when it drops, and then refreshes

@@ -99,7 +99,8 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// Writes every mutable field of `job` back ($2…$13), and lets go of its lease.
+/// Writes every mutable field of `job` back ($2…$13), and lets go of its lease; the end is
+/// dated by the database's clock too (what retention goes by).
 pub(super) async fn save(tx: &tokio_postgres::Transaction<'_>, seq: i64, job: &Job) -> Result<(), StoreError> {
     let fields = Fields::of(job);
     let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&seq];
@@ -107,7 +108,8 @@ pub(super) async fn save(tx: &tokio_postgres::Transaction<'_>, seq: i64, job: &J
     tx.execute(
         "UPDATE offload_jobs SET status = $2, progress = $3, stage = $4, started_at = $5, finished_at = $6, \
          error_code = $7, error_message = $8, result_type = $9, result_bytes = $10, result_name = $11, \
-         result_width = $12, result_height = $13, lease_owner = NULL, lease_until = NULL WHERE seq = $1",
+         result_width = $12, result_height = $13, lease_owner = NULL, lease_until = NULL, \
+         db_finished_at = (extract(epoch FROM now()) * 1000000)::int8 WHERE seq = $1",
         &params,
     )
     .await
@@ -128,7 +130,7 @@ pub(super) fn ended(mut job: Job, outcome: Final, budget: usize) -> Option<(Job,
         Final::Succeeded { bytes, .. } => Some(bytes.clone()),
         _ => None,
     };
-    let now = SystemTime::now();
+    let now = crate::clock::now();
     job.start(now);
     apply_final(&mut job, outcome, now).then_some(())?;
     // PostgreSQL's text refuses NUL; a file name or a message may carry one from the input.

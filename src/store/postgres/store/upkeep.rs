@@ -8,7 +8,8 @@ impl Inner {
     /// nothing else: a lease whose work this instance lost track of (a claim whose answer was
     /// lost with its connection) runs out and is rescued. A held job whose lease could not be
     /// renewed was taken back (this instance was cut off past its lease): its run here stops,
-    /// so a job runs on one instance at a time.
+    /// so a job runs on one instance at a time. Rows another session holds locked are skipped,
+    /// not waited for: still this instance's, they are renewed next time.
     pub(super) async fn heartbeat(&self) -> Result<(), StoreError> {
         let (jobs, hooks): (Vec<[u8; 16]>, Vec<[u8; 16]>) = self.with_state(|s| {
             (s.held.keys().map(|id| id.to_bytes()).collect(), s.delivering.iter().map(|id| id.to_bytes()).collect())
@@ -18,16 +19,30 @@ impl Inner {
         let conn = self.conns.shared().await?;
         let row = conn
             .query_opt(
-                "WITH j AS (UPDATE offload_jobs SET lease_until = now() + make_interval(secs => $2) \
-                   WHERE lease_owner = $1 AND id = ANY($3::bytea[]) RETURNING id), \
+                "WITH l AS (SELECT seq FROM offload_jobs WHERE lease_owner = $1 AND id = ANY($3::bytea[]) \
+                   FOR UPDATE SKIP LOCKED), \
+                 j AS (UPDATE offload_jobs SET lease_until = now() + make_interval(secs => $2) \
+                   WHERE seq IN (SELECT seq FROM l) AND lease_owner = $1 RETURNING id), \
+                 k AS (SELECT job_id FROM offload_webhooks WHERE lease_owner = $1 AND job_id = ANY($4::bytea[]) \
+                   FOR UPDATE SKIP LOCKED), \
                  w AS (UPDATE offload_webhooks SET lease_until = now() + make_interval(secs => $2) \
-                   WHERE lease_owner = $1 AND job_id = ANY($4::bytea[]) RETURNING 1) \
-                 SELECT (SELECT coalesce(array_agg(id), '{}') FROM j), (SELECT count(*) FROM w)",
+                   WHERE job_id IN (SELECT job_id FROM k) AND lease_owner = $1 RETURNING 1) \
+                 SELECT (SELECT coalesce(array_agg(id), '{}') FROM j), (SELECT count(*) FROM w), \
+                   (SELECT coalesce(array_agg(id), '{}') FROM offload_jobs WHERE lease_owner = $1 \
+                     AND id = ANY($3::bytea[]) AND seq NOT IN (SELECT seq FROM l))",
                 &[&self.me, &self.lease.as_secs_f64(), &job_ids, &hook_ids],
             )
             .await?;
-        let renewed: std::collections::HashSet<Vec<u8>> =
-            row.map(|r| r.get::<_, Vec<Vec<u8>>>(0)).unwrap_or_default().into_iter().collect();
+        // Renewed, or skipped while still this instance's.
+        let renewed: std::collections::HashSet<Vec<u8>> = row
+            .map(|r| {
+                let mut ids = r.get::<_, Vec<Vec<u8>>>(0);
+                ids.extend(r.get::<_, Vec<Vec<u8>>>(2));
+                ids
+            })
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         let lost: Vec<JobId> = jobs
             .iter()
             .filter(|id| !renewed.contains(id.as_slice()))
@@ -90,7 +105,8 @@ impl Inner {
     }
 
     /// Jobs whose holder stopped renewing: queued again, or failed past the attempts allowed.
-    /// Followers everywhere hear of both.
+    /// Followers everywhere hear of both. Rows another session holds locked wait for the next
+    /// rescue.
     pub(super) async fn rescue(&self) -> Result<(), StoreError> {
         let failed = self.fail_lost().await?;
         let conn = self.conns.shared().await?;
@@ -98,7 +114,9 @@ impl Inner {
             .execute(
                 "UPDATE offload_jobs SET status = 0, stage = 'queued', progress = 0, started_at = NULL, \
                  lease_owner = NULL, lease_until = NULL \
-                 WHERE lease_owner IS NOT NULL AND lease_until < now() AND status IN (0, 1) \
+                 WHERE seq IN (SELECT seq FROM offload_jobs WHERE lease_owner IS NOT NULL AND lease_until < now() \
+                   AND status IN (0, 1) FOR UPDATE SKIP LOCKED) \
+                 AND lease_owner IS NOT NULL AND lease_until < now() AND status IN (0, 1) \
                  RETURNING pg_notify('offload', 'j0' || encode(id, 'hex') || $1), pg_notify('offload', 'q')",
                 &[&EVERYONE],
             )
@@ -139,7 +157,7 @@ impl Inner {
             .map_err(unavailable)?;
         let mut owed = Vec::new();
         for (seq, mut job) in rows.iter().filter_map(|r| job_from_row(r).ok()) {
-            job.fail(lost.clone(), SystemTime::now());
+            job.fail(lost.clone(), crate::clock::now());
             self.end(&tx, seq, &job).await?;
             tx.execute("SELECT pg_notify('offload', $1)", &[&notice::changed(job.id, job.status, EVERYONE)])
                 .await
@@ -162,18 +180,21 @@ impl Inner {
     }
 
     /// Forgets finished jobs past the TTL, in batches; then, while the results kept pass the
-    /// budget, the oldest finished jobs.
-    pub(super) async fn expire(self: Arc<Self>, now: SystemTime) -> Result<usize, StoreError> {
-        let cutoff = micros(now.checked_sub(self.ttl).unwrap_or(SystemTime::UNIX_EPOCH));
+    /// budget, the oldest finished jobs. Both go by the database's clock: when the database
+    /// recorded the end (`db_finished_at`; `finished_at`, the ending instance's clock, for jobs
+    /// ended before that column existed), against the database's `now()`.
+    pub(super) async fn expire(self: Arc<Self>) -> Result<usize, StoreError> {
+        let ttl = i64::try_from(self.ttl.as_micros()).unwrap_or(i64::MAX);
         let mut total = 0;
         loop {
             let mut conn = self.conns.alone().await?;
             let tx = conn.transaction().await.map_err(unavailable)?;
             let rows = tx
                 .query(
-                    "SELECT seq FROM offload_jobs WHERE finished_at < $1 ORDER BY finished_at LIMIT 2000 \
-                     FOR UPDATE SKIP LOCKED",
-                    &[&cutoff],
+                    "SELECT seq FROM offload_jobs WHERE finished_at IS NOT NULL \
+                     AND coalesce(db_finished_at, finished_at) < (extract(epoch FROM now()) * 1000000)::int8 - $1 \
+                     ORDER BY coalesce(db_finished_at, finished_at) LIMIT 2000 FOR UPDATE SKIP LOCKED",
+                    &[&ttl],
                 )
                 .await
                 .map_err(unavailable)?;
@@ -215,7 +236,7 @@ impl Inner {
             let rows = tx
                 .query(
                     "SELECT seq, result_bytes FROM offload_jobs WHERE status = 2 AND result_bytes > 0 \
-                     ORDER BY finished_at, seq LIMIT 2000 FOR UPDATE SKIP LOCKED",
+                     ORDER BY coalesce(db_finished_at, finished_at), seq LIMIT 2000 FOR UPDATE SKIP LOCKED",
                     &[],
                 )
                 .await

@@ -38,21 +38,35 @@ impl Inner {
     }
 
     /// Submissions without a key, inserted in one statement: one commit for all, every
-    /// submitter answered after it.
+    /// submitter answered after it. A submission whose request gave up waiting is left out.
     pub(super) async fn insert_batch(self: Arc<Self>, batch: Vec<InsertRequest>) {
+        let batch: Vec<InsertRequest> = batch.into_iter().filter(|r| !r.reply.is_closed()).collect();
+        if batch.is_empty() {
+            return;
+        }
         let all: Vec<&NewJob> = batch.iter().flat_map(|r| &r.jobs).collect();
         let results = match self.insert_many(&all).await {
             Ok(()) => vec![Ok(()); batch.len()],
-            // One submission the database refuses must not fail the others: each alone.
-            Err(e) if batch.len() > 1 => {
-                tracing::warn!("a grouped insert failed ({e}); inserting its {} submissions one by one", batch.len());
+            // One submission the database refuses must not fail the others: each alone, within
+            // one bound for them all.
+            Err(Grouped { error, refused: true }) if batch.len() > 1 => {
+                tracing::warn!(
+                    "a grouped insert failed ({error}); inserting its {} submissions one by one",
+                    batch.len()
+                );
+                let deadline = tokio::time::Instant::now() + ONE_BY_ONE;
                 let mut results = Vec::with_capacity(batch.len());
                 for request in &batch {
-                    results.push(self.insert_many(&request.jobs.iter().collect::<Vec<_>>()).await);
+                    let jobs: Vec<&NewJob> = request.jobs.iter().collect();
+                    let alone = self.insert_many(&jobs);
+                    results.push(match tokio::time::timeout_at(deadline, alone).await {
+                        Ok(done) => done.map_err(|g| g.error),
+                        Err(_) => Err(error.clone()),
+                    });
                 }
                 results
             }
-            Err(e) => vec![Err(e)],
+            Err(Grouped { error, .. }) => vec![Err(error); batch.len()],
         };
         for (request, result) in batch.into_iter().zip(results) {
             if result.is_ok() {
@@ -63,7 +77,7 @@ impl Inner {
         }
     }
 
-    pub(super) async fn insert_many(&self, jobs: &[&NewJob]) -> Result<(), StoreError> {
+    pub(super) async fn insert_many(&self, jobs: &[&NewJob]) -> Result<(), Grouped> {
         let raw: Vec<[u8; 16]> = jobs.iter().map(|n| n.job.id.to_bytes()).collect();
         let ids: Vec<&[u8]> = raw.iter().map(|b| b.as_slice()).collect();
         let kinds: Vec<&str> = jobs.iter().map(|n| n.job.kind.as_str()).collect();
@@ -77,9 +91,9 @@ impl Inner {
         let owners: Vec<Option<Vec<u8>>> = jobs.iter().map(|n| n.job.owner.map(|o| o.to_bytes().to_vec())).collect();
         let specs: Vec<&[u8]> = jobs.iter().map(|n| n.record.spec.as_slice()).collect();
         let data: Vec<Option<&[u8]>> = jobs.iter().map(|n| n.record.data.as_deref()).collect();
-        let conn = self.conns.shared().await?;
-        let row = conn
-            .query_opt(
+        let conn = self.conns.shared().await.map_err(Grouped::other)?;
+        let rows = conn
+            .try_query(
                 "WITH new AS (SELECT * FROM unnest($1::bytea[], $2::text[], $3::int2[], $4::int4[], $5::real[], \
                    $6::text[], $7::int8[], $8::text[], $9::int8[], $10::bytea[], $11::bytea[], $12::bytea[]) \
                    AS x(id, kind, status, attempts, progress, stage, created_at, callback, weight, owner, spec, data)), \
@@ -94,10 +108,11 @@ impl Inner {
                     &specs, &data,
                 ],
             )
-            .await?;
-        let n = row.map_or(0, |r| r.get::<_, i64>(0)) as usize;
+            .await
+            .map_err(Grouped::of)?;
+        let n = rows.first().map_or(0, |r| r.get::<_, i64>(0)) as usize;
         if n != jobs.len() {
-            return Err(unavailable(format!("inserted {n} of {} jobs", jobs.len())));
+            return Err(Grouped::other(unavailable(format!("inserted {n} of {} jobs", jobs.len()))));
         }
         Ok(())
     }
@@ -304,24 +319,67 @@ impl Inner {
 
     /// Ends of runs, in one statement for all: each job's row, its result, its payload gone,
     /// its webhook owed (held by this instance, which delivers it) and its notices, fenced on
-    /// (attempt, lease owner) job by job.
+    /// (attempt, lease owner) job by job. A row another session holds locked is skipped, not
+    /// waited for (the statements behind this one on its connection would wait too): its end is
+    /// tried again, alone, until the lock goes.
     pub(super) async fn end_batch(self: Arc<Self>, batch: Vec<EndRequest>) {
-        let results: Vec<Result<bool, StoreError>> = match self.end_many(&batch).await {
-            Ok(ended) => batch.iter().map(|r| Ok(ended.contains(&r.job.id))).collect(),
-            // One end the database refuses must not fail the others: each alone.
-            Err(e) if batch.len() > 1 => {
-                tracing::warn!("a grouped end failed ({e}); writing its {} ends one by one", batch.len());
-                let mut results = Vec::with_capacity(batch.len());
-                for request in &batch {
-                    let alone = self.end_many(std::slice::from_ref(request)).await;
-                    results.push(alone.map(|ended| ended.contains(&request.job.id)));
+        let (done, skipped) = match self.end_many(&batch).await {
+            Ok(ends) => ends.split(batch),
+            // One end the database refuses must not fail the others: each alone, within one
+            // bound for them all.
+            Err(Grouped { error, refused: true }) if batch.len() > 1 => {
+                tracing::warn!("a grouped end failed ({error}); writing its {} ends one by one", batch.len());
+                let deadline = tokio::time::Instant::now() + ONE_BY_ONE;
+                let (mut done, mut skipped) = (Vec::new(), Vec::new());
+                for request in batch {
+                    let alone = self.end_many(std::slice::from_ref(&request));
+                    match tokio::time::timeout_at(deadline, alone).await {
+                        Ok(Ok(ends)) if ends.skipped.is_empty() => {
+                            let ended = ends.ended.contains(&request.job.id);
+                            done.push((request, Ok(ended)));
+                        }
+                        Ok(Ok(_)) => skipped.push(request),
+                        Ok(Err(g)) => done.push((request, Err(g.error))),
+                        Err(_) => done.push((request, Err(error.clone()))),
+                    }
                 }
-                results
+                (done, skipped)
             }
-            Err(e) => vec![Err(e)],
+            Err(Grouped { error, .. }) => (batch.into_iter().map(|r| (r, Err(error.clone()))).collect(), Vec::new()),
         };
+        self.ends_written(done);
+        if !skipped.is_empty() {
+            tokio::spawn(self.retry_skipped_ends(skipped));
+        }
+    }
+
+    /// Ends whose rows another session holds locked, tried again (every 100 ms, then up to
+    /// every second) until written; their writers wait meanwhile. Any other failure answers
+    /// them (the Dispatcher tries again).
+    async fn retry_skipped_ends(self: Arc<Self>, mut waiting: Vec<EndRequest>) {
+        let mut pause = SKIPPED_END_RETRY;
+        tracing::info!(jobs = waiting.len(), "ends wait for rows another database session holds locked");
+        while !waiting.is_empty() {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+            match self.end_many(&waiting).await {
+                Ok(ends) => {
+                    let (done, skipped) = ends.split(waiting);
+                    self.ends_written(done);
+                    waiting = skipped;
+                }
+                Err(Grouped { error, .. }) => {
+                    self.ends_written(waiting.into_iter().map(|r| (r, Err(error.clone()))).collect());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Ends written (whether each ended the job) or failed: the state here, then the answers.
+    fn ends_written(self: &Arc<Self>, done: Vec<(EndRequest, Result<bool, StoreError>)>) {
         self.with_state(|s| {
-            for (request, result) in batch.iter().zip(&results) {
+            for (request, result) in &done {
                 let (id, attempt) = (request.job.id, request.job.attempts);
                 match result {
                     Ok(ended) => {
@@ -356,12 +414,14 @@ impl Inner {
                 this.evicting.store(false, std::sync::atomic::Ordering::Release);
             });
         }
-        for (request, result) in batch.into_iter().zip(results) {
+        for (request, result) in done {
             let _ = request.reply.send(result.map(|ended| ended.then_some(request.job)));
         }
     }
 
-    pub(super) async fn end_many(&self, batch: &[EndRequest]) -> Result<Vec<JobId>, StoreError> {
+    /// The ends of `batch` in one statement: the jobs it ended, and those it skipped (their
+    /// rows are locked by another session; still this run's to end).
+    pub(super) async fn end_many(&self, batch: &[EndRequest]) -> Result<Ends, Grouped> {
         let raw: Vec<[u8; 16]> = batch.iter().map(|r| r.job.id.to_bytes()).collect();
         let ids: Vec<&[u8]> = raw.iter().map(|b| b.as_slice()).collect();
         let attempts: Vec<i32> = batch.iter().map(|r| r.job.attempts as i32).collect();
@@ -383,20 +443,22 @@ impl Inner {
         let results: Vec<Option<&[u8]>> = batch.iter().map(|r| r.bytes.as_deref()).collect();
         let urls: Vec<Option<&str>> = owed.iter().map(|o| o.as_ref().map(|o| o.0)).collect();
         let bodies: Vec<Option<&[u8]>> = owed.iter().map(|o| o.as_ref().map(|o| o.1.as_slice())).collect();
-        let conn = self.conns.shared().await?;
+        let conn = self.conns.shared().await.map_err(Grouped::other)?;
         let rows = conn
-            .query(
+            .try_query(
                 "WITH x AS (SELECT * FROM unnest($1::bytea[], $2::int4[], $3::int2[], $4::real[], $5::text[], \
                    $6::int8[], $7::int8[], $8::text[], $9::text[], $10::text[], $11::int8[], $12::text[], $13::int4[], \
                    $14::int4[], $15::bytea[], $16::text[], $17::bytea[], $18::text[], $19::text[]) \
                    AS x(id, attempt, status, progress, stage, started_at, finished_at, error_code, error_message, \
                    result_type, result_bytes, result_name, result_width, result_height, result, url, body, said, ran)), \
+                 l AS (SELECT seq FROM offload_jobs WHERE id = ANY($1::bytea[]) AND lease_owner = $20 \
+                   AND status IN (0, 1) FOR UPDATE SKIP LOCKED), \
                  u AS (UPDATE offload_jobs o SET status = x.status, progress = x.progress, stage = x.stage, \
                    started_at = x.started_at, finished_at = x.finished_at, error_code = x.error_code, \
                    error_message = x.error_message, result_type = x.result_type, result_bytes = x.result_bytes, \
                    result_name = x.result_name, result_width = x.result_width, result_height = x.result_height, \
-                   lease_owner = NULL, lease_until = NULL \
-                   FROM x WHERE o.id = x.id AND o.attempts = x.attempt AND o.lease_owner = $20 AND o.status IN (0, 1) \
+                   lease_owner = NULL, lease_until = NULL, db_finished_at = (extract(epoch FROM now()) * 1000000)::int8 \
+                   FROM x WHERE o.seq IN (SELECT seq FROM l) AND o.id = x.id AND o.attempts = x.attempt AND o.lease_owner = $20 AND o.status IN (0, 1) \
                    RETURNING o.seq, o.id, o.owner), \
                  r AS (INSERT INTO offload_results (seq, bytes) SELECT u.seq, x.result FROM u JOIN x USING (id) \
                    WHERE x.result IS NOT NULL ON CONFLICT (seq) DO UPDATE SET bytes = excluded.bytes), \
@@ -406,8 +468,12 @@ impl Inner {
                    WHERE x.url IS NOT NULL ON CONFLICT (job_id) DO UPDATE SET url = excluded.url, \
                    body = excluded.body, lease_owner = excluded.lease_owner, lease_until = excluded.lease_until, \
                    owner = excluded.owner) \
-                 SELECT u.id, CASE WHEN x.ran IS NOT NULL THEN pg_notify('offload', x.ran) END, \
-                   pg_notify('offload', x.said) FROM u JOIN x USING (id)",
+                 SELECT x.id, u.id IS NOT NULL, \
+                   CASE WHEN u.id IS NOT NULL AND x.ran IS NOT NULL THEN pg_notify('offload', x.ran) END, \
+                   CASE WHEN u.id IS NOT NULL THEN pg_notify('offload', x.said) END, \
+                   u.id IS NULL AND EXISTS (SELECT 1 FROM offload_jobs o WHERE o.id = x.id AND o.attempts = x.attempt \
+                     AND o.lease_owner = $20 AND o.status IN (0, 1)) \
+                 FROM x LEFT JOIN u USING (id)",
                 &[
                     &ids,
                     &attempts,
@@ -432,12 +498,18 @@ impl Inner {
                     &self.lease.as_secs_f64(),
                 ],
             )
-            .await?;
-        Ok(rows
-            .iter()
-            .filter_map(|r| <[u8; 16]>::try_from(r.get::<_, Vec<u8>>(0)).ok())
-            .map(JobId::from_bytes)
-            .collect())
+            .await
+            .map_err(Grouped::of)?;
+        let mut ends = Ends::default();
+        for row in rows {
+            let Ok(id) = <[u8; 16]>::try_from(row.get::<_, Vec<u8>>(0)) else { continue };
+            if row.get::<_, bool>(1) {
+                ends.ended.push(JobId::from_bytes(id));
+            } else if row.get::<_, bool>(4) {
+                ends.skipped.push(JobId::from_bytes(id));
+            }
+        }
+        Ok(ends)
     }
 
     /// An end this instance has no copy of the job for: read and locked in a transaction.
@@ -497,7 +569,7 @@ impl Inner {
         if job.status.is_terminal() {
             return Ok(CancelOutcome::Finished(job));
         }
-        job.cancel(SystemTime::now());
+        job.cancel(crate::clock::now());
         job.error = Some(reason);
         self.end(&tx, seq, &job).await?;
         // Followers elsewhere see it (this instance's Dispatcher tells its own); the instance
@@ -514,13 +586,18 @@ impl Inner {
     pub(super) async fn release(self: Arc<Self>, id: JobId, attempt: u32) -> Result<bool, StoreError> {
         let conn = self.conns.shared().await?;
         // A run whose start is not written yet (a claim not started, or started within the last
-        // 50 ms) gives its attempt back.
-        let changed = conn
-            .execute(
-                "UPDATE offload_jobs SET attempts = CASE WHEN status = 0 THEN attempts - 1 ELSE attempts END, \
-                 status = 0, stage = 'queued', progress = 0, started_at = NULL, lease_owner = NULL, lease_until = NULL \
-                 WHERE id = $1 AND attempts = $2 AND lease_owner = $3 AND status IN (0, 1) \
-                 RETURNING pg_notify('offload', $4), pg_notify('offload', 'q')",
+        // 50 ms) gives its attempt back. A row another session holds locked is not waited for:
+        // the lease brings the job back instead.
+        let row = conn
+            .query_opt(
+                "WITH l AS (SELECT seq FROM offload_jobs WHERE id = $1 AND attempts = $2 AND lease_owner = $3 \
+                   AND status IN (0, 1) FOR UPDATE SKIP LOCKED), \
+                 u AS (UPDATE offload_jobs SET attempts = CASE WHEN status = 0 THEN attempts - 1 ELSE attempts END, \
+                   status = 0, stage = 'queued', progress = 0, started_at = NULL, lease_owner = NULL, lease_until = NULL \
+                   WHERE seq IN (SELECT seq FROM l) AND id = $1 AND attempts = $2 AND lease_owner = $3 \
+                   AND status IN (0, 1) RETURNING pg_notify('offload', $4), pg_notify('offload', 'q')) \
+                 SELECT (SELECT count(*) FROM u), NOT EXISTS (SELECT 1 FROM l) AND EXISTS (SELECT 1 FROM offload_jobs \
+                   WHERE id = $1 AND attempts = $2 AND lease_owner = $3 AND status IN (0, 1))",
                 &[
                     &id.to_bytes().as_slice(),
                     &(attempt as i32),
@@ -530,6 +607,10 @@ impl Inner {
             )
             .await?;
         self.settle(id, attempt);
+        let (changed, skipped) = row.map_or((0, false), |r| (r.get::<_, i64>(0), r.get::<_, bool>(1)));
+        if skipped {
+            return Err(unavailable("another database session holds the job's row locked"));
+        }
         Ok(changed == 1)
     }
 }
