@@ -138,7 +138,7 @@ impl Application {
                 .app_data(web::Data::new(limits))
                 .app_data(web::Data::new(uploads))
                 .app_data(web::Data::new(ws.clone()))
-                .configure(|cfg| routes::configure(cfg, json_limit, &static_dir))
+                .configure(|cfg| routes::configure(cfg, json_limit, static_dir.as_deref()))
         })
         .workers(settings.http_workers())
         .tcp_nodelay(true)
