@@ -3,6 +3,8 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock rustfmt.toml ./
 COPY src ./src
+# The page is built into the binary.
+COPY static ./static
 RUN cargo build --release --locked && cp target/release/offload /offload
 
 FROM debian:bookworm-slim
@@ -10,10 +12,8 @@ RUN useradd --system --uid 10001 --no-create-home offload \
     && mkdir /data && chown offload /data
 WORKDIR /app
 COPY --from=build /offload /usr/local/bin/offload
-COPY static ./static
 USER offload
 ENV OFFLOAD_BIND=0.0.0.0:8080 \
-    OFFLOAD_STATIC_DIR=/app/static \
     OFFLOAD_DATA_DIR=/data \
     OFFLOAD_LOG_FORMAT=json
 # Accepted jobs, uploads and results: mount a volume here to keep them across containers.

@@ -352,9 +352,10 @@ pub struct Settings {
     #[arg(long, env = "OFFLOAD_API_KEYS", hide_env_values = true)]
     pub api_keys: Option<Secret>,
 
-    /// Directory with the browser page served at `/`.
-    #[arg(long, env = "OFFLOAD_STATIC_DIR", default_value = "static")]
-    pub static_dir: PathBuf,
+    /// Serve the browser page at `/` from this directory instead of the copy of `static/` built
+    /// into the binary (to work on the page without rebuilding).
+    #[arg(long, env = "OFFLOAD_STATIC_DIR")]
+    pub static_dir: Option<PathBuf>,
 
     /// Probe `GET /healthz` on the bind address and exit 0 if healthy, 1 if not (for containers).
     #[arg(long)]

@@ -52,6 +52,7 @@ pub fn code_for_status(status: StatusCode) -> &'static str {
         414 => "uri_too_long",
         415 => "unsupported_media_type",
         422 => "invalid_request",
+        426 => "upgrade_required",
         429 => "too_many_requests",
         431 => "headers_too_large",
         503 => "unavailable",

@@ -153,7 +153,7 @@ impl Application {
                 .app_data(web::Data::new(policy))
                 .app_data(web::Data::new(ws.clone()))
                 .app_data(spec.clone())
-                .configure(|cfg| routes::configure(cfg, json_limit, &static_dir, &kinds_http))
+                .configure(|cfg| routes::configure(cfg, json_limit, static_dir.as_deref(), &kinds_http))
         })
         .workers(settings.http_workers())
         .tcp_nodelay(true)

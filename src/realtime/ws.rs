@@ -56,7 +56,8 @@ static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 /// with each followed job's current state at once, then every status change and progress at most
 /// every 50 ms, and `{"type": "error", "code": "unknown_job" | "bad_frame" | "too_many_subscriptions",
 /// "message", "id" | "ids"}` for bad input (the socket stays open). With `--api-keys` the key may
-/// also be passed as `?access_token=KEY`.
+/// also be passed as `?access_token=KEY`. A request that does not ask for a WebSocket is
+/// `426 upgrade_required`.
 #[utoipa::path(
     get,
     path = "/ws",
@@ -64,9 +65,11 @@ static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
     params(("access_token" = Option<String>, Query, description = "An API key, for clients that cannot set headers")),
     responses(
         (status = 101, description = "Switching protocols: the WebSocket is open"),
-        (status = 400, description = "Not a WebSocket handshake", body = crate::routes::openapi::ErrorResponse),
+        (status = 400, description = "`bad_request`: an upgrade to WebSocket without `Sec-WebSocket-Version`, or with a missing or malformed `Sec-WebSocket-Key`", body = crate::routes::openapi::ErrorResponse),
         (status = 401, description = "With `--api-keys`: no valid key", body = crate::routes::openapi::ErrorResponse),
-        (status = 403, description = "The Origin is not in `--ws-allowed-origins`", body = crate::routes::openapi::ErrorResponse),
+        (status = 403, description = "`origin_not_allowed`: the Origin is not in `--ws-allowed-origins`", body = crate::routes::openapi::ErrorResponse),
+        (status = 426, description = "`upgrade_required`: not a WebSocket upgrade (no `Upgrade: websocket` with `Connection: Upgrade`), or a `Sec-WebSocket-Version` other than 13", body = crate::routes::openapi::ErrorResponse,
+            headers(("Upgrade" = String, description = "`websocket`"), ("Connection" = String, description = "`Upgrade`"), ("Sec-WebSocket-Version" = String, description = "`13`"))),
     )
 )]
 pub async fn connect(
@@ -78,6 +81,9 @@ pub async fn connect(
     store: web::Data<Arc<dyn JobStore>>,
     metrics: web::Data<Arc<Metrics>>,
 ) -> Result<HttpResponse, actix_web::Error> {
+    if !asks_for_websocket(&req) {
+        return Ok(upgrade_required());
+    }
     if let Some(allowed) = &settings.allowed_origins {
         let origin = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()).unwrap_or("");
         if !allowed.iter().any(|a| a == origin) {
@@ -102,6 +108,28 @@ pub async fn connect(
         let _ = session.close(reason).await;
     });
     Ok(response)
+}
+
+/// Whether a request asks to become a WebSocket, by the same test as actix's handshake:
+/// `Upgrade` names `websocket` and `Connection` names `upgrade`. The rest of the handshake
+/// (version, key) is checked by `actix_ws::handle`.
+fn asks_for_websocket(req: &HttpRequest) -> bool {
+    let upgrade = req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok());
+    upgrade.is_some_and(|v| v.to_ascii_lowercase().contains("websocket")) && req.head().upgrade()
+}
+
+/// `426`: this route speaks only WebSocket. actix writes `Connection: upgrade` itself beside an
+/// `Upgrade` header (RFC 9110 §7.8), and drops a `Connection` header set here.
+fn upgrade_required() -> HttpResponse {
+    let mut res = ErrorBody::new(
+        "upgrade_required",
+        "GET /ws opens a WebSocket: send Upgrade: websocket, Connection: Upgrade and the Sec-WebSocket-* headers",
+    )
+    .response(StatusCode::UPGRADE_REQUIRED);
+    let headers = res.headers_mut();
+    headers.insert(header::UPGRADE, header::HeaderValue::from_static("websocket"));
+    headers.insert(header::SEC_WEBSOCKET_VERSION, header::HeaderValue::from_static("13"));
+    res
 }
 
 /// Runs `f` when dropped.

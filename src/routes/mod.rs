@@ -10,6 +10,7 @@ mod health;
 mod jobs;
 mod metrics;
 pub mod openapi;
+mod page;
 pub mod submit;
 mod webhook_secret;
 
@@ -115,10 +116,9 @@ pub fn table(kinds: &[KindRoutes]) -> Vec<(&'static str, &'static [Verb])> {
     ROUTES.iter().copied().chain(of_kinds).collect()
 }
 
-/// Registers every route of [`ROUTES`] and of `kinds`. `json_limit` bounds JSON bodies;
-/// `static_dir` holds the browser page.
-pub fn configure(cfg: &mut web::ServiceConfig, json_limit: usize, static_dir: &Path, kinds: &[KindRoutes]) {
-    let static_root = std::sync::Arc::new(static_dir.to_path_buf());
+/// Registers every route of [`ROUTES`] and of `kinds`. `json_limit` bounds JSON bodies; the
+/// browser page is the one built into the binary, or the files of `static_dir` when one is given.
+pub fn configure(cfg: &mut web::ServiceConfig, json_limit: usize, static_dir: Option<&Path>, kinds: &[KindRoutes]) {
     cfg.app_data(json_config(json_limit)).app_data(web::QueryConfig::default().error_handler(query_error));
     for kind in kinds {
         (kind.app_data)(cfg);
@@ -139,6 +139,20 @@ pub fn configure(cfg: &mut web::ServiceConfig, json_limit: usize, static_dir: &P
         let allow = allow_header(path);
         cfg.service(resource.default_service(web::to(move || not_allowed(allow))));
     }
+    let Some(static_dir) = static_dir else {
+        for asset in page::ASSETS {
+            let name = format!("/{}", asset.name);
+            let paths = if asset.name == page::INDEX { vec!["/".to_string(), name] } else { vec![name] };
+            cfg.service(
+                web::resource(paths)
+                    .route(get_or_head().to(move |req: HttpRequest| page::serve(req, asset)))
+                    .default_service(web::to(|| not_allowed("GET, HEAD"))),
+            );
+        }
+        cfg.default_service(web::to(not_found));
+        return;
+    };
+    let static_root = std::sync::Arc::new(static_dir.to_path_buf());
     cfg.service(
         actix_files::Files::new("/", static_dir)
             .index_file("index.html")
@@ -184,7 +198,7 @@ fn get_or_head() -> actix_web::Route {
     web::route().guard(guard::Any(guard::Get()).or(guard::Head()))
 }
 
-/// What matched no route: a file of the page asked for with another method than GET or HEAD is
+/// What matched no route with `--static-dir`: a file of the page asked for with another method than GET or HEAD is
 /// `405` with `Allow`; anything else is `404`.
 async fn fallback(req: HttpRequest, static_root: std::sync::Arc<std::path::PathBuf>) -> HttpResponse {
     let relative = req.path().trim_start_matches('/');

@@ -32,7 +32,8 @@ pub struct ErrorDetail {
     /// `cell_too_long`, `text_too_long`, `too_many_paragraphs`, `document_too_large`,
     /// `invalid_query`, `invalid_op`, `image_too_large`, `empty_file`, `missing_file`,
     /// `too_many_files`, `invalid_image`, `invalid_callback_url`, `callback_not_allowed`,
-    /// `invalid_event`, `no_events`, `too_many_events`, `idempotency_key_reused`; 503 (with
+    /// `invalid_event`, `no_events`, `too_many_events`, `idempotency_key_reused`; 426:
+    /// `upgrade_required`; 503 (with
     /// `Retry-After`): `overloaded`, `shutting_down`, `draining`, `storage_unavailable`,
     /// `pool_unavailable`, `pool_down`, `unavailable`; 500: `internal_error`. A failed job's `error.code`: `worker_panic`,
     /// `timeout`, `result_too_large`, `document_too_large`, `shutdown`, `worker_lost`,

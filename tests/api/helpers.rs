@@ -50,7 +50,7 @@ impl Reply {
     }
 }
 
-/// Settings for a test server: port 0, two PDF workers, the repo's static directory.
+/// Settings for a test server: port 0, two PDF workers, the page built into the binary.
 pub fn settings() -> Settings {
     let mut s = Settings::defaults();
     s.bind = "127.0.0.1:0".parse().unwrap();
@@ -60,7 +60,6 @@ pub fn settings() -> Settings {
     // SCHED_IDLE, their busy threads could starve the workers and make deadlines flaky. The
     // reliability test covers `Idle` on its own.
     s.worker_sched = offload::configuration::WorkerSched::Normal;
-    s.static_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/static").into();
     // Every in-process server gets a fresh embedded store of its own (the default store).
     s.data_dir = fresh_data_dir();
     s

@@ -664,6 +664,37 @@ async fn bad_uploads_get_json_errors() {
     assert!(matches!(none.status.as_u16(), 400 | 422), "{}", none.status);
 }
 
+/// Bodies whose parts the multipart parser cannot read: each is `400 malformed_multipart`, as the
+/// document says, never a 5xx or a job.
+#[actix_web::test]
+async fn multipart_bodies_the_parser_cannot_read_are_400_malformed_multipart() {
+    let app = spawn_app().await;
+    let form = "multipart/form-data; boundary=x";
+    let part = |headers: &[u8]| [b"--x\r\n", headers, b"\r\n\r\nPNG-ish bytes\r\n--x--\r\n"].concat();
+    let cases: Vec<(&str, &str, Vec<u8>)> = vec![
+        ("a Content-Disposition without a name", form, part(b"Content-Disposition: form-data; filename=\"a.png\"")),
+        ("no Content-Disposition", form, part(b"Content-Type: image/png")),
+        ("a disposition other than form-data", form, part(b"Content-Disposition: attachment; name=\"file\"")),
+        ("a name that is not UTF-8", form, part(b"Content-Disposition: form-data; name=\"fil\xff\"")),
+        ("a header line without a colon", form, part(b"Content-Disposition: form-data; name=\"file\"\r\nnot a header")),
+        (
+            "a body cut before its closing boundary",
+            form,
+            b"--x\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nPNG".to_vec(),
+        ),
+        (
+            "a Content-Type without a boundary",
+            "multipart/form-data",
+            part(b"Content-Disposition: form-data; name=\"file\""),
+        ),
+    ];
+    for (what, content_type, body) in cases {
+        let reply = app.request("POST", "/images", Some(content_type), body).await;
+        reply.expect_error(400, "malformed_multipart", what);
+    }
+    assert_eq!(app.get("/jobs").await.json()["jobs"], serde_json::json!([]), "a refused upload made a job");
+}
+
 /// A `w`×`h` PNG of pseudo-random pixels: it does not compress, so its result is about 3 bytes a pixel.
 fn noise_png(w: u32, h: u32) -> Vec<u8> {
     let mut state = 0x2545_f491_4f6c_dd1du64;

@@ -9,6 +9,7 @@ mod jobs;
 mod keys;
 mod metrics;
 mod openapi;
+mod page;
 mod pdf;
 mod pg;
 mod postgres;

@@ -66,3 +66,37 @@ async fn every_operation_answers_with_a_status_the_document_lists() {
         assert!(listed.get(&status).is_some(), "{method} {url} answered {status}, the document lists {listed}");
     }
 }
+
+/// Each error code a route answers (as its tests show) is named in the description of its status.
+#[actix_web::test]
+async fn the_document_names_the_error_codes_of_each_status() {
+    let app = spawn_app().await;
+    let doc = app.get("/openapi.json").await.json();
+    let cases = [
+        ("/ws", "get", "400", "bad_request"),
+        ("/ws", "get", "403", "origin_not_allowed"),
+        ("/ws", "get", "426", "upgrade_required"),
+        ("/images", "post", "400", "malformed_multipart"),
+        ("/images", "post", "400", "invalid_header"),
+        ("/images", "post", "408", "request_timeout"),
+        ("/images", "post", "413", "payload_too_large"),
+        ("/images", "post", "415", "unsupported_media_type"),
+        ("/images", "post", "415", "unsupported_image"),
+        ("/images", "post", "422", "missing_file"),
+        ("/images", "post", "422", "invalid_op"),
+        ("/images", "post", "422", "image_too_large"),
+        ("/images", "post", "503", "overloaded"),
+    ];
+    for (path, method, status, code) in cases {
+        let response = &doc["paths"][path][method]["responses"][status];
+        let description = response["description"].as_str().unwrap_or_default();
+        assert!(
+            description.contains(&format!("`{code}`")),
+            "{method} {path} {status} does not name {code}: {response}"
+        );
+    }
+    let upgrade = &doc["paths"]["/ws"]["get"]["responses"]["426"]["headers"];
+    for header in ["Upgrade", "Connection"] {
+        assert!(upgrade.get(header).is_some(), "426 does not list {header}: {upgrade}");
+    }
+}

@@ -45,12 +45,23 @@ pub fn spawn(data_dir: &Path, args: &[&str]) -> Spawned {
 pub fn spawn_with_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Spawned {
     let mut command = Command::new(env!("CARGO_BIN_EXE_offload"));
     command.envs(env.iter().copied());
+    launch(command, data_dir, args)
+}
+
+/// [`spawn`] in the working directory `cwd` (the test's own is the repository), without an
+/// `OFFLOAD_STATIC_DIR` the test may have been given.
+pub fn spawn_in(cwd: &Path, data_dir: &Path, args: &[&str]) -> Spawned {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_offload"));
+    command.current_dir(cwd).env_remove("OFFLOAD_STATIC_DIR");
+    launch(command, data_dir, args)
+}
+
+fn launch(mut command: Command, data_dir: &Path, args: &[&str]) -> Spawned {
     command
         .args(["--bind", "127.0.0.1:0", "--worker-sched", "normal"])
         .arg("--data-dir")
         .arg(data_dir)
         .args(args)
-        .env("OFFLOAD_STATIC_DIR", concat!(env!("CARGO_MANIFEST_DIR"), "/static"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -91,7 +102,12 @@ pub fn start(data_dir: &Path, args: &[&str]) -> Process {
 
 /// [`start`], with these environment variables set too.
 pub fn start_with_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Process {
-    match spawn_with_env(data_dir, args, env).wait_listening(Duration::from_secs(20)) {
+    listening(spawn_with_env(data_dir, args, env))
+}
+
+/// Waits for `spawned` to listen (see [`start`]).
+pub fn listening(spawned: Spawned) -> Process {
+    match spawned.wait_listening(Duration::from_secs(20)) {
         Outcome::Listening(p) => p,
         Outcome::Exited { status, output } => panic!("offload exited ({status}) before listening:\n{output}"),
     }

@@ -345,3 +345,83 @@ async fn one_id_named_many_times_in_a_frame_is_one_subscription() {
         seen_b |= id_of(&frame["job"]) == b;
     }
 }
+
+/// `GET /ws` with `headers` (CRLF-ended lines) over a plain connection: the status, the headers
+/// (names lowercased) and the body. Raw, because an HTTP client treats `Connection: Upgrade` as
+/// its own business.
+fn raw_ws_request(addr: &str, headers: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET /ws HTTP/1.1\r\nHost: x\r\n{headers}\r\n").unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        if let Some(at) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at;
+        }
+        let n = stream.read(&mut buf).expect("an answer in time");
+        assert!(n > 0, "closed before the head: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8(got[..head_end].to_vec()).unwrap();
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let fields: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_string()))
+        .collect();
+    let length: usize = fields.iter().find(|(n, _)| n == "content-length").map_or(0, |(_, v)| v.parse().unwrap());
+    let mut body = got[head_end + 4..].to_vec();
+    while body.len() < length {
+        let n = stream.read(&mut buf).expect("the body in time");
+        assert!(n > 0, "closed inside the body");
+        body.extend_from_slice(&buf[..n]);
+    }
+    (status, fields, body)
+}
+
+#[actix_web::test]
+async fn a_get_that_is_not_a_websocket_handshake_is_refused_as_documented() {
+    let app = spawn_app().await;
+    let addr = app.address.trim_start_matches("http://").to_string();
+    let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\n";
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("a plain GET", String::new(), 426, "upgrade_required"),
+        ("Upgrade without Connection: Upgrade", "Upgrade: websocket\r\n".into(), 426, "upgrade_required"),
+        ("Connection: Upgrade without Upgrade", "Connection: Upgrade\r\n".into(), 426, "upgrade_required"),
+        ("an upgrade to another protocol", "Upgrade: h2c\r\nConnection: Upgrade\r\n".into(), 426, "upgrade_required"),
+        ("WebSocket version 8", format!("{upgrade}{key}Sec-WebSocket-Version: 8\r\n"), 426, "upgrade_required"),
+        ("no Sec-WebSocket-Version", format!("{upgrade}{key}"), 400, "bad_request"),
+        ("no Sec-WebSocket-Key", format!("{upgrade}Sec-WebSocket-Version: 13\r\n"), 400, "bad_request"),
+        (
+            "a short Sec-WebSocket-Key",
+            format!("{upgrade}Sec-WebSocket-Key: c2hvcnQ=\r\nSec-WebSocket-Version: 13\r\n"),
+            400,
+            "bad_request",
+        ),
+    ];
+    for (what, headers, status, code) in cases {
+        let addr = addr.clone();
+        let (got, fields, body) =
+            actix_web::rt::task::spawn_blocking(move || raw_ws_request(&addr, &headers)).await.unwrap();
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(got, status, "{what}: {text}");
+        let field = |name: &str| fields.iter().find(|(n, _)| n == name).map(|(_, v)| v.to_ascii_lowercase());
+        assert!(field("content-type").unwrap_or_default().starts_with("application/json"), "{what}: {fields:?}");
+        let error: Value = serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{what}: {e}: {text}"));
+        assert_eq!(error["error"]["code"], code, "{what}: {error}");
+        if status == 426 {
+            assert_eq!(field("upgrade").as_deref(), Some("websocket"), "{what}: {fields:?}");
+            let connection = field("connection").unwrap_or_default();
+            assert!(connection.split(',').any(|o| o.trim() == "upgrade"), "{what}: Connection {connection:?}");
+            assert_eq!(field("sec-websocket-version").as_deref(), Some("13"), "{what}: {fields:?}");
+        }
+    }
+    // A real handshake still opens the socket.
+    let mut socket = open(&app).await;
+    let job = app.submit_pdf(&json!({"title": "after the refusals"})).await;
+    send(&mut socket, json!({"subscribe": [id_of(&job)]})).await;
+    assert_eq!(next(&mut socket, Duration::from_secs(5)).await["type"], "job");
+}

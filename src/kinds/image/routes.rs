@@ -87,13 +87,14 @@ struct Accepted<'a> {
             links(("GetJob" = (operation_id = "get_job", parameters(("id" = "$response.body#/jobs/0/id")))),
                   ("GetResult" = (operation_id = "get_result", parameters(("id" = "$response.body#/jobs/0/id")))),
                   ("CancelJob" = (operation_id = "cancel_job", parameters(("id" = "$response.body#/jobs/0/id")))))),
-        (status = 400, description = "Malformed multipart body or Idempotency-Key", body = ErrorResponse),
-        (status = 401, description = "With `--api-keys`: no key, a malformed header or an unknown key", body = ErrorResponse),
-        (status = 408, description = "The upload did not arrive within `--body-timeout`", body = ErrorResponse),
-        (status = 413, description = "Larger than `--max-upload`, or more than the limits could ever queue", body = ErrorResponse),
-        (status = 415, description = "Not multipart/form-data, or not a supported image", body = ErrorResponse),
-        (status = 422, description = "A bad file, op or field: the message names it", body = ErrorResponse),
-        (status = 503, description = "Overloaded, draining or the store cannot write: retry after `Retry-After` seconds. For `storage_unavailable` the message says either that nothing was created, or that the commit failed and names the job that may exist (a retry with the same `Idempotency-Key` is safe)", body = ErrorResponse, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 400, description = "`malformed_multipart`: the multipart body cannot be parsed (no boundary, a part without `Content-Disposition: form-data` and a `name`, an unreadable part header, a truncated body); `invalid_header`: a malformed `Idempotency-Key`", body = ErrorResponse),
+        (status = 401, description = "`unauthorized`, with `--api-keys`: no key, a malformed header or an unknown key", body = ErrorResponse),
+        (status = 408, description = "`request_timeout`: the upload did not arrive within `--body-timeout`", body = ErrorResponse),
+        (status = 413, description = "`payload_too_large`: larger than `--max-upload`, or more than the limits could ever queue", body = ErrorResponse),
+        (status = 415, description = "`unsupported_media_type`: not multipart/form-data; `unsupported_image`: not a supported image", body = ErrorResponse),
+        (status = 422, description = "A bad file, op or field, the message names it: `invalid_field`, `invalid_op`, `missing_file`, `too_many_files`, `empty_file`, `invalid_image`, `image_too_large`, `invalid_callback_url`, `callback_not_allowed`, `idempotency_key_reused`", body = ErrorResponse),
+        (status = 500, description = "`internal_error`: the upload could not be checked", body = ErrorResponse),
+        (status = 503, description = "`overloaded`, `shutting_down`, `pool_unavailable`, `storage_unavailable`, `unavailable`: retry after `Retry-After` seconds. For `storage_unavailable` the message says either that nothing was created, or that the commit failed and names the job that may exist (a retry with the same `Idempotency-Key` is safe)", body = ErrorResponse, headers(("Retry-After" = u64, description = "Seconds to wait"))),
     )
 )]
 // One extractor per concern (key, body budget, limits, store, Dispatcher).
