@@ -181,7 +181,8 @@ impl FromStr for JobStatus {
 /// What a succeeded job produced (the bytes themselves live in the store).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ResultMeta {
-    pub content_type: &'static str,
+    /// As the kind gave it (`application/pdf`), kept as text by the stores.
+    pub content_type: String,
     pub bytes: usize,
     /// Name offered in `Content-Disposition`; already safe (built by the worker, not the client).
     pub filename: String,
@@ -377,7 +378,7 @@ impl Serialize for ResultView<'_> {
         use serde::ser::SerializeMap;
         let mut map = s.serialize_map(None)?;
         map.serialize_entry("url", self.url)?;
-        map.serialize_entry("content_type", self.meta.content_type)?;
+        map.serialize_entry("content_type", &self.meta.content_type)?;
         map.serialize_entry("bytes", &self.meta.bytes)?;
         map.serialize_entry("filename", &self.meta.filename)?;
         if let Some((width, height)) = self.meta.dimensions {
@@ -402,7 +403,7 @@ mod tests {
     }
 
     fn meta() -> ResultMeta {
-        ResultMeta { content_type: "application/pdf", bytes: 10, filename: "a.pdf".into(), dimensions: None }
+        ResultMeta { content_type: "application/pdf".into(), bytes: 10, filename: "a.pdf".into(), dimensions: None }
     }
 
     #[test]

@@ -44,6 +44,30 @@ pub trait Kind: Send + Sync + 'static {
     /// job is cancelled, past its deadline or stopped by a shutdown) and report progress with
     /// `job.progress`; a panic fails the job alone (`worker_panic`).
     fn run(&self, input: Self::Input, job: &mut JobContext) -> Outcome;
+
+    /// Parses and checks the `input` of `POST /jobs` (`{"kind": …, "input": …}`), on an HTTP
+    /// thread: keep it cheap and bounded (the body is at most `--max-json-body`). `None`: this
+    /// kind takes no JSON input (only its own routes submit it).
+    fn parse_json(&self, input: serde_json::Value) -> Option<Result<Self::Input, InvalidInput>> {
+        let _ = input;
+        None
+    }
+}
+
+/// What a kind says of an input it refuses: a status (413, 415 or 422), a stable code and a
+/// message naming the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidInput {
+    pub status: actix_web::http::StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl InvalidInput {
+    /// A `422` with `code`.
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        InvalidInput { status: actix_web::http::StatusCode::UNPROCESSABLE_ENTITY, code, message: message.into() }
+    }
 }
 
 /// An input whose type only its kind knows.
@@ -85,6 +109,13 @@ pub trait Runner: Send + Sync + 'static {
     fn weight(&self, input: &Input) -> usize;
     /// Decodes a stored record if need be and runs the job.
     fn run(&self, work: Work, job: &mut JobContext) -> Outcome;
+    /// See [`Kind::parse_json`]: the input, ready to submit.
+    fn parse_json(&self, input: serde_json::Value) -> Option<Result<(Input, usize), InvalidInput>>;
+    /// Whether [`Runner::parse_json`] takes input (asked with `null`: a kind that takes JSON
+    /// answers `Some` even for input it refuses).
+    fn takes_json(&self) -> bool {
+        self.parse_json(serde_json::Value::Null).is_some()
+    }
 }
 
 impl<K: Kind> Runner for K {
@@ -110,6 +141,13 @@ impl<K: Kind> Runner for K {
         };
         Kind::run(self, input, job)
     }
+
+    fn parse_json(&self, input: serde_json::Value) -> Option<Result<(Input, usize), InvalidInput>> {
+        Some(Kind::parse_json(self, input)?.map(|input| {
+            let weight = Kind::weight(self, &input);
+            (Input::new(input), weight)
+        }))
+    }
 }
 
 /// An input of kind `K`. Inputs reach a runner only through jobs of its own kind, so another type
@@ -123,6 +161,24 @@ fn typed<K: Kind>(input: &Input) -> &K::Input {
 fn unreadable(message: String) -> crate::workers::JobFailure {
     tracing::error!("stored payload unreadable: {message}");
     crate::workers::JobFailure::Error(crate::error::ErrorBody::new("payload_unreadable", message))
+}
+
+/// The kinds this service runs, by name (what `POST /jobs` looks a kind up in).
+#[derive(Clone, Default)]
+pub struct Kinds(Vec<Arc<dyn Runner>>);
+
+impl Kinds {
+    pub fn new(runners: Vec<Arc<dyn Runner>>) -> Self {
+        Kinds(runners)
+    }
+
+    pub fn find(&self, name: &str) -> Option<&Arc<dyn Runner>> {
+        self.0.iter().find(|r| r.name() == name)
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.0.iter().map(|r| r.name()).collect()
+    }
 }
 
 /// A kind's input ready to submit: its runner, the input, and its weight.

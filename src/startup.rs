@@ -111,6 +111,7 @@ impl Application {
             max_properties: settings.analytics_max_properties.bytes(),
         };
         let analytics = io.analytics.clone();
+        let registry = web::Data::new(crate::kind::Kinds::new(kinds.iter().map(|k| k.runner.clone()).collect()));
         let kinds_http: Arc<Vec<routes::KindRoutes>> = Arc::new(kinds.into_iter().map(|k| k.http).collect());
         let spec = web::Data::new(routes::openapi::Spec::build(kinds_http.iter().map(|k| k.openapi.clone())));
         let ws = WsSettings {
@@ -153,6 +154,7 @@ impl Application {
                 .app_data(web::Data::new(policy))
                 .app_data(web::Data::new(ws.clone()))
                 .app_data(spec.clone())
+                .app_data(registry.clone())
                 .configure(|cfg| routes::configure(cfg, json_limit, static_dir.as_deref(), &kinds_http))
         })
         .workers(settings.http_workers())
@@ -238,15 +240,22 @@ pub struct KindRegistration {
     pub http: routes::KindRoutes,
 }
 
+impl KindRegistration {
+    /// A kind submitted with `POST /jobs` only (no routes of its own), with `workers` threads.
+    pub fn json_only(runner: Arc<dyn Runner>, workers: usize) -> Self {
+        KindRegistration { runner, workers, http: routes::KindRoutes::none() }
+    }
+}
+
 /// The kinds offload runs out of the box, set up from `settings`.
 pub fn builtin_kinds(settings: &Settings) -> Vec<KindRegistration> {
-    let pdf = Arc::new(PdfKind { budget: settings.pdf_budget() });
     let limits = SpecLimits {
         max_rows: settings.max_rows,
         max_columns: settings.max_columns,
         max_cell_chars: settings.max_cell_chars,
         render: settings.pdf_budget(),
     };
+    let pdf = Arc::new(PdfKind { limits });
     let image = Arc::new(ImageKind);
     let uploads = UploadLimits {
         max_bytes: settings.max_upload.bytes(),
@@ -258,7 +267,7 @@ pub fn builtin_kinds(settings: &Settings) -> Vec<KindRegistration> {
         KindRegistration {
             runner: pdf.clone(),
             workers: settings.pdf_workers(),
-            http: crate::kinds::pdf::routes::http(pdf, limits),
+            http: crate::kinds::pdf::routes::http(pdf),
         },
         KindRegistration {
             runner: image.clone(),

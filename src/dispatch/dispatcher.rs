@@ -464,7 +464,7 @@ impl Dispatcher {
         let outcome = match outcome {
             Ok(out) => {
                 let meta = ResultMeta {
-                    content_type: out.content_type,
+                    content_type: out.content_type.to_string(),
                     bytes: out.bytes.len(),
                     filename: out.filename,
                     dimensions: out.dimensions,

@@ -22,7 +22,7 @@ mod tests {
     use crate::domain::PayloadRecord;
     use crate::kind::Kind;
 
-    const PDF: PdfKind = PdfKind { budget: RenderBudget { max_pages: 10, max_lines: 100 } };
+    const PDF: PdfKind = PdfKind::new(RenderBudget { max_pages: 10, max_lines: 100 });
 
     /// Which kind reads a record back.
     #[derive(Clone, Copy, Debug)]

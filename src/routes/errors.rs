@@ -10,6 +10,7 @@ use crate::dispatch::SubmitError;
 use crate::domain::callback::CallbackError;
 use crate::error::ErrorBody;
 use crate::job::{Job, JobId};
+pub use crate::kind::InvalidInput;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,22 +42,6 @@ pub enum ApiError {
     Storage(String),
     #[error("the blocking pool is gone")]
     Blocking,
-}
-
-/// What a kind says of an input it refuses: a status (413, 415 or 422), a stable code and a
-/// message naming the field.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InvalidInput {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-}
-
-impl InvalidInput {
-    /// A `422` with `code`.
-    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
-        InvalidInput { status: StatusCode::UNPROCESSABLE_ENTITY, code, message: message.into() }
-    }
 }
 
 impl From<InvalidInput> for ApiError {

@@ -1,17 +1,23 @@
-//! `GET /jobs`, `GET /jobs/{id}`, `GET /jobs/{id}/result`, `DELETE /jobs/{id}`.
+//! `POST /jobs` (any kind whose input is JSON), `GET /jobs`, `GET /jobs/{id}`,
+//! `GET /jobs/{id}/result`, `DELETE /jobs/{id}`.
 
 use std::sync::Arc;
 
 use actix::Addr;
 use actix_web::http::header::{self, ContentDisposition, DispositionParam, DispositionType};
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
+use super::openapi::JobRequest as JobRequestDoc;
 use super::openapi::{ErrorResponse, Job as JobDoc, JobList as JobListDoc, Kind as KindDoc, Status as StatusDoc};
-use super::ApiError;
+use super::submit::{accepted_one, submit};
+use super::{ApiError, BodyPermit, InvalidInput};
 use crate::access::Caller;
 use crate::dispatch::{CancelError, CancelJob, Dispatcher};
+use crate::domain::callback::{CallbackPolicy, CallbackUrl};
+use crate::domain::object::Object;
 use crate::job::{Job, JobId, JobKind, JobView};
+use crate::kind::{Kinds, NewWork};
 use crate::store::{JobStore, ListFilter, ResultBody, ResultReader, StatusCounts};
 
 /// Most jobs one `GET /jobs` returns.
@@ -26,6 +32,68 @@ fn job_id(raw: &str) -> Result<JobId, ApiError> {
 /// The job, if it exists for this caller (another key's job does not).
 fn visible(store: &dyn JobStore, id: JobId, caller: Caller) -> Result<Option<Job>, ApiError> {
     Ok(store.get(id)?.filter(|job| caller.may_see(job)))
+}
+
+/// The body of `POST /jobs`. Unknown fields are refused.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    kind: String,
+    input: serde_json::Value,
+    #[serde(default)]
+    callback_url: Option<String>,
+}
+
+/// Submit a job of any kind whose input is JSON (`pdf`, or a kind of the operator's own):
+/// answered at once with the queued job.
+#[utoipa::path(
+    post,
+    path = "/jobs",
+    tag = "jobs",
+    request_body(content = JobRequestDoc, content_type = "application/json"),
+    params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = "^[!-~]+$", description = "1 to 255 visible ASCII characters: a repeat with the same body answers the first request's job (`Idempotent-Replayed: true`), with another body 422")),
+    responses(
+        (status = 202, description = "Accepted: the job, queued (or the first request's job, replayed)", body = JobDoc,
+            headers(("Location" = String, description = "/jobs/{id}")),
+            links(("GetJob" = (operation_id = "get_job", parameters(("id" = "$response.body#/id")))),
+                  ("GetResult" = (operation_id = "get_result", parameters(("id" = "$response.body#/id")))),
+                  ("CancelJob" = (operation_id = "cancel_job", parameters(("id" = "$response.body#/id")))))),
+        (status = 400, description = "`malformed_json`: not JSON; `invalid_header`: a malformed Idempotency-Key", body = ErrorResponse),
+        (status = 401, description = "With `--api-keys`: no key, a malformed header or an unknown key", body = ErrorResponse),
+        (status = 408, description = "`request_timeout`: the body did not arrive within `--body-timeout`", body = ErrorResponse),
+        (status = 413, description = "`payload_too_large`: larger than `--max-json-body`, or more than the limits could ever queue", body = ErrorResponse),
+        (status = 415, description = "`unsupported_media_type`: not sent as application/json", body = ErrorResponse),
+        (status = 422, description = "`unknown_kind`: no kind of that name takes JSON input (the message names those that do); `invalid_field` and the kind's own codes (e.g. `document_too_large`): the input is invalid, the message names the field; `invalid_callback_url`, `callback_not_allowed`, `idempotency_key_reused`", body = ErrorResponse),
+        (status = 503, description = "Overloaded, draining or the store cannot write: retry after `Retry-After` seconds. For `storage_unavailable` the message says either that nothing was created, or that the commit failed and names the job that may exist (a retry with the same `Idempotency-Key` is safe)", body = ErrorResponse, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    )
+)]
+// One extractor per concern (key, body budget, kinds, callback policy, store, Dispatcher).
+#[allow(clippy::too_many_arguments)]
+pub async fn submit_job(
+    caller: Caller,
+    permit: BodyPermit,
+    req: HttpRequest,
+    body: web::Json<Object<JobRequest>>,
+    kinds: web::Data<Kinds>,
+    policy: web::Data<CallbackPolicy>,
+    store: web::Data<Arc<dyn JobStore>>,
+    dispatcher: web::Data<Addr<crate::dispatch::Dispatcher>>,
+) -> Result<HttpResponse, ApiError> {
+    let JobRequest { kind, input, callback_url } = body.into_inner().into_inner();
+    let unknown = || {
+        let names: Vec<&str> =
+            kinds.names().into_iter().filter(|n| kinds.find(n).is_some_and(|r| r.takes_json())).collect();
+        InvalidInput::new(
+            "unknown_kind",
+            format!("kind: no kind {kind:?} takes JSON input here; the kinds that do: {}", names.join(", ")),
+        )
+    };
+    let runner = kinds.find(&kind).ok_or_else(unknown)?.clone();
+    let (input, weight) = runner.parse_json(input).ok_or_else(unknown)??;
+    let callback = callback_url.map(|raw| CallbackUrl::parse(&raw, **policy)).transpose()?;
+    let work = NewWork { runner, input, weight };
+    let submitted = submit(&req, caller, &permit, vec![work], callback, &store, &dispatcher).await?;
+    accepted_one(submitted)
 }
 
 /// A job's current state.
@@ -95,7 +163,10 @@ pub async fn get_result(
         parameters: vec![DispositionParam::Filename(meta.filename.clone())],
     };
     let mut res = HttpResponse::Ok();
-    res.content_type(meta.content_type)
+    // As the kind gave it; a value no header may carry is sent as bytes.
+    let content_type = header::HeaderValue::from_str(&meta.content_type)
+        .unwrap_or(header::HeaderValue::from_static("application/octet-stream"));
+    res.content_type(content_type)
         .insert_header(disposition)
         .insert_header((header::CACHE_CONTROL, "private, max-age=3600, immutable"));
     Ok(match body {

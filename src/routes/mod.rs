@@ -65,6 +65,17 @@ pub struct KindRoutes {
     pub openapi: utoipa::openapi::OpenApi,
 }
 
+impl KindRoutes {
+    /// No routes of its own: the kind is submitted with `POST /jobs` only.
+    pub fn none() -> Self {
+        KindRoutes {
+            routes: Vec::new(),
+            app_data: std::sync::Arc::new(|_: &mut web::ServiceConfig| {}),
+            openapi: utoipa::openapi::OpenApiBuilder::new().build(),
+        }
+    }
+}
+
 /// One route of a kind: its path, its methods, and the handler of each method.
 pub struct KindRoute {
     pub path: &'static str,
@@ -76,7 +87,7 @@ pub struct KindRoute {
 /// resource's `405` and `Allow` built from it) beside the kinds' routes, and what the OpenAPI
 /// document is checked against.
 pub const ROUTES: &[(&str, &[Verb])] = &[
-    ("/jobs", &[Verb::Get]),
+    ("/jobs", &[Verb::Get, Verb::Post]),
     ("/jobs/{id}", &[Verb::Get, Verb::Delete]),
     ("/jobs/{id}/result", &[Verb::Get]),
     ("/ws", &[Verb::Get]),
@@ -94,6 +105,7 @@ fn handler(path: &str, verb: Verb) -> actix_web::Route {
     let route = verb.route();
     match (path, verb) {
         ("/jobs", Verb::Get) => route.to(jobs::list_jobs),
+        ("/jobs", Verb::Post) => route.to(jobs::submit_job),
         ("/jobs/{id}", Verb::Get) => route.to(jobs::get_job),
         ("/jobs/{id}", Verb::Delete) => route.to(jobs::cancel_job),
         ("/jobs/{id}/result", Verb::Get) => route.to(jobs::get_result),

@@ -136,6 +136,23 @@ pub struct Counts {
     cancelled: u64,
 }
 
+/// `POST /jobs`: a job of a kind whose input is JSON.
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"kind": "pdf", "input": {"title": "Quarterly report", "paragraphs": ["Sales went up."]}}))]
+#[allow(dead_code)]
+pub struct JobRequest {
+    /// The kind's name: `pdf`, or a kind of the operator's own.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[a-z0-9_-]+$")]
+    kind: String,
+    /// The kind's input (for `pdf`, the document of `POST /generate-pdf` without `callback_url`).
+    #[schema(value_type = Object)]
+    input: serde_json::Value,
+    /// POSTed the final job object when the job ends (public http(s) addresses only).
+    #[schema(format = "uri")]
+    callback_url: Option<String>,
+}
+
 /// The jobs an upload made, one per file, in order.
 #[derive(ToSchema)]
 #[allow(dead_code)]
@@ -262,6 +279,7 @@ impl Modify for BearerKeys {
                        needs `Authorization: Bearer KEY` (401 otherwise), and a key sees only its own jobs."
     ),
     paths(
+        super::jobs::submit_job,
         super::jobs::list_jobs,
         super::jobs::get_job,
         super::jobs::cancel_job,

@@ -103,6 +103,18 @@ pub async fn submit(
     Ok(dispatcher.send(Submit { jobs, callback, key, owner: caller.owner() }).await??)
 }
 
+/// `202 Accepted` for a submission of one job: `Location`, the job object, and
+/// `Idempotent-Replayed: true` when a key replayed it.
+pub fn accepted_one(submitted: Submitted) -> Result<actix_web::HttpResponse, ApiError> {
+    let job = submitted.jobs.first().ok_or(ApiError::JobNotFound)?;
+    let mut res = actix_web::HttpResponse::Accepted();
+    res.insert_header((actix_web::http::header::LOCATION, format!("/jobs/{}", job.id)));
+    if submitted.replayed {
+        res.insert_header((REPLAYED, "true"));
+    }
+    Ok(res.json(job.view()))
+}
+
 #[cfg(test)]
 mod tests {
     use actix_web::test::TestRequest;

@@ -35,14 +35,6 @@ pub fn time_of(us: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_micros(us.max(0) as u64)
 }
 
-/// Result content types are `&'static str` in `ResultMeta`; these are the ones workers produce.
-pub fn content_type(stored: &str) -> &'static str {
-    ["application/pdf", "image/png", "image/jpeg", "image/webp"]
-        .into_iter()
-        .find(|t| *t == stored)
-        .unwrap_or("application/octet-stream")
-}
-
 /// Job ids packed as 16-byte runs (an idempotency key's jobs).
 pub fn pack_ids(ids: impl Iterator<Item = JobId>) -> Vec<u8> {
     ids.flat_map(|id| id.to_bytes()).collect()

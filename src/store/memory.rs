@@ -360,7 +360,7 @@ mod tests {
     }
 
     fn meta(size: usize) -> ResultMeta {
-        ResultMeta { content_type: "application/pdf", bytes: size, filename: "x.pdf".into(), dimensions: None }
+        ResultMeta { content_type: "application/pdf".into(), bytes: size, filename: "x.pdf".into(), dimensions: None }
     }
 
     fn claim(s: &MemoryStore) -> Job {

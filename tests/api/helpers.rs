@@ -99,8 +99,13 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with(settings: Settings) -> TestApp {
+    spawn_app_with_kinds(settings, Vec::new()).await
+}
+
+/// A server with kinds of the test's own beside the built-in ones.
+pub async fn spawn_app_with_kinds(settings: Settings, kinds: Vec<offload::startup::KindRegistration>) -> TestApp {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    let app = Application::with_listener(settings, listener).expect("build app");
+    let app = Application::with_kinds(settings, listener, kinds).expect("build app");
     let address = format!("http://127.0.0.1:{}", app.port());
     actix_rt::spawn(app.run_until_stopped());
     let client = awc::Client::builder().timeout(Duration::from_secs(30)).finish();

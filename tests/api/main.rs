@@ -9,6 +9,7 @@ mod jobs;
 mod keys;
 mod metrics;
 mod openapi;
+mod own_kind;
 mod page;
 mod pdf;
 mod pg;

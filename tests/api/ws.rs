@@ -9,14 +9,14 @@ use serde_json::{json, Value};
 
 use crate::helpers::{duration, id_of, report, settings, spawn_app, spawn_app_with, TestApp};
 
-type Socket = actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>;
+pub type Socket = actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>;
 
-async fn open(app: &TestApp) -> Socket {
+pub async fn open(app: &TestApp) -> Socket {
     let (_, socket) = app.client.ws(app.url("/ws")).connect().await.expect("WebSocket connect");
     socket
 }
 
-async fn send(socket: &mut Socket, frame: Value) {
+pub async fn send(socket: &mut Socket, frame: Value) {
     socket.send(Message::Text(frame.to_string().into())).await.unwrap();
 }
 
@@ -36,7 +36,7 @@ async fn next(socket: &mut Socket, within: Duration) -> Value {
 }
 
 /// Follows `id` until its final state; returns every job event seen.
-async fn follow_to_end(socket: &mut Socket, id: &str) -> Vec<Value> {
+pub async fn follow_to_end(socket: &mut Socket, id: &str) -> Vec<Value> {
     let mut seen = Vec::new();
     loop {
         let frame = next(socket, Duration::from_secs(60)).await;
@@ -50,7 +50,7 @@ async fn follow_to_end(socket: &mut Socket, id: &str) -> Vec<Value> {
     }
 }
 
-fn assert_monotonic(events: &[Value]) {
+pub fn assert_monotonic(events: &[Value]) {
     let mut last = 0.0;
     for e in events {
         let p = e["progress"].as_f64().unwrap();

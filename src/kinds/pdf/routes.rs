@@ -3,12 +3,10 @@
 use std::sync::Arc;
 
 use actix::Addr;
-use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use utoipa::{OpenApi, ToSchema};
 
-use super::render::layout;
-use super::spec::{DocumentSpec, PdfRequest, SpecError, SpecLimits};
+use super::spec::PdfRequest;
 use super::PdfKind;
 use crate::access::Caller;
 use crate::dispatch::Dispatcher;
@@ -16,12 +14,12 @@ use crate::domain::callback::{CallbackPolicy, CallbackUrl};
 use crate::domain::object::Object;
 use crate::kind::NewWork;
 use crate::routes::openapi::{by_hand, ErrorResponse, Job};
-use crate::routes::submit::{submit, REPLAYED};
+use crate::routes::submit::{accepted_one, submit};
 use crate::routes::{ApiError, BodyPermit, KindRoute, KindRoutes, Verb};
 use crate::store::JobStore;
 
 /// The routes, app data and OpenAPI paths of PDF jobs.
-pub fn http(kind: Arc<PdfKind>, limits: SpecLimits) -> KindRoutes {
+pub fn http(kind: Arc<PdfKind>) -> KindRoutes {
     KindRoutes {
         routes: vec![KindRoute {
             path: "/generate-pdf",
@@ -29,7 +27,7 @@ pub fn http(kind: Arc<PdfKind>, limits: SpecLimits) -> KindRoutes {
             handler: |verb| verb.route().to(generate_pdf),
         }],
         app_data: Arc::new(move |cfg: &mut web::ServiceConfig| {
-            cfg.app_data(web::Data::new(limits)).app_data(web::Data::from(kind.clone()));
+            cfg.app_data(web::Data::from(kind.clone()));
         }),
         openapi: PdfDoc::openapi(),
     }
@@ -68,7 +66,6 @@ pub async fn generate_pdf(
     permit: BodyPermit,
     req: HttpRequest,
     body: web::Json<Object<PdfRequest>>,
-    limits: web::Data<SpecLimits>,
     kind: web::Data<PdfKind>,
     policy: web::Data<CallbackPolicy>,
     store: web::Data<Arc<dyn JobStore>>,
@@ -76,20 +73,11 @@ pub async fn generate_pdf(
 ) -> Result<HttpResponse, ApiError> {
     let mut spec = body.into_inner().into_inner();
     let callback = spec.callback_url.take().map(|raw| CallbackUrl::parse(&raw, **policy)).transpose()?;
-    let spec = DocumentSpec::parse(spec, &limits)?;
-    // A document that cannot fit what one PDF may render is refused now, not after a worker
-    // spent seconds and hundreds of MiB on it (one pass over the text).
-    layout::check_budget(&spec, limits.render).map_err(|message| SpecError { code: "document_too_large", message })?;
+    let spec = kind.parse(spec)?;
     let submitted =
         submit(&req, caller, &permit, vec![NewWork::new(&kind.into_inner(), spec)], callback, &store, &dispatcher)
             .await?;
-    let job = submitted.jobs.first().ok_or(ApiError::JobNotFound)?;
-    let mut res = HttpResponse::Accepted();
-    res.insert_header((header::LOCATION, format!("/jobs/{}", job.id)));
-    if submitted.replayed {
-        res.insert_header((REPLAYED, "true"));
-    }
-    Ok(res.json(job.view()))
+    accepted_one(submitted)
 }
 
 /// A document to render as PDF. Unknown fields are refused.

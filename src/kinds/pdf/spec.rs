@@ -491,7 +491,7 @@ mod tests {
 
     fn round_trip(spec: &DocumentSpec) -> DocumentSpec {
         use crate::kind::Kind;
-        let kind = crate::kinds::pdf::PdfKind { budget: RenderBudget { max_pages: 1, max_lines: 1 } };
+        let kind = crate::kinds::pdf::PdfKind::new(RenderBudget { max_pages: 1, max_lines: 1 });
         let record = kind.encode(spec);
         assert_eq!(record.data, None, "a PDF has no bulk data");
         assert!(!record.spec.contains(&b'\n'), "compact JSON");
@@ -520,7 +520,7 @@ mod tests {
     /// The stored form is what a store keeps across upgrades: changing it needs a migration.
     #[test]
     fn the_stored_form_is_stable_and_ignores_unknown_keys() {
-        let kind = crate::kinds::pdf::PdfKind { budget: RenderBudget { max_pages: 1, max_lines: 1 } };
+        let kind = crate::kinds::pdf::PdfKind::new(RenderBudget { max_pages: 1, max_lines: 1 });
         let record = crate::kind::Kind::encode(&kind, &DocumentSpec::titled("t"));
         assert_eq!(
             std::str::from_utf8(&record.spec).unwrap(),

@@ -40,7 +40,7 @@ use crate::domain::PayloadRecord;
 use crate::error::ErrorBody;
 use crate::job::{Job, JobId, JobKind, JobStatus, Owner, ResultMeta};
 use crate::kind::Work;
-use crate::store::codes::{content_type, micros, pack_ids, status_code, status_of, time_of, unpack_ids};
+use crate::store::codes::{micros, pack_ids, status_code, status_of, time_of, unpack_ids};
 use crate::store::{
     apply_final, CancelOutcome, Claimed, Final, IdempotencyKey, Inserted, JobStore, ListFilter, NewJob, OwedWebhook,
     Pending, ResultBody, ResultReader, StatusCounts, StoreError, StoreEvents, StoreStats,

@@ -90,7 +90,7 @@ pub fn migrate(conn: &mut Connection) -> Result<(), String> {
 pub const JOB_COLUMNS: &str = "seq, id, kind, status, attempts, progress, stage, created_at, started_at, finished_at, \
      error_code, error_message, result_type, result_bytes, result_name, result_width, result_height, callback, owner";
 
-pub use crate::store::codes::{content_type, micros, pack_ids, status_code, time_of, unpack_ids};
+pub use crate::store::codes::{micros, pack_ids, status_code, time_of, unpack_ids};
 
 pub fn status_of(code: i64) -> rusqlite::Result<JobStatus> {
     codes::status_of(code).ok_or_else(|| bad_column(3, format!("status {code}")))
@@ -114,7 +114,7 @@ pub fn job_from_row(r: &Row<'_>) -> rusqlite::Result<(i64, Job)> {
     };
     let result = match r.get::<_, Option<String>>(12)? {
         Some(t) => Some(ResultMeta {
-            content_type: content_type(&t),
+            content_type: t,
             bytes: r.get::<_, i64>(13)? as usize,
             filename: r.get::<_, Option<String>>(14)?.unwrap_or_default(),
             dimensions: r.get::<_, Option<u32>>(15)?.zip(r.get::<_, Option<u32>>(16)?),
@@ -194,7 +194,7 @@ pub fn save(conn: &Connection, seq: i64, job: &Job) -> rusqlite::Result<()> {
         job.finished_at.map(micros),
         job.error.as_ref().map(|e| e.code.as_str()),
         job.error.as_ref().map(|e| e.message.as_str()),
-        result.map(|m| m.content_type),
+        result.map(|m| m.content_type.as_str()),
         result.map(|m| m.bytes as i64),
         result.map(|m| m.filename.as_str()),
         result.and_then(|m| m.dimensions).map(|d| d.0),

@@ -19,7 +19,7 @@ pub(super) fn job_from_row(r: &Row) -> Result<(i64, Job), StoreError> {
         .get::<_, Option<String>>(10)
         .map(|code| ErrorBody::new(code, r.get::<_, Option<String>>(11).unwrap_or_default()));
     let result = r.get::<_, Option<String>>(12).map(|t| ResultMeta {
-        content_type: content_type(&t),
+        content_type: t,
         bytes: r.get::<_, Option<i64>>(13).unwrap_or(0) as usize,
         filename: r.get::<_, Option<String>>(14).unwrap_or_default(),
         dimensions: r.get::<_, Option<i32>>(15).zip(r.get::<_, Option<i32>>(16)).map(|(w, h)| (w as u32, h as u32)),
@@ -73,7 +73,7 @@ impl<'a> Fields<'a> {
             finished_at: job.finished_at.map(micros),
             error_code: job.error.as_ref().map(|e| e.code.as_str()),
             error_message: job.error.as_ref().map(|e| e.message.as_str()),
-            result_type: result.map(|m| m.content_type),
+            result_type: result.map(|m| m.content_type.as_str()),
             result_bytes: result.map(|m| m.bytes as i64),
             result_name: result.map(|m| m.filename.as_str()),
             result_width: result.and_then(|m| m.dimensions).map(|d| d.0 as i32),
