@@ -144,6 +144,12 @@ impl JobStore for MemoryStore {
                 return ready(outcome);
             }
         }
+        // All or none: a batch with an id the store knows (or twice) changes nothing, as a
+        // database's unique key refuses it.
+        let mut seen = std::collections::HashSet::with_capacity(jobs.len());
+        if let Some(taken) = jobs.iter().map(|n| n.job.id).find(|id| s.entries.contains_key(id) || !seen.insert(*id)) {
+            return ready(Err(StoreError::Unavailable(format!("job {taken} exists already; nothing was inserted"))));
+        }
         let mut created = Vec::with_capacity(jobs.len());
         for new in jobs {
             let id = new.job.id;

@@ -438,9 +438,10 @@ impl Inner {
             }
             if status == JobStatus::Queued {
                 queued_n += n;
-                *queued.slot(kind) += n;
+                // Its payload's bytes count until it starts; a claimed job no longer waits.
                 queued_bytes += row.get::<_, i64>(5) as usize;
                 if free {
+                    *queued.slot(kind) += n;
                     *claimable.slot(kind) += n;
                 }
             } else {
@@ -527,12 +528,24 @@ impl Inner {
             sql.push_str(&clauses.join(" AND "));
         }
         sql.push_str(" ORDER BY seq DESC LIMIT $1");
-        let limit = filter.limit as i64;
+        // A run of this instance whose start is not written yet is `queued` in its row and
+        // running as readers see it: read enough queued rows to leave those out.
+        let extra = if filter.status == Some(JobStatus::Queued) { self.with_state(|s| s.held.len()) } else { 0 };
+        let limit = (filter.limit + extra) as i64;
         let rows = match &owner {
             Some(o) => conn.query_built(&sql, &[&limit, o]).await,
             None => conn.query_built(&sql, &[&limit]).await,
         }?;
-        rows.iter().map(|r| job_from_row(r).map(|(_, j)| self.live(j))).collect()
+        let mut jobs = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let (_, job) = job_from_row(row)?;
+            let job = self.live(job);
+            if filter.status.is_none_or(|s| job.status == s) {
+                jobs.push(job);
+            }
+        }
+        jobs.truncate(filter.limit);
+        Ok(jobs)
     }
 }
 
@@ -588,10 +601,16 @@ impl JobStore for PgStore {
     }
 
     fn claim(&self, kind: JobKind) -> Option<Pending<Option<Claimed>>> {
+        // The job leaves the queue's count now, as the trait asks (the next refresh counts it
+        // again if the claim found nothing).
         let any = self.inner.with_state(|s| {
             let slot = s.claimable.slot(kind);
             let any = *slot > 0;
             *slot = slot.saturating_sub(1);
+            if any {
+                let queued = s.stats.queued.slot(kind);
+                *queued = queued.saturating_sub(1);
+            }
             any
         });
         if !any {

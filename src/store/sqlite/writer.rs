@@ -570,7 +570,8 @@ pub fn end(tx: &Connection, seq: i64, job: &Job) -> rusqlite::Result<()> {
 fn make_room(tx: &Connection, shared: &Shared, extra: usize) -> rusqlite::Result<Evicted> {
     let mut evicted = Evicted::default();
     let held = shared.stats().result_bytes;
-    while held.saturating_sub(evicted.result_bytes) + extra > shared.result_budget {
+    let over = |evicted: &Evicted| held.saturating_sub(evicted.result_bytes) + extra > shared.result_budget;
+    while over(&evicted) {
         let rows: Vec<(i64, i64, Option<i64>)> = tx
             .prepare_cached(
                 "SELECT seq, status, result_bytes FROM jobs WHERE finished_at IS NOT NULL ORDER BY finished_at LIMIT 64",
@@ -580,9 +581,13 @@ fn make_room(tx: &Connection, shared: &Shared, extra: usize) -> rusqlite::Result
         if rows.is_empty() {
             break;
         }
+        // One at a time, oldest first, and no more than makes room.
         for (seq, status, bytes) in rows {
             schema::delete(tx, seq)?;
             evicted.note(status, bytes);
+            if !over(&evicted) {
+                break;
+            }
         }
     }
     Ok(evicted)

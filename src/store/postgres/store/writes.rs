@@ -584,15 +584,20 @@ impl Inner {
     }
 
     pub(super) async fn release(self: Arc<Self>, id: JobId, attempt: u32) -> Result<bool, StoreError> {
+        // A claim that never started gives its attempt back; a run keeps it counted, its start
+        // written or only noted here (a start is written with the next progress, within 50 ms).
+        let started = self.with_state(|s| {
+            s.held.get(&id).is_some_and(|h| h.job.attempts == attempt && h.job.status == JobStatus::Running)
+        });
         let conn = self.conns.shared().await?;
-        // A run whose start is not written yet (a claim not started, or started within the last
-        // 50 ms) gives its attempt back. A row another session holds locked is not waited for:
-        // the lease brings the job back instead.
+        // A row another session holds locked is not waited for: the lease brings the job back
+        // instead.
         let row = conn
             .query_opt(
                 "WITH l AS (SELECT seq FROM offload_jobs WHERE id = $1 AND attempts = $2 AND lease_owner = $3 \
                    AND status IN (0, 1) FOR UPDATE SKIP LOCKED), \
-                 u AS (UPDATE offload_jobs SET attempts = CASE WHEN status = 0 THEN attempts - 1 ELSE attempts END, \
+                 u AS (UPDATE offload_jobs SET \
+                   attempts = CASE WHEN status = 0 AND NOT $5 THEN attempts - 1 ELSE attempts END, \
                    status = 0, stage = 'queued', progress = 0, started_at = NULL, lease_owner = NULL, lease_until = NULL \
                    WHERE seq IN (SELECT seq FROM l) AND id = $1 AND attempts = $2 AND lease_owner = $3 \
                    AND status IN (0, 1) RETURNING pg_notify('offload', $4), pg_notify('offload', 'q')) \
@@ -603,6 +608,7 @@ impl Inner {
                     &(attempt as i32),
                     &self.me,
                     &notice::changed(id, JobStatus::Queued, EVERYONE),
+                    &started,
                 ],
             )
             .await?;
