@@ -104,6 +104,16 @@ impl Postgres {
         Frozen(self)
     }
 
+    /// Kills every process of a frozen own cluster but its server (SIGKILL): once thawed, the
+    /// server sees its children die, ends every connection and restarts them (as after a crash
+    /// of one backend), so a statement a client sent meanwhile gets no answer.
+    pub fn kill_backends(&self, _frozen: &Frozen<'_>) {
+        for pid in self.processes().into_iter().skip(1) {
+            // SAFETY: kill with a pid of the cluster and a valid signal.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+
     /// Lets a frozen own cluster go on (SIGCONT).
     fn thaw(&self) {
         for pid in self.processes().into_iter().rev() {

@@ -790,3 +790,38 @@ async fn gone(app: &TestApp, id: &str) {
     )
     .await;
 }
+
+#[actix_web::test]
+async fn a_submission_whose_answer_is_lost_with_the_database_says_the_job_may_exist() {
+    let pg = Postgres::own();
+    let url = pg.fresh_database().await;
+    let app = instance(&url, Duration::from_secs(30)).await;
+    let before = id_of(&app.submit_pdf(&json!({"title": "before"})).await).to_string();
+    assert_eq!(app.wait_finished(&before).await["status"], "succeeded");
+    let frozen = pg.freeze();
+    // The submission's statement goes out to a frozen server; its backend is then killed, so the
+    // answer never comes (the server restarts every connection once thawed).
+    let lost = json!({"title": "sent, never answered"});
+    let post = app.post_json("/generate-pdf", &lost);
+    let crash = async {
+        // Time for the statement to reach the socket: a frozen server shows nothing to poll.
+        actix_rt::time::sleep(Duration::from_millis(500)).await;
+        pg.kill_backends(&frozen);
+        drop(frozen);
+    };
+    let (reply, ()) = futures::future::join(post, crash).await;
+    let message = reply.assert_error(503, "storage_unavailable");
+    assert!(reply.header("retry-after").is_some());
+    // Before: "cannot write right now", as if nothing was created.
+    assert!(message.contains("may exist") && message.contains("Idempotency-Key"), "{message}");
+    crate::helpers::poll_until(
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || async { app.get("/readyz").await.status.as_u16() },
+        |s| *s == 200,
+        |s| s.to_string(),
+    )
+    .await;
+    let after = id_of(&app.submit_pdf(&json!({"title": "after"})).await).to_string();
+    assert_eq!(app.wait_finished(&after).await["status"], "succeeded");
+}

@@ -141,6 +141,13 @@ pub(super) fn refused(e: &tokio_postgres::Error) -> bool {
     e.code().is_some_and(|c| !matches!(&c.code()[..2], "08" | "53" | "55" | "57" | "58" | "XX"))
 }
 
+/// Whether the database answered with an error (the statement, or the transaction, did not
+/// commit). An error without a database's answer (the connection lost, no answer) leaves the
+/// outcome of a statement already sent unknown.
+pub(super) fn answered(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some()
+}
+
 impl Conns {
     /// `size` connections in all (at least 2): half shared (rounded up), the rest alone.
     pub fn new(url: String, size: usize) -> Self {

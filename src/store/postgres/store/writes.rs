@@ -69,6 +69,13 @@ impl Inner {
             Err(Grouped { error, .. }) => vec![Err(error); batch.len()],
         };
         for (request, result) in batch.into_iter().zip(results) {
+            // An outcome that cannot be known names this request's own jobs.
+            let result = result.map_err(|e| match e {
+                StoreError::Uncertain { message, .. } => {
+                    StoreError::Uncertain { message, ids: request.jobs.iter().map(|n| n.job.id).collect() }
+                }
+                other => other,
+            });
             if result.is_ok() {
                 self.inserted(&request.jobs.iter().collect::<Vec<_>>());
             }
@@ -109,10 +116,17 @@ impl Inner {
                 ],
             )
             .await
-            .map_err(Grouped::of)?;
+            .map_err(|e| {
+                // The database's error: nothing was inserted. No answer (the connection lost) after
+                // the statement was sent: it may have committed.
+                match super::super::conn::answered(&e) {
+                    true => Grouped::of(e),
+                    false => Grouped::other(uncertain(e, jobs)),
+                }
+            })?;
         let n = rows.first().map_or(0, |r| r.get::<_, i64>(0)) as usize;
         if n != jobs.len() {
-            return Err(Grouped::other(unavailable(format!("inserted {n} of {} jobs", jobs.len()))));
+            return Err(Grouped::other(uncertain(format!("inserted {n} of {} jobs", jobs.len()), jobs)));
         }
         Ok(())
     }
@@ -193,7 +207,13 @@ impl Inner {
             };
         }
         tx.execute("SELECT pg_notify('offload', 'q')", &[]).await.map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)?;
+        // Before the commit, an error leaves nothing behind; a commit whose answer is lost may
+        // have committed.
+        let keyed: Vec<&NewJob> = jobs.iter().collect();
+        tx.commit().await.map_err(|e| match super::super::conn::answered(&e) {
+            true => unavailable(e),
+            false => uncertain(e, &keyed),
+        })?;
         drop(conn);
         self.inserted(&jobs.iter().collect::<Vec<_>>());
         Ok(Inserted::Created(jobs.into_iter().map(|n| n.job).collect()))
