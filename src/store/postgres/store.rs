@@ -614,7 +614,8 @@ impl JobStore for PgStore {
         }
         // Given up after the bound, it is not inserted if it still waits for its statement (a
         // request whose answer is gone is left out).
-        let answer = bounded(WRITE_TIMEOUT, async move { answer.await.map_err(|_| unavailable("the store is closed"))? });
+        let answer =
+            bounded(WRITE_TIMEOUT, async move { answer.await.map_err(|_| unavailable("the store is closed"))? });
         Box::pin(async move { unknown_past_bound(answer.await) })
     }
 

@@ -14,9 +14,10 @@
 use std::any::Any;
 use std::sync::Arc;
 
-use crate::workers::{JobContext, Outcome};
+pub mod context;
 
 pub use crate::domain::PayloadRecord;
+pub use context::{JobContext, JobFailure, JobOutput, Outcome};
 
 /// One kind of work, typed: `Input` is what its runner takes, parsed and checked before the job
 /// is accepted.
@@ -158,9 +159,9 @@ fn typed<K: Kind>(input: &Input) -> &K::Input {
         .unwrap_or_else(|| panic!("an input handed to the {} kind is not its own", std::any::type_name::<K>()))
 }
 
-fn unreadable(message: String) -> crate::workers::JobFailure {
+fn unreadable(message: String) -> JobFailure {
     tracing::error!("stored payload unreadable: {message}");
-    crate::workers::JobFailure::Error(crate::error::ErrorBody::new("payload_unreadable", message))
+    JobFailure::Error(crate::error::ErrorBody::new("payload_unreadable", message))
 }
 
 /// The kinds this service runs, by name (what `POST /jobs` looks a kind up in).
@@ -208,7 +209,6 @@ pub fn valid_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workers::{JobFailure, JobOutput};
 
     struct Upper;
 
