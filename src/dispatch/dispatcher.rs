@@ -18,6 +18,7 @@ use tokio::sync::oneshot;
 
 use super::drain::{self, Draining, Held, ShutdownPolicy};
 use super::ended::{self, job_props, Effect};
+use super::owners::Owners;
 use super::progress::{self, Push};
 use super::suspect::{Claim, Suspect};
 use crate::async_io::analytics::{AnalyticsHandle, Event};
@@ -104,12 +105,8 @@ pub struct Dispatcher {
     /// against the limits like queued ones, so concurrent submissions cannot overshoot them.
     reserved: HashMap<JobKind, usize>,
     reserved_bytes: usize,
-    /// With `--max-pending-per-key`, each API key owner's jobs admitted and not ended. With a store
-    /// alone on its data every job ends here, so they are counted here: from the store's count at
-    /// start, up on admit, down on a failed insert, a replay or the job's end. A shared store
-    /// counts its owners' jobs itself, every instance together ([`JobStore::owner_pending`]): here
-    /// are then only the jobs admitted whose insert has not committed yet.
-    owners: HashMap<Owner, usize>,
+    /// With `--max-pending-per-key`, each API key owner's jobs admitted here (see [`Owners`]).
+    owners: Owners,
     /// A pump of every pool is scheduled (after a failed claim).
     retry_scheduled: bool,
     /// How often finished jobs are checked for expiry.
@@ -141,7 +138,8 @@ impl Dispatcher {
         let sweep_every =
             crate::clock::sweep_every((ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(10)));
         let capabilities = store.capabilities();
-        let owners = if capabilities.counts_owners { HashMap::new() } else { owners };
+        let limited = admission.max_pending_per_key.is_some();
+        let owners = Owners::new(limited, capabilities.counts_owners, owners);
         Dispatcher {
             store,
             suspect: Suspect::Idle,
@@ -171,7 +169,7 @@ impl Dispatcher {
 
     /// A job reached its final state: count it, record the event, send its webhook.
     fn ended(&mut self, job: &Job) {
-        for effect in ended::effects(job, self.counts_owners_here()) {
+        for effect in ended::effects(job, self.owners.until_end()) {
             let o = &self.observers;
             match effect {
                 Effect::Count { kind, status, ran } => {
@@ -181,7 +179,7 @@ impl Dispatcher {
                     }
                 }
                 Effect::Record(event) => o.analytics.record(event),
-                Effect::OwnerSettled(owner) => self.owner_settled(owner, 1),
+                Effect::OwnerSettled(owner) => self.owners.settled(owner, 1),
                 Effect::Webhook(deliver) => o.webhooks.do_send(deliver),
             }
         }
@@ -454,28 +452,6 @@ impl Dispatcher {
         in_pool + self.store.stats().queued(kind) + self.reserved.get(&kind).copied().unwrap_or(0)
     }
 
-    /// `owner`'s jobs admitted and not ended: this instance's count, or a shared store's (every
-    /// instance together) plus the ones admitted here whose insert has not committed.
-    fn owner_pending(&self, owner: Owner) -> usize {
-        let here = self.owners.get(&owner).copied().unwrap_or(0);
-        self.store.owner_pending(owner).unwrap_or(0) + here
-    }
-
-    /// Whether the jobs of each owner are counted here until they end (see `owners`).
-    fn counts_owners_here(&self) -> bool {
-        self.admission.max_pending_per_key.is_some() && !self.store.capabilities().counts_owners
-    }
-
-    /// `n` jobs of `owner` counted here are no longer.
-    fn owner_settled(&mut self, owner: Owner, n: usize) {
-        if let std::collections::hash_map::Entry::Occupied(mut e) = self.owners.entry(owner) {
-            *e.get_mut() = e.get().saturating_sub(n);
-            if *e.get() == 0 {
-                e.remove();
-            }
-        }
-    }
-
     /// What a drain waits for (see [`Draining::outstanding`]).
     fn drain_outstanding(&self) -> usize {
         let claiming = self.pools.values().map(|p| p.claiming).sum();
@@ -687,12 +663,7 @@ impl Handler<Submit> for Dispatcher {
             }
             this.reserved_bytes -= weight;
             if let Some(owner) = owner {
-                // Counted here until they end, unless the store counts them itself from now on;
-                // nothing was created by a failed insert or a replay.
-                let created = matches!(res, Ok(Inserted::Created(_)));
-                if !created || !this.counts_owners_here() {
-                    this.owner_settled(owner, count);
-                }
+                this.owners.inserted(owner, count, matches!(res, Ok(Inserted::Created(_))));
             }
             let outcome = match res {
                 Ok(Inserted::Created(jobs)) => {
@@ -776,7 +747,7 @@ impl Dispatcher {
                     "the request makes {count} jobs, more than the {limit} this API key may have pending"
                 )));
             }
-            let pending = self.owner_pending(owner);
+            let pending = self.owners.pending(owner, self.store.owner_pending(owner));
             if pending + count > limit {
                 let kind = first_kind;
                 let reason = format!("this API key has {pending} jobs pending; its limit is {limit}");
@@ -813,7 +784,7 @@ impl Dispatcher {
         }
         self.reserved_bytes += weight;
         if let (Some(_), Some(owner)) = (self.admission.max_pending_per_key, msg.owner) {
-            *self.owners.entry(owner).or_default() += jobs.len();
+            self.owners.admitted(owner, jobs.len());
         }
         Ok((self.store.insert(jobs, msg.key), wanted, weight))
     }

@@ -7,10 +7,12 @@
 //! - `progress`: when a running job's progress is pushed to its followers.
 //! - `ended`: what must happen once a job ends (metrics, analytics, owner counts, webhook).
 //! - `drain`: what a shutdown does with running and queued jobs, by what the store keeps.
+//! - `owners`: who counts each API key's pending jobs, and until when.
 
 pub mod dispatcher;
 mod drain;
 mod ended;
+mod owners;
 mod progress;
 mod suspect;
 
