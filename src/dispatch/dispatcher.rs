@@ -16,6 +16,11 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
+use super::drain::{self, Draining, Held, ShutdownPolicy};
+use super::ended::{self, job_props, Effect};
+use super::owners::Owners;
+use super::progress::{self, Push};
+use super::suspect::{Claim, Suspect};
 use crate::async_io::analytics::{AnalyticsHandle, Event};
 use crate::async_io::webhooks::Deliver;
 use crate::domain::callback::CallbackUrl;
@@ -89,16 +94,6 @@ struct Running {
     timer: SpawnHandle,
 }
 
-/// Where the runs of jobs cut off by the last process's death are.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Suspect {
-    /// None is being claimed or running.
-    Idle,
-    Claiming,
-    /// This one runs, alone.
-    Running(JobId),
-}
-
 pub struct Dispatcher {
     store: Arc<dyn JobStore>,
     /// Suspects (see [`JobStore::claim_suspect`]) run one at a time with nothing beside them.
@@ -110,32 +105,21 @@ pub struct Dispatcher {
     /// against the limits like queued ones, so concurrent submissions cannot overshoot them.
     reserved: HashMap<JobKind, usize>,
     reserved_bytes: usize,
-    /// With `--max-pending-per-key`, each API key owner's jobs admitted and not ended. With a store
-    /// alone on its data every job ends here, so they are counted here: from the store's count at
-    /// start, up on admit, down on a failed insert, a replay or the job's end. A shared store
-    /// counts its owners' jobs itself, every instance together ([`JobStore::owner_pending`]): here
-    /// are then only the jobs admitted whose insert has not committed yet.
-    owners: HashMap<Owner, usize>,
+    /// With `--max-pending-per-key`, each API key owner's jobs admitted here (see [`Owners`]).
+    owners: Owners,
     /// A pump of every pool is scheduled (after a failed claim).
     retry_scheduled: bool,
-    /// Release writes (runs stopped by a shutdown) and final writes not committed yet: a drain
-    /// waits for them.
-    releasing: usize,
-    finishing: usize,
     /// How often finished jobs are checked for expiry.
     sweep_every: Duration,
     /// An expiry sweep is in progress.
     sweeping: bool,
-    /// Set once a drain starts: the callers waiting for it to end.
-    draining: Option<Vec<oneshot::Sender<()>>>,
-    /// When progress of a job was last pushed, and whether a delayed push is scheduled.
-    progress_pushed: HashMap<JobId, (Instant, bool)>,
+    /// The shutdown's drain, as the store's policy has it, and the writes it waits for.
+    drain: Draining,
+    /// When progress of each watched job is pushed.
+    progress: progress::Throttle,
     observers: Observers,
 }
 
-/// Least time between two progress events of one job to its watchers (the contract allows one
-/// per 50 ms and wants a change shown within 100 ms).
-const PROGRESS_PUSH_EVERY: Duration = Duration::from_millis(50);
 /// Claimed jobs waiting in a pool's mailbox per thread: enough that a claim's commit (an fsync,
 /// ~0.3-2 ms here) hides behind the jobs before it even when jobs take half a millisecond.
 const PREFETCH: usize = 3;
@@ -153,7 +137,9 @@ impl Dispatcher {
     ) -> Self {
         let sweep_every =
             crate::clock::sweep_every((ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(10)));
-        let owners = if store.shared() { HashMap::new() } else { owners };
+        let capabilities = store.capabilities();
+        let limited = admission.max_pending_per_key.is_some();
+        let owners = Owners::new(limited, capabilities.counts_owners, owners);
         Dispatcher {
             store,
             suspect: Suspect::Idle,
@@ -164,12 +150,10 @@ impl Dispatcher {
             reserved_bytes: 0,
             owners,
             retry_scheduled: false,
-            releasing: 0,
-            finishing: 0,
             sweep_every,
             sweeping: false,
-            draining: None,
-            progress_pushed: HashMap::new(),
+            drain: Draining::new(ShutdownPolicy::of(capabilities)),
+            progress: progress::Throttle::default(),
             observers,
         }
     }
@@ -178,102 +162,67 @@ impl Dispatcher {
     fn changed(&mut self, job: &Job) {
         self.observers.hub.publish(job);
         if job.status.is_terminal() {
-            self.progress_pushed.remove(&job.id);
+            self.progress.ended(job.id);
             self.ended(job);
         }
     }
 
     /// A job reached its final state: count it, record the event, send its webhook.
     fn ended(&mut self, job: &Job) {
-        let kind = job.kind.as_str();
-        let status = job.status.as_str();
-        let o = &self.observers;
-        o.metrics.jobs_finished.with_label_values(&[kind, status]).inc();
-        let ran = job.started_at.zip(job.finished_at).and_then(|(s, f)| f.duration_since(s).ok());
-        if let Some(ran) = ran {
-            o.metrics.job_duration.with_label_values(&[kind, status]).observe(ran.as_secs_f64());
-        }
-        let mut props = job_props(job);
-        let name = match job.status {
-            JobStatus::Succeeded => {
-                props.insert("duration_ms".into(), ran.map_or(0, |d| d.as_millis() as u64).into());
-                "job_succeeded"
-            }
-            JobStatus::Failed => {
-                props.insert("code".into(), job.error.as_ref().map_or("", |e| e.code.as_str()).into());
-                "job_failed"
-            }
-            _ => "job_cancelled",
-        };
-        o.analytics.record(Event::internal(name, props));
-        if let Some(owner) = job.owner.filter(|_| self.counts_owners_here()) {
-            self.owner_settled(owner, 1);
-        }
-        if let Some(url) = &job.callback {
-            self.send_webhook(job, url.clone());
-        }
-    }
-
-    fn send_webhook(&self, job: &Job, url: CallbackUrl) {
-        // The same bytes the store wrote as the owed delivery.
-        match serde_json::to_vec(&job.view()) {
-            Ok(body) => {
-                self.observers.webhooks.do_send(Deliver { job: job.id, owner: job.owner, url, body: body.into() })
-            }
-            Err(e) => tracing::error!(job = %job.id, "job object not serializable: {e}"),
-        }
-    }
-
-    /// Progress to watchers at most once per [`PROGRESS_PUSH_EVERY`] (a delayed push carries the
-    /// latest value).
-    fn push_progress(&mut self, id: JobId, ctx: &mut Context<Self>) {
-        let now = Instant::now();
-        let (last, scheduled) = self.progress_pushed.get(&id).copied().unwrap_or((now - PROGRESS_PUSH_EVERY, false));
-        if scheduled {
-            return;
-        }
-        let since = now.duration_since(last);
-        if since >= PROGRESS_PUSH_EVERY {
-            if let Some(r) = self.running.get(&id) {
-                self.observers.hub.publish(&r.job);
-            }
-            self.progress_pushed.insert(id, (now, false));
-        } else {
-            self.progress_pushed.insert(id, (last, true));
-            ctx.run_later(PROGRESS_PUSH_EVERY - since, move |this, _| {
-                if let Some(entry) = this.progress_pushed.get_mut(&id) {
-                    *entry = (Instant::now(), false);
-                    if let Some(r) = this.running.get(&id).filter(|r| r.job.status == JobStatus::Running) {
-                        this.observers.hub.publish(&r.job);
+        for effect in ended::effects(job, self.owners.until_end()) {
+            let o = &self.observers;
+            match effect {
+                Effect::Count { kind, status, ran } => {
+                    o.metrics.jobs_finished.with_label_values(&[kind, status]).inc();
+                    if let Some(ran) = ran {
+                        o.metrics.job_duration.with_label_values(&[kind, status]).observe(ran.as_secs_f64());
                     }
                 }
-            });
+                Effect::Record(event) => o.analytics.record(event),
+                Effect::OwnerSettled(owner) => self.owners.settled(owner, 1),
+                Effect::Webhook(deliver) => o.webhooks.do_send(deliver),
+            }
         }
     }
 
-    /// Whether new claims may start: not while a durable store drains (queued jobs stay queued
-    /// for the next start); a memory store runs its queue during the grace period as before.
-    fn may_claim(&self) -> bool {
-        self.draining.is_none() || !self.store.durable()
+    /// Progress to watchers, throttled (see [`progress`]); a delayed push carries the latest value.
+    fn push_progress(&mut self, id: JobId, ctx: &mut Context<Self>) {
+        match self.progress.progressed(id, Instant::now()) {
+            Push::Now => {
+                if let Some(r) = self.running.get(&id) {
+                    self.observers.hub.publish(&r.job);
+                }
+            }
+            Push::After(delay) => {
+                ctx.run_later(delay, move |this, _| {
+                    if this.progress.due(id, Instant::now()) {
+                        if let Some(r) = this.running.get(&id).filter(|r| r.job.status == JobStatus::Running) {
+                            this.observers.hub.publish(&r.job);
+                        }
+                    }
+                });
+            }
+            Push::Scheduled => {}
+        }
     }
 
     /// Claims queued jobs of `kind` while its pool has room. Jobs cut off by a crash go first,
     /// each alone: nothing else is claimed while one waits to run or runs.
     fn pump(&mut self, kind: JobKind, ctx: &mut Context<Self>) {
-        if !self.may_claim() || self.suspect != Suspect::Idle {
+        if !self.drain.may_claim() {
             return;
         }
-        if self.store.stats().suspects > 0 {
-            let idle = self.running.is_empty() && self.pools.values().all(|p| p.claiming == 0);
-            if idle {
+        let busy = !self.running.is_empty() || self.pools.values().any(|p| p.claiming > 0);
+        match self.suspect.next(self.store.stats().suspects, busy) {
+            Claim::Nothing => return,
+            Claim::Suspect => {
                 if let Some(claim) = self.store.claim_suspect() {
-                    self.suspect = Suspect::Claiming;
+                    self.suspect.claiming();
                     ctx.spawn(claim.into_actor(self).map(|res, this, ctx| this.on_suspect_claimed(res, ctx)));
                     return;
                 }
-            } else {
-                return;
             }
+            Claim::Queued => {}
         }
         loop {
             let Some(pool) = self.pools.get_mut(&kind) else { return };
@@ -306,15 +255,13 @@ impl Dispatcher {
     }
 
     fn on_suspect_claimed(&mut self, res: Result<Option<Claimed>, StoreError>, ctx: &mut Context<Self>) {
-        self.suspect = Suspect::Idle;
+        self.suspect.claimed(None);
         match res {
             Ok(Some(claimed)) => {
                 let id = claimed.job.id;
                 tracing::warn!(job = %id, attempt = claimed.job.attempts, "running a job cut off by a crash, alone");
                 self.hand_to_pool(claimed, ctx);
-                if self.running.contains_key(&id) {
-                    self.suspect = Suspect::Running(id);
-                }
+                self.suspect.claimed(self.running.contains_key(&id).then_some(id));
             }
             Ok(None) => {}
             Err(e) => {
@@ -367,7 +314,7 @@ impl Dispatcher {
             return;
         }
         pool.in_flight += 1;
-        if self.draining.is_some() && self.store.durable() {
+        if self.drain.stops_claimed() {
             // Claimed just before the drain began: it never starts, and goes back to the queue.
             control.interrupt(Interrupt::Shutdown);
         }
@@ -401,10 +348,10 @@ impl Dispatcher {
 
     /// A run stopped by a shutdown goes back to the queue, for the next start.
     fn release(&mut self, id: JobId, attempt: u32, ctx: &mut Context<Self>) {
-        self.releasing += 1;
+        self.drain.releasing += 1;
         let write = self.store.release(id, attempt);
         ctx.spawn(write.into_actor(self).map(move |res, this, _| {
-            this.releasing -= 1;
+            this.drain.releasing -= 1;
             match res {
                 Ok(true) => {
                     tracing::info!(job = %id, "job stopped by the shutdown; it runs again after the next start")
@@ -430,9 +377,9 @@ impl Dispatcher {
     fn finish(&mut self, id: JobId, attempt: u32, outcome: Final, ctx: &mut Context<Self>) {
         let retry = outcome.clone();
         let write = self.store.finish(id, attempt, outcome);
-        self.finishing += 1;
+        self.drain.finishing += 1;
         ctx.spawn(write.into_actor(self).map(move |res, this, ctx| {
-            this.finishing -= 1;
+            this.drain.finishing -= 1;
             match res {
                 Ok(Some(job)) => {
                     let (kind, status) = (job.kind.as_str(), job.status.as_str());
@@ -442,9 +389,9 @@ impl Dispatcher {
                 Ok(None) => tracing::debug!(job = %id, attempt, "completion refused: this run no longer holds the job"),
                 Err(e) => {
                     tracing::warn!(job = %id, "cannot record the job's end, retrying: {e}");
-                    this.finishing += 1;
+                    this.drain.finishing += 1;
                     ctx.run_later(STORE_RETRY, move |this, ctx| {
-                        this.finishing -= 1;
+                        this.drain.finishing -= 1;
                         this.finish(id, attempt, retry, ctx)
                     });
                 }
@@ -474,10 +421,9 @@ impl Dispatcher {
             Err(JobFailure::Error(error)) => Some(Final::Failed(error)),
             Err(JobFailure::Interrupted(Interrupt::TimedOut)) => Some(Final::Failed(self.timeout_error())),
             Err(JobFailure::Interrupted(Interrupt::Cancelled)) => Some(Final::Cancelled(None)),
-            // A durable store keeps the job for the next start; a memory store failed it when
-            // the grace period ended.
+            // Back to the queue for the next start, or failed when the grace period ended.
             Err(JobFailure::Interrupted(Interrupt::Shutdown)) => {
-                if self.store.durable() {
+                if self.drain.policy().releases_stopped_runs() {
                     self.release(id, running.job.attempts, ctx);
                 }
                 None
@@ -486,8 +432,7 @@ impl Dispatcher {
         if let Some(outcome) = outcome {
             self.finish(id, running.job.attempts, outcome, ctx);
         }
-        if self.suspect == Suspect::Running(id) {
-            self.suspect = Suspect::Idle;
+        if self.suspect.finished(id) {
             self.pump_all(ctx);
         } else {
             self.pump(kind, ctx);
@@ -507,96 +452,32 @@ impl Dispatcher {
         in_pool + self.store.stats().queued(kind) + self.reserved.get(&kind).copied().unwrap_or(0)
     }
 
-    /// `owner`'s jobs admitted and not ended: this instance's count, or a shared store's (every
-    /// instance together) plus the ones admitted here whose insert has not committed.
-    fn owner_pending(&self, owner: Owner) -> usize {
-        let here = self.owners.get(&owner).copied().unwrap_or(0);
-        self.store.owner_pending(owner).unwrap_or(0) + here
-    }
-
-    /// Whether the jobs of each owner are counted here until they end (see `owners`).
-    fn counts_owners_here(&self) -> bool {
-        self.admission.max_pending_per_key.is_some() && !self.store.shared()
-    }
-
-    /// `n` jobs of `owner` counted here are no longer.
-    fn owner_settled(&mut self, owner: Owner, n: usize) {
-        if let std::collections::hash_map::Entry::Occupied(mut e) = self.owners.entry(owner) {
-            *e.get_mut() = e.get().saturating_sub(n);
-            if *e.get() == 0 {
-                e.remove();
-            }
-        }
-    }
-
-    /// What a drain waits for: with a durable store only the jobs running here (queued ones are
-    /// kept for the next start); with a memory store everything accepted.
+    /// What a drain waits for (see [`Draining::outstanding`]).
     fn drain_outstanding(&self) -> usize {
-        if self.store.durable() {
-            self.running.len()
-                + self.releasing
-                + self.finishing
-                + self.pools.values().map(|p| p.claiming).sum::<usize>()
-        } else {
-            self.pools.keys().map(|k| self.pending_of(*k)).sum::<usize>() + self.finishing
-        }
+        let claiming = self.pools.values().map(|p| p.claiming).sum();
+        let accepted = self.pools.keys().map(|k| self.pending_of(*k)).sum();
+        self.drain.outstanding(Held { running: self.running.len(), claiming, accepted })
     }
 
     fn check_drained(&mut self) {
-        if self.draining.as_ref().is_some_and(|w| !w.is_empty()) && self.drain_outstanding() == 0 {
-            self.resolve_drain();
+        if self.drain.awaited() && self.drain_outstanding() == 0 {
+            self.drain.resolve();
         }
     }
 
-    fn resolve_drain(&mut self) {
-        for waiter in self.draining.as_mut().map(std::mem::take).unwrap_or_default() {
-            let _ = waiter.send(());
-        }
-    }
-
-    /// The grace period is over. Durable store: running jobs go back to the queue (their runs
-    /// are stopped). Memory store: everything still queued or running fails with `shutdown`.
+    /// The grace period is over: the runs still going stop, and the store's policy says what
+    /// becomes of them and of the queue ([`drain::stop`]).
     fn stop_everything(&mut self, ctx: &mut Context<Self>) {
         for running in self.running.values() {
             running.control.interrupt(Interrupt::Shutdown);
         }
-        let store = self.store.clone();
-        let running: Vec<(JobId, u32)> = self.running.iter().map(|(id, r)| (*id, r.job.attempts)).collect();
-        let durable = store.durable();
-        let work = async move {
-            let mut ended = Vec::new();
-            for (id, attempt) in running {
-                if durable {
-                    match store.release(id, attempt).await {
-                        Ok(_) => {
-                            tracing::info!(job = %id, "job stopped by the shutdown; queued again for the next start")
-                        }
-                        Err(e) => tracing::error!(job = %id, "cannot queue the job again (the next start will): {e}"),
-                    }
-                } else if let Ok(Some(job)) = store.finish(id, attempt, Final::Failed(shutdown_error())).await {
-                    ended.push(job);
-                }
-            }
-            if !durable {
-                // Nothing of a memory store outlives the process: queued jobs fail now.
-                let kinds: Vec<JobKind> = store.stats().queued.iter().map(|(kind, _)| kind).collect();
-                for kind in kinds {
-                    while let Some(claim) = store.claim(kind) {
-                        let Ok(Some(claimed)) = claim.await else { continue };
-                        let (id, attempt) = (claimed.job.id, claimed.job.attempts);
-                        if let Ok(Some(job)) = store.finish(id, attempt, Final::Failed(shutdown_error())).await {
-                            ended.push(job);
-                        }
-                    }
-                }
-            }
-            ended
-        };
+        let runs: Vec<(JobId, u32)> = self.running.iter().map(|(id, r)| (*id, r.job.attempts)).collect();
+        let work = drain::stop(self.store.clone(), self.drain.policy(), runs);
         ctx.spawn(work.into_actor(self).map(|ended, this, _| {
             for job in &ended {
                 this.changed(job);
             }
-            this.resolve_drain();
+            this.drain.resolve();
         }));
     }
 
@@ -627,18 +508,6 @@ impl Dispatcher {
         let secs = backlog * pool.mean_secs / pool.workers.max(1) as f64;
         secs.ceil().clamp(1.0, 60.0) as u64
     }
-}
-
-/// The properties every job analytics event carries.
-fn job_props(job: &Job) -> serde_json::Map<String, serde_json::Value> {
-    let mut props = serde_json::Map::new();
-    props.insert("job_id".into(), job.id.to_string().into());
-    props.insert("kind".into(), job.kind.as_str().into());
-    props
-}
-
-fn shutdown_error() -> ErrorBody {
-    ErrorBody::new("shutdown", "the service shut down before the job could finish; submit it again")
 }
 
 impl Actor for Dispatcher {
@@ -794,12 +663,7 @@ impl Handler<Submit> for Dispatcher {
             }
             this.reserved_bytes -= weight;
             if let Some(owner) = owner {
-                // Counted here until they end, unless the store counts them itself from now on;
-                // nothing was created by a failed insert or a replay.
-                let created = matches!(res, Ok(Inserted::Created(_)));
-                if !created || !this.counts_owners_here() {
-                    this.owner_settled(owner, count);
-                }
+                this.owners.inserted(owner, count, matches!(res, Ok(Inserted::Created(_))));
             }
             let outcome = match res {
                 Ok(Inserted::Created(jobs)) => {
@@ -843,7 +707,7 @@ impl Dispatcher {
 
     /// Checks the limits and sends the insert; the jobs are reserved until it commits.
     fn admit(&mut self, msg: Submit) -> Result<Admitted, SubmitError> {
-        if self.draining.is_some() {
+        if self.drain.started() {
             return Err(SubmitError::ShuttingDown);
         }
         if let Err(StoreError::Unavailable(m)) = self.store.health() {
@@ -859,7 +723,7 @@ impl Dispatcher {
         let first_kind = kinds[0];
         for (&kind, &count) in &wanted {
             // Without a pool here, only a shared store has someone else to run it.
-            if !self.pools.contains_key(&kind) && !self.store.shared() {
+            if !self.pools.contains_key(&kind) && !self.store.capabilities().shared {
                 return Err(SubmitError::NoPool(kind));
             }
             let limit = self.admission.max_pending;
@@ -883,7 +747,7 @@ impl Dispatcher {
                     "the request makes {count} jobs, more than the {limit} this API key may have pending"
                 )));
             }
-            let pending = self.owner_pending(owner);
+            let pending = self.owners.pending(owner, self.store.owner_pending(owner));
             if pending + count > limit {
                 let kind = first_kind;
                 let reason = format!("this API key has {pending} jobs pending; its limit is {limit}");
@@ -920,7 +784,7 @@ impl Dispatcher {
         }
         self.reserved_bytes += weight;
         if let (Some(_), Some(owner)) = (self.admission.max_pending_per_key, msg.owner) {
-            *self.owners.entry(owner).or_default() += jobs.len();
+            self.owners.admitted(owner, jobs.len());
         }
         Ok((self.store.insert(jobs, msg.key), wanted, weight))
     }
@@ -1031,7 +895,7 @@ impl Handler<Readiness> for Dispatcher {
             self.pools.iter().filter(|(_, p)| !p.recipient.connected()).map(|(k, _)| *k).collect();
         pools_down.sort_by_key(|k| k.as_str());
         let storage = self.store.health().err().map(|e| e.to_string());
-        ReadyState { draining: self.draining.is_some(), pools_down, storage }
+        ReadyState { draining: self.drain.started(), pools_down, storage }
     }
 }
 
@@ -1048,16 +912,17 @@ impl Handler<Drain> for Dispatcher {
 
     fn handle(&mut self, msg: Drain, ctx: &mut Context<Self>) -> Self::Result {
         let (tx, rx) = oneshot::channel();
-        if self.draining.is_none() {
+        if self.drain.wait(tx) {
             let queued: usize = self.store.stats().queued.total();
+            let policy = self.drain.policy();
             tracing::info!(
                 running = self.running.len(),
                 queued,
-                durable = self.store.durable(),
+                ?policy,
                 grace_secs = msg.grace.as_secs_f64(),
                 "draining"
             );
-            if self.store.durable() {
+            if policy.stops_unstarted() {
                 // Jobs waiting in a pool's mailbox never start: they stay queued for the next start.
                 for running in self.running.values().filter(|r| r.job.status == JobStatus::Queued) {
                     running.control.interrupt(Interrupt::Shutdown);
@@ -1070,7 +935,6 @@ impl Handler<Drain> for Dispatcher {
                 this.stop_everything(ctx);
             });
         }
-        self.draining.get_or_insert_with(Vec::new).push(tx);
         self.check_drained();
         Box::pin(async move {
             let _ = rx.await;

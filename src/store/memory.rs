@@ -8,8 +8,8 @@ use std::time::SystemTime;
 use bytes::Bytes;
 
 use super::{
-    apply_final, ready, result_too_large, CancelOutcome, Claimed, Final, IdempotencyKey, Inserted, JobStore,
-    ListFilter, NewJob, OwedWebhook, Pending, ResultBody, Retention, StatusCounts, StoreError, StoreStats,
+    apply_final, ready, result_too_large, CancelOutcome, Capabilities, Claimed, Final, IdempotencyKey, Inserted,
+    JobStore, ListFilter, NewJob, OwedWebhook, Pending, ResultBody, Retention, StatusCounts, StoreError, StoreStats,
 };
 use crate::error::ErrorBody;
 use crate::job::{Job, JobId, JobKind, JobStatus, Owner, ResultMeta};
@@ -128,8 +128,8 @@ impl Inner {
 }
 
 impl JobStore for MemoryStore {
-    fn durable(&self) -> bool {
-        false
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { keeps_jobs: false, shared: false, counts_owners: false }
     }
 
     fn insert(&self, jobs: Vec<NewJob>, key: Option<IdempotencyKey>) -> Pending<Inserted> {

@@ -232,14 +232,32 @@ impl StoreStats {
     }
 }
 
+/// What a store does that its users must act on: the differences between stores, answered by
+/// the store itself so that callers ask for what they need instead of which store it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Accepted jobs survive the process: a shutdown leaves them queued for the next start
+    /// (see `dispatch::drain`); without it they are lost, so a shutdown ends them.
+    pub keeps_jobs: bool,
+    /// Other processes share the jobs, and so may run the kinds no pool here runs.
+    pub shared: bool,
+    /// The store counts each owner's queued and running jobs itself, every process together
+    /// ([`JobStore::owner_pending`] answers `Some`); otherwise the Dispatcher counts them.
+    pub counts_owners: bool,
+}
+
 /// The seam. Every method is cheap to call from an event loop except the reads (`get`, `list`,
 /// `result`, `replay`), which may touch the disk.
 pub trait JobStore: Send + Sync + 'static {
-    /// Whether accepted jobs survive the process (decides what a shutdown does with them).
-    fn durable(&self) -> bool;
-    /// Whether other processes share the jobs (and so may run the ones no pool here runs).
+    /// What this store does differently from the others (a constant, cheap to ask).
+    fn capabilities(&self) -> Capabilities;
+    /// Whether accepted jobs survive the process ([`Capabilities::keeps_jobs`]).
+    fn durable(&self) -> bool {
+        self.capabilities().keeps_jobs
+    }
+    /// Whether other processes share the jobs ([`Capabilities::shared`]).
     fn shared(&self) -> bool {
-        false
+        self.capabilities().shared
     }
 
     /// Creates jobs, all or none, with their payloads; with a key, at most once per key.
@@ -317,8 +335,8 @@ pub trait JobStore: Send + Sync + 'static {
     }
     /// A shared store's own count of `owner`'s queued and running jobs, every instance together
     /// (others end jobs this process submitted, unseen by its Dispatcher); `None` for a store
-    /// alone on its data, whose jobs all end through this process's Dispatcher. Every shared
-    /// store answers `Some`.
+    /// alone on its data, whose jobs all end through this process's Dispatcher. A store whose
+    /// [`Capabilities::counts_owners`] is set answers `Some`.
     fn owner_pending(&self, _owner: Owner) -> Option<usize> {
         None
     }

@@ -42,8 +42,8 @@ use crate::job::{Job, JobId, JobKind, JobStatus, Owner, ResultMeta};
 use crate::kind::Work;
 use crate::store::codes::{micros, pack_ids, status_code, status_of, time_of, unpack_ids};
 use crate::store::{
-    apply_final, CancelOutcome, Claimed, Final, IdempotencyKey, Inserted, JobStore, ListFilter, NewJob, OwedWebhook,
-    Pending, ResultBody, ResultReader, StatusCounts, StoreError, StoreEvents, StoreStats,
+    apply_final, CancelOutcome, Capabilities, Claimed, Final, IdempotencyKey, Inserted, JobStore, ListFilter, NewJob,
+    OwedWebhook, Pending, ResultBody, ResultReader, StatusCounts, StoreError, StoreEvents, StoreStats,
 };
 
 /// How a [`PgStore`] is set up.
@@ -587,12 +587,8 @@ impl ResultReader for PieceReader {
 }
 
 impl JobStore for PgStore {
-    fn durable(&self) -> bool {
-        true
-    }
-
-    fn shared(&self) -> bool {
-        true
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { keeps_jobs: true, shared: true, counts_owners: true }
     }
 
     fn insert(&self, jobs: Vec<NewJob>, key: Option<IdempotencyKey>) -> Pending<Inserted> {

@@ -33,8 +33,8 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::oneshot;
 
 use super::{
-    ready, CancelOutcome, Claimed, Final, IdempotencyKey, Inserted, JobStore, ListFilter, NewJob, OwedWebhook, Pending,
-    ResultBody, ResultReader, StatusCounts, StoreError, StoreStats,
+    ready, CancelOutcome, Capabilities, Claimed, Final, IdempotencyKey, Inserted, JobStore, ListFilter, NewJob,
+    OwedWebhook, Pending, ResultBody, ResultReader, StatusCounts, StoreError, StoreStats,
 };
 use crate::domain::callback::{CallbackPolicy, CallbackUrl};
 use crate::error::ErrorBody;
@@ -736,8 +736,8 @@ pub(crate) fn recover(conn: &mut Connection, max_attempts: u32, started: &Starts
 }
 
 impl JobStore for SqliteStore {
-    fn durable(&self) -> bool {
-        true
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { keeps_jobs: true, shared: false, counts_owners: false }
     }
 
     fn set_events(&self, events: Arc<dyn super::StoreEvents>) {
