@@ -89,9 +89,9 @@ static KINDS: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::n
 
 impl JobKind {
     /// The kind named `name` (registered, or read from storage), interned once per process.
-    /// `None` if `name` is not a valid kind name (see [`crate::kind::valid_name`]).
+    /// `None` if `name` is not a valid kind name (see [`valid_name`]).
     pub fn named(name: &str) -> Option<JobKind> {
-        if !crate::kind::valid_name(name) {
+        if !valid_name(name) {
             return None;
         }
         let mut kinds = KINDS.lock().unwrap_or_else(|p| p.into_inner());
@@ -135,6 +135,12 @@ impl Serialize for JobKind {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(self.0)
     }
+}
+
+/// Whether `name` may name a kind: 1 to 64 of `a-z`, `0-9`, `-`, `_`.
+pub fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 /// Where a job is in its life.

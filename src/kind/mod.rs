@@ -200,11 +200,7 @@ impl NewWork {
     }
 }
 
-/// Whether `name` may name a kind: 1 to 64 of `a-z`, `0-9`, `-`, `_`.
-pub fn valid_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-}
+pub use crate::job::valid_name;
 
 #[cfg(test)]
 mod tests {

@@ -65,10 +65,10 @@ static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
     params(("access_token" = Option<String>, Query, description = "An API key, for clients that cannot set headers")),
     responses(
         (status = 101, description = "Switching protocols: the WebSocket is open"),
-        (status = 400, description = "`bad_request`: an upgrade to WebSocket without `Sec-WebSocket-Version`, or with a missing or malformed `Sec-WebSocket-Key`", body = crate::routes::openapi::ErrorResponse),
-        (status = 401, description = "With `--api-keys`: no valid key", body = crate::routes::openapi::ErrorResponse),
-        (status = 403, description = "`origin_not_allowed`: the Origin is not in `--ws-allowed-origins`", body = crate::routes::openapi::ErrorResponse),
-        (status = 426, description = "`upgrade_required`: not a WebSocket upgrade (no `Upgrade: websocket` with `Connection: Upgrade`), or a `Sec-WebSocket-Version` other than 13", body = crate::routes::openapi::ErrorResponse,
+        (status = 400, description = "`bad_request`: an upgrade to WebSocket without `Sec-WebSocket-Version`, or with a missing or malformed `Sec-WebSocket-Key`", body = crate::error::ErrorResponse),
+        (status = 401, description = "With `--api-keys`: no valid key", body = crate::error::ErrorResponse),
+        (status = 403, description = "`origin_not_allowed`: the Origin is not in `--ws-allowed-origins`", body = crate::error::ErrorResponse),
+        (status = 426, description = "`upgrade_required`: not a WebSocket upgrade (no `Upgrade: websocket` with `Connection: Upgrade`), or a `Sec-WebSocket-Version` other than 13", body = crate::error::ErrorResponse,
             headers(("Upgrade" = String, description = "`websocket`"), ("Connection" = String, description = "`Upgrade`"), ("Sec-WebSocket-Version" = String, description = "`13`"))),
     )
 )]

@@ -13,36 +13,7 @@ use serde_json::Value;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-/// The error object every 4xx and 5xx answer carries.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct ErrorResponse {
-    error: ErrorDetail,
-}
-
-/// A stable machine-readable code and a message naming what went wrong.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct ErrorDetail {
-    /// snake_case and stable. 400: `malformed_json`, `malformed_multipart`, `invalid_header`,
-    /// `bad_request`; 401: `unauthorized`; 403: `origin_not_allowed`; 404: `not_found`,
-    /// `job_not_found`, `webhook_secret_not_set`, `no_api_keys`; 405: `method_not_allowed`; 408: `request_timeout`; 409: `result_not_ready`,
-    /// `job_finished`; 413: `payload_too_large`; 415: `unsupported_media_type`,
-    /// `unsupported_image`; 422: `invalid_field`, `too_many_rows`, `too_many_columns`,
-    /// `cell_too_long`, `text_too_long`, `too_many_paragraphs`, `document_too_large`,
-    /// `invalid_query`, `invalid_op`, `image_too_large`, `empty_file`, `missing_file`,
-    /// `too_many_files`, `invalid_image`, `invalid_callback_url`, `callback_not_allowed`,
-    /// `invalid_event`, `no_events`, `too_many_events`, `idempotency_key_reused`; 426:
-    /// `upgrade_required`; 503 (with
-    /// `Retry-After`): `overloaded`, `shutting_down`, `draining`, `storage_unavailable`,
-    /// `pool_unavailable`, `pool_down`, `unavailable`; 500: `internal_error`. A failed job's `error.code`: `worker_panic`,
-    /// `timeout`, `result_too_large`, `document_too_large`, `shutdown`, `worker_lost`,
-    /// `payload_unreadable`, `truncated_image`, `invalid_image`, `image_too_large`,
-    /// `encode_failed`; a cancelled job's: `cancelled`.
-    #[schema(pattern = "^[a-z_]+$")]
-    code: String,
-    message: String,
-}
+pub use crate::error::{ErrorDetail, ErrorResponse};
 
 /// What a job does.
 #[derive(ToSchema)]

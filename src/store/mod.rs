@@ -304,7 +304,7 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// What worker threads call right before a job runs (a durable store notes the start so that
     /// a run that takes the process down is counted as an attempt); `None` if nothing is needed.
-    fn start_hook(&self) -> Option<crate::workers::StartHook> {
+    fn start_hook(&self) -> Option<crate::kind::context::StartHook> {
         None
     }
 

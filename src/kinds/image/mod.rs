@@ -5,8 +5,8 @@ pub mod routes;
 pub mod run;
 pub mod task;
 
+use crate::kind::{JobContext, Outcome};
 use crate::kind::{Kind, PayloadRecord};
-use crate::workers::{JobContext, Outcome};
 use task::ImageTask;
 
 /// The name image jobs are stored under.

@@ -13,7 +13,7 @@ use image::{DynamicImage, ImageFormat, ImageReader, Rgb, RgbImage};
 
 use super::task::{decode_limits, swaps_axes, Axis, ImageOp, ImageTask, OutputFormat};
 use crate::error::ErrorBody;
-use crate::workers::{JobContext, JobFailure, JobOutput, Outcome};
+use crate::kind::{JobContext, JobFailure, JobOutput, Outcome};
 
 /// JPEG quality of `jpeg` output.
 const JPEG_QUALITY: u8 = 85;

@@ -7,7 +7,7 @@ pub mod spec;
 
 use crate::domain::object::Object;
 use crate::kind::{InvalidInput, Kind, PayloadRecord};
-use crate::workers::{JobContext, Outcome};
+use crate::kind::{JobContext, Outcome};
 use spec::{DocumentSpec, PdfRequest, RenderBudget, SpecError, SpecLimits};
 
 /// The name PDF jobs are stored under.

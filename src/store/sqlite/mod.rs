@@ -821,7 +821,7 @@ impl JobStore for SqliteStore {
         })
     }
 
-    fn start_hook(&self) -> Option<crate::workers::StartHook> {
+    fn start_hook(&self) -> Option<crate::kind::context::StartHook> {
         let log = self.start_log.clone();
         Some(Arc::new(move |id, attempt| log.mark(id, attempt)))
     }

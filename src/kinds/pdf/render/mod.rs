@@ -13,8 +13,8 @@ use printpdf::{
 use self::layout::{Item, PageLayout, Stop};
 use self::metrics::Face;
 use crate::error::ErrorBody;
+use crate::kind::{JobContext, JobFailure, JobOutput, Outcome};
 use crate::kinds::pdf::spec::{DocumentSpec, RenderBudget};
-use crate::workers::{JobContext, JobFailure, JobOutput, Outcome};
 
 /// Renders `spec` to PDF bytes within `budget`, reporting progress per page.
 pub fn render(spec: &DocumentSpec, budget: RenderBudget, job: &mut JobContext) -> Outcome {
@@ -140,8 +140,8 @@ fn slug(title: &str) -> String {
 mod test_hooks {
     use std::time::Duration;
 
+    use crate::kind::{JobContext, JobFailure};
     use crate::kinds::pdf::spec::{DocumentSpec, TestHook};
-    use crate::workers::{JobContext, JobFailure};
 
     pub fn before(spec: &DocumentSpec, job: &JobContext) -> Result<(), JobFailure> {
         match spec.test_hook {
