@@ -13,9 +13,9 @@ async fn main() -> std::io::Result<()> {
     offload::process::disable_huge_pages();
     let settings = Settings::parse();
     if settings.healthcheck {
-        std::process::exit(if offload::healthcheck::probe(settings.bind) { 0 } else { 1 });
+        std::process::exit(if offload::healthcheck::probe(settings.server.bind) { 0 } else { 1 });
     }
-    telemetry::init(settings.log_format);
+    telemetry::init(settings.server.log_format);
     let app = match Application::build(settings).await {
         Ok(app) => app,
         Err(e) => {

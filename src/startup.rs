@@ -14,7 +14,7 @@ use crate::access::{ApiKeys, KeySecrets};
 use crate::async_io::webhooks::Deliver;
 use crate::async_io::webhooks::Signing;
 use crate::async_io::{self, AsyncIo};
-use crate::configuration::{Settings, StoreKind};
+use crate::configuration::{Settings, StoreKind, StoreSettings};
 use crate::dispatch::{Admission, Dispatcher, Observers, Pool};
 use crate::domain::callback::CallbackPolicy;
 use crate::job::{JobKind, Owner};
@@ -42,9 +42,9 @@ pub struct Application {
 }
 
 impl Application {
-    /// Binds `settings.bind` and builds everything.
+    /// Binds `settings.server.bind` and builds everything.
     pub async fn build(settings: Settings) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(settings.bind)?;
+        let listener = TcpListener::bind(settings.server.bind)?;
         Self::with_listener(settings, listener)
     }
 
@@ -71,7 +71,7 @@ impl Application {
             }
         }
         let address = listener.local_addr()?;
-        let keys = settings.api_keys.as_ref().map(|k| k.expose().parse::<ApiKeys>()).transpose();
+        let keys = settings.access.api_keys.as_ref().map(|k| k.expose().parse::<ApiKeys>()).transpose();
         let keys = keys.map_err(|e| std::io::Error::other(format!("--api-keys: {e}")))?;
         let access = crate::access::Access { keys: keys.map(Arc::new) };
         match &access.keys {
@@ -82,11 +82,11 @@ impl Application {
             None => {}
         }
         let signing = webhook_signing(&settings, access.keys.as_deref())?;
-        if access.keys.is_none() && settings.max_pending_per_key.is_some() {
+        if access.keys.is_none() && settings.admission.max_pending_per_key.is_some() {
             tracing::warn!("--max-pending-per-key has no effect without --api-keys");
         }
         let metrics = Arc::new(Metrics::new());
-        let store = open_store(&settings, metrics.clone())?;
+        let store = open_store(&settings.store, metrics.clone())?;
         let io = async_io::start(&settings, signing.clone(), metrics.clone(), store.clone());
         let owed = store.owed_webhooks().map_err(|e| std::io::Error::other(e.to_string()))?;
         if !owed.is_empty() {
@@ -98,35 +98,38 @@ impl Application {
         let hub = Arc::new(Hub::new());
         let app_store = store.clone();
         // `--max-pending-per-key` counts the jobs recovered by a durable store for their keys.
-        let owners = match settings.max_pending_per_key {
+        let owners = match settings.admission.max_pending_per_key {
             Some(_) => store.pending_by_owner().map_err(|e| std::io::Error::other(e.to_string()))?,
             None => HashMap::new(),
         };
         let pools: Vec<(Arc<dyn Runner>, usize)> = kinds.iter().map(|k| (k.runner.clone(), k.workers)).collect();
         let workers_log: Vec<String> = pools.iter().map(|(r, n)| format!("{}={n}", r.name())).collect();
         let dispatcher = start_dispatcher(&settings, &io, metrics.clone(), store.clone(), hub.clone(), owners, pools);
-        let policy = CallbackPolicy { allow_private: settings.allow_private_webhooks };
+        let policy = CallbackPolicy { allow_private: settings.webhooks.allow_private_webhooks };
         let analytics_limits = routes::AnalyticsLimits {
-            max_batch: settings.analytics_max_batch.max(1),
-            max_properties: settings.analytics_max_properties.bytes(),
+            max_batch: settings.analytics.analytics_max_batch.max(1),
+            max_properties: settings.analytics.analytics_max_properties.bytes(),
         };
         let analytics = io.analytics.clone();
         let registry = web::Data::new(crate::kind::Kinds::new(kinds.iter().map(|k| k.runner.clone()).collect()));
         let kinds_http: Arc<Vec<routes::KindRoutes>> = Arc::new(kinds.into_iter().map(|k| k.http).collect());
         let spec = web::Data::new(routes::openapi::Spec::build(kinds_http.iter().map(|k| k.openapi.clone())));
         let ws = WsSettings {
-            heartbeat: settings.ws_heartbeat.into(),
-            idle_timeout: settings.ws_idle_timeout.into(),
-            max_frame: settings.ws_max_frame.bytes(),
-            max_subscriptions: settings.ws_max_subscriptions,
-            allowed_origins: settings.ws_allowed_origins.clone(),
+            heartbeat: settings.ws.ws_heartbeat.into(),
+            idle_timeout: settings.ws.ws_idle_timeout.into(),
+            max_frame: settings.ws.ws_max_frame.bytes(),
+            max_subscriptions: settings.ws.ws_max_subscriptions,
+            allowed_origins: settings.ws.ws_allowed_origins.clone(),
             send_timeout: Duration::from_secs(10),
         };
-        let json_limit = settings.max_json_body.bytes();
-        let body_timeout = routes::BodyTimeout(settings.body_timeout());
-        let body_budget =
-            routes::BodyBudget::new(settings.max_body_memory.bytes(), json_limit, settings.max_upload.bytes());
-        let static_dir = settings.static_dir.clone();
+        let json_limit = settings.server.max_json_body.bytes();
+        let body_timeout = routes::BodyTimeout(settings.server.body_timeout());
+        let body_budget = routes::BodyBudget::new(
+            settings.server.max_body_memory.bytes(),
+            json_limit,
+            settings.images.max_upload.bytes(),
+        );
+        let static_dir = settings.server.static_dir.clone();
         let app_dispatcher = dispatcher.clone();
         let server = HttpServer::new(move || {
             // Runs once on each HTTP worker thread as it starts.
@@ -157,7 +160,7 @@ impl Application {
                 .app_data(registry.clone())
                 .configure(|cfg| routes::configure(cfg, json_limit, static_dir.as_deref(), &kinds_http))
         })
-        .workers(settings.http_workers())
+        .workers(settings.server.http_workers())
         .tcp_nodelay(true)
         .disable_signals()
         .shutdown_timeout(10)
@@ -165,10 +168,16 @@ impl Application {
         .run();
         tracing::info!(
             workers = workers_log.join(" "),
-            http_workers = settings.http_workers(),
+            http_workers = settings.server.http_workers(),
             "listening on http://{address}"
         );
-        Ok(Application { port: address.port(), server, dispatcher, store: app_store, grace: settings.shutdown_grace() })
+        Ok(Application {
+            port: address.port(),
+            server,
+            dispatcher,
+            store: app_store,
+            grace: settings.workers.shutdown_grace(),
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -184,8 +193,8 @@ impl Application {
 
 /// The webhook secrets: `--webhook-secret`, and the explicit ones of `--webhook-secrets`.
 fn webhook_signing(settings: &Settings, keys: Option<&ApiKeys>) -> std::io::Result<Signing> {
-    let service = settings.webhook_secret.clone().filter(|s| !s.is_empty());
-    let explicit = match (&settings.webhook_secrets, keys) {
+    let service = settings.webhooks.webhook_secret.clone().filter(|s| !s.is_empty());
+    let explicit = match (&settings.webhooks.webhook_secrets, keys) {
         (None, _) => KeySecrets::default(),
         (Some(_), None) => return Err(std::io::Error::other("--webhook-secrets needs --api-keys")),
         (Some(raw), Some(keys)) => KeySecrets::from_arg(raw.expose(), keys)
@@ -198,7 +207,7 @@ fn webhook_signing(settings: &Settings, keys: Option<&ApiKeys>) -> std::io::Resu
 }
 
 /// The store `--store` names. The embedded one refuses to open a data directory in use.
-fn open_store(settings: &Settings, metrics: Arc<Metrics>) -> std::io::Result<Arc<dyn JobStore>> {
+fn open_store(settings: &StoreSettings, metrics: Arc<Metrics>) -> std::io::Result<Arc<dyn JobStore>> {
     Ok(match settings.store {
         StoreKind::Memory => Arc::new(MemoryStore::new(Retention {
             ttl: settings.result_ttl(),
@@ -250,18 +259,18 @@ impl KindRegistration {
 /// The kinds offload runs out of the box, set up from `settings`.
 pub fn builtin_kinds(settings: &Settings) -> Vec<KindRegistration> {
     let limits = SpecLimits {
-        max_rows: settings.max_rows,
-        max_columns: settings.max_columns,
-        max_cell_chars: settings.max_cell_chars,
-        render: settings.pdf_budget(),
+        max_rows: settings.pdf.max_rows,
+        max_columns: settings.pdf.max_columns,
+        max_cell_chars: settings.pdf.max_cell_chars,
+        render: settings.pdf.render_budget(),
     };
     let pdf = Arc::new(PdfKind { limits });
     let image = Arc::new(ImageKind);
     let uploads = UploadLimits {
-        max_bytes: settings.max_upload.bytes(),
-        timeout: settings.body_timeout(),
-        max_files: settings.max_files,
-        image: ImageLimits { max_pixels: settings.max_pixels, max_jpeg_scans: settings.max_jpeg_scans },
+        max_bytes: settings.images.max_upload.bytes(),
+        timeout: settings.server.body_timeout(),
+        max_files: settings.images.max_files,
+        image: ImageLimits { max_pixels: settings.images.max_pixels, max_jpeg_scans: settings.images.max_jpeg_scans },
     };
     vec![
         KindRegistration {
@@ -293,7 +302,7 @@ fn start_dispatcher(
     owners: HashMap<Owner, usize>,
     kinds: Vec<(Arc<dyn Runner>, usize)>,
 ) -> Addr<Dispatcher> {
-    let (nice, sched) = (settings.worker_nice, settings.worker_sched);
+    let (nice, sched) = (settings.workers.worker_nice, settings.workers.worker_sched);
     let hook = store.start_hook();
     // A kind with no workers here has no pool: another instance on the shared store runs it.
     let mut pools = HashMap::new();
@@ -307,12 +316,12 @@ fn start_dispatcher(
         pools.insert(kind, Pool::new(pool.recipient(), workers));
     }
     let admission = Admission {
-        max_pending: settings.max_pending,
-        max_pending_per_key: settings.max_pending_per_key.map(|n| n as usize),
-        max_queued_bytes: settings.max_queued_bytes.bytes(),
-        job_timeout: settings.job_timeout(),
+        max_pending: settings.admission.max_pending,
+        max_pending_per_key: settings.admission.max_pending_per_key.map(|n| n as usize),
+        max_queued_bytes: settings.admission.max_queued_bytes.bytes(),
+        job_timeout: settings.workers.job_timeout(),
     };
-    let ttl = settings.result_ttl();
+    let ttl = settings.store.result_ttl();
     let observers =
         Observers { metrics, analytics: io.analytics.clone(), webhooks: io.webhooks.clone().recipient(), hub };
     // Its own thread and event loop: job bookkeeping never competes with HTTP workers.

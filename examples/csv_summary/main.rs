@@ -21,8 +21,8 @@ use offload::startup::{Application, KindRegistration};
 #[actix_web::main]
 async fn main() -> std::io::Result<()> {
     let settings = Settings::parse();
-    offload::telemetry::init(settings.log_format);
-    let listener = std::net::TcpListener::bind(settings.bind)?;
+    offload::telemetry::init(settings.server.log_format);
+    let listener = std::net::TcpListener::bind(settings.server.bind)?;
     let workers = settings.pdf_workers();
     let summary = Arc::new(kind::CsvSummary { max_rows: 1_000_000 });
     let app = Application::with_kinds(settings, listener, vec![KindRegistration::json_only(summary, workers)])?;

@@ -38,30 +38,33 @@ pub struct AsyncIo {
 pub fn start(settings: &Settings, signing: Signing, metrics: Arc<Metrics>, store: Arc<dyn JobStore>) -> AsyncIo {
     let arbiter = Arbiter::new();
     arbiter.spawn_fn(|| crate::process::name_thread(c"async-io"));
-    let limits = AggregateLimits { max_names: settings.analytics_max_names, max_minutes: settings.analytics_minutes };
-    let sink = settings.analytics_sink.clone().map(|url| SinkSettings {
+    let limits = AggregateLimits {
+        max_names: settings.analytics.analytics_max_names,
+        max_minutes: settings.analytics.analytics_minutes,
+    };
+    let sink = settings.analytics_sink.analytics_sink.clone().map(|url| SinkSettings {
         url,
-        batch_size: settings.analytics_batch_size.max(1),
-        flush_interval: Duration::from(settings.analytics_flush_interval).max(Duration::from_millis(10)),
-        buffer: settings.analytics_buffer.max(1),
-        buffer_bytes: settings.analytics_buffer_bytes.bytes().max(1),
-        attempts: settings.analytics_sink_attempts.max(1),
-        timeout: settings.analytics_sink_timeout.into(),
-        backoff: Backoff { first: settings.analytics_sink_backoff.into(), max: Duration::from_secs(30) },
+        batch_size: settings.analytics_sink.analytics_batch_size.max(1),
+        flush_interval: Duration::from(settings.analytics_sink.analytics_flush_interval).max(Duration::from_millis(10)),
+        buffer: settings.analytics_sink.analytics_buffer.max(1),
+        buffer_bytes: settings.analytics_sink.analytics_buffer_bytes.bytes().max(1),
+        attempts: settings.analytics_sink.analytics_sink_attempts.max(1),
+        timeout: settings.analytics_sink.analytics_sink_timeout.into(),
+        backoff: Backoff { first: settings.analytics_sink.analytics_sink_backoff.into(), max: Duration::from_secs(30) },
     });
     let queue = analytics::QueueLimits {
-        events: settings.analytics_queue.max(1),
-        bytes: settings.analytics_queue_bytes.bytes().max(1),
+        events: settings.analytics.analytics_queue.max(1),
+        bytes: settings.analytics.analytics_queue_bytes.bytes().max(1),
     };
     let analytics = analytics::start(&arbiter.handle(), limits, queue, sink, metrics.clone());
     let webhook_settings = WebhookSettings {
         signing,
-        max_attempts: settings.webhook_max_attempts.max(1),
-        backoff: Backoff { first: settings.webhook_backoff.into(), max: Duration::from_secs(300) },
-        timeout: settings.webhook_timeout.into(),
-        concurrency: settings.webhook_concurrency.max(1),
-        capacity: settings.webhook_queue.max(1),
-        public_only: !settings.allow_private_webhooks,
+        max_attempts: settings.webhooks.webhook_max_attempts.max(1),
+        backoff: Backoff { first: settings.webhooks.webhook_backoff.into(), max: Duration::from_secs(300) },
+        timeout: settings.webhooks.webhook_timeout.into(),
+        concurrency: settings.webhooks.webhook_concurrency.max(1),
+        capacity: settings.webhooks.webhook_queue.max(1),
+        public_only: !settings.webhooks.allow_private_webhooks,
     };
     let webhooks = webhooks::start(&arbiter.handle(), webhook_settings, metrics, store);
     AsyncIo { analytics, webhooks }

@@ -10,10 +10,10 @@ use crate::helpers::{closed_port, duration, id_of, report, settings, spawn_app, 
 
 fn sink_settings(url: &str) -> offload::configuration::Settings {
     let mut s = settings();
-    s.analytics_sink = Some(url.parse().unwrap());
-    s.analytics_batch_size = 50;
-    s.analytics_flush_interval = duration(Duration::from_millis(50));
-    s.analytics_sink_backoff = duration(Duration::from_millis(50));
+    s.analytics_sink.analytics_sink = Some(url.parse().unwrap());
+    s.analytics_sink.analytics_batch_size = 50;
+    s.analytics_sink.analytics_flush_interval = duration(Duration::from_millis(50));
+    s.analytics_sink.analytics_sink_backoff = duration(Duration::from_millis(50));
     s
 }
 
@@ -77,9 +77,9 @@ async fn the_service_records_its_own_job_events() {
 #[actix_rt::test]
 async fn bad_events_are_refused_and_change_nothing() {
     let mut s = settings();
-    s.analytics_max_batch = 3;
-    s.max_json_body = offload::configuration::ByteSize(4096);
-    s.analytics_max_properties = offload::configuration::ByteSize(1024);
+    s.analytics.analytics_max_batch = 3;
+    s.server.max_json_body = offload::configuration::ByteSize(4096);
+    s.analytics.analytics_max_properties = offload::configuration::ByteSize(1024);
     let app = spawn_app_with(s).await;
     let json_ct = Some("application/json");
     let big = json!({"name": "x", "properties": {"blob": "y".repeat(5000)}}).to_string();
@@ -155,7 +155,7 @@ async fn batches_reach_the_sink_and_add_up() {
 async fn a_slow_sink_leaves_ingestion_fast() {
     let sink = Receiver::start(Behaviour { delay: Duration::from_secs(2), ..Default::default() }).await;
     let mut s = sink_settings(&sink.url);
-    s.analytics_batch_size = 10;
+    s.analytics_sink.analytics_batch_size = 10;
     let app = spawn_app_with(s).await;
     let mut latencies = Vec::new();
     for i in 0..200 {
@@ -193,11 +193,11 @@ async fn a_dead_sink_keeps_at_most_its_byte_budget_of_large_events() {
     // 40 events of ~500 KB for a sink that never answers: a 2 MiB buffer keeps four at most,
     // however many events it may hold by count.
     let mut s = sink_settings(&format!("http://127.0.0.1:{}/", closed_port()));
-    s.analytics_max_properties = "1MiB".parse().unwrap();
-    s.analytics_buffer_bytes = "2MiB".parse().unwrap();
-    s.analytics_sink_attempts = 1;
-    s.analytics_batch_size = 1000;
-    s.analytics_flush_interval = duration(Duration::from_secs(3600));
+    s.analytics.analytics_max_properties = "1MiB".parse().unwrap();
+    s.analytics_sink.analytics_buffer_bytes = "2MiB".parse().unwrap();
+    s.analytics_sink.analytics_sink_attempts = 1;
+    s.analytics_sink.analytics_batch_size = 1000;
+    s.analytics_sink.analytics_flush_interval = duration(Duration::from_secs(3600));
     let app = spawn_app_with(s).await;
     for _ in 0..40 {
         let event = json!({"name": "big", "properties": {"k": "x".repeat(500_000)}});
@@ -211,8 +211,8 @@ async fn a_dead_sink_keeps_at_most_its_byte_budget_of_large_events() {
 #[actix_rt::test]
 async fn a_dead_sink_drops_what_it_cannot_keep() {
     let mut s = sink_settings(&format!("http://127.0.0.1:{}/", closed_port()));
-    s.analytics_buffer = 100;
-    s.analytics_sink_attempts = 2;
+    s.analytics_sink.analytics_buffer = 100;
+    s.analytics_sink.analytics_sink_attempts = 2;
     let app = spawn_app_with(s).await;
     let started = Instant::now();
     for _ in 0..3 {

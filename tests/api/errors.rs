@@ -11,10 +11,10 @@ type Case = (&'static str, String, Option<&'static str>, Vec<u8>, u16, &'static 
 #[actix_web::test]
 async fn bad_requests_get_json_errors_and_harm_nothing() {
     let mut s = settings();
-    s.max_json_body = "64KiB".parse().unwrap();
-    s.max_rows = 10;
-    s.max_columns = 3;
-    s.max_cell_chars = 20;
+    s.server.max_json_body = "64KiB".parse().unwrap();
+    s.pdf.max_rows = 10;
+    s.pdf.max_columns = 3;
+    s.pdf.max_cell_chars = 20;
     let app = spawn_app_with(s).await;
 
     let json = |v: serde_json::Value| v.to_string().into_bytes();

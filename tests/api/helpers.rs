@@ -53,15 +53,15 @@ impl Reply {
 /// Settings for a test server: port 0, two PDF workers, the page built into the binary.
 pub fn settings() -> Settings {
     let mut s = Settings::defaults();
-    s.bind = "127.0.0.1:0".parse().unwrap();
-    s.pdf_workers = Some(2);
-    s.http_workers = Some(2);
+    s.server.bind = "127.0.0.1:0".parse().unwrap();
+    s.workers.pdf_workers = Some(2);
+    s.server.http_workers = Some(2);
     // The test process also runs the clients, many servers and the test harness: with the default
     // SCHED_IDLE, their busy threads could starve the workers and make deadlines flaky. The
     // reliability test covers `Idle` on its own.
-    s.worker_sched = offload::configuration::WorkerSched::Normal;
+    s.workers.worker_sched = offload::configuration::WorkerSched::Normal;
     // Every in-process server gets a fresh embedded store of its own (the default store).
-    s.data_dir = fresh_data_dir();
+    s.store.data_dir = fresh_data_dir();
     s
 }
 

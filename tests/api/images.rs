@@ -385,7 +385,7 @@ enum Expect<'a> {
 #[actix_web::test]
 async fn hostile_uploads_are_answered_quickly_and_harm_nothing() {
     let mut s = settings();
-    s.max_upload = "2MiB".parse().unwrap();
+    s.images.max_upload = "2MiB".parse().unwrap();
     let app = spawn_app_with(s).await;
     let png = encode(&picture(300, 200), ImageFormat::Png);
     let jpeg = encode(&picture(300, 200), ImageFormat::Jpeg);
@@ -504,7 +504,7 @@ async fn hostile_uploads_are_answered_quickly_and_harm_nothing() {
 #[actix_web::test]
 async fn a_body_that_arrives_too_slowly_gets_408_on_every_route_that_takes_one() {
     let mut s = settings();
-    s.body_timeout = duration(Duration::from_millis(500));
+    s.server.body_timeout = duration(Duration::from_millis(500));
     let app = spawn_app_with(s).await;
     let multipart_head = format!(
         "Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: 100000\r\n\r\n--{BOUNDARY}\r\n\
@@ -730,7 +730,7 @@ async fn a_result_of_several_mebibytes_downloads_whole_with_its_length() {
 #[actix_web::test]
 async fn part_headers_count_against_the_upload_limit_and_long_filenames_are_refused() {
     let mut s = settings();
-    s.max_upload = "1MiB".parse().unwrap();
+    s.images.max_upload = "1MiB".parse().unwrap();
     let app = spawn_app_with(s).await;
     let long = format!("{}.png", "n".repeat(2048));
     app.upload(&[Part::file(&long, "image/png", png(8, 8))]).await.assert_error(422, "invalid_field");

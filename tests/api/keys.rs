@@ -15,7 +15,7 @@ pub const KEY_B: &str = "bravo-key-0123456789abcdef";
 
 async fn keyed_app() -> TestApp {
     let mut s = settings();
-    s.api_keys = Some(format!("{KEY_A},{KEY_B}").parse().unwrap());
+    s.access.api_keys = Some(format!("{KEY_A},{KEY_B}").parse().unwrap());
     spawn_app_with(s).await
 }
 
@@ -280,8 +280,8 @@ enum Want {
 #[actix_web::test]
 async fn one_key_at_its_pending_limit_is_refused_while_another_key_still_gets_in() {
     let mut s = settings();
-    s.api_keys = Some(format!("{KEY_A},{KEY_B}").parse().unwrap());
-    s.max_pending_per_key = Some(2);
+    s.access.api_keys = Some(format!("{KEY_A},{KEY_B}").parse().unwrap());
+    s.admission.max_pending_per_key = Some(2);
     let app = spawn_app_with(s).await;
     let (a, b) = (as_key(&app, KEY_A), as_key(&app, KEY_B));
     enum What {

@@ -17,7 +17,7 @@ mod csv_summary;
 
 async fn app_with_csv_summary() -> TestApp {
     let mut s = settings();
-    s.allow_private_webhooks = true;
+    s.webhooks.allow_private_webhooks = true;
     let kind = Arc::new(csv_summary::CsvSummary { max_rows: 50_000 });
     spawn_app_with_kinds(s, vec![KindRegistration::json_only(kind, 1)]).await
 }

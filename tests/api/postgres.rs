@@ -51,15 +51,15 @@ async fn a_database_from_a_newer_release_is_refused() {
 /// Test settings on the PostgreSQL database at `url`.
 fn pg_settings(url: &str) -> offload::configuration::Settings {
     let mut s = settings();
-    s.store = StoreKind::Postgres;
-    s.database_url = Some(url.parse().unwrap());
+    s.store.store = StoreKind::Postgres;
+    s.store.database_url = Some(url.parse().unwrap());
     s
 }
 
 /// An in-process instance on `url`.
 async fn instance(url: &str, lease: Duration) -> TestApp {
     let mut s = pg_settings(url);
-    s.lease = duration(lease);
+    s.store.lease = duration(lease);
     spawn_app_with(s).await
 }
 
@@ -252,7 +252,7 @@ async fn an_instance_without_workers_takes_jobs_that_another_runs() {
     let pg = Postgres::get();
     let url = pg.fresh_database().await;
     let mut s = pg_settings(&url);
-    (s.pdf_workers, s.image_workers) = (Some(0), Some(0));
+    (s.workers.pdf_workers, s.workers.image_workers) = (Some(0), Some(0));
     let front = spawn_app_with(s).await;
     let job = front.submit_pdf(&json!({"title": "run elsewhere"})).await;
     let id = id_of(&job).to_string();
@@ -266,7 +266,7 @@ async fn an_instance_without_workers_takes_jobs_that_another_runs() {
     assert!(pdf.body.starts_with(b"%PDF-"));
     // On a store of its own some pool must run the jobs: 0 is read as 1 there.
     let mut alone = settings();
-    alone.pdf_workers = Some(0);
+    alone.workers.pdf_workers = Some(0);
     assert!(alone.pdf_workers() >= 1, "0 workers only with a shared store");
 }
 
@@ -275,8 +275,8 @@ async fn stored_results_are_bounded_by_the_result_budget_across_the_database() {
     let pg = Postgres::get();
     let url = pg.fresh_database().await;
     let mut s = pg_settings(&url);
-    s.pdf_workers = Some(1);
-    s.result_disk = "8KiB".parse().unwrap();
+    s.workers.pdf_workers = Some(1);
+    s.store.result_disk = "8KiB".parse().unwrap();
     let app = spawn_app_with(s.clone()).await;
     // Ended first, with no result: the budget has nothing to take from it.
     let cancelled = id_of(&app.submit_pdf(&slow("cancelled", 200)).await).to_string();
@@ -309,8 +309,8 @@ async fn stored_results_are_bounded_by_the_result_budget_across_the_database() {
     assert_eq!(app.get(&format!("/jobs/{}", jobs[0])).await.status.as_u16(), 404, "the oldest was forgotten");
     assert_eq!(app.get(&format!("/jobs/{cancelled}")).await.status.as_u16(), 200, "a job without a result stays");
 
-    s.result_disk = "100B".parse().unwrap();
-    s.database_url = Some(pg.fresh_database().await.parse().unwrap());
+    s.store.result_disk = "100B".parse().unwrap();
+    s.store.database_url = Some(pg.fresh_database().await.parse().unwrap());
     let app = spawn_app_with(s).await;
     let failed = app.wait_finished(id_of(&app.submit_pdf(&json!({"title": "too big to keep"})).await)).await;
     assert_eq!(
@@ -535,8 +535,8 @@ async fn the_per_key_limit_counts_a_keys_jobs_on_every_instance() {
     let url = pg.fresh_database().await;
     let keyed = || {
         let mut s = pg_settings(&url);
-        s.api_keys = Some(format!("{KEY_A},{KEY_B}").parse().unwrap());
-        s.max_pending_per_key = Some(2);
+        s.access.api_keys = Some(format!("{KEY_A},{KEY_B}").parse().unwrap());
+        s.admission.max_pending_per_key = Some(2);
         s
     };
     let (one, two) = (spawn_app_with(keyed()).await, spawn_app_with(keyed()).await);
@@ -588,7 +588,7 @@ async fn rows_locked_by_another_session_hold_up_no_request_and_their_jobs_end_on
     let pg = Postgres::get();
     let url = pg.fresh_database().await;
     let mut s = pg_settings(&url);
-    s.pdf_workers = Some(2);
+    s.workers.pdf_workers = Some(2);
     let app = spawn_app_with(s).await;
     let before = id_of(&app.submit_pdf(&json!({"title": "ended before"})).await).to_string();
     assert_eq!(app.wait_finished(&before).await["status"], "succeeded");

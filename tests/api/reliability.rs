@@ -11,14 +11,14 @@ use crate::helpers::{duration, id_of, settings, spawn_app_with, Part};
 
 fn one_worker() -> offload::configuration::Settings {
     let mut s = settings();
-    s.pdf_workers = Some(1);
+    s.workers.pdf_workers = Some(1);
     s
 }
 
 #[actix_web::test]
 async fn beyond_the_pending_limit_submissions_get_503_and_nothing_accepted_is_lost() {
     let mut s = one_worker();
-    s.max_pending = 3;
+    s.admission.max_pending = 3;
     let app = spawn_app_with(s).await;
     let blocker = app.submit_pdf(&json!({"title": "blocker", "test_hook": "hang"})).await;
     app.wait_for(id_of(&blocker), Duration::from_secs(10), |j| j["status"] == "running").await;
@@ -43,7 +43,7 @@ async fn beyond_the_pending_limit_submissions_get_503_and_nothing_accepted_is_lo
 #[actix_web::test]
 async fn the_queued_bytes_budget_is_enforced() {
     let mut s = one_worker();
-    s.max_queued_bytes = "4KiB".parse().unwrap();
+    s.admission.max_queued_bytes = "4KiB".parse().unwrap();
     let app = spawn_app_with(s).await;
     let blocker = app.submit_pdf(&json!({"title": "blocker", "test_hook": "hang"})).await;
     app.wait_for(id_of(&blocker), Duration::from_secs(10), |j| j["status"] == "running").await;
@@ -57,8 +57,8 @@ async fn the_queued_bytes_budget_is_enforced() {
 #[actix_web::test]
 async fn a_request_larger_than_the_limits_allow_at_all_is_413_not_a_retry_later() {
     let mut s = one_worker();
-    s.max_queued_bytes = "4KiB".parse().unwrap();
-    s.max_pending = 2;
+    s.admission.max_queued_bytes = "4KiB".parse().unwrap();
+    s.admission.max_pending = 2;
     let app = spawn_app_with(s).await;
     // Nothing else is queued: these can never fit, so "retry later" would be a lie.
     let huge = json!({"title": "huge", "paragraphs": ["x".repeat(5000)]});
@@ -95,7 +95,7 @@ async fn a_panicking_job_fails_alone_and_the_pool_keeps_its_strength() {
 #[actix_web::test]
 async fn a_job_past_its_deadline_fails_with_timeout_and_frees_its_worker() {
     let mut s = one_worker();
-    s.job_timeout = duration(Duration::from_millis(300));
+    s.workers.job_timeout = duration(Duration::from_millis(300));
     let app = spawn_app_with(s).await;
     let stuck = app.submit_pdf(&json!({"title": "stuck", "test_hook": "hang"})).await;
     let failed = app.wait_finished(id_of(&stuck)).await;
@@ -148,7 +148,7 @@ async fn a_cancelled_running_job_stops_at_its_next_page() {
 #[actix_web::test]
 async fn finished_jobs_expire_after_the_ttl() {
     let mut s = settings();
-    s.result_ttl = duration(Duration::from_millis(300));
+    s.store.result_ttl = duration(Duration::from_millis(300));
     let app = spawn_app_with(s).await;
     let job = app.submit_pdf(&json!({"title": "short-lived"})).await;
     assert_eq!(app.wait_finished(id_of(&job)).await["status"], "succeeded");
@@ -168,10 +168,10 @@ async fn finished_jobs_expire_after_the_ttl() {
 /// The result budget of each store: `--result-memory` in memory, `--result-disk` on disk.
 fn with_result_budget(store: StoreKind, budget: &str) -> offload::configuration::Settings {
     let mut s = one_worker();
-    s.store = store;
+    s.store.store = store;
     match store {
-        StoreKind::Memory => s.result_memory = budget.parse().unwrap(),
-        StoreKind::Sqlite | StoreKind::Postgres => s.result_disk = budget.parse().unwrap(),
+        StoreKind::Memory => s.store.result_memory = budget.parse().unwrap(),
+        StoreKind::Sqlite | StoreKind::Postgres => s.store.result_disk = budget.parse().unwrap(),
     }
     s
 }
@@ -229,10 +229,10 @@ async fn worker_threads_run_at_a_lower_priority() {
     const SCHED_IDLE: i64 = 5;
     for (sched, policy) in [(WorkerSched::Normal, SCHED_OTHER), (WorkerSched::Idle, SCHED_IDLE)] {
         let mut s = crate::helpers::settings();
-        s.worker_nice = 7;
-        s.worker_sched = sched;
-        s.pdf_workers = Some(2);
-        s.image_workers = Some(1);
+        s.workers.worker_nice = 7;
+        s.workers.worker_sched = sched;
+        s.workers.pdf_workers = Some(2);
+        s.workers.image_workers = Some(1);
         let app = crate::helpers::spawn_app_with(s).await;
         let job = app.submit_pdf(&crate::helpers::report(1)).await;
         app.wait_finished(crate::helpers::id_of(&job)).await;

@@ -12,8 +12,8 @@ use crate::helpers::{duration, id_of, report, settings, spawn_app_with, Behaviou
 
 fn webhook_settings() -> offload::configuration::Settings {
     let mut s = settings();
-    s.allow_private_webhooks = true;
-    s.webhook_backoff = duration(Duration::from_millis(50));
+    s.webhooks.allow_private_webhooks = true;
+    s.webhooks.webhook_backoff = duration(Duration::from_millis(50));
     s
 }
 
@@ -32,7 +32,7 @@ fn with_callback(mut spec: Value, url: &str) -> Value {
 async fn the_final_job_object_is_posted_once_and_signed() {
     let receiver = Receiver::start(Behaviour::default()).await;
     let mut s = webhook_settings();
-    s.webhook_secret = Some("s3cret-key".into());
+    s.webhooks.webhook_secret = Some("s3cret-key".into());
     let app = spawn_app_with(s).await;
     let hook = format!("{}/hooks/offload?token=abc", receiver.url);
     let ok = app.submit_pdf(&with_callback(report(5), &hook)).await;
@@ -100,8 +100,8 @@ async fn failed_deliveries_are_retried_with_growing_delays() {
 async fn delivery_gives_up_after_the_last_attempt() {
     let receiver = Receiver::start(Behaviour { always_fail: true, fail_status: 500, ..Default::default() }).await;
     let mut s = webhook_settings();
-    s.webhook_max_attempts = 3;
-    s.webhook_backoff = duration(Duration::from_millis(10));
+    s.webhooks.webhook_max_attempts = 3;
+    s.webhooks.webhook_backoff = duration(Duration::from_millis(10));
     let app = spawn_app_with(s).await;
     app.submit_pdf(&with_callback(report(1), &receiver.url)).await;
     app.wait_metrics(Duration::from_secs(10), |m| {
@@ -185,7 +185,7 @@ async fn names_that_resolve_to_private_addresses_are_refused_at_delivery() {
 
     // With the operator's permission the same name is delivered to.
     let mut s = settings();
-    s.allow_private_webhooks = true;
+    s.webhooks.allow_private_webhooks = true;
     let allowed = spawn_app_with(s).await;
     let job = allowed.submit_pdf(&with_callback(report(1), &url)).await;
     let requests = receiver.wait_until(Duration::from_secs(10), |r| !r.is_empty()).await;
@@ -210,8 +210,8 @@ async fn each_api_key_s_webhooks_are_signed_with_its_own_secret() {
     use crate::keys::{as_key, KEY_A, KEY_B};
     let receiver = Receiver::start(Behaviour::default()).await;
     let mut s = webhook_settings();
-    s.webhook_secret = Some(SERVICE_SECRET.into());
-    s.api_keys = Some(format!("{KEY_A},{KEY_B}").parse().unwrap());
+    s.webhooks.webhook_secret = Some(SERVICE_SECRET.into());
+    s.access.api_keys = Some(format!("{KEY_A},{KEY_B}").parse().unwrap());
     let app = spawn_app_with(s).await;
     let (a, b) = (as_key(&app, KEY_A), as_key(&app, KEY_B));
     let secret_of = |reply: crate::helpers::Reply| {
@@ -261,9 +261,9 @@ async fn the_webhook_secret_route_serves_no_secret_without_keys_or_without_a_ser
     ];
     for (keys, secret, code) in cases {
         let mut s = webhook_settings();
-        s.webhook_secret = secret.map(str::to_string);
+        s.webhooks.webhook_secret = secret.map(str::to_string);
         if keys {
-            s.api_keys = Some(KEY_A.parse().unwrap());
+            s.access.api_keys = Some(KEY_A.parse().unwrap());
         }
         let app = as_key(&spawn_app_with(s).await, KEY_A);
         let reply = app.get("/webhook-secret").await;
@@ -310,9 +310,9 @@ async fn a_key_with_an_explicit_secret_is_signed_with_it_and_the_others_keep_the
     std::fs::create_dir_all(file.parent().unwrap()).unwrap();
     std::fs::write(&file, format!("# tenant A chose its own\n{KEY_A} explicit-secret-of-a-01234\n")).unwrap();
     let mut s = webhook_settings();
-    s.webhook_secret = Some(SERVICE_SECRET.into());
-    s.webhook_secrets = Some(format!("@{}", file.display()).parse().unwrap());
-    s.api_keys = Some(format!("{KEY_A},{KEY_B}").parse().unwrap());
+    s.webhooks.webhook_secret = Some(SERVICE_SECRET.into());
+    s.webhooks.webhook_secrets = Some(format!("@{}", file.display()).parse().unwrap());
+    s.access.api_keys = Some(format!("{KEY_A},{KEY_B}").parse().unwrap());
     let app = spawn_app_with(s).await;
     let (a, b) = (as_key(&app, KEY_A), as_key(&app, KEY_B));
     assert_eq!(a.get("/webhook-secret").await.json()["secret"], "explicit-secret-of-a-01234");

@@ -98,7 +98,7 @@ async fn a_late_subscriber_gets_the_final_state_at_once() {
 #[actix_web::test]
 async fn a_websocket_outlives_the_body_timeout() {
     let mut s = settings();
-    s.body_timeout = duration(Duration::from_millis(300));
+    s.server.body_timeout = duration(Duration::from_millis(300));
     let app = spawn_app_with(s).await;
     let mut socket = open(&app).await;
     // Longer than the body timeout, on purpose: what is tested is the passing of time.
@@ -267,8 +267,8 @@ async fn wait_for_close(socket: &mut Socket, within: Duration) -> Option<u16> {
 #[actix_web::test]
 async fn silent_clients_are_dropped_after_the_idle_timeout() {
     let mut s = settings();
-    s.ws_heartbeat = duration(Duration::from_millis(100));
-    s.ws_idle_timeout = duration(Duration::from_millis(300));
+    s.ws.ws_heartbeat = duration(Duration::from_millis(100));
+    s.ws.ws_idle_timeout = duration(Duration::from_millis(300));
     let app = spawn_app_with(s).await;
     let mut socket = open(&app).await;
     let started = Instant::now();
@@ -289,8 +289,8 @@ async fn oversized_frames_close_the_connection() {
 #[actix_web::test]
 async fn the_subscription_cap_and_the_origin_allowlist_hold() {
     let mut s = settings();
-    s.ws_max_subscriptions = 2;
-    s.ws_allowed_origins = Some(vec!["http://good.example".into()]);
+    s.ws.ws_max_subscriptions = 2;
+    s.ws.ws_allowed_origins = Some(vec!["http://good.example".into()]);
     let app = spawn_app_with(s).await;
     let refused = app.client.ws(app.url("/ws")).origin("http://evil.example").connect().await;
     match refused {
@@ -329,7 +329,7 @@ async fn the_subscription_cap_and_the_origin_allowlist_hold() {
 #[actix_web::test]
 async fn one_id_named_many_times_in_a_frame_is_one_subscription() {
     let mut s = settings();
-    s.ws_max_subscriptions = 2;
+    s.ws.ws_max_subscriptions = 2;
     let app = spawn_app_with(s).await;
     let (_, mut socket) = app.client.ws(app.url("/ws")).connect().await.unwrap();
     let a = id_of(&app.submit_pdf(&json!({"title": "a"})).await).to_string();
