@@ -22,16 +22,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// How worker threads are scheduled against the HTTP and event-loop threads (Linux).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum WorkerSched {
-    /// `SCHED_IDLE`: workers get a core only when no normal thread wants it, so a request that
-    /// arrives preempts them at once. For a host (or container) that runs offload alone.
-    Idle,
-    /// The normal scheduler with `--worker-nice`: workers keep a small share of the CPU even
-    /// when other programs on the host keep every core busy.
-    Normal,
-}
+pub use crate::process::WorkerSched;
 
 /// Where jobs are kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -514,12 +505,9 @@ impl StoreSettings {
 }
 
 impl PdfSettings {
-    /// What one PDF may render to (`--max-pdf-pages`, `--max-pdf-lines`).
-    pub fn render_budget(&self) -> crate::kinds::pdf::spec::RenderBudget {
-        crate::kinds::pdf::spec::RenderBudget {
-            max_pages: self.max_pdf_pages.max(1),
-            max_lines: self.max_pdf_lines.max(1),
-        }
+    /// What one PDF may render to: (pages, lines of text), each at least 1.
+    pub fn render_budget(&self) -> (usize, usize) {
+        (self.max_pdf_pages.max(1), self.max_pdf_lines.max(1))
     }
 }
 
@@ -620,7 +608,7 @@ mod tests {
             Settings::parse_from(["offload", "--pdf-workers", "0", "--upload-timeout", "5s", "--max-pdf-pages", "0"]);
         assert_eq!(s.pdf_workers(), 1, "an instance with its own store runs its jobs");
         assert_eq!(s.server.body_timeout(), Duration::from_secs(5));
-        assert_eq!(s.pdf.render_budget().max_pages, 1);
+        assert_eq!(s.pdf.render_budget().0, 1);
         let refused = Settings::try_parse_from(["offload", "--db-connections", "1"]);
         assert!(refused.is_err(), "validation stays with the flag");
     }

@@ -3,31 +3,35 @@
 //! An HTTP service (actix-web 4) whose handlers only validate and hand a job to the
 //! [`dispatch::Dispatcher`] actor, answering `202 Accepted` at once. The Dispatcher owns all job
 //! state (behind the narrow [`store::JobStore`] interface), bounds how much work is accepted,
-//! and feeds CPU-bound jobs to `SyncArbiter`-hosted worker pools, one pool per job kind.
+//! and feeds jobs to `SyncArbiter`-hosted worker pools, one pool per kind of work.
 //!
-//! Data flows one way: handler → Dispatcher → worker → Dispatcher → readers (polling clients,
-//! WebSocket outboxes) and the async I/O arbiter (job events, webhooks).
+//! Data flows one way: handler → Dispatcher → worker → Dispatcher → store → readers (polling
+//! clients, WebSocket outboxes) and the async I/O arbiter (job events, webhooks).
 //!
-//! Crate map:
-//! - [`access`]: API keys: who is calling (the `Caller` extractor), which jobs they see.
-//! - [`async_io`]: the async I/O arbiter: analytics (count, forward to a sink) and webhooks.
-//! - [`configuration`]: every setting, as a flag and an `OFFLOAD_*` environment variable.
-//! - [`telemetry`]: `tracing` subscriber (human-readable or JSON) and the panic hook.
-//! - [`startup`]: builds the whole application on any `TcpListener` (tests bind port 0).
-//! - [`shutdown`]: SIGTERM/SIGINT handling: drain, grace period, stop.
-//! - [`routes`]: thin HTTP handlers and the JSON error format for everything actix answers.
-//! - [`domain`]: "parse, don't validate" request types (the PDF document spec).
-//! - [`realtime`]: WebSocket progress: per-connection coalescing outboxes, the connection task.
-//! - [`dispatch`]: the Dispatcher actor: admission, claims for the pools, timers, draining.
+//! Crate map, each layer importing only the ones below it (a test, `tests/api/architecture.rs`,
+//! checks that no import runs back up, and that only start-up names the kinds):
+//! - Start-up, at the top:
+//!   - [`startup`]: builds the whole application on any `TcpListener` (tests bind port 0), with
+//!     the built-in kinds and any of your own ([`startup::KindRegistration`]).
+//!   - [`kinds`]: the kinds of work built in, one folder each ([`kinds::pdf`], [`kinds::image`]):
+//!     request types, runner, routes, OpenAPI paths. Nothing but start-up imports them.
+//!   - [`configuration`]: every setting, as a flag and an `OFFLOAD_*` environment variable, in
+//!     groups per concern. [`telemetry`]: the `tracing` subscriber and the panic hook.
+//!     [`shutdown`]: SIGTERM/SIGINT: drain, grace period, stop. [`healthcheck`]: the container probe.
+//! - The HTTP edge: [`routes`] (thin handlers, the JSON error format for everything actix
+//!   answers, the OpenAPI document, the route table kinds add to) and [`realtime`] (WebSocket
+//!   progress: per-connection coalescing outboxes, the hub).
+//! - The engine: [`dispatch`] (admission, claims for the pools, timers, draining, and the
+//!   decisions beside it), [`workers`] (the pool actor and its panic boundary), [`async_io`]
+//!   (analytics and webhooks on their own arbiter), [`access`] (API keys: who is calling, which
+//!   jobs they see), [`metrics`] (Prometheus).
 //! - [`store`]: job records behind one seam: in memory, the embedded durable SQLite store, or
-//!   PostgreSQL shared by several instances.
-//! - [`workers`]: the worker actor, the panic boundary and the PDF renderer.
-//! - [`error`]: the JSON error body shared by every error type.
-//! - [`metrics`]: Prometheus metrics and the request-timing middleware.
-//! - [`healthcheck`]: `offload --healthcheck`, the container health probe.
-//! - [`clock`]: the wall clock jobs are dated by (test builds can put it off).
-//! - [`job`]: the job vocabulary (id, kind, status, the state machine); imports nothing above it.
-//! - [`process`]: OS-level helpers (thread names and priorities, no transparent huge pages, panic text).
+//!   PostgreSQL shared by several instances. It sees a kind's name and bytes, nothing more.
+//! - The vocabulary, at the bottom: [`kind`] (the [`kind::Kind`] trait every kind implements, the
+//!   context a run sees), [`job`] (id, kind name, status, the state machine), [`domain`] (request
+//!   types every kind shares: callback URLs, JSON objects, a payload's stored form), [`error`]
+//!   (the JSON error body), [`clock`] (the wall clock jobs are dated by), [`process`] (OS-level
+//!   helpers: thread names and priorities, no transparent huge pages, panic text).
 
 pub mod access;
 pub mod async_io;

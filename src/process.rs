@@ -1,7 +1,16 @@
 //! Process- and thread-level settings that need the OS (the crate's `unsafe` lives here): thread
 //! names, worker thread priorities, transparent huge pages; and the text of a panic payload.
 
-use crate::configuration::WorkerSched;
+/// How worker threads are scheduled against the HTTP and event-loop threads (Linux).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkerSched {
+    /// `SCHED_IDLE`: workers get a core only when no normal thread wants it, so a request that
+    /// arrives preempts them at once. For a host (or container) that runs offload alone.
+    Idle,
+    /// The normal scheduler with `--worker-nice`: workers keep a small share of the CPU even
+    /// when other programs on the host keep every core busy.
+    Normal,
+}
 
 /// Names the current thread (Linux: at most 15 bytes are kept) so that `top -H`, `perf` and
 /// `/proc/<pid>/task/*/comm` tell the HTTP workers, the Dispatcher, the async I/O arbiter and the

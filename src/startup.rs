@@ -22,7 +22,7 @@ use crate::kind::Runner;
 use crate::kinds::image::routes::UploadLimits;
 use crate::kinds::image::task::ImageLimits;
 use crate::kinds::image::ImageKind;
-use crate::kinds::pdf::spec::SpecLimits;
+use crate::kinds::pdf::spec::{RenderBudget, SpecLimits};
 use crate::kinds::pdf::PdfKind;
 use crate::metrics::{self, Metrics};
 use crate::realtime::{Hub, WsSettings};
@@ -258,11 +258,12 @@ impl KindRegistration {
 
 /// The kinds offload runs out of the box, set up from `settings`.
 pub fn builtin_kinds(settings: &Settings) -> Vec<KindRegistration> {
+    let (max_pages, max_lines) = settings.pdf.render_budget();
     let limits = SpecLimits {
         max_rows: settings.pdf.max_rows,
         max_columns: settings.pdf.max_columns,
         max_cell_chars: settings.pdf.max_cell_chars,
-        render: settings.pdf.render_budget(),
+        render: RenderBudget { max_pages, max_lines },
     };
     let pdf = Arc::new(PdfKind { limits });
     let image = Arc::new(ImageKind);

@@ -11,13 +11,13 @@ use std::time::Instant;
 
 use actix::prelude::*;
 
-use crate::configuration::WorkerSched;
 use crate::error::ErrorBody;
 use crate::job::JobId;
 pub use crate::kind::context::{
     Interrupt, JobContext, JobControl, JobFailure, JobOutput, Outcome, StartHook, WorkerEvent,
 };
 use crate::kind::{Runner, Work};
+use crate::process::WorkerSched;
 
 /// Hand a job to a pool. Sent by the Dispatcher only when a worker is free, so the pool's own
 /// (unbounded) mailbox never holds more than one message per thread.

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real server over real HTTP on 127.0.0.1:0.
 
 mod analytics;
+mod architecture;
 mod conformance;
 mod durability;
 mod errors;
