@@ -659,13 +659,20 @@ async fn rows_locked_by_another_session_hold_up_no_request_and_their_jobs_end_on
     assert_eq!(succeeded_here(&app).await, 5.0, "every job ended once");
 }
 
-#[actix_web::test]
-async fn a_frozen_database_turns_readyz_503_and_no_request_waits_past_its_bound() {
+/// A cluster of the test's own and an instance on it that has run one job (its connections
+/// are up); the job's id.
+async fn own_cluster_with_one_job_done() -> (Postgres, TestApp, String) {
     let pg = Postgres::own();
     let url = pg.fresh_database().await;
     let app = instance(&url, Duration::from_secs(30)).await;
     let before = id_of(&app.submit_pdf(&json!({"title": "before"})).await).to_string();
     assert_eq!(app.wait_finished(&before).await["status"], "succeeded");
+    (pg, app, before)
+}
+
+#[actix_web::test]
+async fn a_frozen_database_turns_readyz_503_and_no_request_waits_past_its_bound() {
+    let (pg, app, before) = own_cluster_with_one_job_done().await;
     let frozen = pg.freeze();
     let frozen_at = std::time::Instant::now();
     // Readiness answers at once, and turns 503 once the database has not answered for 5 s.
@@ -793,11 +800,7 @@ async fn gone(app: &TestApp, id: &str) {
 
 #[actix_web::test]
 async fn a_submission_whose_answer_is_lost_with_the_database_says_the_job_may_exist() {
-    let pg = Postgres::own();
-    let url = pg.fresh_database().await;
-    let app = instance(&url, Duration::from_secs(30)).await;
-    let before = id_of(&app.submit_pdf(&json!({"title": "before"})).await).to_string();
-    assert_eq!(app.wait_finished(&before).await["status"], "succeeded");
+    let (pg, app, _) = own_cluster_with_one_job_done().await;
     let frozen = pg.freeze();
     // The submission's statement goes out to a frozen server; its backend is then killed, so the
     // answer never comes (the server restarts every connection once thawed).
