@@ -192,9 +192,16 @@ pub struct ResultMeta {
     pub bytes: usize,
     /// Name offered in `Content-Disposition`; already safe (built by the worker, not the client).
     pub filename: String,
-    /// Pixel size, for image results.
-    pub dimensions: Option<(u32, u32)>,
+    /// What the kind says of its result beyond its type and size (an image's `width` and
+    /// `height`): shown in the job's `result`, kept by the stores as JSON.
+    pub extra: ResultExtra,
 }
+
+/// A result's own fields, as its kind gave them (a few small entries).
+pub type ResultExtra = serde_json::Map<String, serde_json::Value>;
+
+/// Keys of a job's `result` the engine writes itself: a kind's extra fields cannot replace them.
+const RESULT_KEYS: [&str; 4] = ["url", "content_type", "bytes", "filename"];
 
 /// One job's state. Cheap to clone: it is what every reader gets a snapshot of.
 #[derive(Clone, Debug, PartialEq)]
@@ -387,9 +394,8 @@ impl Serialize for ResultView<'_> {
         map.serialize_entry("content_type", &self.meta.content_type)?;
         map.serialize_entry("bytes", &self.meta.bytes)?;
         map.serialize_entry("filename", &self.meta.filename)?;
-        if let Some((width, height)) = self.meta.dimensions {
-            map.serialize_entry("width", &width)?;
-            map.serialize_entry("height", &height)?;
+        for (key, value) in self.meta.extra.iter().filter(|(k, _)| !RESULT_KEYS.contains(&k.as_str())) {
+            map.serialize_entry(key, value)?;
         }
         map.end()
     }
@@ -409,7 +415,12 @@ mod tests {
     }
 
     fn meta() -> ResultMeta {
-        ResultMeta { content_type: "application/pdf".into(), bytes: 10, filename: "a.pdf".into(), dimensions: None }
+        ResultMeta {
+            content_type: "application/pdf".into(),
+            bytes: 10,
+            filename: "a.pdf".into(),
+            extra: Default::default(),
+        }
     }
 
     #[test]

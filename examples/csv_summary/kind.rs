@@ -94,7 +94,7 @@ impl Kind for CsvSummary {
             bytes: bytes.into(),
             content_type: "application/json",
             filename: "summary.json".into(),
-            dimensions: None,
+            extra: Default::default(),
         })
     }
 }

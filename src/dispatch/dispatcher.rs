@@ -414,7 +414,7 @@ impl Dispatcher {
                     content_type: out.content_type.to_string(),
                     bytes: out.bytes.len(),
                     filename: out.filename,
-                    dimensions: out.dimensions,
+                    extra: out.extra,
                 };
                 Some(Final::Succeeded { meta, bytes: out.bytes })
             }

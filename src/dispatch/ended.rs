@@ -138,8 +138,12 @@ mod tests {
     fn a_succeeded_job_records_its_duration_and_settles_its_owner_when_counted_here() {
         let owner = Owner::from_bytes([1; 16]);
         let mut job = started(job(Some(owner), None));
-        let meta =
-            ResultMeta { content_type: "application/pdf".into(), bytes: 3, filename: "a.pdf".into(), dimensions: None };
+        let meta = ResultMeta {
+            content_type: "application/pdf".into(),
+            bytes: 3,
+            filename: "a.pdf".into(),
+            extra: Default::default(),
+        };
         assert!(job.succeed(meta, at(&job, 1_040)));
         let id = job.id.to_string();
         assert_eq!(

@@ -32,7 +32,8 @@ pub struct JobOutput {
     pub bytes: Bytes,
     pub content_type: &'static str,
     pub filename: String,
-    pub dimensions: Option<(u32, u32)>,
+    /// Fields the job's `result` shows beside its type and size (an image's `width`, `height`).
+    pub extra: crate::job::ResultExtra,
 }
 
 #[derive(Debug)]

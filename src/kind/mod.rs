@@ -227,7 +227,7 @@ mod tests {
                 bytes: input.to_uppercase().into(),
                 content_type: "text/plain",
                 filename: "upper.txt".into(),
-                dimensions: None,
+                extra: Default::default(),
             })
         }
     }

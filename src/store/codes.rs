@@ -35,6 +35,22 @@ pub fn time_of(us: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_micros(us.max(0) as u64)
 }
 
+/// A result's extra fields as stored: a JSON object, or NULL when there are none.
+pub fn extra_text(extra: &crate::job::ResultExtra) -> Option<String> {
+    (!extra.is_empty()).then(|| serde_json::Value::Object(extra.clone()).to_string())
+}
+
+/// Reads back what [`extra_text`] stored.
+pub fn extra_of(stored: Option<&str>) -> Result<crate::job::ResultExtra, String> {
+    match stored {
+        None => Ok(Default::default()),
+        Some(text) => match serde_json::from_str(text) {
+            Ok(serde_json::Value::Object(map)) => Ok(map),
+            _ => Err(format!("result fields {text:?} are not a JSON object")),
+        },
+    }
+}
+
 /// Job ids packed as 16-byte runs (an idempotency key's jobs).
 pub fn pack_ids(ids: impl Iterator<Item = JobId>) -> Vec<u8> {
     ids.flat_map(|id| id.to_bytes()).collect()

@@ -366,7 +366,12 @@ mod tests {
     }
 
     fn meta(size: usize) -> ResultMeta {
-        ResultMeta { content_type: "application/pdf".into(), bytes: size, filename: "x.pdf".into(), dimensions: None }
+        ResultMeta {
+            content_type: "application/pdf".into(),
+            bytes: size,
+            filename: "x.pdf".into(),
+            extra: Default::default(),
+        }
     }
 
     fn claim(s: &MemoryStore) -> Job {

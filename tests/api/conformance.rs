@@ -237,7 +237,7 @@ fn run(store: &dyn JobStore, kind_name: &str) -> Job {
 }
 
 fn meta(bytes: usize) -> ResultMeta {
-    ResultMeta { content_type: "application/pdf".into(), bytes, filename: "r.pdf".into(), dimensions: None }
+    ResultMeta { content_type: "application/pdf".into(), bytes, filename: "r.pdf".into(), extra: Default::default() }
 }
 
 /// The result bytes of job `id`: `size` bytes, each the id's first byte.

@@ -828,3 +828,51 @@ async fn a_submission_whose_answer_is_lost_with_the_database_says_the_job_may_ex
     let after = id_of(&app.submit_pdf(&json!({"title": "after"})).await).to_string();
     assert_eq!(app.wait_finished(&after).await["status"], "succeeded");
 }
+
+#[actix_web::test]
+async fn a_database_written_by_the_release_before_kinds_had_names_opens_and_serves_its_jobs() {
+    use offload::store::postgres::schema::MIGRATIONS;
+    let pg = Postgres::get();
+    let url = pg.fresh_database().await;
+    let old = pg.connect(&url).await;
+    // Schema 1, as the release before kinds by name wrote it: kinds 0 (pdf) and 1 (image), an
+    // image's size in two columns.
+    old.batch_execute(MIGRATIONS[0]).await.unwrap();
+    old.batch_execute("CREATE TABLE offload_schema (version INTEGER NOT NULL); INSERT INTO offload_schema VALUES (1)")
+        .await
+        .unwrap();
+    let (image, queued) = (offload::job::JobId::random(), offload::job::JobId::random());
+    old.execute(
+        "INSERT INTO offload_jobs (id, kind, status, attempts, progress, created_at, finished_at, result_type, \
+         result_bytes, result_name, result_width, result_height, weight) \
+         VALUES ($1, 1, 2, 1, 1, 1000000, 2000000, 'image/png', 3, 'a.png', 40, 30, 5)",
+        &[&image.to_bytes().as_slice()],
+    )
+    .await
+    .unwrap();
+    old.execute(
+        "INSERT INTO offload_results (seq, bytes) SELECT seq, '\\x010203'::bytea FROM offload_jobs WHERE id = $1",
+        &[&image.to_bytes().as_slice()],
+    )
+    .await
+    .unwrap();
+    let spec =
+        br#"{"title":"queued before the upgrade","subtitle":null,"paragraphs":[],"table":null,"page_size":"a4"}"#;
+    old.execute(
+        "WITH j AS (INSERT INTO offload_jobs (id, kind, status, attempts, progress, created_at, weight) \
+         VALUES ($1, 0, 0, 0, 0, 1000000, 100) RETURNING seq) INSERT INTO offload_payloads (seq, spec) SELECT seq, $2 FROM j",
+        &[&queued.to_bytes().as_slice(), &spec.as_slice()],
+    )
+    .await
+    .unwrap();
+    let app = instance(&url, Duration::from_secs(30)).await;
+    assert_eq!(version(&old).await.unwrap(), SCHEMA_VERSION);
+    let done = app.job(&image.to_string()).await;
+    assert_eq!((done["kind"].as_str(), done["status"].as_str()), (Some("image"), Some("succeeded")), "{done}");
+    assert_eq!((done["result"]["width"].as_u64(), done["result"]["height"].as_u64()), (Some(40), Some(30)), "{done}");
+    assert_eq!(&app.get(&format!("/jobs/{image}/result")).await.body[..], [1, 2, 3]);
+    let ran = app.wait_finished(&queued.to_string()).await;
+    assert_eq!((ran["kind"].as_str(), ran["status"].as_str()), (Some("pdf"), Some("succeeded")), "{ran}");
+    let listed = app.get("/jobs?kind=image").await.json();
+    assert_eq!(listed["jobs"].as_array().map(Vec::len), Some(1), "{listed}");
+}

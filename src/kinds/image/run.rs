@@ -35,7 +35,10 @@ pub fn process(task: &ImageTask, job: &mut JobContext) -> Outcome {
         bytes,
         content_type: task.output.content_type(),
         filename: format!("{}.{}", task.stem, task.output.extension()),
-        dimensions: Some((img.width(), img.height())),
+        extra: serde_json::json!({"width": img.width(), "height": img.height()})
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
     })
 }
 

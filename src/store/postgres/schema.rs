@@ -12,13 +12,13 @@
 use tokio_postgres::Client;
 
 /// The schema this binary writes.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// The advisory lock migrations hold (any constant no other application on the database uses).
 const MIGRATION_LOCK: i64 = 0x6f66_666c_6f61_6401; // "offload" + 1
 
 /// Migration `n` takes the schema from version `n` to `n + 1`.
-const MIGRATIONS: [&str; 4] = [
+pub const MIGRATIONS: [&str; 5] = [
     r#"
 CREATE TABLE offload_jobs (
     seq BIGSERIAL PRIMARY KEY,          -- creation order; never reused
@@ -89,6 +89,14 @@ ALTER TABLE offload_jobs ADD COLUMN db_finished_at BIGINT;
 CREATE INDEX offload_jobs_by_db_finish ON offload_jobs ((coalesce(db_finished_at, finished_at)))
     WHERE finished_at IS NOT NULL;
 DROP INDEX offload_jobs_by_finish;
+"#,
+    // A result's own fields as a JSON object (the store knows no image): width and height move
+    // into it and their columns go.
+    r#"
+ALTER TABLE offload_jobs ADD COLUMN result_meta TEXT;
+UPDATE offload_jobs SET result_meta = json_build_object('width', result_width, 'height', result_height)::text
+    WHERE result_width IS NOT NULL AND result_height IS NOT NULL;
+ALTER TABLE offload_jobs DROP COLUMN result_width, DROP COLUMN result_height;
 "#,
 ];
 

@@ -40,7 +40,7 @@ use crate::domain::PayloadRecord;
 use crate::error::ErrorBody;
 use crate::job::{Job, JobId, JobKind, JobStatus, Owner, ResultMeta};
 use crate::kind::Work;
-use crate::store::codes::{micros, pack_ids, status_code, status_of, time_of, unpack_ids};
+use crate::store::codes::{extra_of, extra_text, micros, pack_ids, status_code, status_of, time_of, unpack_ids};
 use crate::store::{
     apply_final, CancelOutcome, Capabilities, Claimed, Final, IdempotencyKey, Inserted, JobStore, ListFilter, NewJob,
     OwedWebhook, Pending, ResultBody, ResultReader, StatusCounts, StoreError, StoreEvents, StoreStats,
@@ -102,7 +102,7 @@ const SKIPPED_END_RETRY: Duration = Duration::from_millis(100);
 macro_rules! job_columns {
     () => {
         "seq, id, kind, status, attempts, progress, stage, created_at, started_at, finished_at, error_code, \
-         error_message, result_type, result_bytes, result_name, result_width, result_height, callback, owner"
+         error_message, result_type, result_bytes, result_name, result_meta, callback, owner"
     };
 }
 

@@ -1019,7 +1019,12 @@ mod tests {
     }
 
     fn meta() -> ResultMeta {
-        ResultMeta { content_type: "application/pdf".into(), bytes: 3, filename: "r.pdf".into(), dimensions: None }
+        ResultMeta {
+            content_type: "application/pdf".into(),
+            bytes: 3,
+            filename: "r.pdf".into(),
+            extra: Default::default(),
+        }
     }
 
     #[test]

@@ -9,10 +9,10 @@ use crate::store::codes;
 
 /// The schema this binary writes. Older databases are migrated on start; a newer one (written by
 /// a later release) is refused rather than misread.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// Migration `n` takes the schema from version `n` to `n + 1`.
-const MIGRATIONS: [&str; 4] = [
+const MIGRATIONS: [&str; 5] = [
     r#"
 CREATE TABLE jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, -- creation order; never reused (results and payloads are keyed by it)
@@ -64,6 +64,13 @@ ALTER TABLE webhooks ADD COLUMN owner BLOB;
 UPDATE jobs SET kind = CASE kind WHEN 0 THEN 'pdf' WHEN 1 THEN 'image' ELSE 'unknown-' || kind END
     WHERE typeof(kind) = 'integer';
 "#,
+    // A result's own fields as a JSON object (the store knows no image): width and height move
+    // into it; their columns stay, unused (SQLite drops no column in a migration this cheaply).
+    r#"
+ALTER TABLE jobs ADD COLUMN result_meta TEXT;
+UPDATE jobs SET result_meta = json_object('width', result_width, 'height', result_height)
+    WHERE result_width IS NOT NULL AND result_height IS NOT NULL;
+"#,
 ];
 
 /// Brings the schema to [`SCHEMA_VERSION`], in one transaction.
@@ -88,12 +95,17 @@ pub fn migrate(conn: &mut Connection) -> Result<(), String> {
 
 /// The columns [`job_from_row`] reads, in order.
 pub const JOB_COLUMNS: &str = "seq, id, kind, status, attempts, progress, stage, created_at, started_at, finished_at, \
-     error_code, error_message, result_type, result_bytes, result_name, result_width, result_height, callback, owner";
+     error_code, error_message, result_type, result_bytes, result_name, result_meta, callback, owner";
 
 pub use crate::store::codes::{micros, pack_ids, status_code, time_of, unpack_ids};
 
 pub fn status_of(code: i64) -> rusqlite::Result<JobStatus> {
     codes::status_of(code).ok_or_else(|| bad_column(3, format!("status {code}")))
+}
+
+/// A result's extra fields as stored (JSON text; none when NULL).
+fn extra_of(stored: Option<String>) -> rusqlite::Result<crate::job::ResultExtra> {
+    codes::extra_of(stored.as_deref()).map_err(|e| bad_column(15, e))
 }
 
 pub fn kind_of(name: String) -> rusqlite::Result<JobKind> {
@@ -117,13 +129,13 @@ pub fn job_from_row(r: &Row<'_>) -> rusqlite::Result<(i64, Job)> {
             content_type: t,
             bytes: r.get::<_, i64>(13)? as usize,
             filename: r.get::<_, Option<String>>(14)?.unwrap_or_default(),
-            dimensions: r.get::<_, Option<u32>>(15)?.zip(r.get::<_, Option<u32>>(16)?),
+            extra: extra_of(r.get::<_, Option<String>>(15)?)?,
         }),
         None => None,
     };
     // Stored callbacks were checked against the policy at submit; delivery checks the address.
     let callback = r
-        .get::<_, Option<String>>(17)?
+        .get::<_, Option<String>>(16)?
         .and_then(|raw| CallbackUrl::parse(&raw, CallbackPolicy { allow_private: true }).ok());
     let job = Job {
         id: JobId::from_bytes(id),
@@ -138,7 +150,7 @@ pub fn job_from_row(r: &Row<'_>) -> rusqlite::Result<(i64, Job)> {
         error,
         result,
         callback,
-        owner: r.get::<_, Option<[u8; 16]>>(18)?.map(Owner::from_bytes),
+        owner: r.get::<_, Option<[u8; 16]>>(17)?.map(Owner::from_bytes),
     };
     Ok((r.get(0)?, job))
 }
@@ -182,7 +194,7 @@ pub fn save(conn: &Connection, seq: i64, job: &Job) -> rusqlite::Result<()> {
     conn.prepare_cached(
         "UPDATE jobs SET status = ?2, attempts = ?3, progress = ?4, stage = ?5, started_at = ?6, \
          finished_at = ?7, error_code = ?8, error_message = ?9, result_type = ?10, result_bytes = ?11, \
-         result_name = ?12, result_width = ?13, result_height = ?14 WHERE seq = ?1",
+         result_name = ?12, result_meta = ?13 WHERE seq = ?1",
     )?
     .execute(params![
         seq,
@@ -197,8 +209,7 @@ pub fn save(conn: &Connection, seq: i64, job: &Job) -> rusqlite::Result<()> {
         result.map(|m| m.content_type.as_str()),
         result.map(|m| m.bytes as i64),
         result.map(|m| m.filename.as_str()),
-        result.and_then(|m| m.dimensions).map(|d| d.0),
-        result.and_then(|m| m.dimensions).map(|d| d.1),
+        result.and_then(|m| codes::extra_text(&m.extra)),
     ])?;
     Ok(())
 }
@@ -231,11 +242,22 @@ mod tests {
             params![id.to_bytes()],
         )
         .unwrap();
+        let done = JobId::random();
+        conn.execute(
+            "INSERT INTO jobs (id, kind, status, attempts, progress, created_at, weight, result_type, result_bytes, \
+             result_name, result_width, result_height) VALUES (?1, 1, 2, 1, 1, 1, 5, 'image/png', 9, 'a.png', 40, 30)",
+            params![done.to_bytes()],
+        )
+        .unwrap();
         migrate(&mut conn).unwrap();
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, SCHEMA_VERSION);
         let (_, job) = load(&conn, id).unwrap().expect("the job is kept");
         assert_eq!((job.status, job.owner, job.kind.as_str()), (JobStatus::Queued, None, "image"), "kind 1 was image");
+        // An image result of a version-1 database keeps its size, now among its extra fields.
+        let (_, image) = load(&conn, done).unwrap().expect("kept");
+        let extra = image.result.expect("a result").extra;
+        assert_eq!(serde_json::Value::Object(extra), serde_json::json!({"width": 40, "height": 30}));
         migrate(&mut conn).expect("migrating again changes nothing");
     }
 

@@ -58,7 +58,7 @@ pub fn render(spec: &DocumentSpec, budget: RenderBudget, job: &mut JobContext) -
         bytes: Bytes::from(bytes),
         content_type: "application/pdf",
         filename: format!("{}.pdf", slug(&spec.title)),
-        dimensions: None,
+        extra: Default::default(),
     })
 }
 

@@ -22,12 +22,12 @@ pub(super) fn job_from_row(r: &Row) -> Result<(i64, Job), StoreError> {
         content_type: t,
         bytes: r.get::<_, Option<i64>>(13).unwrap_or(0) as usize,
         filename: r.get::<_, Option<String>>(14).unwrap_or_default(),
-        dimensions: r.get::<_, Option<i32>>(15).zip(r.get::<_, Option<i32>>(16)).map(|(w, h)| (w as u32, h as u32)),
+        extra: extra_of(r.get::<_, Option<String>>(15).as_deref()).unwrap_or_default(),
     });
     let callback = r
-        .get::<_, Option<String>>(17)
+        .get::<_, Option<String>>(16)
         .and_then(|raw| CallbackUrl::parse(&raw, CallbackPolicy { allow_private: true }).ok());
-    let owner = r.get::<_, Option<Vec<u8>>>(18).and_then(|o| <[u8; 16]>::try_from(o).ok()).map(Owner::from_bytes);
+    let owner = r.get::<_, Option<Vec<u8>>>(17).and_then(|o| <[u8; 16]>::try_from(o).ok()).map(Owner::from_bytes);
     let job = Job {
         id: JobId::from_bytes(id),
         kind: stored_kind(r.get(2))?,
@@ -58,8 +58,8 @@ pub(super) struct Fields<'a> {
     pub(super) result_type: Option<&'a str>,
     pub(super) result_bytes: Option<i64>,
     pub(super) result_name: Option<&'a str>,
-    pub(super) result_width: Option<i32>,
-    pub(super) result_height: Option<i32>,
+    /// The result's extra fields, as JSON text.
+    pub(super) result_meta: Option<String>,
 }
 
 impl<'a> Fields<'a> {
@@ -76,12 +76,11 @@ impl<'a> Fields<'a> {
             result_type: result.map(|m| m.content_type.as_str()),
             result_bytes: result.map(|m| m.bytes as i64),
             result_name: result.map(|m| m.filename.as_str()),
-            result_width: result.and_then(|m| m.dimensions).map(|d| d.0 as i32),
-            result_height: result.and_then(|m| m.dimensions).map(|d| d.1 as i32),
+            result_meta: result.and_then(|m| extra_text(&m.extra)),
         }
     }
 
-    pub(super) fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 12] {
+    pub(super) fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 11] {
         [
             &self.status,
             &self.progress,
@@ -93,13 +92,12 @@ impl<'a> Fields<'a> {
             &self.result_type,
             &self.result_bytes,
             &self.result_name,
-            &self.result_width,
-            &self.result_height,
+            &self.result_meta,
         ]
     }
 }
 
-/// Writes every mutable field of `job` back ($2…$13), and lets go of its lease; the end is
+/// Writes every mutable field of `job` back ($2…$12), and lets go of its lease; the end is
 /// dated by the database's clock too (what retention goes by).
 pub(super) async fn save(tx: &tokio_postgres::Transaction<'_>, seq: i64, job: &Job) -> Result<(), StoreError> {
     let fields = Fields::of(job);
@@ -108,7 +106,7 @@ pub(super) async fn save(tx: &tokio_postgres::Transaction<'_>, seq: i64, job: &J
     tx.execute(
         "UPDATE offload_jobs SET status = $2, progress = $3, stage = $4, started_at = $5, finished_at = $6, \
          error_code = $7, error_message = $8, result_type = $9, result_bytes = $10, result_name = $11, \
-         result_width = $12, result_height = $13, lease_owner = NULL, lease_until = NULL, \
+         result_meta = $12, lease_owner = NULL, lease_until = NULL, \
          db_finished_at = (extract(epoch FROM now()) * 1000000)::int8 WHERE seq = $1",
         &params,
     )

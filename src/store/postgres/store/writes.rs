@@ -287,8 +287,8 @@ impl Inner {
         for row in rows {
             let (_, job) = job_from_row(&row)?;
             let record = row
-                .get::<_, Option<Vec<u8>>>(19)
-                .map(|spec| PayloadRecord { spec, data: row.get::<_, Option<Vec<u8>>>(20).map(Bytes::from) });
+                .get::<_, Option<Vec<u8>>>(18)
+                .map(|spec| PayloadRecord { spec, data: row.get::<_, Option<Vec<u8>>>(19).map(Bytes::from) });
             // Read back by the kind, on the worker thread: the store never decodes a payload.
             let decoded = record.map(Work::Stored).ok_or_else(|| "the payload is missing".to_string());
             match decoded {
@@ -458,8 +458,7 @@ impl Inner {
         let started: Vec<Option<i64>> = fields.iter().map(|f| f.started_at).collect();
         let finished: Vec<Option<i64>> = fields.iter().map(|f| f.finished_at).collect();
         let result_bytes: Vec<Option<i64>> = fields.iter().map(|f| f.result_bytes).collect();
-        let widths: Vec<Option<i32>> = fields.iter().map(|f| f.result_width).collect();
-        let heights: Vec<Option<i32>> = fields.iter().map(|f| f.result_height).collect();
+        let metas: Vec<Option<&str>> = fields.iter().map(|f| f.result_meta.as_deref()).collect();
         let results: Vec<Option<&[u8]>> = batch.iter().map(|r| r.bytes.as_deref()).collect();
         let urls: Vec<Option<&str>> = owed.iter().map(|o| o.as_ref().map(|o| o.0)).collect();
         let bodies: Vec<Option<&[u8]>> = owed.iter().map(|o| o.as_ref().map(|o| o.1.as_slice())).collect();
@@ -467,24 +466,24 @@ impl Inner {
         let rows = conn
             .try_query(
                 "WITH x AS (SELECT * FROM unnest($1::bytea[], $2::int4[], $3::int2[], $4::real[], $5::text[], \
-                   $6::int8[], $7::int8[], $8::text[], $9::text[], $10::text[], $11::int8[], $12::text[], $13::int4[], \
-                   $14::int4[], $15::bytea[], $16::text[], $17::bytea[], $18::text[], $19::text[]) \
+                   $6::int8[], $7::int8[], $8::text[], $9::text[], $10::text[], $11::int8[], $12::text[], $13::text[], \
+                   $14::bytea[], $15::text[], $16::bytea[], $17::text[], $18::text[]) \
                    AS x(id, attempt, status, progress, stage, started_at, finished_at, error_code, error_message, \
-                   result_type, result_bytes, result_name, result_width, result_height, result, url, body, said, ran)), \
-                 l AS (SELECT seq FROM offload_jobs WHERE id = ANY($1::bytea[]) AND lease_owner = $20 \
+                   result_type, result_bytes, result_name, result_meta, result, url, body, said, ran)), \
+                 l AS (SELECT seq FROM offload_jobs WHERE id = ANY($1::bytea[]) AND lease_owner = $19 \
                    AND status IN (0, 1) FOR UPDATE SKIP LOCKED), \
                  u AS (UPDATE offload_jobs o SET status = x.status, progress = x.progress, stage = x.stage, \
                    started_at = x.started_at, finished_at = x.finished_at, error_code = x.error_code, \
                    error_message = x.error_message, result_type = x.result_type, result_bytes = x.result_bytes, \
-                   result_name = x.result_name, result_width = x.result_width, result_height = x.result_height, \
+                   result_name = x.result_name, result_meta = x.result_meta, \
                    lease_owner = NULL, lease_until = NULL, db_finished_at = (extract(epoch FROM now()) * 1000000)::int8 \
-                   FROM x WHERE o.seq IN (SELECT seq FROM l) AND o.id = x.id AND o.attempts = x.attempt AND o.lease_owner = $20 AND o.status IN (0, 1) \
+                   FROM x WHERE o.seq IN (SELECT seq FROM l) AND o.id = x.id AND o.attempts = x.attempt AND o.lease_owner = $19 AND o.status IN (0, 1) \
                    RETURNING o.seq, o.id, o.owner), \
                  r AS (INSERT INTO offload_results (seq, bytes) SELECT u.seq, x.result FROM u JOIN x USING (id) \
                    WHERE x.result IS NOT NULL ON CONFLICT (seq) DO UPDATE SET bytes = excluded.bytes), \
                  d AS (DELETE FROM offload_payloads WHERE seq IN (SELECT seq FROM u)), \
                  w AS (INSERT INTO offload_webhooks (job_id, url, body, lease_owner, lease_until, owner) \
-                   SELECT u.id, x.url, x.body, $20, now() + make_interval(secs => $21), u.owner FROM u JOIN x USING (id) \
+                   SELECT u.id, x.url, x.body, $19, now() + make_interval(secs => $20), u.owner FROM u JOIN x USING (id) \
                    WHERE x.url IS NOT NULL ON CONFLICT (job_id) DO UPDATE SET url = excluded.url, \
                    body = excluded.body, lease_owner = excluded.lease_owner, lease_until = excluded.lease_until, \
                    owner = excluded.owner) \
@@ -492,7 +491,7 @@ impl Inner {
                    CASE WHEN u.id IS NOT NULL AND x.ran IS NOT NULL THEN pg_notify('offload', x.ran) END, \
                    CASE WHEN u.id IS NOT NULL THEN pg_notify('offload', x.said) END, \
                    u.id IS NULL AND EXISTS (SELECT 1 FROM offload_jobs o WHERE o.id = x.id AND o.attempts = x.attempt \
-                     AND o.lease_owner = $20 AND o.status IN (0, 1)) \
+                     AND o.lease_owner = $19 AND o.status IN (0, 1)) \
                  FROM x LEFT JOIN u USING (id)",
                 &[
                     &ids,
@@ -507,8 +506,7 @@ impl Inner {
                     &column(|f| f.result_type),
                     &result_bytes,
                     &column(|f| f.result_name),
-                    &widths,
-                    &heights,
+                    &metas,
                     &results,
                     &urls,
                     &bodies,
