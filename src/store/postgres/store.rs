@@ -40,7 +40,7 @@ use crate::domain::PayloadRecord;
 use crate::error::ErrorBody;
 use crate::job::{Job, JobId, JobKind, JobStatus, Owner, ResultMeta};
 use crate::kind::Work;
-use crate::store::codes::{extra_of, extra_text, micros, pack_ids, status_code, status_of, time_of, unpack_ids};
+use crate::store::codes::{extra_text, micros, pack_ids, status_code, status_of, unpack_ids};
 use crate::store::{
     apply_final, CancelOutcome, Capabilities, Claimed, Final, IdempotencyKey, Inserted, JobStore, ListFilter, NewJob,
     OwedWebhook, Pending, ResultBody, ResultReader, StatusCounts, StoreError, StoreEvents, StoreStats,
@@ -98,13 +98,7 @@ const ONE_BY_ONE: Duration = Duration::from_secs(5);
 /// to a second while the row stays locked).
 const SKIPPED_END_RETRY: Duration = Duration::from_millis(100);
 
-/// The job columns [`job_from_row`] reads, in its order.
-macro_rules! job_columns {
-    () => {
-        "seq, id, kind, status, attempts, progress, stage, created_at, started_at, finished_at, error_code, \
-         error_message, result_type, result_bytes, result_name, result_meta, callback, owner"
-    };
-}
+use crate::store::codes::job_columns;
 
 mod listen;
 mod rows;

@@ -2,9 +2,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use crate::domain::callback::{CallbackPolicy, CallbackUrl};
-use crate::error::ErrorBody;
-use crate::job::{Job, JobId, JobKind, JobStatus, Owner, ResultMeta};
+use crate::job::{Job, JobId, JobKind, JobStatus, Owner};
 use crate::store::codes;
 
 /// The schema this binary writes. Older databases are migrated on start; a newer one (written by
@@ -94,18 +92,12 @@ pub fn migrate(conn: &mut Connection) -> Result<(), String> {
 }
 
 /// The columns [`job_from_row`] reads, in order.
-pub const JOB_COLUMNS: &str = "seq, id, kind, status, attempts, progress, stage, created_at, started_at, finished_at, \
-     error_code, error_message, result_type, result_bytes, result_name, result_meta, callback, owner";
+pub const JOB_COLUMNS: &str = crate::store::codes::job_columns!();
 
-pub use crate::store::codes::{micros, pack_ids, status_code, time_of, unpack_ids};
+pub use crate::store::codes::{micros, pack_ids, status_code, unpack_ids};
 
 pub fn status_of(code: i64) -> rusqlite::Result<JobStatus> {
     codes::status_of(code).ok_or_else(|| bad_column(3, format!("status {code}")))
-}
-
-/// A result's extra fields as stored (JSON text; none when NULL).
-fn extra_of(stored: Option<String>) -> rusqlite::Result<crate::job::ResultExtra> {
-    codes::extra_of(stored.as_deref()).map_err(|e| bad_column(15, e))
 }
 
 pub fn kind_of(name: String) -> rusqlite::Result<JobKind> {
@@ -116,43 +108,27 @@ fn bad_column(i: usize, what: String) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Integer, what.into())
 }
 
-/// A row selected with [`JOB_COLUMNS`] → (seq, job).
+/// A row selected with [`JOB_COLUMNS`] → (seq, job), by the mapper both SQL stores share.
 pub fn job_from_row(r: &Row<'_>) -> rusqlite::Result<(i64, Job)> {
-    let id: [u8; 16] = r.get(1)?;
-    let status = status_of(r.get(3)?)?;
-    let error = match (r.get::<_, Option<String>>(10)?, r.get::<_, Option<String>>(11)?) {
-        (Some(code), message) => Some(ErrorBody::new(code, message.unwrap_or_default())),
-        _ => None,
-    };
-    let result = match r.get::<_, Option<String>>(12)? {
-        Some(t) => Some(ResultMeta {
-            content_type: t,
-            bytes: r.get::<_, i64>(13)? as usize,
-            filename: r.get::<_, Option<String>>(14)?.unwrap_or_default(),
-            extra: extra_of(r.get::<_, Option<String>>(15)?)?,
-        }),
-        None => None,
-    };
-    // Stored callbacks were checked against the policy at submit; delivery checks the address.
-    let callback = r
-        .get::<_, Option<String>>(16)?
-        .and_then(|raw| CallbackUrl::parse(&raw, CallbackPolicy { allow_private: true }).ok());
-    let job = Job {
-        id: JobId::from_bytes(id),
-        kind: kind_of(r.get(2)?)?,
-        status,
-        attempts: r.get(4)?,
-        progress: r.get::<_, f64>(5)? as f32,
-        stage: r.get(6)?,
-        created_at: time_of(r.get(7)?),
-        started_at: r.get::<_, Option<i64>>(8)?.map(time_of),
-        finished_at: r.get::<_, Option<i64>>(9)?.map(time_of),
-        error,
-        result,
-        callback,
-        owner: r.get::<_, Option<[u8; 16]>>(17)?.map(Owner::from_bytes),
-    };
-    Ok((r.get(0)?, job))
+    codes::job_from(&SqliteRow(r)).map_err(|e| bad_column(0, e))
+}
+
+/// SQLite's columns in the shapes [`codes::job_from`] reads.
+struct SqliteRow<'a, 'r>(&'a Row<'r>);
+
+impl codes::JobRow for SqliteRow<'_, '_> {
+    fn int(&self, column: usize) -> Result<Option<i64>, String> {
+        self.0.get(column).map_err(|e| e.to_string())
+    }
+    fn real(&self, column: usize) -> Result<f64, String> {
+        self.0.get(column).map_err(|e| e.to_string())
+    }
+    fn text(&self, column: usize) -> Result<Option<String>, String> {
+        self.0.get(column).map_err(|e| e.to_string())
+    }
+    fn bytes(&self, column: usize) -> Result<Option<Vec<u8>>, String> {
+        self.0.get(column).map_err(|e| e.to_string())
+    }
 }
 
 /// One job by id.

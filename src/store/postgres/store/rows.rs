@@ -12,38 +12,32 @@ pub(super) fn stored_kind(name: &str) -> Result<JobKind, StoreError> {
 }
 
 pub(super) fn job_from_row(r: &Row) -> Result<(i64, Job), StoreError> {
-    let id: Vec<u8> = r.get(1);
-    let id: [u8; 16] = id.try_into().map_err(|_| unavailable("a stored job id is not 16 bytes"))?;
-    let status = stored_status(r.get(3))?;
-    let error = r
-        .get::<_, Option<String>>(10)
-        .map(|code| ErrorBody::new(code, r.get::<_, Option<String>>(11).unwrap_or_default()));
-    let result = r.get::<_, Option<String>>(12).map(|t| ResultMeta {
-        content_type: t,
-        bytes: r.get::<_, Option<i64>>(13).unwrap_or(0) as usize,
-        filename: r.get::<_, Option<String>>(14).unwrap_or_default(),
-        extra: extra_of(r.get::<_, Option<String>>(15).as_deref()).unwrap_or_default(),
-    });
-    let callback = r
-        .get::<_, Option<String>>(16)
-        .and_then(|raw| CallbackUrl::parse(&raw, CallbackPolicy { allow_private: true }).ok());
-    let owner = r.get::<_, Option<Vec<u8>>>(17).and_then(|o| <[u8; 16]>::try_from(o).ok()).map(Owner::from_bytes);
-    let job = Job {
-        id: JobId::from_bytes(id),
-        kind: stored_kind(r.get(2))?,
-        status,
-        attempts: r.get::<_, i32>(4) as u32,
-        progress: r.get::<_, f32>(5),
-        stage: r.get(6),
-        created_at: time_of(r.get(7)),
-        started_at: r.get::<_, Option<i64>>(8).map(time_of),
-        finished_at: r.get::<_, Option<i64>>(9).map(time_of),
-        error,
-        result,
-        callback,
-        owner,
-    };
-    Ok((r.get(0), job))
+    crate::store::codes::job_from(&PgRow(r)).map_err(unavailable)
+}
+
+/// PostgreSQL's columns in the shapes the shared mapper reads.
+struct PgRow<'a>(&'a Row);
+
+impl crate::store::codes::JobRow for PgRow<'_> {
+    fn int(&self, column: usize) -> Result<Option<i64>, String> {
+        use tokio_postgres::types::Type;
+        let r = self.0;
+        let text = |e: tokio_postgres::Error| e.to_string();
+        match *r.columns()[column].type_() {
+            Type::INT2 => r.try_get::<_, Option<i16>>(column).map(|v| v.map(i64::from)).map_err(text),
+            Type::INT4 => r.try_get::<_, Option<i32>>(column).map(|v| v.map(i64::from)).map_err(text),
+            _ => r.try_get::<_, Option<i64>>(column).map_err(text),
+        }
+    }
+    fn real(&self, column: usize) -> Result<f64, String> {
+        self.0.try_get::<_, f32>(column).map(f64::from).map_err(|e| e.to_string())
+    }
+    fn text(&self, column: usize) -> Result<Option<String>, String> {
+        self.0.try_get(column).map_err(|e| e.to_string())
+    }
+    fn bytes(&self, column: usize) -> Result<Option<Vec<u8>>, String> {
+        self.0.try_get(column).map_err(|e| e.to_string())
+    }
 }
 
 /// The mutable fields of a job as statement parameters (in [`save`]'s order, from `$2`).
