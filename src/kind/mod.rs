@@ -112,11 +112,6 @@ pub trait Runner: Send + Sync + 'static {
     fn run(&self, work: Work, job: &mut JobContext) -> Outcome;
     /// See [`Kind::parse_json`]: the input, ready to submit.
     fn parse_json(&self, input: serde_json::Value) -> Option<Result<(Input, usize), InvalidInput>>;
-    /// Whether [`Runner::parse_json`] takes input (asked with `null`: a kind that takes JSON
-    /// answers `Some` even for input it refuses).
-    fn takes_json(&self) -> bool {
-        self.parse_json(serde_json::Value::Null).is_some()
-    }
 }
 
 impl<K: Kind> Runner for K {
@@ -166,19 +161,28 @@ fn unreadable(message: String) -> JobFailure {
 
 /// The kinds this service runs, by name (what `POST /jobs` looks a kind up in).
 #[derive(Clone, Default)]
-pub struct Kinds(Vec<Arc<dyn Runner>>);
+pub struct Kinds {
+    runners: Vec<Arc<dyn Runner>>,
+    /// The names of the kinds that take JSON input, for the message of an unknown kind.
+    json: Vec<&'static str>,
+}
 
 impl Kinds {
+    /// Asks each kind once whether it takes JSON (with `null`: a kind that does answers `Some`,
+    /// even for an input it refuses).
     pub fn new(runners: Vec<Arc<dyn Runner>>) -> Self {
-        Kinds(runners)
+        let json =
+            runners.iter().filter(|r| r.parse_json(serde_json::Value::Null).is_some()).map(|r| r.name()).collect();
+        Kinds { runners, json }
     }
 
     pub fn find(&self, name: &str) -> Option<&Arc<dyn Runner>> {
-        self.0.iter().find(|r| r.name() == name)
+        self.runners.iter().find(|r| r.name() == name)
     }
 
-    pub fn names(&self) -> Vec<&'static str> {
-        self.0.iter().map(|r| r.name()).collect()
+    /// The kinds `POST /jobs` takes.
+    pub fn taking_json(&self) -> &[&'static str] {
+        &self.json
     }
 }
 

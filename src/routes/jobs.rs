@@ -81,8 +81,7 @@ pub async fn submit_job(
 ) -> Result<HttpResponse, ApiError> {
     let JobRequest { kind, input, callback_url } = body.into_inner().into_inner();
     let unknown = || {
-        let names: Vec<&str> =
-            kinds.names().into_iter().filter(|n| kinds.find(n).is_some_and(|r| r.takes_json())).collect();
+        let names = kinds.taking_json();
         InvalidInput::new(
             "unknown_kind",
             format!("kind: no kind {kind:?} takes JSON input here; the kinds that do: {}", names.join(", ")),

@@ -148,7 +148,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, json_limit: usize, static_dir: Op
         for &verb in verbs {
             resource = resource.route(handler(path, verb));
         }
-        let allow = allow_header(path);
+        let allow = allow_of(path, verbs);
         cfg.service(resource.default_service(web::to(move || not_allowed(allow))));
     }
     let Some(static_dir) = static_dir else {
@@ -174,14 +174,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, json_limit: usize, static_dir: Op
     .default_service(web::to(move |req: HttpRequest| fallback(req, static_root.clone())));
 }
 
-/// The `Allow` header of an engine route: its methods, HEAD with GET (but not on the WebSocket).
-fn allow_header(path: &str) -> &'static str {
-    static ALLOWS: std::sync::OnceLock<Vec<(&'static str, &'static str)>> = std::sync::OnceLock::new();
-    let allows = ALLOWS.get_or_init(|| ROUTES.iter().map(|&(path, verbs)| (path, allow_text(path, verbs))).collect());
-    allows.iter().find(|(p, _)| *p == path).map_or("GET", |(_, allow)| allow)
-}
-
-/// The `Allow` header of a kind's route, built once per process and path.
+/// The `Allow` header of a route (the engine's or a kind's), built once per process and path
+/// (`configure` runs on every HTTP worker).
 fn allow_of(path: &'static str, verbs: &'static [Verb]) -> &'static str {
     static ALLOWS: std::sync::Mutex<Vec<(&'static str, &'static str)>> = std::sync::Mutex::new(Vec::new());
     let mut allows = ALLOWS.lock().unwrap_or_else(|p| p.into_inner());

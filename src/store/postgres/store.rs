@@ -88,9 +88,6 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// statement timeout, which also holds while the server does not answer at all.
 const WRITE_TIMEOUT: Duration = super::conn::STATEMENT_TIMEOUT;
 
-/// How a bounded wait that ran out starts its message.
-const NO_ANSWER: &str = "the database did not answer";
-
 /// The most a grouped statement's requests tried one by one (the database refused the group)
 /// may take together: the ones not tried by then get the group's error.
 const ONE_BY_ONE: Duration = Duration::from_secs(5);
@@ -332,9 +329,19 @@ fn uncertain(e: impl std::fmt::Display, jobs: &[&NewJob]) -> StoreError {
 /// `fut`, or `Unavailable` once `within` passed (the database did not answer in time: a request
 /// is answered 503 rather than left waiting on it).
 async fn bounded<T>(within: Duration, fut: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+    bounded_or(within, fut, StoreError::Unavailable).await
+}
+
+/// [`bounded`], with the error a wait that ran out becomes (for a write whose statement may be
+/// in flight, one that says so).
+async fn bounded_or<T>(
+    within: Duration,
+    fut: impl Future<Output = Result<T, StoreError>>,
+    ran_out: impl FnOnce(String) -> StoreError,
+) -> Result<T, StoreError> {
     match tokio::time::timeout(within, fut).await {
         Ok(done) => done,
-        Err(_) => Err(unavailable(format!("{NO_ANSWER} within {} s", within.as_secs()))),
+        Err(_) => Err(ran_out(format!("the database did not answer within {} s", within.as_secs()))),
     }
 }
 
@@ -588,15 +595,10 @@ impl JobStore for PgStore {
     fn insert(&self, jobs: Vec<NewJob>, key: Option<IdempotencyKey>) -> Pending<Inserted> {
         // Given up at the bound, a submission whose statement may be in flight may still commit.
         let ids: Vec<JobId> = jobs.iter().map(|n| n.job.id).collect();
-        let unknown_past_bound = move |r: Result<Inserted, StoreError>| match r {
-            Err(StoreError::Unavailable(message)) if message.starts_with(NO_ANSWER) => {
-                Err(StoreError::Uncertain { message, ids })
-            }
-            other => other,
-        };
+        let unknown = move |message| StoreError::Uncertain { message, ids };
         if let Some(key) = key {
-            let write = self.write_bounded(move |inner| Box::pin(inner.insert_keyed(jobs, key)));
-            return Box::pin(async move { unknown_past_bound(write.await) });
+            let write = self.write(move |inner| Box::pin(inner.insert_keyed(jobs, key)));
+            return Box::pin(bounded_or(WRITE_TIMEOUT, write, unknown));
         }
         let (reply, answer) = oneshot::channel();
         if self.inserts.send(InsertRequest { jobs, reply }).is_err() {
@@ -604,9 +606,8 @@ impl JobStore for PgStore {
         }
         // Given up after the bound, it is not inserted if it still waits for its statement (a
         // request whose answer is gone is left out).
-        let answer =
-            bounded(WRITE_TIMEOUT, async move { answer.await.map_err(|_| unavailable("the store is closed"))? });
-        Box::pin(async move { unknown_past_bound(answer.await) })
+        let answer = async move { answer.await.map_err(|_| unavailable("the store is closed"))? };
+        Box::pin(bounded_or(WRITE_TIMEOUT, answer, unknown))
     }
 
     fn claim(&self, kind: JobKind) -> Option<Pending<Option<Claimed>>> {

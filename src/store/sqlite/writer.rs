@@ -315,11 +315,7 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Op>, shared: &Shared) {
 /// all, every frame may be in the file, and a restart before the next commit (which would
 /// overwrite them) replays them.
 fn commit_may_have_kept(e: &rusqlite::Error) -> bool {
-    match e.sqlite_error_code() {
-        Some(rusqlite::ErrorCode::DiskFull) => false,
-        Some(rusqlite::ErrorCode::SystemIoFailure) => true,
-        _ => false,
-    }
+    e.sqlite_error_code() == Some(rusqlite::ErrorCode::SystemIoFailure)
 }
 
 impl Op {
